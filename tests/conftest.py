@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import models  # noqa: E402
+
+import visadapt  # noqa: E402
+
+KINDS = ("mlp", "vit", "clip")
+METHODS = ("block", "comp")
+
+
+def make_config(method: str, kind: str, **overrides):
+    """A config with non-zero weights (init_weights=False) unless overridden."""
+    common = dict(r=2, lora_alpha=4, init_weights=False, **models.TARGETS[kind])
+    common.update(overrides)
+    if method == "block":
+        return visadapt.BlockLoraConfig(n_blocks=4, **common)
+    return visadapt.CompLoraConfig(k=3, **common)
+
+
+def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with tests/ importable; fail with its stderr."""
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

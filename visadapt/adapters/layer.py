@@ -1,0 +1,384 @@
+"""peft tuner layers shared by every visadapt low-rank method.
+
+A method only defines its *factors* (:class:`LowRankFactors`): the trainable parametrisation of one adapter on one
+frozen matrix W (d_out × d_in), which yields an exact low-rank pair (A_eff, B_eff) with ΔW = s · B_eff A_eff. The
+layers here do the rest the same way for every method: forward through :mod:`visadapt.kernels`, merge / unmerge,
+several adapters, diffusers' per-adapter scales, and export to plain LoRA.
+
+A frozen matrix can be split into *parts* (row blocks) that get their own factors: timm's fused ``qkv`` linear
+into q, k, v, and ``nn.MultiheadAttention`` into q, k, v (rows of ``in_proj_weight``) and o (``out_proj``).
+Parts of one matrix are stacked into a single pair, A = [A_q; A_k; A_v] and B = blockdiag(B_q, B_k, B_v), which
+is still exact and lets one kernel call serve the whole fused projection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+from visadapt import kernels
+
+QKV_PARTS = ("q", "k", "v")
+ATTENTION_PARTS = ("q", "k", "v", "o")
+WHOLE = "all"  # part name of an unsplit matrix
+
+
+class LowRankFactors(nn.Module):
+    """Trainable factors of one adapter on one frozen matrix W (d_out × d_in).
+
+    Subclasses set ``n_blocks`` (> 1 means A acts on the sum of n input chunks, as in Block-LoRA) and implement
+    :meth:`factors`. They are built as ``cls(weight, config)`` with the frozen matrix they adapt.
+    """
+
+    n_blocks: int = 1
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as the kernels take them: A (r, d_in / n_blocks), B (d_out, r). Differentiable."""
+        raise NotImplementedError
+
+    def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense exact pair: A_eff (r, d_in), B_eff (d_out, r), with ΔW = B_eff A_eff (unscaled)."""
+        lora_a, lora_b = self.factors()
+        return (lora_a.repeat(1, self.n_blocks) if self.n_blocks > 1 else lora_a), lora_b
+
+
+def _stack(pairs: list[tuple[torch.Tensor, torch.Tensor]], rows: list[slice], d_out: int):
+    """Stack per-part pairs into one: A = [A_1; …; A_P] and B = blockdiag(B_1, …, B_P) placed on each part's rows."""
+    lora_a = torch.cat([a for a, _ in pairs], dim=0)
+    blocks = torch.block_diag(*[b for _, b in pairs])
+    row_index = torch.cat([torch.arange(row.start, row.stop) for row in rows]).to(blocks.device)
+    lora_b = blocks.new_zeros(d_out, blocks.shape[1]).index_copy(0, row_index, blocks)
+    return lora_a, lora_b
+
+
+def _adapted_linear(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p, training):
+    if n_blocks > 1:
+        return kernels.block_lora_linear(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p, training)
+    return kernels.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, training)
+
+
+class LowRankLayer(BaseTunerLayer):
+    """State and adapter bookkeeping common to the linear and attention layers.
+
+    ``factors_attr`` (e.g. ``"block_lora_factors"``) names the ``ModuleDict`` {adapter: {part: factors}}; it
+    carries the method's peft prefix so that peft's trainability and save logic recognise it.
+    """
+
+    other_param_names = ("r", "lora_alpha", "scaling", "dropout_p", "use_rslora")
+
+    def __init__(self, base_layer: nn.Module, factors_attr: str, factors_cls: type[LowRankFactors]) -> None:
+        self.base_layer = base_layer
+        self.adapter_layer_names = (factors_attr,)
+        self.factors_cls = factors_cls
+        setattr(self, factors_attr, nn.ModuleDict())
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+    @property
+    def adapter_factors(self) -> nn.ModuleDict:
+        return getattr(self, self.adapter_layer_names[0])
+
+    # --- what a concrete layer defines -------------------------------------------------------------------------
+    def _matrices(self) -> dict[str, torch.Tensor]:
+        """Part name -> the frozen matrix it adapts, for building the factors."""
+        raise NotImplementedError
+
+    # --- adapters -----------------------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: Any, parts: tuple[str, ...]) -> None:
+        if config.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {config.r}.")
+        matrices = self._matrices()
+        with torch.no_grad():
+            self.adapter_factors[adapter_name] = nn.ModuleDict(
+                {part: self.factors_cls(matrices[part], config) for part in parts}
+            )
+        self.r[adapter_name] = config.r
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.use_rslora[adapter_name] = config.use_rslora
+        self.dropout_p[adapter_name] = config.lora_dropout
+        self.scaling[adapter_name] = self._default_scaling(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _default_scaling(self, adapter: str) -> float:
+        r = self.r[adapter]
+        return self.lora_alpha[adapter] / (math.sqrt(r) if self.use_rslora[adapter] else r)
+
+    # diffusers calls these three on every BaseTunerLayer (set_adapters weights, cross_attention_kwargs["scale"]).
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.scaling:
+            self.scaling[adapter] = scale * self._default_scaling(adapter)
+
+    def scale_layer(self, scale: float) -> None:
+        for adapter in self.active_adapters:
+            if adapter in self.scaling:
+                self.scaling[adapter] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        for adapter in self.active_adapters:
+            if adapter in self.scaling:
+                self.scaling[adapter] = (
+                    self._default_scaling(adapter) if scale is None else self.scaling[adapter] / scale
+                )
+
+    def _active(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.adapter_factors]
+
+    def _pair(self, adapter: str, parts: tuple[str, ...], rows: list[slice], d_out: int, dense: bool):
+        """One (A, B, n_blocks) for the given parts of this adapter; parts it does not adapt are left out."""
+        present = [(p, row) for p, row in zip(parts, rows) if p in self.adapter_factors[adapter]]
+        if not present:
+            return None
+        factors = [self.adapter_factors[adapter][p] for p, _ in present]
+        n_blocks = 1 if dense else factors[0].n_blocks
+        pairs = [f.pair() if dense else f.factors() for f in factors]
+        if len(present) == 1 and present[0][1] == slice(0, d_out):
+            return (*pairs[0], n_blocks)
+        return (*_stack(pairs, [row for _, row in present], d_out), n_blocks)
+
+    def _adapted(self, x, weight, bias, parts, rows, d_out):
+        """x Wᵀ + b plus every active adapter's delta on these parts, through the kernels."""
+        out = None
+        for adapter in self._active():
+            pair = self._pair(adapter, parts, rows, d_out, dense=False)
+            if pair is None:
+                continue
+            lora_a, lora_b, n_blocks = pair
+            fused = out is None  # the first adapter rides along with the base matmul
+            y = _adapted_linear(x, weight if fused else None, bias if fused else None, lora_a, lora_b, n_blocks,
+                                self.scaling[adapter], self.dropout_p[adapter], self.training)
+            out = y if fused else out + y
+        return F.linear(x, weight, bias) if out is None else out
+
+    def _delta_weight(self, adapter, parts, rows, d_out) -> Optional[torch.Tensor]:
+        pair = self._pair(adapter, parts, rows, d_out, dense=True)
+        if pair is None:
+            return None
+        lora_a, lora_b, _ = pair
+        return (lora_b @ lora_a) * self.scaling[adapter]
+
+    def export_pairs(self, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Sub-module path (relative to this layer in the plain-LoRA layout) -> (A, s·B), fp32, detached."""
+        raise NotImplementedError
+
+    # --- merging ------------------------------------------------------------------------------------------------
+    def _add_to_base(self, adapter: str, sign: float, safe_merge: bool = False) -> None:
+        raise NotImplementedError
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter in self.adapter_factors:
+                self._add_to_base(adapter, +1.0, safe_merge)
+                self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self._add_to_base(self.merged_adapters.pop(), -1.0)
+
+    @staticmethod
+    def _add_delta(param: torch.Tensor, delta: Optional[torch.Tensor], adapter: str, safe_merge: bool) -> None:
+        if delta is None:
+            return
+        delta = delta.detach().to(param.dtype)
+        with torch.no_grad():
+            if safe_merge and not torch.isfinite(param + delta).all():
+                raise ValueError(f"Merging adapter {adapter!r} gives non-finite weights; the adapter is broken.")
+            param.add_(delta)
+
+
+def _row_slices(d: int, parts: tuple[str, ...]) -> list[slice]:
+    return [slice(i * d, (i + 1) * d) for i in range(len(parts))]
+
+
+class LowRankLinear(nn.Module, LowRankLayer):
+    """An ``nn.Linear`` with low-rank adapters. ``fused_qkv=True`` treats its rows as [q; k; v] parts."""
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, config: Any, factors_attr: str,
+                 factors_cls: type[LowRankFactors], parts: tuple[str, ...]) -> None:
+        super().__init__()
+        LowRankLayer.__init__(self, base_layer, factors_attr, factors_cls)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.fused_qkv = parts != (WHOLE,)
+        if self.fused_qkv and self.out_features % 3:
+            raise ValueError(f"A fused qkv linear needs out_features divisible by 3, got {self.out_features}.")
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, parts)
+
+    @property
+    def _parts(self) -> tuple[str, ...]:
+        return QKV_PARTS if self.fused_qkv else (WHOLE,)
+
+    @property
+    def _rows(self) -> list[slice]:
+        if self.fused_qkv:
+            return _row_slices(self.out_features // 3, QKV_PARTS)
+        return [slice(0, self.out_features)]
+
+    def _matrices(self) -> dict[str, torch.Tensor]:
+        weight = self.get_base_layer().weight
+        return {p: weight[row] for p, row in zip(self._parts, self._rows)}
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        delta = self._delta_weight(adapter, self._parts, self._rows, self.out_features)
+        return torch.zeros_like(self.get_base_layer().weight) if delta is None else delta
+
+    def _add_to_base(self, adapter: str, sign: float, safe_merge: bool = False) -> None:
+        self._add_delta(self.get_base_layer().weight, sign * self.get_delta_weight(adapter), adapter, safe_merge)
+
+    def export_pairs(self, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        pair = self._pair(adapter, self._parts, self._rows, self.out_features, dense=True)
+        lora_a, lora_b, _ = pair
+        return {"": (lora_a.detach().float(), (lora_b * self.scaling[adapter]).detach().float())}
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True  # get_delta_weight is exact, so peft's own convert_to_lora works too
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged or not self._active():
+            return self.base_layer(x, *args, **kwargs)
+        if type(base) is nn.Linear and not args and not kwargs:
+            return self._adapted(x, base.weight, base.bias, self._parts, self._rows, self.out_features)
+        # A subclass of nn.Linear may do more than x Wᵀ + b: keep its forward and add the deltas.
+        out = self.base_layer(x, *args, **kwargs)
+        return out + self._adapted(x, None, None, self._parts, self._rows, self.out_features).to(out.dtype)
+
+    def __repr__(self) -> str:
+        return f"{self.adapter_layer_names[0].removesuffix('_factors')}.{super().__repr__()}"
+
+
+class LowRankMultiheadAttention(nn.Module, LowRankLayer):
+    """``nn.MultiheadAttention`` with low-rank adapters on any of q, k, v (``in_proj_weight``) and o (``out_proj``).
+
+    The forward re-implements the module's attention with explicit projections, so the deltas go through the
+    kernels (and only the low-rank inputs are saved for backward) instead of re-materialising the merged weight.
+    """
+
+    def __init__(self, base_layer: nn.MultiheadAttention, adapter_name: str, config: Any, factors_attr: str,
+                 factors_cls: type[LowRankFactors], parts: tuple[str, ...]) -> None:
+        super().__init__()
+        if not base_layer._qkv_same_embed_dim or base_layer.bias_k is not None or base_layer.add_zero_attn:
+            raise ValueError(
+                "visadapt adapts nn.MultiheadAttention only with kdim == vdim == embed_dim, add_bias_kv=False and "
+                "add_zero_attn=False (the configuration of CLIP and open_clip)."
+            )
+        LowRankLayer.__init__(self, base_layer, factors_attr, factors_cls)
+        self.embed_dim, self.num_heads = base_layer.embed_dim, base_layer.num_heads
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, parts)
+
+    def _matrices(self) -> dict[str, torch.Tensor]:
+        mha = self.get_base_layer()
+        matrices = {p: mha.in_proj_weight[row] for p, row in zip(QKV_PARTS, _row_slices(self.embed_dim, QKV_PARTS))}
+        return {**matrices, "o": mha.out_proj.weight}
+
+    def _in_rows(self) -> list[slice]:
+        return _row_slices(self.embed_dim, QKV_PARTS)
+
+    def get_delta_weight(self, adapter: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(Δ in_proj_weight (3d, d) or None, Δ out_proj.weight (d, d) or None)."""
+        d = self.embed_dim
+        return (self._delta_weight(adapter, QKV_PARTS, self._in_rows(), 3 * d),
+                self._delta_weight(adapter, ("o",), [slice(0, d)], d))
+
+    def _add_to_base(self, adapter: str, sign: float, safe_merge: bool = False) -> None:
+        mha = self.get_base_layer()
+        delta_in, delta_out = self.get_delta_weight(adapter)
+        self._add_delta(mha.in_proj_weight, None if delta_in is None else sign * delta_in, adapter, safe_merge)
+        self._add_delta(mha.out_proj.weight, None if delta_out is None else sign * delta_out, adapter, safe_merge)
+
+    def export_pairs(self, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """peft's LoRA puts one pair on ``in_proj_weight`` and one on ``base_layer.out_proj``."""
+        d, s = self.embed_dim, self.scaling[adapter]
+        out = {}
+        for key, parts, rows, d_out in (("", QKV_PARTS, self._in_rows(), 3 * d),
+                                        ("base_layer.out_proj", ("o",), [slice(0, d)], d)):
+            pair = self._pair(adapter, parts, rows, d_out, dense=True)
+            if pair is not None:
+                out[key] = (pair[0].detach().float(), (pair[1] * s).detach().float())
+        return out
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        mha = self.get_base_layer()
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        if self.disable_adapters or self.merged or not self._active():
+            return mha(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                       attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        if not mha.batch_first or unbatched:  # work batch-first: (N, L, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        q, k, v = self._project_in(query, key, value)
+        n, l_q, s_k = q.shape[0], q.shape[1], k.shape[1]
+        q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # (N, H, L, hd)
+        mask = _additive_mask(attn_mask, key_padding_mask, is_causal, (n, self.num_heads, l_q, s_k), q)
+        dropout_p = mha.dropout if self.training else 0.0
+        if need_weights:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            attn = F.dropout(weights, dropout_p, self.training) @ v
+        else:
+            attn, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
+        attn = attn.transpose(1, 2).flatten(2)  # (N, L, E)
+        out = self._adapted(attn, mha.out_proj.weight, mha.out_proj.bias, ("o",), [slice(0, self.embed_dim)],
+                            self.embed_dim)
+        if not mha.batch_first or unbatched:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(1)
+        if weights is not None:
+            weights = weights.mean(1) if average_attn_weights else weights
+            weights = weights.squeeze(0) if unbatched else weights
+        return out, weights
+
+    def _project_in(self, query, key, value):
+        mha, d = self.get_base_layer(), self.embed_dim
+        weight, bias, rows = mha.in_proj_weight, mha.in_proj_bias, self._in_rows()
+        if query is key and key is value:  # self-attention: one fused projection for q, k and v
+            return self._adapted(query, weight, bias, QKV_PARTS, rows, 3 * d).chunk(3, dim=-1)
+        return tuple(
+            self._adapted(x, weight[row], None if bias is None else bias[row], (part,), [slice(0, d)], d)
+            for x, part, row in zip((query, key, value), QKV_PARTS, rows)
+        )
+
+    def __repr__(self) -> str:
+        return f"{self.adapter_layer_names[0].removesuffix('_factors')}.{super().__repr__()}"
+
+
+def _additive_mask(attn_mask, key_padding_mask, is_causal, shape, like):
+    """nn.MultiheadAttention's masks (bool = disallowed, or additive floats) as one additive (N, H, L, S) mask."""
+    n, heads, l_q, s_k = shape
+
+    def additive(mask):
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(mask, float("-inf"))
+        return mask.to(like.dtype)
+
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(l_q, s_k, dtype=torch.bool, device=like.device).triu(1)
+    mask = None
+    if attn_mask is not None:
+        mask = additive(attn_mask)
+        mask = mask.view(n, heads, l_q, s_k) if mask.dim() == 3 else mask.expand(n, heads, l_q, s_k)
+    if key_padding_mask is not None:
+        pad = additive(key_padding_mask).view(n, 1, 1, s_k)
+        mask = pad if mask is None else mask + pad
+    return mask

@@ -1,0 +1,54 @@
+"""The ``visadapt`` command: one sub-command group per task."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from typing import Optional, Sequence
+
+from visadapt.version import ADAPTER_FORMAT_VERSION, __version__
+
+
+def _env(_: argparse.Namespace) -> int:
+    """Print the versions that matter for a bug report."""
+    import importlib.metadata as md
+
+    print(f"visadapt {__version__} (adapter format {ADAPTER_FORMAT_VERSION})")
+    print(f"python {platform.python_version()} on {platform.platform()}")
+    for dist in ("torch", "torchvision", "peft", "timm", "open_clip_torch", "diffusers", "transformers",
+                 "accelerate", "safetensors", "gradio"):
+        try:
+            print(f"{dist} {md.version(dist)}")
+        except md.PackageNotFoundError:
+            print(f"{dist} (not installed)")
+    import torch
+
+    print(f"cuda available: {torch.cuda.is_available()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visadapt",
+        description="Low-rank adaptation methods for vision and diffusion models (peft, timm, open_clip, "
+                    "diffusers).",
+    )
+    parser.add_argument("--version", action="version", version=f"visadapt {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    env = commands.add_parser("env", help="print the versions of visadapt and its dependencies")
+    env.set_defaults(func=_env)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
