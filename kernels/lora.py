@@ -43,6 +43,13 @@ def _base(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.
     return None if weight is None else F.linear(x, weight, bias)
 
 
+def _check_up(weight: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+    d_out = lora_b.shape[0] if weight is None else weight.shape[0]
+    if lora_b.shape != (d_out, lora_a.shape[0]):
+        raise ValueError(f"LoRA B {tuple(lora_b.shape)} does not fit A {tuple(lora_a.shape)} and the weight: "
+                         f"expected B (d_out, r) = ({d_out}, {lora_a.shape[0]}).")
+
+
 def _combine(base: Optional[torch.Tensor], delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return delta.to(dtype) if base is None else base + delta.to(base.dtype)
 
@@ -58,11 +65,10 @@ def lora_linear(
     training: bool = False,
 ) -> torch.Tensor:
     """y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ, with A (r, d_in) and B (d_out, r)."""
-    if lora_a.shape[-1] != x.shape[-1] or lora_b.shape[-1] != lora_a.shape[0]:
-        raise ValueError(
-            f"LoRA shapes do not fit: x (..., {x.shape[-1]}), A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)}; "
-            "expected A (r, d_in) and B (d_out, r)."
-        )
+    if lora_a.shape[-1] != x.shape[-1]:
+        raise ValueError(f"LoRA A {tuple(lora_a.shape)} does not fit x (..., {x.shape[-1]}): expected "
+                         f"(r, {x.shape[-1]}).")
+    _check_up(weight, lora_a, lora_b)
     x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
     return _combine(_base(x, weight, bias), _delta(x_lora, lora_a, lora_b, scale), x.dtype)
 
@@ -90,6 +96,7 @@ def block_lora_linear(
             f"Block-LoRA shapes do not fit: x (..., {d_in}) in {n_blocks} blocks needs A_s (r, {d_in // n_blocks}),"
             f" got {tuple(a_shared.shape)}."
         )
+    _check_up(weight, a_shared, lora_b)
     x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
     chunk_sum = x_lora.unflatten(-1, (n_blocks, d_in // n_blocks)).sum(-2)
     return _combine(_base(x, weight, bias), _delta(chunk_sum, a_shared, lora_b, scale), x.dtype)

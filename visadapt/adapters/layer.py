@@ -320,13 +320,14 @@ class LowRankMultiheadAttention(nn.Module, LowRankLayer):
         if self.disable_adapters or self.merged or not self._active():
             return mha(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                        attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        self_attention = query is key and key is value  # decided before reshapes make new tensors
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
         if not mha.batch_first or unbatched:  # work batch-first: (N, L, E)
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        q, k, v = self._project_in(query, key, value)
+        q, k, v = self._project_in(query, key, value, self_attention)
         n, l_q, s_k = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # (N, H, L, hd)
         mask = _additive_mask(attn_mask, key_padding_mask, is_causal, (n, self.num_heads, l_q, s_k), q)
@@ -349,10 +350,10 @@ class LowRankMultiheadAttention(nn.Module, LowRankLayer):
             weights = weights.squeeze(0) if unbatched else weights
         return out, weights
 
-    def _project_in(self, query, key, value):
+    def _project_in(self, query, key, value, self_attention: bool):
         mha, d = self.get_base_layer(), self.embed_dim
         weight, bias, rows = mha.in_proj_weight, mha.in_proj_bias, self._in_rows()
-        if query is key and key is value:  # self-attention: one fused projection for q, k and v
+        if self_attention:  # one fused projection for q, k and v
             return self._adapted(query, weight, bias, QKV_PARTS, rows, 3 * d).chunk(3, dim=-1)
         return tuple(
             self._adapted(x, weight[row], None if bias is None else bias[row], (part,), [slice(0, d)], d)
