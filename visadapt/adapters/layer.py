@@ -95,8 +95,6 @@ class LowRankLayer(BaseTunerLayer):
 
     # --- adapters -----------------------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: Any, parts: tuple[str, ...]) -> None:
-        if config.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {config.r}.")
         matrices = self._matrices()
         with torch.no_grad():
             self.adapter_factors[adapter_name] = nn.ModuleDict(
