@@ -47,13 +47,20 @@ class LowRankFactors(nn.Module):
         return (lora_a.repeat(1, self.n_blocks) if self.n_blocks > 1 else lora_a), lora_b
 
 
-def _stack(pairs: list[tuple[torch.Tensor, torch.Tensor]], rows: list[slice], d_out: int):
-    """Stack per-part pairs into one: A = [A_1; …; A_P] and B = blockdiag(B_1, …, B_P) placed on each part's rows."""
-    lora_a = torch.cat([a for a, _ in pairs], dim=0)
-    blocks = torch.block_diag(*[b for _, b in pairs])
-    row_index = torch.cat([torch.arange(row.start, row.stop) for row in rows]).to(blocks.device)
-    lora_b = blocks.new_zeros(d_out, blocks.shape[1]).index_copy(0, row_index, blocks)
-    return lora_a, lora_b
+def _stack(parts: list[tuple[slice, Optional[tuple[torch.Tensor, torch.Tensor]]]]):
+    """One pair for a matrix split into row blocks: A = [A_1; …; A_P], B block-diagonal with each B_p on its
+    rows (zero rows for parts without a pair). ``parts`` lists (rows, pair or None) in row order."""
+    lora_a = torch.cat([pair[0] for _, pair in parts if pair is not None], dim=0)
+    rank, col, blocks = lora_a.shape[0], 0, []
+    dtype = next(pair[1].dtype for _, pair in parts if pair is not None)
+    for rows, pair in parts:
+        if pair is None:
+            blocks.append(lora_a.new_zeros(rows.stop - rows.start, rank, dtype=dtype))
+            continue
+        lora_b = pair[1]
+        blocks.append(F.pad(lora_b, (col, rank - col - lora_b.shape[1])))
+        col += lora_b.shape[1]
+    return lora_a, torch.cat(blocks, dim=0)
 
 
 def _adapted_linear(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p, training):
@@ -132,23 +139,23 @@ class LowRankLayer(BaseTunerLayer):
     def _active(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.adapter_factors]
 
-    def _pair(self, adapter: str, parts: tuple[str, ...], rows: list[slice], d_out: int, dense: bool):
-        """One (A, B, n_blocks) for the given parts of this adapter; parts it does not adapt are left out."""
-        present = [(p, row) for p, row in zip(parts, rows) if p in self.adapter_factors[adapter]]
+    def _pair(self, adapter: str, parts: tuple[str, ...], rows: list[slice], dense: bool):
+        """One (A, B, n_blocks) for the given parts of this adapter, or None if it adapts none of them."""
+        factors = self.adapter_factors[adapter]
+        present = [p for p in parts if p in factors]
         if not present:
             return None
-        factors = [self.adapter_factors[adapter][p] for p, _ in present]
-        n_blocks = 1 if dense else factors[0].n_blocks
-        pairs = [f.pair() if dense else f.factors() for f in factors]
-        if len(present) == 1 and present[0][1] == slice(0, d_out):
-            return (*pairs[0], n_blocks)
-        return (*_stack(pairs, [row for _, row in present], d_out), n_blocks)
+        n_blocks = 1 if dense else factors[present[0]].n_blocks
+        pairs = {p: factors[p].pair() if dense else factors[p].factors() for p in present}
+        if len(parts) == 1:
+            return (*pairs[parts[0]], n_blocks)
+        return (*_stack([(row, pairs.get(p)) for p, row in zip(parts, rows)]), n_blocks)
 
-    def _adapted(self, x, weight, bias, parts, rows, d_out):
+    def _adapted(self, x, weight, bias, parts, rows):
         """x Wᵀ + b plus every active adapter's delta on these parts, through the kernels."""
         out = None
         for adapter in self._active():
-            pair = self._pair(adapter, parts, rows, d_out, dense=False)
+            pair = self._pair(adapter, parts, rows, dense=False)
             if pair is None:
                 continue
             lora_a, lora_b, n_blocks = pair
@@ -158,8 +165,8 @@ class LowRankLayer(BaseTunerLayer):
             out = y if fused else out + y
         return F.linear(x, weight, bias) if out is None else out
 
-    def _delta_weight(self, adapter, parts, rows, d_out) -> Optional[torch.Tensor]:
-        pair = self._pair(adapter, parts, rows, d_out, dense=True)
+    def _delta_weight(self, adapter, parts, rows) -> Optional[torch.Tensor]:
+        pair = self._pair(adapter, parts, rows, dense=True)
         if pair is None:
             return None
         lora_a, lora_b, _ = pair
@@ -227,14 +234,14 @@ class LowRankLinear(nn.Module, LowRankLayer):
         return {p: weight[row] for p, row in zip(self._parts, self._rows)}
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        delta = self._delta_weight(adapter, self._parts, self._rows, self.out_features)
+        delta = self._delta_weight(adapter, self._parts, self._rows)
         return torch.zeros_like(self.get_base_layer().weight) if delta is None else delta
 
     def _add_to_base(self, adapter: str, sign: float, safe_merge: bool = False) -> None:
         self._add_delta(self.get_base_layer().weight, sign * self.get_delta_weight(adapter), adapter, safe_merge)
 
     def export_pairs(self, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        pair = self._pair(adapter, self._parts, self._rows, self.out_features, dense=True)
+        pair = self._pair(adapter, self._parts, self._rows, dense=True)
         lora_a, lora_b, _ = pair
         return {"": (lora_a.detach().float(), (lora_b * self.scaling[adapter]).detach().float())}
 
@@ -250,10 +257,10 @@ class LowRankLinear(nn.Module, LowRankLayer):
         if self.merged or not self._active():
             return self.base_layer(x, *args, **kwargs)
         if type(base) is nn.Linear and not args and not kwargs:
-            return self._adapted(x, base.weight, base.bias, self._parts, self._rows, self.out_features)
+            return self._adapted(x, base.weight, base.bias, self._parts, self._rows)
         # A subclass of nn.Linear may do more than x Wᵀ + b: keep its forward and add the deltas.
         out = self.base_layer(x, *args, **kwargs)
-        return out + self._adapted(x, None, None, self._parts, self._rows, self.out_features).to(out.dtype)
+        return out + self._adapted(x, None, None, self._parts, self._rows).to(out.dtype)
 
     def __repr__(self) -> str:
         return f"{self.adapter_layer_names[0].removesuffix('_factors')}.{super().__repr__()}"
@@ -290,8 +297,8 @@ class LowRankMultiheadAttention(nn.Module, LowRankLayer):
     def get_delta_weight(self, adapter: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(Δ in_proj_weight (3d, d) or None, Δ out_proj.weight (d, d) or None)."""
         d = self.embed_dim
-        return (self._delta_weight(adapter, QKV_PARTS, self._in_rows(), 3 * d),
-                self._delta_weight(adapter, ("o",), [slice(0, d)], d))
+        return (self._delta_weight(adapter, QKV_PARTS, self._in_rows()),
+                self._delta_weight(adapter, ("o",), [slice(0, d)]))
 
     def _add_to_base(self, adapter: str, sign: float, safe_merge: bool = False) -> None:
         mha = self.get_base_layer()
@@ -303,9 +310,8 @@ class LowRankMultiheadAttention(nn.Module, LowRankLayer):
         """peft's LoRA puts one pair on ``in_proj_weight`` and one on ``base_layer.out_proj``."""
         d, s = self.embed_dim, self.scaling[adapter]
         out = {}
-        for key, parts, rows, d_out in (("", QKV_PARTS, self._in_rows(), 3 * d),
-                                        ("base_layer.out_proj", ("o",), [slice(0, d)], d)):
-            pair = self._pair(adapter, parts, rows, d_out, dense=True)
+        for key, parts, rows in (("", QKV_PARTS, self._in_rows()), ("base_layer.out_proj", ("o",), [slice(0, d)])):
+            pair = self._pair(adapter, parts, rows, dense=True)
             if pair is not None:
                 out[key] = (pair[0].detach().float(), (pair[1] * s).detach().float())
         return out
@@ -337,8 +343,7 @@ class LowRankMultiheadAttention(nn.Module, LowRankLayer):
         else:
             attn, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p), None
         attn = attn.transpose(1, 2).flatten(2)  # (N, L, E)
-        out = self._adapted(attn, mha.out_proj.weight, mha.out_proj.bias, ("o",), [slice(0, self.embed_dim)],
-                            self.embed_dim)
+        out = self._adapted(attn, mha.out_proj.weight, mha.out_proj.bias, ("o",), [slice(0, self.embed_dim)])
         if not mha.batch_first or unbatched:
             out = out.transpose(0, 1)
         if unbatched:
@@ -352,9 +357,9 @@ class LowRankMultiheadAttention(nn.Module, LowRankLayer):
         mha, d = self.get_base_layer(), self.embed_dim
         weight, bias, rows = mha.in_proj_weight, mha.in_proj_bias, self._in_rows()
         if self_attention:  # one fused projection for q, k and v
-            return self._adapted(query, weight, bias, QKV_PARTS, rows, 3 * d).chunk(3, dim=-1)
+            return self._adapted(query, weight, bias, QKV_PARTS, rows).chunk(3, dim=-1)
         return tuple(
-            self._adapted(x, weight[row], None if bias is None else bias[row], (part,), [slice(0, d)], d)
+            self._adapted(x, weight[row], None if bias is None else bias[row], (part,), [slice(0, d)])
             for x, part, row in zip((query, key, value), QKV_PARTS, rows)
         )
 
