@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from typing import Optional, Sequence
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     env = commands.add_parser("env", help="print the versions of visadapt and its dependencies")
     env.set_defaults(func=_env)
+    from visadapt.fewshot.cli import add_commands as add_fewshot
+
+    add_fewshot(commands)
     return parser
 
 
@@ -47,7 +51,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:  # user errors: bad paths, layouts, settings; the message names the fix
+        if os.environ.get("VISADAPT_DEBUG"):
+            raise
+        print(f"visadapt: error: {err}\n(set VISADAPT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

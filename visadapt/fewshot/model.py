@@ -1,0 +1,134 @@
+"""The CLIP side of few-shot adaptation: loading open_clip models, building adapter configs, zero-shot heads.
+
+The classifier is CLIP-LoRA's (specs/clip_fewshot.md §1.3): class c's weight is the L2-normalised text embedding of
+``template.format(classname)``, logits are ``logit_scale · cos(image, text)`` with a fixed scale of 100, no bias.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import open_clip
+import peft
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import visadapt
+
+DEMO_MODEL = "visadapt-demo-clip"  # the tiny CLIP shipped in visadapt/fewshot/demo_clip (see world.py)
+TEMPLATE = "a photo of a {}."
+LOGIT_SCALE = 100.0
+METHODS = ("lora", "block-lora", "comp-lora")
+TOWERS = ("vision", "text")
+_TOWER_PATTERNS = {"vision": r"visual\.transformer\.resblocks\.{layer}\.attn",
+                   "text": r"transformer\.resblocks\.{layer}\.attn"}
+
+
+@dataclass
+class ClipBundle:
+    """An open_clip model with what it needs to classify: tokenizer and its own image transforms."""
+
+    model: nn.Module
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    preprocess_train: Callable
+    preprocess_val: Callable
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def resolve_model_name(model: str) -> str:
+    """``visadapt-demo-clip`` → open_clip's ``local-dir:`` name of the shipped demo weights; others unchanged."""
+    if model == DEMO_MODEL:
+        return f"local-dir:{Path(__file__).parent / 'demo_clip'}"
+    return model
+
+
+def load_clip(model: str, pretrained: Optional[str] = None, device: str | torch.device = "cpu") -> ClipBundle:
+    """Load an open_clip model by architecture name (``ViT-B-16``), ``local-dir:PATH``, ``hf-hub:ORG/REPO`` or
+    ``visadapt-demo-clip``; ``pretrained`` is an open_clip tag (``openai``) or a local checkpoint file.
+
+    Checkpoints load with ``weights_only=True`` (safetensors preferred): a user-supplied file is never unpickled.
+    """
+    name = resolve_model_name(model)
+    if pretrained and not Path(pretrained).suffix and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise ValueError(f"--pretrained {pretrained!r} is neither a file nor a known tag of {model!r} "
+                         f"(tags: {known}).")
+    if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"--pretrained {pretrained}: no such checkpoint file.")
+    clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained or None, device=device, weights_only=True)
+    cfg = clip.visual.preprocess_cfg
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    return ClipBundle(clip, open_clip.get_tokenizer(name), preprocess_train, preprocess_val, size,
+                      tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def attention_regex(towers: Sequence[str] = TOWERS, layers: Optional[Sequence[int]] = None) -> str:
+    """target_modules regex for the attention blocks of the chosen towers (all layers when ``layers`` is None)."""
+    unknown = set(towers) - set(TOWERS)
+    if unknown or not towers:
+        raise ValueError(f"towers must be a non-empty subset of {TOWERS}, got {list(towers)}.")
+    layer = r"\d+" if layers is None else "(" + "|".join(str(i) for i in layers) + ")"
+    # The text tower's blocks sit at the top level ("transformer."), the vision tower's under "visual.".
+    parts = [("^" if t == "text" else ".*") + _TOWER_PATTERNS[t].format(layer=layer) for t in towers]
+    return "(" + "|".join(parts) + ")$"
+
+
+def adapter_config(method: str, r: int = 2, alpha: float = 1.0, dropout: float = 0.25,
+                   parts: Sequence[str] = ("q", "k", "v"), towers: Sequence[str] = TOWERS,
+                   layers: Optional[Sequence[int]] = None, n_blocks: int = 8, block_mode: str = "input_split",
+                   comp_k: float | int = 0.5, comp_side: str = "out", comp_mode: str = "project") -> peft.PeftConfig:
+    """The peft config of ``method`` with CLIP-LoRA's placement and scaling (s = alpha/√r; §2.1–2.2).
+
+    ``lora`` is the CLIP-LoRA layer: separate rank-r pairs on q, k and v. It is built as Block-LoRA with one block,
+    which is exactly LoRA (same A, B, init and forward), because stock peft gives ``nn.MultiheadAttention`` one
+    pair for the fused q/k/v projection instead.
+    """
+    common = dict(r=r, lora_alpha=alpha, use_rslora=True, lora_dropout=dropout,
+                  target_modules=attention_regex(towers, layers), attention_parts=list(parts))
+    if method == "lora":
+        return visadapt.BlockLoraConfig(n_blocks=1, **common)
+    if method == "block-lora":
+        return visadapt.BlockLoraConfig(n_blocks=n_blocks, block_mode=block_mode, **common)
+    if method == "comp-lora":
+        return visadapt.CompLoraConfig(k=comp_k, side=comp_side, mode=comp_mode, **common)
+    raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)} or pass a peft config file.")
+
+
+def peft_config_from_file(path: str | Path) -> peft.PeftConfig:
+    """Any peft method (LoRA, DoRA, VeRA, …) from a JSON file holding a peft config (``peft_type`` plus fields)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--peft-config {path}: cannot read a JSON peft config ({err}).") from err
+    if "peft_type" not in data:
+        raise ValueError(f"--peft-config {path}: the JSON needs a 'peft_type' (e.g. \"LORA\", \"VERA\") and that "
+                         "method's fields, as written by PeftConfig.save_pretrained.")
+    if not data.get("target_modules"):
+        raise ValueError(f"--peft-config {path}: set 'target_modules', e.g. {attention_regex()!r} for CLIP-LoRA's "
+                         "attention blocks or [\"c_fc\", \"c_proj\"] for the MLPs.")
+    return peft.get_peft_config(data)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(C, context) token ids → (C, embed_dim) L2-normalised class embeddings."""
+    return F.normalize(model.encode_text(tokens), dim=-1)
+
+
+def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) → (N, embed_dim) L2-normalised image embeddings."""
+    return F.normalize(model.encode_image(images), dim=-1)
+
+
+def prompts(classnames: Sequence[str], template: str = TEMPLATE) -> list[str]:
+    return [template.format(name.replace("_", " ")) for name in classnames]
