@@ -463,15 +463,14 @@ def _load_image(path: Path) -> Image.Image:
 class ImageDataset(Dataset):
     """``items`` as ``(transform(RGB image), label)`` pairs.
 
-    With a ``seed``, an index may also be an ``(index, aug_seed)`` pair: the transform then runs on a torch RNG seeded
-    with ``aug_seed`` (forked, so the global state is untouched), which makes random augmentation reproducible
-    whatever the worker process or a resume point. Only torch's RNG is seeded, which torchvision transforms use.
+    An index may also be an ``(index, aug_seed)`` pair: the transform then runs on a torch RNG seeded with
+    ``aug_seed`` (forked, so the global state is untouched), which makes random augmentation reproducible whatever
+    the worker process or a resume point. Only torch's RNG is seeded, which torchvision transforms use.
     """
 
-    def __init__(self, items: Sequence[Item], transform: Callable[[Image.Image], Any], seed: int | None = None):
+    def __init__(self, items: Sequence[Item], transform: Callable[[Image.Image], Any]):
         self.items = list(items)
         self.transform = transform
-        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.items)
@@ -479,8 +478,6 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, int]:
         aug_seed = None
         if isinstance(index, tuple):
-            if self.seed is None:
-                raise TypeError("(index, aug_seed) indices need ImageDataset(..., seed=...)")
             index, aug_seed = index
         item = self.items[index]
         image = _load_image(item.path)

@@ -238,7 +238,7 @@ class FewShotTrainer:
         transform = train_transform(bundle.image_size, bundle.mean, bundle.std, cfg.crop_scale_min)
         sampler = ShotBatches(len(shots.train), cfg.batch_size, cfg.total_iters, cfg.seed, start=state["step"])
         # Its own generator keeps the loader off the global RNG, which drives dropout and must resume exactly.
-        loader = DataLoader(ImageDataset(shots.train, transform, seed=cfg.seed), batch_sampler=sampler,
+        loader = DataLoader(ImageDataset(shots.train, transform), batch_sampler=sampler,
                             num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
         optimizer, loader = acc.prepare(optimizer, loader)
         tokens = bundle.tokenizer(prompts(split.classnames, cfg.template)).to(acc.device)
