@@ -82,6 +82,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     opt.add_argument("--checkpoint-every", type=int, default=None, help="steps (default: a tenth of the run)")
     evals = train.add_argument_group("evaluation")
     evals.add_argument("--template", default=TEMPLATE)
+    evals.add_argument("--logit-scale", type=lambda s: None if s == "model" else float(s), default=100.0,
+                       help="logits = scale · cos; 'model' uses the model's learned scale")
     evals.add_argument("--eval-zeroshot-on", nargs="*", default=[], metavar="DATASET",
                        help="forgetting: zero-shot top-1 on these datasets (CoOp names under --root, or image "
                             "folders) with and without the adapter")
@@ -126,7 +128,8 @@ def _train(args: argparse.Namespace) -> int:
         n_blocks=args.n_blocks, block_mode=args.block_mode, comp_k=args.comp_k, comp_side=args.comp_side,
         comp_mode=args.comp_mode, glad=args.glad, glad_rho=args.glad_rho, glad_alpha=args.glad_alpha,
         glad_rule=args.glad_rule, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
-        iters=args.iters, template=args.template, crop_scale_min=args.crop_scale_min, precision=args.precision,
+        iters=args.iters, template=args.template, logit_scale=args.logit_scale, crop_scale_min=args.crop_scale_min,
+        precision=args.precision,
         sampling_order=args.sampling_order, fewshot_split=args.fewshot_split,
         eval_zeroshot_on=args.eval_zeroshot_on, checkpoint_every=args.checkpoint_every, workers=args.workers,
     )

@@ -18,10 +18,12 @@ class ClipClassifier(nn.Module):
     """CLIP as a classifier: logits = logit_scale · cos(image, class text). Wrapping both towers in one forward lets
     accelerate's DDP wrapper and autocast see the whole step."""
 
-    def __init__(self, clip: nn.Module, logit_scale: float = LOGIT_SCALE) -> None:
+    def __init__(self, clip: nn.Module, logit_scale: Optional[float] = LOGIT_SCALE) -> None:
+        """``logit_scale=None`` takes the model's own learned scale (CLIP-LoRA fixes 100, which suits OpenAI CLIP,
+        whose learned scale is 100)."""
         super().__init__()
         self.clip = clip
-        self.logit_scale = logit_scale
+        self.logit_scale = float(clip.logit_scale.exp()) if logit_scale is None else logit_scale
 
     def forward(self, images: torch.Tensor, tokens: Optional[torch.Tensor] = None,
                 text_features: Optional[torch.Tensor] = None) -> torch.Tensor:

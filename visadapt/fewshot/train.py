@@ -78,7 +78,7 @@ class TrainConfig:
     batch_size: int = 32
     iters: Optional[int] = None  # None: 500 × shots
     template: str = TEMPLATE
-    logit_scale: float = LOGIT_SCALE
+    logit_scale: Optional[float] = LOGIT_SCALE  # None: the model's own learned scale
     crop_scale_min: float = 0.08  # RandomResizedCrop's lower area bound
     precision: str = "auto"  # auto (fp16 on CUDA as the protocol, fp32 on CPU) | no | fp16 | bf16
     sampling_order: str = "clip-lora"  # clip-lora: few-shot val drawn before train; coop: train first
@@ -257,7 +257,7 @@ class FewShotTrainer:
             "visadapt_version": visadapt.__version__,
         }
         if acc.is_main_process:
-            self._write_outputs(acc.unwrap_model(classifier).clip, bundle, split, state, results)
+            self._write_outputs(acc.unwrap_model(classifier), bundle, split, state, results)
         acc.wait_for_everyone()
         return results
 
@@ -361,16 +361,17 @@ class FewShotTrainer:
         return meta
 
     # ----------------------------------------------------------------------------------------- outputs
-    def _write_outputs(self, clip, bundle, split: Split, state: dict, results: dict) -> None:
+    def _write_outputs(self, classifier: ClipClassifier, bundle, split: Split, state: dict, results: dict) -> None:
         from .report import plot_training_curve, write_run_report
 
+        clip = classifier.clip
         with staged_dir(self.out / "adapter") as stage:
             clip.save_pretrained(stage)
         if isinstance(clip.peft_config["default"], (visadapt.BlockLoraConfig, visadapt.CompLoraConfig)):
             visadapt.export_lora(clip, self.out / "lora")
             results["lora_export"] = "lora"
         pipeline = {"model": self.cfg.model, "pretrained": self.cfg.pretrained, "classnames": split.classnames,
-                    "template": self.cfg.template, "logit_scale": self.cfg.logit_scale, "adapter": "adapter"}
+                    "template": self.cfg.template, "logit_scale": classifier.logit_scale, "adapter": "adapter"}
         save_json_atomic(pipeline, self.out / "pipeline.json")
         plot_training_curve(state["history"], self.out / "training_curve.png", title=results["method"])
         save_json_atomic(results, self.out / "results.json")
