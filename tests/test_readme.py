@@ -1,6 +1,11 @@
-"""The README's Python quickstart runs verbatim (with random weights instead of the OpenAI download)."""
+"""The README's first command and its Python examples run verbatim (random weights instead of the OpenAI
+download)."""
 
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +14,27 @@ from conftest import run_python
 README = Path(__file__).parents[1] / "README.md"
 
 
+def _demo_command() -> list[str]:
+    """The part after ``&&`` of the first command under "Try it" (the part before it is the install)."""
+    first = re.search(r"## Try it.*?```bash\n(.*?)\n", README.read_text(), flags=re.S).group(1)
+    command = shlex.split(first.split("&&")[1])
+    assert command[:4] == ["visadapt", "fewshot", "train", "--demo"], command
+    return command
+
+
 @pytest.mark.slow
-def test_quickstart_runs(tmp_path):
+def test_first_command_and_examples_run(tmp_path):
+    command = _demo_command()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    demo = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=900)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "zero-shot" in demo.stdout and "few-shot" in demo.stdout
+    run = tmp_path / command[command.index("--out") + 1]
+    for name in ("report.md", "results.json", "training_curve.png", "adapter/adapter_model.safetensors",
+                 "lora/adapter_model.safetensors"):
+        assert (run / name).is_file(), name
+
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 2, "README lost its quickstart"
     code = "\n".join(blocks).replace('pretrained="openai"', "pretrained=None")
@@ -18,6 +42,7 @@ def test_quickstart_runs(tmp_path):
     assert "trainable params: 103,680" in proc.stdout
     assert (tmp_path / "clip-block-lora" / "adapter_model.safetensors").exists()
     assert (tmp_path / "clip-lora" / "adapter_config.json").exists()
+    assert (tmp_path / "my-classifier" / "pipeline.json").exists()
 
 
 def test_readme_test_command_is_what_ci_runs():
