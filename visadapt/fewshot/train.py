@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -187,6 +187,8 @@ class FewShotTrainer:
         if started and not self.resume:
             raise FileExistsError(f"{self.out} already holds a run. Pass --resume to continue it, or choose a new "
                                   "--out.")
+        if self.resume and (self.out / "results.json").exists() and not (self.out / "checkpoint").exists():
+            raise FileExistsError(f"{self.out} holds a finished run (results.json); there is nothing to resume.")
         if self.resume and not started:
             raise FileNotFoundError(f"--resume: {self.out} holds no checkpoint to resume from.")
         if self.resume:
@@ -376,11 +378,7 @@ class FewShotTrainer:
         plot_training_curve(state["history"], self.out / "training_curve.png", title=results["method"])
         save_json_atomic(results, self.out / "results.json")
         write_run_report(results, self.out / "report.md")
-        state.pop("param_groups", None)
-        # The run is complete: the checkpoint only served resumption.
-        import shutil
-
-        shutil.rmtree(self.ckpt, ignore_errors=True)
+        shutil.rmtree(self.ckpt, ignore_errors=True)  # the run is complete: the checkpoint only served resumption
 
 
 def train(config: TrainConfig, out_dir: str | Path, resume: bool = False,
