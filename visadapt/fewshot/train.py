@@ -211,7 +211,7 @@ class FewShotTrainer:
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
-        start_time = time.perf_counter()
+        self._started = time.perf_counter()
         set_seed(cfg.seed)
         split = load_split(cfg.dataset, cfg.root)
         shots = self._shots(split)
@@ -253,7 +253,7 @@ class FewShotTrainer:
             "model": cfg.model, "pretrained": cfg.pretrained, "top1": top, "zeroshot_top1": state["zeroshot"],
             "trainable_params": trainable_parameters(clip), "iterations": cfg.total_iters,
             "train_wall_time_s": state.get("train_time_s", 0.0),
-            "wall_time_s": state.get("wall_time_s", 0.0) + time.perf_counter() - start_time,
+            "wall_time_s": state.get("wall_time_s", 0.0) + time.perf_counter() - self._started,
             "num_classes": len(split.classnames), "num_test": len(split.test), "zeroshot_on": forgetting,
             "device": str(acc.device), "num_processes": acc.num_processes, "precision": acc.mixed_precision,
             "visadapt_version": visadapt.__version__,
@@ -339,7 +339,9 @@ class FewShotTrainer:
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         meta = {**state, "step": step, "param_groups": opt_state["param_groups"],
                 "scheduler": scheduler.state_dict(),
-                "train_time_s": state.get("train_time_s", 0.0) + time.perf_counter() - tick}
+                "train_time_s": state.get("train_time_s", 0.0) + time.perf_counter() - tick,
+                # Times of earlier sessions carry over, so a resumed run reports its whole cost.
+                "wall_time_s": state.get("wall_time_s", 0.0) + time.perf_counter() - self._started}
         with staged_dir(self.ckpt) as stage:
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, stage / "state.safetensors")
             (stage / "state.json").write_text(json.dumps(meta))
