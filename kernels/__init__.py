@@ -6,5 +6,6 @@ The eager functions are the specification: any other backend must match them wit
 """
 
 from .lora import block_lora_linear, get_backend, lora_linear, set_backend
+from .routed import routed_lora
 
-__all__ = ["lora_linear", "block_lora_linear", "set_backend", "get_backend"]
+__all__ = ["lora_linear", "block_lora_linear", "routed_lora", "set_backend", "get_backend"]
