@@ -1,11 +1,22 @@
 """Adapter compute ops, installed as ``visadapt.kernels``.
 
-Every low-rank delta in visadapt is computed through these functions, so faster implementations (fused Triton
-kernels on CUDA) replace the eager PyTorch reference here without any change to the adapters that call them.
-The eager functions are the specification: any other backend must match them within dtype tolerance.
+Every low-rank delta in visadapt is computed through these functions, so the fused Triton kernels (CUDA) replace
+the eager PyTorch formulas here without any change to the adapters that call them:
+
+- :func:`lora_linear` — y = x Wᵀ + b + s · (x Aᵀ) Bᵀ, the expand fused into the base GEMM's epilogue;
+- :func:`block_lora_linear` — the same with one A_s shared by the n input chunks (Block-LoRA);
+- :func:`routed_lora` — the delta of L stacked adapters chosen per token (region routing, mixed batches).
+
+They are torch custom ops with their own backward, so ``torch.compile`` traces them. The backend is chosen per
+call: Triton for CUDA tensors when triton imports, eager PyTorch otherwise; :func:`set_backend` or the environment
+variable ``VISADAPT_KERNELS`` (``auto`` | ``eager`` | ``triton``) forces one. The plain-autograd ``*_reference``
+functions are the specification: every backend must match them within dtype tolerance.
 """
 
-from .lora import block_lora_linear, get_backend, lora_linear, set_backend
-from .routed import routed_lora
+from .backend import get_backend, set_backend
+from .lora import block_lora_linear_reference, lora_linear_reference
+from .ops import block_lora_linear, lora_linear, routed_lora
+from .routed import routed_lora_reference
 
-__all__ = ["lora_linear", "block_lora_linear", "routed_lora", "set_backend", "get_backend"]
+__all__ = ["lora_linear", "block_lora_linear", "routed_lora", "set_backend", "get_backend",
+           "lora_linear_reference", "block_lora_linear_reference", "routed_lora_reference"]

@@ -1,4 +1,7 @@
-"""LoRA and Block-LoRA linear ops: ``y = x Wᵀ + b + s · (x̃ Aᵀ) Bᵀ``.
+"""Eager references of the LoRA and Block-LoRA linear ops: ``y = x Wᵀ + b + s · (x̃ Aᵀ) Bᵀ``.
+
+These plain-autograd functions are the specification that every backend of :mod:`visadapt.kernels` must match;
+the public ops live in ``ops.py``.
 
 Shapes: ``x`` (..., d_in); ``weight`` (d_out, d_in) or None; ``bias`` (d_out,) or None; ``lora_a`` (r, d_in) for
 LoRA or (r, d_in / n_blocks) for Block-LoRA; ``lora_b`` (d_out, r). The result has x's leading shape, last dim
@@ -11,26 +14,10 @@ as in CLIP-LoRA; the base path always sees the clean x.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
-_BACKENDS = ("auto", "eager")
-_backend = os.environ.get("VISADAPT_KERNELS", "auto")
-
-
-def set_backend(name: str) -> None:
-    """Choose the implementation: "eager" forces the PyTorch reference, "auto" picks the fastest available."""
-    global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"Unknown kernel backend {name!r}; choose one of {', '.join(_BACKENDS)}.")
-    _backend = name
-
-
-def get_backend() -> str:
-    return _backend
 
 
 def _delta(x_lora: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -50,11 +37,29 @@ def _check_up(weight: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torc
                          f"expected B (d_out, r) = ({d_out}, {lora_a.shape[0]}).")
 
 
+def check_lora(x: torch.Tensor, weight: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+    if lora_a.shape[-1] != x.shape[-1]:
+        raise ValueError(f"LoRA A {tuple(lora_a.shape)} does not fit x (..., {x.shape[-1]}): expected "
+                         f"(r, {x.shape[-1]}).")
+    _check_up(weight, lora_a, lora_b)
+
+
+def check_block_lora(x: torch.Tensor, weight: Optional[torch.Tensor], a_shared: torch.Tensor, lora_b: torch.Tensor,
+                     n_blocks: int) -> None:
+    d_in = x.shape[-1]
+    if d_in % n_blocks or a_shared.shape[-1] != d_in // n_blocks:
+        raise ValueError(
+            f"Block-LoRA shapes do not fit: x (..., {d_in}) in {n_blocks} blocks needs A_s (r, {d_in // n_blocks}),"
+            f" got {tuple(a_shared.shape)}."
+        )
+    _check_up(weight, a_shared, lora_b)
+
+
 def _combine(base: Optional[torch.Tensor], delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return delta.to(dtype) if base is None else base + delta.to(base.dtype)
 
 
-def lora_linear(
+def lora_linear_reference(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
@@ -64,16 +69,13 @@ def lora_linear(
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ, with A (r, d_in) and B (d_out, r)."""
-    if lora_a.shape[-1] != x.shape[-1]:
-        raise ValueError(f"LoRA A {tuple(lora_a.shape)} does not fit x (..., {x.shape[-1]}): expected "
-                         f"(r, {x.shape[-1]}).")
-    _check_up(weight, lora_a, lora_b)
+    """Eager reference of ``lora_linear``: y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ, A (r, d_in), B (d_out, r)."""
+    check_lora(x, weight, lora_a, lora_b)
     x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
     return _combine(_base(x, weight, bias), _delta(x_lora, lora_a, lora_b, scale), x.dtype)
 
 
-def block_lora_linear(
+def block_lora_linear_reference(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
@@ -84,19 +86,14 @@ def block_lora_linear(
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """Block-LoRA: one down-projection A_s (r, d_in / n) shared by the n input chunks of x.
+    """Eager reference of ``block_lora_linear``. Block-LoRA: one down-projection A_s (r, d_in / n) shared by the n input chunks of x.
 
     Equal to ``lora_linear`` with A = [A_s | A_s | … | A_s], but the n chunks are summed first
     (x̃ = Σ_j x[..., j·c:(j+1)·c], c = d_in / n), so the down-projection is one (N, c)·(c, r) product and only x̃
     is saved for the backward pass.
     """
+    check_block_lora(x, weight, a_shared, lora_b, n_blocks)
     d_in = x.shape[-1]
-    if d_in % n_blocks or a_shared.shape[-1] != d_in // n_blocks:
-        raise ValueError(
-            f"Block-LoRA shapes do not fit: x (..., {d_in}) in {n_blocks} blocks needs A_s (r, {d_in // n_blocks}),"
-            f" got {tuple(a_shared.shape)}."
-        )
-    _check_up(weight, a_shared, lora_b)
     x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
     chunk_sum = x_lora.unflatten(-1, (n_blocks, d_in // n_blocks)).sum(-2)
     return _combine(_base(x, weight, bias), _delta(chunk_sum, a_shared, lora_b, scale), x.dtype)

@@ -1,4 +1,6 @@
-"""Region-routed multi-LoRA: each token takes the delta of its own adapter(s) from a stack (Punica/SGMV style).
+"""Region-routed multi-LoRA: shapes, validation, routing metadata and the eager reference of ``routed_lora``.
+
+Each token takes the delta of its own adapter(s) from a stack (Punica/SGMV style).
 
 ``routed_lora(x, lora_a, lora_b, scales, index, weights=None)`` returns the low-rank delta ONLY; the caller adds it
 to the base output it computed itself (the composition pipeline's ``to_out`` inside boxes, or a batch that mixes
@@ -54,15 +56,26 @@ def routing_shapes(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
     return scales, index.reshape(-1, index.shape[-1]).long(), weights
 
 
+def check_index_range(index: torch.Tensor, n_adapters: int) -> None:
+    """Out-of-range indices (≥ L or < -1) would read another adapter's memory: refuse them. On CUDA the check
+    is asynchronous (no host sync per layer); a bad index then fails at the next synchronisation."""
+    if index.numel() == 0:
+        return
+    ok = (index >= -1).all() & (index < n_adapters).all()
+    if index.is_cuda:
+        torch._assert_async(ok)
+    elif not bool(ok):
+        raise ValueError(f"routed_lora: index values must lie in [-1, {n_adapters - 1}].")
+
+
 def segments(index: torch.Tensor, n_adapters: int):
     """Sort the (token, slot) pairs by adapter: (token ids, pair ids, count per adapter) with -1 pairs dropped.
 
-    Pairs of adapter l are ``token[start_l : start_l + count_l]`` with start_l = Σ_{j<l} count_j. Out-of-range
-    indices (≥ L or < -1) raise, since they would silently read another adapter.
+    Pairs of adapter l are ``token[start_l : start_l + count_l]`` with start_l = Σ_{j<l} count_j; pair p is
+    (token p // k, slot p % k).
     """
+    check_index_range(index, n_adapters)
     flat = index.reshape(-1)
-    if flat.numel() and (int(flat.min()) < -1 or int(flat.max()) >= n_adapters):
-        raise ValueError(f"routed_lora: index values must lie in [-1, {n_adapters - 1}].")
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat + 1, minlength=n_adapters + 1)
     order = order[int(counts[0]):]  # drop the -1 pairs, which sort first
@@ -72,7 +85,7 @@ def segments(index: torch.Tensor, n_adapters: int):
 def routed_lora_reference(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                           scales: Union[torch.Tensor, Sequence[float]], index: torch.Tensor,
                           weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Eager reference of :func:`routed_lora` (differentiable by plain autograd): one gather, two small matmuls and
+    """Eager reference of ``routed_lora`` (plain autograd, the specification): one gather, two small matmuls and
     one scatter-add per adapter present in ``index``."""
     scales, index, weights = routing_shapes(x, lora_a, lora_b, scales, index, weights)
     flat_x = x.reshape(-1, x.shape[-1])
@@ -91,12 +104,3 @@ def routed_lora_reference(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.T
         out = out.index_add(0, tok, hidden @ lora_b[adapter].T)
     return out.to(x.dtype).reshape(*x.shape[:-1], lora_b.shape[1])
 
-
-def routed_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scales: Union[torch.Tensor, Sequence[float]], index: torch.Tensor,
-                weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Low-rank delta of a stack of L adapters routed per token; see the module docstring for shapes.
-
-    Returns Δy (..., d_out) in x's dtype, without the base output: y = base(x) + routed_lora(...).
-    """
-    return routed_lora_reference(x, lora_a, lora_b, scales, index, weights)

@@ -1,0 +1,63 @@
+"""Which implementation the kernel ops run: the eager PyTorch formulas or the Triton kernels.
+
+"auto" (default): Triton for CUDA tensors when ``triton`` imports, eager otherwise. "eager" forces the PyTorch
+formulas everywhere. "triton" forces the Triton kernels, also for CPU tensors; on CPU that only works under
+Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before ``visadapt.kernels`` is first
+imported, because ``@triton.jit`` reads it when the kernels are defined. Set it per process with
+``VISADAPT_KERNELS=eager|triton|auto`` or at run time with :func:`set_backend`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "eager", "triton")
+# dtypes the Triton kernels take; anything else (float64, ...) runs the eager formulas under every backend
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Choose the implementation: "auto" (Triton on CUDA, eager elsewhere), "eager" or "triton" (forced)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    if name == "triton" and not triton_available():
+        raise RuntimeError("The 'triton' kernel backend needs the triton package, which does not import here.")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True if these tensors (None entries skipped) go to the Triton kernels under the current backend."""
+    present = [t for t in tensors if t is not None]
+    if _backend == "eager" or not triton_available() or any(t.dtype not in TRITON_DTYPES for t in present):
+        return False
+    if _backend == "triton":
+        if not present[0].is_cuda and not interpreting():
+            raise RuntimeError("Kernel backend 'triton' on CPU tensors needs Triton's interpreter: set "
+                               "TRITON_INTERPRET=1 before importing visadapt.kernels.")
+        return True
+    return present[0].is_cuda
+
+
+set_backend(os.environ.get("VISADAPT_KERNELS", "auto"))

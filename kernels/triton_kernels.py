@@ -1,0 +1,368 @@
+"""Triton kernels behind :mod:`visadapt.kernels` (imported only when triton is; CUDA, or CPU under
+``TRITON_INTERPRET=1``).
+
+Four kernels serve the forward and backward of all three ops; each takes strides, so transposed operands
+(Wᵀ, Bᵀ, Aᵀ in the backward) are views, never copies:
+
+- ``_shrink_kernel``       H[p, :] = s_p · X[t_p, :] · Ã[l]ᵀ       tall-skinny down-projection, fp32 out (N, r)
+- ``_linear_expand_kernel`` Y = X Mᵀ + b + H Ẽᵀ                     base GEMM with the up-projection in its epilogue
+- ``_routed_expand_kernel`` Y[t_p, :] (+)= H[p, :] · E[l]ᵀ          up-projection of routed rows, scattered back
+- ``_reduce_kernel``        O[l] += U[t_p, :]ᵀ · V[p, :]             dA and dB: reductions over tokens, fp32 atomics
+
+Rows are processed in *tiles*. Dense ops (LoRA, Block-LoRA) tile 0..N-1 in order, one adapter, s_p = scale.
+Routed ops sort the (token, slot) pairs by adapter (``routing_tables``); each tile then holds rows of a single
+adapter l (SGMV), gathered through ``tokens``/``pairs``, and tiles past the end (adapter -1) exit at once.
+Ã reads its column ``k % C``: Block-LoRA's shared A_s (r, C) acts as the tiled [A_s | … | A_s] without
+materialising it.
+
+The adapter math (shrink, expand, reductions) runs its dots in x's dtype when x is 16-bit (tensor cores, fp32
+accumulation) and in fp32 otherwise; the saved hidden h and the gradients accumulate in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .backend import interpreting
+
+_DOT_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _config(**sizes):
+    return triton.Config(sizes, num_warps=4 if sizes["BM"] * sizes.get("BN", 32) <= 64 * 64 else 8, num_stages=3)
+
+
+# The interpreter runs each config it tries, slowly: give it one small config; the GPU autotunes the base GEMM.
+# Only kernels that just store are autotuned (autotuning re-runs a kernel, which would repeat atomic adds); the
+# memory-bound adapter kernels use fixed tiles.
+if interpreting():
+    _LINEAR_CONFIGS = [_config(BM=32, BN=32, BK=32)]
+else:
+    _LINEAR_CONFIGS = [_config(BM=bm, BN=bn, BK=bk) for bm, bn, bk in
+                       [(128, 128, 64), (128, 64, 64), (64, 128, 64), (128, 256, 64), (64, 64, 64)]]
+_SMALL = interpreting()
+_SHRINK_BM, _SHRINK_BK = (32, 32) if _SMALL else (64, 64)
+_ROUTED_BM = 32 if _SMALL else 64  # row tile of the routed shrink/expand (fixed: the tables are built for it)
+_ROUTED_BN = 32 if _SMALL else 128
+_REDUCE_BM, _REDUCE_BP = 32, (32 if _SMALL else 128)
+_ROUTED_REDUCE_TILE = 64 if _SMALL else 1024  # small under the interpreter so tests cross tile boundaries
+
+
+def _precision(dtype: torch.dtype) -> Optional[str]:
+    # fp32 dots follow torch's own switch, so fp32 results match F.linear's precision on the same machine;
+    # 16-bit dots have no choice to make
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dimension ≥ 16
+
+
+@triton.jit
+def _tile(t, TILE_ADAPTER, TILE_START, TILE_END, M, TILE: tl.constexpr, ROUTED: tl.constexpr):
+    """(adapter, first row, end row) of tile t; rows index the sorted pairs when ROUTED, the tokens otherwise."""
+    if ROUTED:
+        adapter = tl.load(TILE_ADAPTER + t)
+        start = tl.load(TILE_START + t)
+        end = tl.load(TILE_END + t)
+    else:
+        adapter = t * 0
+        start = t * TILE
+        end = tl.minimum(start + TILE, M)
+    return adapter, start, end
+
+
+@triton.jit
+def _rows(rows, rmask, TOKENS, PAIRS, ROUTED: tl.constexpr):
+    """(token, pair) ids of these rows, int64 for the pointer arithmetic (N · d can exceed 2³¹)."""
+    if ROUTED:
+        tok = tl.load(TOKENS + rows, mask=rmask, other=0).to(tl.int64)
+        pair = tl.load(PAIRS + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        tok = rows.to(tl.int64)
+        pair = rows.to(tl.int64)
+    return tok, pair
+
+
+@triton.jit
+def _shrink_kernel(X, A, H, TOKENS, PAIRS, PAIR_SCALE, TILE_ADAPTER, TILE_START, TILE_END,
+                   M, K, R, C, scale, sxm, sxk, sal, saj, sak, shm,
+                   ROUTED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                   BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    """H[pair, j] = s · Σ_k X[tok, k] · A[l, j, k % C]; s = scale (dense) or PAIR_SCALE[pair] (routed)."""
+    adapter, start, end = _tile(tl.program_id(0), TILE_ADAPTER, TILE_START, TILE_END, M, BM, ROUTED)
+    if adapter < 0:
+        return
+    rows = start + tl.arange(0, BM)
+    rmask = rows < end
+    tok, pair = _rows(rows, rmask, TOKENS, PAIRS, ROUTED)
+    rj = tl.arange(0, BR)
+    a_base = A + adapter.to(tl.int64) * sal
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        x = tl.load(X + tok[:, None] * sxm + rk[None, :] * sxk, mask=rmask[:, None] & (rk[None, :] < K), other=0.0)
+        a = tl.load(a_base + rj[None, :] * saj + (rk[:, None] % C) * sak,
+                    mask=(rj[None, :] < R) & (rk[:, None] < K), other=0.0)
+        acc = tl.dot(x.to(DOT), a.to(DOT), acc, input_precision=PREC)
+    if ROUTED:
+        acc = acc * tl.load(PAIR_SCALE + pair, mask=rmask, other=0.0)[:, None]
+    else:
+        acc = acc * scale
+    tl.store(H + pair[:, None] * shm + rj[None, :], acc, mask=rmask[:, None] & (rj[None, :] < R))
+
+
+@triton.autotune(configs=_LINEAR_CONFIGS, key=["N", "K", "R", "HAS_W"])
+@triton.jit
+def _linear_expand_kernel(X, W, BIAS, H, E, Y, M, N, K, R, C, sxm, sxk, swn, swk, shm, sen, sej, sym, syn,
+                          HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                          PREC_BASE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                          BR: tl.constexpr, GROUP_M: tl.constexpr = 8):
+    """Y[m, n] = Σ_k X[m, k] W[n, k] + bias[n] + Σ_j H[m, j] E[n % C, j]   (M×N output tiles, fp32 accumulator).
+
+    The up-projection rides in the epilogue of the base GEMM, so the (N, d_out) delta is never written or
+    re-read; HAS_W=False leaves the delta alone."""
+    # grouped program order: GROUP_M row-tiles share each W column-tile while it is in L2
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
+    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mmask, nmask = rm < M, rn < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if HAS_W:
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=mmask[:, None] & (rk[None, :] < K),
+                        other=0.0)
+            w = tl.load(W + rn[None, :] * swn + rk[:, None] * swk, mask=nmask[None, :] & (rk[:, None] < K),
+                        other=0.0)
+            acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PREC_BASE)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    rj = tl.arange(0, BR)
+    h = tl.load(H + rm[:, None] * shm + rj[None, :], mask=mmask[:, None] & (rj[None, :] < R), other=0.0)
+    e = tl.load(E + (rn[None, :] % C) * sen + rj[:, None] * sej, mask=nmask[None, :] & (rj[:, None] < R),
+                other=0.0)
+    acc = tl.dot(h.to(DOT), e.to(DOT), acc, input_precision=PREC)
+    tl.store(Y + rm[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _routed_expand_kernel(H, E, Y, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE_END, N, R, shm, sel, sen, sej,
+                          sym, syn, ATOMIC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+    """Y[tok, n] (+)= Σ_j H[pair, j] E[l, n, j] for the rows of one adapter; ATOMIC when k > 1 slots of a token
+    may land on the same output row from different programs."""
+    adapter, start, end = _tile(tl.program_id(0), TILE_ADAPTER, TILE_START, TILE_END, 0, BM, True)
+    if adapter < 0:
+        return
+    rows = start + tl.arange(0, BM)
+    rmask = rows < end
+    tok, pair = _rows(rows, rmask, TOKENS, PAIRS, True)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rj = tl.arange(0, BR)
+    h = tl.load(H + pair[:, None] * shm + rj[None, :], mask=rmask[:, None] & (rj[None, :] < R), other=0.0)
+    e = tl.load(E + adapter.to(tl.int64) * sel + rn[None, :] * sen + rj[:, None] * sej,
+                mask=(rn[None, :] < N) & (rj[:, None] < R), other=0.0)
+    acc = tl.dot(h.to(DOT), e.to(DOT), input_precision=PREC)
+    ptrs = Y + tok[:, None] * sym + rn[None, :] * syn
+    mask = rmask[:, None] & (rn[None, :] < N)
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=mask)
+    else:
+        tl.store(ptrs, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_kernel(U, V, O, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE_END, M, P, Q, sum_, sup, svm, sol, sop,
+                   soq, ROUTED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, TILE: tl.constexpr,
+                   BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
+    """O[l, p, q] += Σ_rows U[tok, p] V[pair, q] over one tile of rows (dB: U = dy, V = h; dAᵀ: U = x, V = g).
+
+    Each program streams its rows once and adds its (BP, BQ) partial sum atomically (split over tokens)."""
+    adapter, start, end = _tile(tl.program_id(0), TILE_ADAPTER, TILE_START, TILE_END, M, TILE, ROUTED)
+    if adapter < 0:
+        return
+    rp = tl.program_id(1) * BP + tl.arange(0, BP)
+    rq = tl.arange(0, BQ)
+    acc = tl.zeros((BP, BQ), dtype=tl.float32)
+    for m0 in range(start, end, BM):
+        rows = m0 + tl.arange(0, BM)
+        rmask = rows < end
+        tok, pair = _rows(rows, rmask, TOKENS, PAIRS, ROUTED)
+        u = tl.load(U + tok[:, None] * sum_ + rp[None, :] * sup, mask=rmask[:, None] & (rp[None, :] < P), other=0.0)
+        v = tl.load(V + pair[:, None] * svm + rq[None, :], mask=rmask[:, None] & (rq[None, :] < Q), other=0.0)
+        acc = tl.dot(tl.trans(u.to(DOT)), v.to(DOT), acc, input_precision=PREC)
+    tl.atomic_add(O + adapter.to(tl.int64) * sol + rp[:, None] * sop + rq[None, :] * soq, acc,
+                  mask=(rp[:, None] < P) & (rq[None, :] < Q))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launchers: shapes in, tensors out; every tensor lives on one device
+
+
+def _shrink(x: torch.Tensor, a: torch.Tensor, rank: int, scale: float, a_cols: int, a_strides,
+            routing=None) -> torch.Tensor:
+    """s · x Ãᵀ as fp32 (rows, rank). Ã[l, j, k] = a at ``a_strides`` = (l, j, k) strides, column k % a_cols;
+    ``routing`` as from :func:`routing_tables` (then rows are pairs, s per pair, unrouted pairs zero)."""
+    n_rows = routing["n_pairs"] if routing else x.shape[0]
+    h = torch.zeros(n_rows, rank, device=x.device, dtype=torch.float32) if routing else \
+        torch.empty(n_rows, rank, device=x.device, dtype=torch.float32)
+    if x.shape[0] == 0:
+        return h
+    dummy = h
+    tables = (routing["tokens"], routing["pairs"], routing["pair_scale"], *routing["tiles"]) if routing else \
+        (dummy,) * 6
+    bm = _ROUTED_BM if routing else _SHRINK_BM
+    grid = (routing["tiles"][0].shape[0] if routing else triton.cdiv(x.shape[0], bm),)
+    _shrink_kernel[grid](x, a, h, *tables, x.shape[0], x.shape[1], rank, a_cols, scale, x.stride(0), x.stride(1),
+                         *a_strides, h.stride(0), ROUTED=routing is not None, DOT=_DOT_DTYPE[x.dtype],
+                         PREC=_precision(x.dtype), BM=bm, BK=_SHRINK_BK, BR=_rank_block(rank))
+    return h
+
+
+def _linear_expand(x, w, w_strides, bias, h, e, e_strides, e_rows, n_out, out_dtype) -> torch.Tensor:
+    """x Mᵀ + b + h Ẽᵀ as (rows, n_out); M[n, k] at ``w_strides`` = (n, k) strides, Ẽ[n, j] at ``e_strides``."""
+    m, k = x.shape
+    y = torch.empty(m, n_out, device=x.device, dtype=out_dtype)
+    if m == 0 or n_out == 0:
+        return y
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n_out, meta["BN"]),)  # noqa: E731
+    _linear_expand_kernel[grid](
+        x, y if w is None else w, y if bias is None else bias, h, e, y, m, n_out, k, h.shape[1], e_rows,
+        x.stride(0), x.stride(1), *(w_strides if w is not None else (0, 0)), h.stride(0), *e_strides,
+        y.stride(0), y.stride(1), HAS_W=w is not None, HAS_BIAS=bias is not None, DOT=_DOT_DTYPE[x.dtype],
+        PREC=_precision(x.dtype), PREC_BASE=_precision(x.dtype), BR=_rank_block(h.shape[1]))
+    return y
+
+
+def _reduce(u, v, routing=None, n_adapters=1) -> torch.Tensor:
+    """fp32 (L, P, Q) with O[l] = Σ_rows u[tok]ᵀ v[pair]; u (tokens, P), v (rows or pairs, Q) fp32."""
+    p, q = u.shape[1], v.shape[1]
+    out = torch.zeros(n_adapters, p, q, device=u.device, dtype=torch.float32)
+    if u.shape[0] == 0 or p == 0:
+        return out
+    if routing:
+        tables, n_tiles, tile, m = (routing["tokens"], routing["pairs"], *routing["reduce_tiles"]), \
+            routing["reduce_tiles"][0].shape[0], routing["reduce_tile"], 0
+    else:
+        # split the tokens into ≈ 4 row-tiles per SM-sized unit of work: enough programs, few atomics
+        tile = max(_REDUCE_BM, triton.next_power_of_2(triton.cdiv(u.shape[0], 128)))
+        tables, n_tiles, m = (out,) * 5, triton.cdiv(u.shape[0], tile), u.shape[0]
+    grid = (n_tiles, triton.cdiv(p, _REDUCE_BP))
+    _reduce_kernel[grid](u, v, out, *tables, m, p, q, u.stride(0), u.stride(1), v.stride(0), out.stride(0),
+                         out.stride(1), out.stride(2), ROUTED=routing is not None, DOT=_DOT_DTYPE[u.dtype],
+                         PREC=_precision(u.dtype), TILE=tile, BM=_REDUCE_BM, BP=_REDUCE_BP, BQ=_rank_block(q))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA / Block-LoRA (a_cols = C: d_in for LoRA, d_in / n_blocks for Block-LoRA)
+
+
+def lora_forward(x, weight, bias, lora_a, lora_b, n_blocks: int, scale: float):
+    """(y (N, d_out) in x's dtype, h = s · x Ãᵀ (N, r) fp32)."""
+    a_cols = lora_a.shape[1]
+    h = _shrink(x, lora_a, lora_a.shape[0], scale, a_cols, (0, lora_a.stride(0), lora_a.stride(1)))
+    y = _linear_expand(x, weight, None if weight is None else (weight.stride(0), weight.stride(1)), bias, h,
+                       lora_b, (lora_b.stride(0), lora_b.stride(1)), lora_b.shape[0], lora_b.shape[0], x.dtype)
+    return y, h
+
+
+def lora_backward(dy, x, h, weight, lora_a, lora_b, n_blocks: int, scale: float, need_x: bool):
+    """(dx or None, dA (r, C), dB (d_out, r)) with g = s · dy B:
+    dx = dy W + g Ã (one fused GEMM), dB = dyᵀ h, dA = fold_n(gᵀ x)."""
+    rank, a_cols = lora_a.shape
+    g = _shrink(dy, lora_b, rank, scale, dy.shape[1], (0, lora_b.stride(1), lora_b.stride(0)))  # Bᵀ: (r, d_out)
+    dx = None
+    if need_x:
+        dx = _linear_expand(dy, weight, None if weight is None else (weight.stride(1), weight.stride(0)), None, g,
+                            lora_a, (lora_a.stride(1), lora_a.stride(0)), a_cols, x.shape[1], x.dtype)
+    d_b = _reduce(dy, h)[0]
+    d_a = _reduce(x, g)[0].T  # (r, d_in)
+    if n_blocks > 1:
+        d_a = d_a.reshape(rank, n_blocks, a_cols).sum(1)  # Block-LoRA: dA_s = Σ_j dA[:, j·c:(j+1)·c]
+    return dx, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# routed multi-LoRA
+
+
+def routing_tables(index: torch.Tensor, pair_scale: torch.Tensor, n_adapters: int,
+                   reduce_tile: int = _ROUTED_REDUCE_TILE) -> dict:
+    """Pairs sorted by adapter and the per-tile (adapter, start, end) tables, built with tensor ops only (no host
+    sync): the grid is sized for the worst case, cdiv(pairs, tile) + L tiles, and surplus tiles get adapter -1."""
+    k = index.shape[-1]
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat + 1, minlength=n_adapters + 1)
+    starts = torch.cumsum(counts, 0)[:-1]  # start of adapter l's pairs in `order` (the -1 pairs sort first)
+    counts = counts[1:]
+    tables = dict(tokens=(order // k).to(torch.int32), pairs=order.to(torch.int32), pair_scale=pair_scale,
+                  n_pairs=flat.numel(), reduce_tile=reduce_tile)
+    tables["tiles"] = _tiles(starts, counts, flat.numel(), _ROUTED_BM)
+    tables["reduce_tiles"] = _tiles(starts, counts, flat.numel(), reduce_tile)
+    return tables
+
+
+def _tiles(starts, counts, n_pairs, tile):
+    n_adapters = counts.shape[0]
+    per = (counts + tile - 1) // tile
+    last = torch.cumsum(per, 0)
+    t = torch.arange(triton.cdiv(n_pairs, tile) + n_adapters, device=counts.device)
+    adapter = torch.searchsorted(last, t, right=True)
+    valid = adapter < n_adapters
+    adapter = adapter.clamp(max=n_adapters - 1)
+    start = starts[adapter] + (t - (last[adapter] - per[adapter])) * tile
+    end = starts[adapter] + counts[adapter]
+    return (torch.where(valid, adapter, -1).to(torch.int32), start.to(torch.int32), end.to(torch.int32))
+
+
+def routed_forward(x, lora_a, lora_b, routing):
+    """(Δy (N, d_out) in x's dtype, h (N·k, r) fp32 per pair, zero for unrouted pairs)."""
+    n_adapters, rank, d_in = lora_a.shape
+    d_out = lora_b.shape[1]
+    h = _shrink(x, lora_a, rank, 0.0, d_in, lora_a.stride(), routing)
+    return _routed_expand(h, lora_b, lora_b.stride(), d_out, x.shape[0], x.dtype, routing), h
+
+
+def _routed_expand(h, e, e_strides, n_out, n_tokens, dtype, routing):
+    """Σ over a token's pairs of h[pair] E[l]ᵀ; E[l, n, j] at ``e_strides`` = (l, n, j)."""
+    atomic = routing["n_pairs"] != n_tokens  # k > 1: several programs may add to one token row
+    out = torch.zeros(n_tokens, n_out, device=h.device, dtype=torch.float32 if atomic else dtype)
+    if n_tokens == 0 or n_out == 0:
+        return out.to(dtype)
+    bn = _ROUTED_BN
+    grid = (routing["tiles"][0].shape[0], triton.cdiv(n_out, bn))
+    _routed_expand_kernel[grid](h, e, out, routing["tokens"], routing["pairs"], *routing["tiles"], n_out,
+                                h.shape[1], h.stride(0), *e_strides, out.stride(0), out.stride(1), ATOMIC=atomic,
+                                DOT=_DOT_DTYPE[dtype], PREC=_precision(dtype), BM=_ROUTED_BM, BN=bn,
+                                BR=_rank_block(h.shape[1]))
+    return out.to(dtype)
+
+
+def routed_backward(dy, x, h, lora_a, lora_b, routing, need_x: bool):
+    """(dx or None, dA (L, r, d_in), dB (L, d_out, r)) with g[pair] = s_pair · dy[tok] B[l]."""
+    n_adapters, rank, d_in = lora_a.shape
+    b_t = (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1))  # Bᵀ[l] as (r, d_out)
+    g = _shrink(dy, lora_b, rank, 0.0, dy.shape[1], b_t, routing)
+    dx = None
+    if need_x:
+        a_t = (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1))  # A[l]ᵀ as (d_in, r)
+        dx = _routed_expand(g, lora_a, a_t, d_in, x.shape[0], x.dtype, routing)
+    d_b = _reduce(dy, h, routing, n_adapters)
+    d_a = _reduce(x, g, routing, n_adapters).transpose(1, 2)
+    return dx, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
