@@ -174,9 +174,11 @@ torch.library.register_autograd("visadapt::lora_fwd", _lora_backward, setup_cont
 
 
 @torch.library.custom_op("visadapt::routed_fwd", mutates_args=())
-def _routed_fwd(x: Tensor, lora_a: Tensor, lora_b: Tensor, pair_scale: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+def _routed_fwd(x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor, index: Tensor,
+                weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(Δy (N, d_out) in x's dtype, h (N·k, r) per (token, slot) pair); index (N, k) int64."""
-    check_index_range(index, lora_a.shape[0])
+    check_index_range(index, lora_a.shape[0])  # here, not in the wrapper: data-dependent, so not traced
+    pair_scale = _pair_scale(scales, index, weights)
     if backend.use_triton(x, lora_a, lora_b):
         kern = _kernels()
         return kern.routed_forward(x, lora_a, lora_b, kern.routing_tables(index, pair_scale, lora_a.shape[0]))
@@ -184,14 +186,15 @@ def _routed_fwd(x: Tensor, lora_a: Tensor, lora_b: Tensor, pair_scale: Tensor, i
 
 
 @_routed_fwd.register_fake
-def _(x, lora_a, lora_b, pair_scale, index):
+def _(x, lora_a, lora_b, scales, index, weights):
     return (x.new_empty(x.shape[0], lora_b.shape[1]),
             x.new_empty(index.numel(), lora_a.shape[1], dtype=_hidden_dtype(lora_a)))
 
 
 @torch.library.custom_op("visadapt::routed_bwd", mutates_args=())
-def _routed_bwd(dy: Tensor, x: Tensor, h: Tensor, lora_a: Tensor, lora_b: Tensor, pair_scale: Tensor,
-                index: Tensor, need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _routed_bwd(dy: Tensor, x: Tensor, h: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
+                index: Tensor, weights: Optional[Tensor], need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
+    pair_scale = _pair_scale(scales, index, weights)
     if backend.use_triton(dy, x, lora_a, lora_b):
         kern = _kernels()
         routing = kern.routing_tables(index, pair_scale, lora_a.shape[0])
@@ -202,20 +205,20 @@ def _routed_bwd(dy: Tensor, x: Tensor, h: Tensor, lora_a: Tensor, lora_b: Tensor
 
 
 @_routed_bwd.register_fake
-def _(dy, x, h, lora_a, lora_b, pair_scale, index, need_x):
+def _(dy, x, h, lora_a, lora_b, scales, index, weights, need_x):
     return (torch.empty_like(x) if need_x else x.new_empty(_EMPTY)), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _routed_setup(ctx, inputs, output):
-    x, lora_a, lora_b, pair_scale, index = inputs
-    ctx.save_for_backward(x, lora_a, lora_b, pair_scale, index, output[1])
+    x, lora_a, lora_b, scales, index, weights = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, scales, index, weights, output[1])
 
 
 def _routed_backward(ctx, dy, _dh):
-    x, lora_a, lora_b, pair_scale, index, h = ctx.saved_tensors
+    x, lora_a, lora_b, scales, index, weights, h = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, d_a, d_b = torch.ops.visadapt.routed_bwd(dy, x, h, lora_a, lora_b, pair_scale, index, need[0])
-    return (dx if need[0] else None), (d_a if need[1] else None), (d_b if need[2] else None), None, None
+    dx, d_a, d_b = torch.ops.visadapt.routed_bwd(dy, x, h, lora_a, lora_b, scales, index, weights, need[0])
+    return (dx if need[0] else None), (d_a if need[1] else None), (d_b if need[2] else None), None, None, None
 
 
 torch.library.register_autograd("visadapt::routed_fwd", _routed_backward, setup_context=_routed_setup)
@@ -269,6 +272,5 @@ def routed_lora(x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Union[Tensor,
     Gradients reach x, lora_a, lora_b; scales, index and weights are constants.
     """
     scales, index, weights = routing_shapes(x, lora_a, lora_b, scales, index, weights)
-    delta, _ = torch.ops.visadapt.routed_fwd(x.reshape(-1, x.shape[-1]), lora_a, lora_b,
-                                             _pair_scale(scales, index, weights), index)
+    delta, _ = torch.ops.visadapt.routed_fwd(x.reshape(-1, x.shape[-1]), lora_a, lora_b, scales, index, weights)
     return delta.reshape(*x.shape[:-1], delta.shape[-1])

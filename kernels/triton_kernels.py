@@ -327,7 +327,7 @@ def _tiles(starts, counts, n_pairs, tile):
     valid = adapter < n_adapters
     adapter = adapter.clamp(max=n_adapters - 1)
     start = starts[adapter] + (t - (last[adapter] - per[adapter])) * tile
-    end = starts[adapter] + counts[adapter]
+    end = torch.minimum(start + tile, starts[adapter] + counts[adapter])
     return (torch.where(valid, adapter, -1).to(torch.int32), start.to(torch.int32), end.to(torch.int32))
 
 

@@ -1,13 +1,29 @@
-"""visadapt.kernels against a dense float64 reference: y = x Wᵀ + b + s · drop(x) Aᵀ Bᵀ.
+"""visadapt.kernels against dense float64 references: y = x Wᵀ + b + s · drop(x) Aᵀ Bᵀ, and the routed delta.
 
 For Block-LoRA the reference uses the tiled down-projection A = [A_s | … | A_s] = a_shared.repeat(1, n).
+
+Which tests run where:
+- Plain CPU run (CI, no GPU): every test below runs on the eager backend (the custom ops' eager formulas, the
+  references, torch.compile through the ops, opcheck), and ``test_triton_kernels_under_the_interpreter`` re-runs
+  this file's ``test_triton_*`` tests in a subprocess with TRITON_INTERPRET=1 and VISADAPT_KERNELS=triton, i.e.
+  the real Triton kernels interpreted on CPU, in fp32 and fp16 only: the interpreter computes bf16 ``tl.dot``
+  on the raw bit patterns (triton issue 11584), so bf16 results there are meaningless.
+- Machine with CUDA: the ``device="cuda"`` cases and the ``test_triton_*`` tests run on the GPU (Triton path by
+  default), including bf16; the interpreter subprocess is then not needed and skips.
 """
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from visadapt import kernels
+from visadapt.kernels import backend as kernel_backend
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 D_IN, D_OUT = 30, 7
@@ -232,3 +248,342 @@ def test_set_backend():
     close(call(x, **t, n_blocks=3), reference(x, **t, n_blocks=3))
     kernels.set_backend("auto")
     assert kernels.get_backend() == "auto"
+
+
+def test_backend_from_environment(monkeypatch):
+    monkeypatch.setenv("VISADAPT_KERNELS", "eager")
+    importlib.reload(kernel_backend)
+    assert kernels.get_backend() == "eager"
+    monkeypatch.setenv("VISADAPT_KERNELS", "fast")
+    with pytest.raises(ValueError, match="fast"):
+        importlib.reload(kernel_backend)
+    monkeypatch.setenv("VISADAPT_KERNELS", "auto")
+    importlib.reload(kernel_backend)
+    assert kernels.get_backend() == "auto"
+
+
+def _no_triton(monkeypatch):
+    """Make any use of the Triton kernels fail loudly."""
+    def refuse():
+        raise AssertionError("the Triton kernels were called")
+    monkeypatch.setattr("visadapt.kernels.ops._kernels", refuse)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="checks the non-interpreted CPU dispatch")
+def test_cpu_tensors_take_the_eager_path(monkeypatch):
+    _no_triton(monkeypatch)
+    for name in ("auto", "eager"):
+        kernels.set_backend(name)
+        t = make(None, 3)
+        x = torch.randn(4, D_IN, requires_grad=True)
+        kernels.lora_linear(x, **t, scale=SCALE).sum().backward()
+        assert x.grad is not None
+    if kernel_backend.triton_available():  # forced Triton on CPU needs the interpreter: a clear error, not a crash
+        kernels.set_backend("triton")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            kernels.lora_linear(torch.randn(4, D_IN), **make(None, 3), scale=SCALE)
+
+
+def test_eager_ops_match_the_references():
+    """The custom ops' eager formulas against the plain-autograd references, with W and bias trainable too."""
+    kernels.set_backend("eager")
+    for n_blocks, r in [(None, 3), (5, 1)]:
+        t = make(n_blocks, r)
+        leaves = {"x": torch.randn(3, 4, D_IN), **{k: t[k] for k in ("weight", "bias", "lora_a", "lora_b")}}
+        ours = {k: v.clone().requires_grad_(True) for k, v in leaves.items()}
+        refs = {k: v.clone().requires_grad_(True) for k, v in leaves.items()}
+        out = call(**ours, n_blocks=n_blocks)
+        if n_blocks is None:
+            expected = kernels.lora_linear_reference(**refs, scale=SCALE)
+        else:
+            expected = kernels.block_lora_linear_reference(refs["x"], refs["weight"], refs["bias"], refs["lora_a"],
+                                                           refs["lora_b"], n_blocks, SCALE)
+        close(out, expected)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        expected.backward(grad)
+        for k in leaves:
+            close(ours[k].grad, refs[k].grad, atol=1e-5, rtol=1e-5)
+
+
+# --- routed_lora -------------------------------------------------------------------------------------------------
+N_ADAPTERS, R_ROUTED = 3, 4
+SCALES = [0.5, 1.0, 2.0]
+
+
+def make_routed(d_in=D_IN, d_out=D_OUT, r=R_ROUTED, n_adapters=N_ADAPTERS, device="cpu", gen_seed=0):
+    gen = torch.Generator().manual_seed(gen_seed)
+    return (torch.randn(n_adapters, r, d_in, generator=gen).to(device),
+            torch.randn(n_adapters, d_out, r, generator=gen).to(device) / r ** 0.5)
+
+
+def routed_reference(x, lora_a, lora_b, scales, index, weights=None):
+    """Dense float64 Σ_j w_ij s_l (x_i A_lᵀ) B_lᵀ over the slots j of each token, l = index_ij (-1 skipped)."""
+    if index.dim() == x.dim() - 1:
+        index = index.unsqueeze(-1)
+    w = torch.ones(index.shape, dtype=torch.float64) if weights is None else weights.double().reshape(index.shape)
+    s = torch.as_tensor(scales, dtype=torch.float64)
+    on = (index >= 0).double()
+    safe = index.clamp_min(0)
+    hidden = torch.einsum("...d,...jrd->...jr", x.double(), lora_a.double()[safe])
+    delta = torch.einsum("...jr,...jor->...jo", hidden, lora_b.double()[safe])
+    return (delta * (w * s[safe] * on).unsqueeze(-1)).sum(-2)
+
+
+def routed_cases(lead, gen_seed=1):
+    """(name, index, weights) covering -1, one adapter for all, an unused adapter, k = 1 both ways, k = 2."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    mixed = torch.randint(-1, N_ADAPTERS, lead, generator=gen)
+    two = torch.randint(-1, N_ADAPTERS, (*lead, 2), generator=gen)
+    return [
+        ("k1-mixed", mixed, None),
+        ("k1-as-(...,1)", mixed.unsqueeze(-1), None),
+        ("all-on-one", torch.full(lead, 2), None),
+        ("one-unused", torch.where(mixed == 1, 0, mixed), torch.rand(lead, generator=gen)),
+        ("k2-weighted", two, torch.rand(*lead, 2, generator=gen)),
+        ("none", torch.full(lead, -1), None),
+    ]
+
+
+def check_routed(x, lora_a, lora_b, index, weights, fwd_tol, grad_tol):
+    """Forward and gradients (x, A, B) of kernels.routed_lora against routed_reference."""
+    leaves = [x, lora_a, lora_b]
+    ours = [t.detach().clone().requires_grad_(True) for t in leaves]
+    refs = [t.detach().double().cpu().requires_grad_(True) for t in leaves]
+    out = kernels.routed_lora(*ours, SCALES, index, weights)
+    assert out.shape == (*x.shape[:-1], lora_b.shape[1]) and out.dtype == x.dtype
+    idx_cpu, w_cpu = index.cpu(), None if weights is None else weights.cpu()
+    expected = routed_reference(*refs, SCALES, idx_cpu, w_cpu)
+    tol = dict(atol=fwd_tol * max(expected.abs().max().item(), 1.0), rtol=fwd_tol)
+    close(out.cpu(), expected, **tol)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(grad.to(out))
+    expected.backward(grad)
+    if (idx_cpu < 0).all():
+        assert all(o.grad is None or o.grad.abs().max() == 0 for o in ours)
+        return
+    for name, o, r in zip(("x", "A", "B"), ours, refs):
+        assert o.grad.dtype == o.dtype, name
+        close(o.grad.cpu(), r.grad, atol=grad_tol * max(r.grad.abs().max().item(), 1.0), rtol=grad_tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead", [(9,), (2, 5)], ids=["2d", "3d"])
+def test_routed_lora_matches_dense_reference(lead, device):
+    lora_a, lora_b = make_routed(device=device)
+    x = torch.randn(*lead, D_IN, device=device)
+    for name, index, weights in routed_cases(lead):
+        index = index.to(device)
+        weights = None if weights is None else weights.to(device)
+        check_routed(x, lora_a, lora_b, index, weights, 1e-5, 1e-5)
+
+
+def test_routed_lora_reference_matches_the_op():
+    lora_a, lora_b = make_routed()
+    x = torch.randn(2, 5, D_IN)
+    for _, index, weights in routed_cases((2, 5)):
+        close(kernels.routed_lora(x, lora_a, lora_b, SCALES, index, weights),
+              kernels.routed_lora_reference(x, lora_a, lora_b, SCALES, index, weights))
+
+
+def test_routed_lora_semantics():
+    """Per-token weights and -1 behave as documented: delta of a token = Σ_j w_j s_l (x A_lᵀ) B_lᵀ."""
+    lora_a, lora_b = make_routed()
+    x = torch.randn(4, D_IN)
+    single = [kernels.routed_lora(x, lora_a, lora_b, SCALES, torch.full((4,), adapter)) for adapter in range(3)]
+    close(single[1], 1.0 * (x @ lora_a[1].T) @ lora_b[1].T)
+    index = torch.tensor([[0, 1], [1, -1], [-1, -1], [2, 0]])
+    weights = torch.tensor([[0.5, 0.5], [1.0, 7.0], [3.0, 3.0], [0.25, 2.0]])
+    out = kernels.routed_lora(x, lora_a, lora_b, SCALES, index, weights)
+    close(out[0], 0.5 * single[0][0] + 0.5 * single[1][0])
+    close(out[1], single[1][1])  # the -1 slot's weight is ignored
+    assert out[2].abs().max() == 0
+    close(out[3], 0.25 * single[2][3] + 2.0 * single[0][3])
+
+
+def test_routed_lora_argument_errors():
+    lora_a, lora_b = make_routed()
+    x = torch.randn(4, D_IN)
+    with pytest.raises(ValueError, match=r"\[-1, 2\]"):
+        kernels.routed_lora(x, lora_a, lora_b, SCALES, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(ValueError, match=r"\[-1, 2\]"):
+        kernels.routed_lora(x, lora_a, lora_b, SCALES, torch.tensor([0, -2, 1, 0]))
+    with pytest.raises(ValueError, match="integer"):
+        kernels.routed_lora(x, lora_a, lora_b, SCALES, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"expected \(4,\) or \(4, 'k'\)"):
+        kernels.routed_lora(x, lora_a, lora_b, SCALES, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=rf"expected \(L, r, {D_IN}\)"):
+        kernels.routed_lora(x, lora_a[..., 1:], lora_b, SCALES, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="lora_b"):
+        kernels.routed_lora(x, lora_a, lora_b[..., 1:], SCALES, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="2 scales for 3 adapters"):
+        kernels.routed_lora(x, lora_a, lora_b, SCALES[:2], torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="weights"):
+        kernels.routed_lora(x, lora_a, lora_b, SCALES, torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 3))
+
+
+# --- torch.compile and the custom-op contract --------------------------------------------------------------------
+
+
+def test_ops_pass_opcheck():
+    """torch.library.opcheck: schema, fake (meta) shapes and autograd registration agree with the real ops."""
+    kernels.set_backend("eager")
+    t = make(3, 3)
+    x = torch.randn(6, D_IN, requires_grad=True)
+    a, b = t["lora_a"].requires_grad_(True), t["lora_b"].requires_grad_(True)
+    torch.library.opcheck(torch.ops.visadapt.lora_fwd.default, (x, t["weight"], t["bias"], a, b, 3, SCALE))
+    la, lb = (p.requires_grad_(True) for p in make_routed())
+    index = torch.randint(-1, N_ADAPTERS, (6, 2))
+    torch.library.opcheck(torch.ops.visadapt.routed_fwd.default, (x, la, lb, torch.rand(3), index, torch.rand(6, 2)))
+
+
+def test_torch_compile_traces_the_ops_fullgraph():
+    """fullgraph=True fails on any graph break, so this proves the ops (and their backward) trace as nodes."""
+    torch._dynamo.reset()
+    t3, t1 = make(3, 3), make(None, 2)
+    la, lb = make_routed()
+
+    def step(x, a3, b3, a1, b1, la, lb, index):
+        y = kernels.block_lora_linear(x, t3["weight"], t3["bias"], a3, b3, 3, SCALE)
+        y = y + kernels.lora_linear(x, None, None, a1, b1, 0.5)
+        return y + kernels.routed_lora(x, la, lb, SCALES, index)
+
+    args = [torch.randn(2, 5, D_IN), t3["lora_a"], t3["lora_b"], t1["lora_a"], t1["lora_b"], la, lb]
+    index = torch.randint(-1, N_ADAPTERS, (2, 5))
+    eager_args = [a.clone().requires_grad_(True) for a in args]
+    comp_args = [a.clone().requires_grad_(True) for a in args]
+    expected = step(*eager_args, index)
+    # aot_eager: dynamo + AOTAutograd (forward and backward graphs), without inductor's slow C++ build on CPU
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*comp_args, index)
+    close(got, expected, atol=1e-6, rtol=1e-6)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    got.backward(grad)
+    for e, c in zip(eager_args, comp_args):
+        close(c.grad, e.grad, atol=1e-6, rtol=1e-6)
+
+
+# --- Triton kernels (CUDA, or CPU under the interpreter subprocess) ----------------------------------------------
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+triton_only = pytest.mark.skipif(
+    not kernel_backend.triton_available() or not (torch.cuda.is_available() or INTERPRETED),
+    reason="needs CUDA, or the TRITON_INTERPRET=1 subprocess (test_triton_kernels_under_the_interpreter)")
+# bf16 only on a GPU: under the interpreter, bf16 tl.dot multiplies raw bit patterns (triton issue 11584)
+TRITON_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+                 pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
+                     not torch.cuda.is_available(), reason="bf16 tl.dot is wrong in Triton's interpreter"))]
+# relative to the largest reference value (fp32 accumulation everywhere; 16-bit rounding of inputs and dots)
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Force the Triton kernels and count their launches, so a silent eager fallback cannot pass."""
+    kernels.set_backend("triton")
+    from visadapt.kernels import triton_kernels
+
+    launches = []
+    for name in ("_shrink_kernel", "_linear_expand_kernel", "_routed_expand_kernel", "_reduce_kernel"):
+        kernel = getattr(triton_kernels, name)
+        run = kernel.run
+        monkeypatch.setattr(kernel, "run", lambda *a, _run=run, _name=name, **k: (launches.append(_name),
+                                                                                   _run(*a, **k))[1])
+    return launches
+
+
+def lora_case(n_blocks, r, dtype, lead, d_in, d_out, weight=True, bias=True, gen_seed=0):
+    gen = torch.Generator().manual_seed(gen_seed)
+    cols = d_in if n_blocks is None else d_in // n_blocks
+    dev = TRITON_DEVICE
+    return dict(
+        x=torch.randn(*lead, d_in, generator=gen).to(dev, dtype),
+        weight=(torch.randn(d_out, d_in, generator=gen) / d_in ** 0.5).to(dev, dtype) if weight else None,
+        bias=torch.randn(d_out, generator=gen).to(dev, dtype) if bias else None,
+        lora_a=(torch.randn(r, cols, generator=gen) / cols ** 0.5).to(dev),
+        lora_b=torch.randn(d_out, r, generator=gen).to(dev),
+    )
+
+
+def check_lora(case, n_blocks, tol):
+    """Forward and gradients (x, A, B) against the float64 reference, relative to the reference's magnitude."""
+    trainable = ("x", "lora_a", "lora_b")
+    ours = {k: (v.clone().requires_grad_(True) if k in trainable else v) for k, v in case.items()}
+    refs = {k: (None if v is None else v.detach().double().cpu().requires_grad_(k in trainable))
+            for k, v in case.items()}
+    out = call(ours["x"], ours["weight"], ours["bias"], ours["lora_a"], ours["lora_b"], n_blocks)
+    expected = reference(refs["x"], refs["weight"], refs["bias"], refs["lora_a"], refs["lora_b"], n_blocks)
+    assert out.dtype == case["x"].dtype and out.shape == expected.shape
+    close(out.cpu(), expected, atol=tol * expected.abs().max().item(), rtol=tol)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(grad.to(out))
+    expected.backward(grad)
+    for k in trainable:
+        assert ours[k].grad.dtype == case[k].dtype, k
+        close(ours[k].grad.cpu(), refs[k].grad, atol=tol * refs[k].grad.abs().max().item(), rtol=tol)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("n_blocks,r", [(None, 1), (None, 3), (None, 16), (3, 3), (5, 16)],
+                         ids=["lora-r1", "lora-r3", "lora-r16", "block3-r3", "block5-r16"])
+def test_triton_lora_matches_reference(triton_backend, n_blocks, r, dtype):
+    # 37 rows, d_in 45, d_out 29: none a multiple of the tiles (32 interpreted, 64/128 on GPU)
+    check_lora(lora_case(n_blocks, r, dtype, (37,), 45, 29), n_blocks, TOL[dtype])
+    assert {"_shrink_kernel", "_linear_expand_kernel", "_reduce_kernel"} <= set(triton_backend)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+def test_triton_lora_variants(triton_backend, dtype):
+    """Several tiles in every direction with r = 64, delta only (W None), no bias, 3-D strided x."""
+    tol = TOL[dtype]
+    check_lora(lora_case(None, 64, dtype, (70,), 66, 40), None, tol)
+    check_lora(lora_case(3, 2, dtype, (2, 9), 33, 17, weight=False, bias=False), 3, tol)
+    case = lora_case(None, 3, dtype, (2, 11), 40, 13, bias=False)
+    case["x"] = case["x"].transpose(0, 1).contiguous().transpose(0, 1)  # (2, 11, 40) with non-default strides
+    assert not case["x"].is_contiguous()
+    check_lora(case, None, tol)
+    assert len(triton_backend) >= 3 * 5
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+def test_triton_routed_matches_reference(triton_backend, dtype):
+    lead = (3, 23)  # 69 tokens: several row tiles, adapters' segments start mid-tile
+    lora_a, lora_b = make_routed(d_in=37, d_out=35, r=5, device=TRITON_DEVICE)
+    x = torch.randn(*lead, 37).to(TRITON_DEVICE, dtype)
+    for name, index, weights in routed_cases(lead):
+        index = index.to(TRITON_DEVICE)
+        weights = None if weights is None else weights.to(TRITON_DEVICE)
+        check_routed(x, lora_a, lora_b, index, weights, TOL[dtype], TOL[dtype])
+    assert {"_shrink_kernel", "_routed_expand_kernel", "_reduce_kernel"} <= set(triton_backend)
+
+
+@triton_only
+def test_triton_dropout_takes_the_eager_reference(triton_backend):
+    """p > 0 while training is the documented eager fallback: same mask as F.dropout under the same seed."""
+    case = lora_case(None, 3, torch.float32, (8,), 30, 7)
+    torch.manual_seed(5)
+    out = kernels.lora_linear(**case, scale=SCALE, dropout_p=0.5, training=True)
+    assert triton_backend == []
+    torch.manual_seed(5)
+    dropped = F.dropout(case["x"], 0.5, True)
+    close(out.cpu(), reference(*(None if case[k] is None else case[k].cpu() for k in
+                                 ("x", "weight", "bias", "lora_a", "lora_b")), None, x_lora=dropped.cpu()))
+
+
+@pytest.mark.skipif(INTERPRETED or torch.cuda.is_available() or not kernel_backend.triton_available(),
+                    reason="runs only as the parent of the interpreter run, on machines without CUDA")
+def test_triton_kernels_under_the_interpreter():
+    """Run the test_triton_* tests above in a fresh interpreter-mode process (TRITON_INTERPRET must be set before
+    triton.jit runs) and require that they ran and passed."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "VISADAPT_KERNELS": "triton"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_triton_",
+                           str(Path(__file__))], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    tail = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary, tail
+    assert int(summary.split(" passed")[0].split()[-1]) >= 10, tail  # fp32 + fp16 of each triton test
