@@ -13,10 +13,16 @@ variable ``VISADAPT_KERNELS`` (``auto`` | ``eager`` | ``triton``) forces one. Th
 functions are the specification: every backend must match them within dtype tolerance.
 """
 
-from .backend import get_backend, set_backend
-from .lora import block_lora_linear_reference, lora_linear_reference
-from .ops import block_lora_linear, lora_linear, routed_lora
-from .routed import routed_lora_reference
+if __name__ == "visadapt.kernels":
+    from .backend import get_backend, set_backend
+    from .lora import block_lora_linear_reference, lora_linear_reference
+    from .ops import block_lora_linear, lora_linear, routed_lora
+    from .routed import routed_lora_reference
 
-__all__ = ["lora_linear", "block_lora_linear", "routed_lora", "set_backend", "get_backend",
-           "lora_linear_reference", "block_lora_linear_reference", "routed_lora_reference"]
+    __all__ = ["lora_linear", "block_lora_linear", "routed_lora", "set_backend", "get_backend",
+               "lora_linear_reference", "block_lora_linear_reference", "routed_lora_reference"]
+else:
+    # With the repository root on sys.path (``python -c`` there), this folder is also importable as a top-level
+    # ``kernels``, a name transformers probes for the Hugging Face hub package. Loading the ops a second time under
+    # that name would register the torch custom ops twice, so the stray import defines nothing.
+    __all__ = []

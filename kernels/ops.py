@@ -15,6 +15,7 @@ Dropout (p > 0 while training) takes the documented eager fallback: the plain-au
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -31,6 +32,26 @@ _EMPTY = (0,)  # shape of the placeholder returned for a gradient nobody asked f
 def _hidden_dtype(lora_a: Tensor) -> torch.dtype:
     """dtype of h and of the adapter math: at least fp32 (fp64 adapters stay fp64)."""
     return torch.promote_types(lora_a.dtype, torch.float32)
+
+
+def _no_autocast(fn):
+    """Run an op body with autocast off: autocast would otherwise reach the eager formulas inside the op and
+    change the dtypes its fake implementation promises. The public wrappers apply autocast's dtype to x first."""
+    @functools.wraps(fn)  # keeps the signature, from which custom_op infers the schema
+    def run(*args):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return fn(*args)
+    return run
+
+
+def _autocast(*tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
+    """Cast x (and the frozen W, b) to autocast's dtype when autocast is on, as F.linear would; adapters keep
+    theirs (their math accumulates in fp32 anyway)."""
+    device = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device):
+        return list(tensors)
+    dtype = torch.get_autocast_dtype(device)
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
 
 
 def _kernels():
@@ -121,6 +142,7 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("visadapt::lora_fwd", mutates_args=())
+@_no_autocast
 def _lora_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
               n_blocks: int, scale: float) -> tuple[Tensor, Tensor]:
     """(y (N, d_out) in x's dtype, h = s · x̃ Aᵀ (N, r)); x (N, d_in) 2-D."""
@@ -136,6 +158,7 @@ def _(x, weight, bias, lora_a, lora_b, n_blocks, scale):
 
 
 @torch.library.custom_op("visadapt::lora_bwd", mutates_args=())
+@_no_autocast
 def _lora_bwd(dy: Tensor, x: Tensor, h: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
               n_blocks: int, scale: float, need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx or an empty placeholder, dA, dB)."""
@@ -174,6 +197,7 @@ torch.library.register_autograd("visadapt::lora_fwd", _lora_backward, setup_cont
 
 
 @torch.library.custom_op("visadapt::routed_fwd", mutates_args=())
+@_no_autocast
 def _routed_fwd(x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor, index: Tensor,
                 weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """(Δy (N, d_out) in x's dtype, h (N·k, r) per (token, slot) pair); index (N, k) int64."""
@@ -192,6 +216,7 @@ def _(x, lora_a, lora_b, scales, index, weights):
 
 
 @torch.library.custom_op("visadapt::routed_bwd", mutates_args=())
+@_no_autocast
 def _routed_bwd(dy: Tensor, x: Tensor, h: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
                 index: Tensor, weights: Optional[Tensor], need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
     pair_scale = _pair_scale(scales, index, weights)
@@ -257,6 +282,7 @@ def block_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
 
 
 def _call_lora(x, weight, bias, lora_a, lora_b, n_blocks, scale):
+    x, weight, bias = _autocast(x, weight, bias)
     y, _ = torch.ops.visadapt.lora_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, n_blocks,
                                        float(scale))
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -272,5 +298,6 @@ def routed_lora(x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Union[Tensor,
     Gradients reach x, lora_a, lora_b; scales, index and weights are constants.
     """
     scales, index, weights = routing_shapes(x, lora_a, lora_b, scales, index, weights)
+    (x,) = _autocast(x)
     delta, _ = torch.ops.visadapt.routed_fwd(x.reshape(-1, x.shape[-1]), lora_a, lora_b, scales, index, weights)
     return delta.reshape(*x.shape[:-1], delta.shape[-1])

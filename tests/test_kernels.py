@@ -587,3 +587,35 @@ def test_triton_kernels_under_the_interpreter():
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "failed" not in summary, tail
     assert int(summary.split(" passed")[0].split()[-1]) >= 10, tail  # fp32 + fp16 of each triton test
+
+
+@pytest.mark.parametrize("n_blocks,r", [(None, 3), (3, 3)], ids=["lora", "block3"])
+def test_autocast_casts_the_input_like_f_linear(n_blocks, r):
+    """Under autocast the ops see x, W, b in autocast's dtype (as F.linear would) and keep fp32 adapter math."""
+    t = make(n_blocks, r)
+    x = torch.randn(4, 5, D_IN)
+    a, b = t["lora_a"].clone().requires_grad_(True), t["lora_b"].clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(x, t["weight"], t["bias"], a, b, n_blocks)
+        if n_blocks is None:
+            routed = kernels.routed_lora(x, a[None], b[None], [SCALE], torch.zeros(4, 5, dtype=torch.long))
+    assert out.dtype == torch.bfloat16
+    x16, w16, b16 = (v.to(torch.bfloat16) for v in (x, t["weight"], t["bias"]))
+    close(out, reference(x16, w16, b16, t["lora_a"], t["lora_b"], n_blocks), atol=6e-2, rtol=2e-2)
+    if n_blocks is None:
+        assert routed.dtype == torch.bfloat16
+        close(routed, reference(x16, None, None, t["lora_a"], t["lora_b"], None), atol=6e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert a.grad.dtype == torch.float32 and a.grad.abs().max() > 0
+
+
+def test_stray_top_level_import_registers_nothing():
+    """Imported as a top-level ``kernels`` (repo root on sys.path; transformers probes that name), the package must
+    not re-register the custom ops, which would raise."""
+    import importlib.util
+
+    init = Path(kernels.__file__)
+    spec = importlib.util.spec_from_file_location("kernels", init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.__all__ == [] and not hasattr(module, "lora_linear")
