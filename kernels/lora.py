@@ -86,7 +86,9 @@ def block_lora_linear_reference(
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """Eager reference of ``block_lora_linear``. Block-LoRA: one down-projection A_s (r, d_in / n) shared by the n input chunks of x.
+    """Eager reference of ``block_lora_linear``.
+
+    Block-LoRA: one down-projection A_s (r, d_in / n) shared by the n input chunks of x.
 
     Equal to ``lora_linear`` with A = [A_s | A_s | … | A_s], but the n chunks are summed first
     (x̃ = Σ_j x[..., j·c:(j+1)·c], c = d_in / n), so the down-projection is one (N, c)·(c, r) product and only x̃

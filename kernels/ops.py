@@ -5,8 +5,8 @@ Each public function validates shapes, flattens x to (N, d_in) and calls a forwa
 ``torch.compile(fullgraph=True)`` traces through them as single nodes. Inside, each op runs the Triton kernels
 (``triton_kernels.py``) or the eager formulas below, as :mod:`.backend` decides at run time.
 
-What the backward keeps: x (in its own dtype) and h = s · x̃ Aᵀ (N, r) in fp32 — not the (N, d_out) delta, and no
-fp32 copy of a 16-bit x. Gradients: x, A, B always; W and b too when they require grad (plain matmuls, since W is
+What the backward keeps: x in its own dtype (Block-LoRA: only the chunk sum x̃, n times narrower) and
+h = s · x̃ Aᵀ (N, r) in fp32 — not the (N, d_out) delta, and no fp32 copy of a 16-bit x. Gradients: x, A, B always; W and b too when they require grad (plain matmuls, since W is
 frozen in every adapter of visadapt).
 
 Dropout (p > 0 while training) takes the documented eager fallback: the plain-autograd reference function with
@@ -68,24 +68,30 @@ def _chunk_sum(x: Tensor, n_blocks: int) -> Tensor:
     return x if n_blocks == 1 else x.unflatten(-1, (n_blocks, -1)).sum(-2)
 
 
+def saved_input(x_lora: Tensor, n_blocks: int) -> Tensor:
+    """Block-LoRA's x̃ (N, c), kept for dA_s instead of x; LoRA keeps x itself, which an op may not return."""
+    return x_lora if n_blocks > 1 else x_lora.new_empty(_EMPTY)
+
+
 def _eager_lora_fwd(x, weight, bias, lora_a, lora_b, n_blocks, scale):
     hd = _hidden_dtype(lora_a)
-    h = F.linear(_chunk_sum(x, n_blocks).to(hd), lora_a.to(hd)) * scale
+    x_lora = _chunk_sum(x, n_blocks)
+    h = F.linear(x_lora.to(hd), lora_a.to(hd)) * scale
     delta = F.linear(h, lora_b.to(hd))
-    if weight is None:
-        return delta.to(x.dtype), h
-    return F.linear(x, weight, bias).add_(delta.to(x.dtype)), h
+    y = delta.to(x.dtype) if weight is None else F.linear(x, weight, bias).add_(delta.to(x.dtype))
+    return y, h, x_lora
 
 
-def _eager_lora_bwd(dy, x, h, weight, lora_a, lora_b, n_blocks, scale, need_x):
+def _eager_lora_bwd(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x):
     hd = _hidden_dtype(lora_a)
     g = (dy.to(hd) @ lora_b.to(hd)) * scale  # (N, r) = s · dy B
     d_b = dy.to(hd).T @ h
-    d_a = g.T @ _chunk_sum(x, n_blocks).to(hd)
+    d_a = g.T @ x_lora.to(hd)
     dx = None
     if need_x:
-        low_rank = (g @ lora_a.to(hd)).to(x.dtype)  # (N, c); Block-LoRA: the same for each of the n chunks
-        dx = torch.zeros_like(x) if weight is None else dy @ weight.to(dy.dtype)
+        low_rank = (g @ lora_a.to(hd)).to(x_lora.dtype)  # (N, c); Block-LoRA: the same for each of the n chunks
+        d_in = x_lora.shape[1] * n_blocks
+        dx = x_lora.new_zeros(dy.shape[0], d_in) if weight is None else dy @ weight.to(dy.dtype)
         dx.unflatten(-1, (n_blocks, -1)).add_(low_rank.unsqueeze(-2))
     return dx, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
 
@@ -144,47 +150,53 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 @torch.library.custom_op("visadapt::lora_fwd", mutates_args=())
 @_no_autocast
 def _lora_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-              n_blocks: int, scale: float) -> tuple[Tensor, Tensor]:
-    """(y (N, d_out) in x's dtype, h = s · x̃ Aᵀ (N, r)); x (N, d_in) 2-D."""
-    if backend.use_triton(x, weight, bias, lora_a, lora_b):
-        return _kernels().lora_forward(x, weight, bias, lora_a, lora_b, n_blocks, scale)
-    return _eager_lora_fwd(x, weight, bias, lora_a, lora_b, n_blocks, scale)
+              n_blocks: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(y (N, d_out) in x's dtype, h = s · x̃ Aᵀ (N, r), x̃ (N, c) for Block-LoRA or empty); x (N, d_in) 2-D."""
+    impl = _kernels().lora_forward if backend.use_triton(x, weight, bias, lora_a, lora_b) else _eager_lora_fwd
+    y, h, x_lora = impl(x, weight, bias, lora_a, lora_b, n_blocks, scale)
+    return y, h, saved_input(x_lora, n_blocks)
 
 
 @_lora_fwd.register_fake
 def _(x, weight, bias, lora_a, lora_b, n_blocks, scale):
     return (x.new_empty(x.shape[0], lora_b.shape[0]),
-            x.new_empty(x.shape[0], lora_a.shape[0], dtype=_hidden_dtype(lora_a)))
+            x.new_empty(x.shape[0], lora_a.shape[0], dtype=_hidden_dtype(lora_a)),
+            x.new_empty(x.shape[0], lora_a.shape[1]) if n_blocks > 1 else x.new_empty(_EMPTY))
 
 
 @torch.library.custom_op("visadapt::lora_bwd", mutates_args=())
 @_no_autocast
-def _lora_bwd(dy: Tensor, x: Tensor, h: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+def _lora_bwd(dy: Tensor, x_lora: Tensor, h: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
               n_blocks: int, scale: float, need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx or an empty placeholder, dA, dB)."""
-    if backend.use_triton(dy, x, weight, lora_a, lora_b):
-        dx, d_a, d_b = _kernels().lora_backward(dy, x, h, weight, lora_a, lora_b, n_blocks, scale, need_x)
+    """(dx (N, d_in) or an empty placeholder, dA, dB); x_lora is x (LoRA) or x̃ (Block-LoRA)."""
+    if backend.use_triton(dy, x_lora, weight, lora_a, lora_b):
+        dx, d_a, d_b = _kernels().lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x)
     else:
-        dx, d_a, d_b = _eager_lora_bwd(dy, x, h, weight, lora_a, lora_b, n_blocks, scale, need_x)
-    return _or_empty(dx, x), d_a, d_b
+        dx, d_a, d_b = _eager_lora_bwd(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x)
+    return _or_empty(dx, x_lora), d_a, d_b
 
 
 @_lora_bwd.register_fake
-def _(dy, x, h, weight, lora_a, lora_b, n_blocks, scale, need_x):
-    return (torch.empty_like(x) if need_x else x.new_empty(_EMPTY)), torch.empty_like(lora_a), torch.empty_like(lora_b)
+def _(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x):
+    dx = x_lora.new_empty(dy.shape[0], x_lora.shape[1] * n_blocks) if need_x else x_lora.new_empty(_EMPTY)
+    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _lora_setup(ctx, inputs, output):
     x, weight, _, lora_a, lora_b, n_blocks, scale = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
+    # W's own gradient (rare: W is frozen in visadapt's adapters) needs the full x even for Block-LoRA
+    keep_x = n_blocks == 1 or ctx.needs_input_grad[1]
+    ctx.save_for_backward(x if n_blocks == 1 else output[2], weight, lora_a, lora_b, output[1],
+                          x if keep_x else None)
     ctx.n_blocks, ctx.scale = n_blocks, scale
 
 
-def _lora_backward(ctx, dy, _dh):
-    x, weight, lora_a, lora_b, h = ctx.saved_tensors
+def _lora_backward(ctx, dy, _dh, _dx_lora):
+    x_lora, weight, lora_a, lora_b, h, x = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, d_a, d_b = torch.ops.visadapt.lora_bwd(dy, x, h, weight, lora_a, lora_b, ctx.n_blocks, ctx.scale, need[0])
-    d_w = (dy.T @ x).to(weight.dtype) if need[1] else None  # only if someone unfroze W
+    dx, d_a, d_b = torch.ops.visadapt.lora_bwd(dy, x_lora, h, weight, lora_a, lora_b, ctx.n_blocks, ctx.scale,
+                                               need[0])
+    d_w = (dy.T @ x).to(weight.dtype) if need[1] else None
     d_bias = dy.sum(0).to(dy.dtype) if need[2] else None
     return (dx if need[0] else None), d_w, d_bias, (d_a if need[3] else None), (d_b if need[4] else None), None, None
 
@@ -283,7 +295,7 @@ def block_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
 
 def _call_lora(x, weight, bias, lora_a, lora_b, n_blocks, scale):
     x, weight, bias = _autocast(x, weight, bias)
-    y, _ = torch.ops.visadapt.lora_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, n_blocks,
+    y, _, _ = torch.ops.visadapt.lora_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, n_blocks,
                                        float(scale))
     return y.reshape(*x.shape[:-1], y.shape[-1])
 

@@ -4,16 +4,16 @@
 Four kernels serve the forward and backward of all three ops; each takes strides, so transposed operands
 (Wᵀ, Bᵀ, Aᵀ in the backward) are views, never copies:
 
-- ``_shrink_kernel``       H[p, :] = s_p · X[t_p, :] · Ã[l]ᵀ       tall-skinny down-projection, fp32 out (N, r)
-- ``_linear_expand_kernel`` Y = X Mᵀ + b + H Ẽᵀ                     base GEMM with the up-projection in its epilogue
-- ``_routed_expand_kernel`` Y[t_p, :] (+)= H[p, :] · E[l]ᵀ          up-projection of routed rows, scattered back
-- ``_reduce_kernel``        O[l] += U[t_p, :]ᵀ · V[p, :]             dA and dB: reductions over tokens, fp32 atomics
+- ``_shrink_kernel``         H[p, :] = s_p · X[t_p, :] · Ã[l]ᵀ   tall-skinny down-projection, fp32 out (N, r)
+- ``_linear_expand_kernel``  Y = X Mᵀ + b + H Ẽᵀ                 base GEMM with the up-projection in its epilogue
+- ``_routed_expand_kernel``  Y[t_p, :] (+)= H[p, :] · E[l]ᵀ      up-projection of routed rows, scattered back
+- ``_reduce_kernel``         O[l] += U[t_p, :]ᵀ · V[p, :]         dA and dB: reductions over tokens, fp32 atomics
 
 Rows are processed in *tiles*. Dense ops (LoRA, Block-LoRA) tile 0..N-1 in order, one adapter, s_p = scale.
 Routed ops sort the (token, slot) pairs by adapter (``routing_tables``); each tile then holds rows of a single
 adapter l (SGMV), gathered through ``tokens``/``pairs``, and tiles past the end (adapter -1) exit at once.
-Ã reads its column ``k % C``: Block-LoRA's shared A_s (r, C) acts as the tiled [A_s | … | A_s] without
-materialising it.
+Ẽ reads its row ``n % C``: in Block-LoRA's dx = dy W + g [A_s | … | A_s], the shared A_s (r, C) acts as the
+tiled matrix without materialising it.
 
 The adapter math (shrink, expand, reductions) runs its dots in x's dtype when x is 16-bit (tensor cores, fp32
 accumulation) and in fp32 otherwise; the saved hidden h and the gradients accumulate in fp32.
@@ -92,10 +92,10 @@ def _rows(rows, rmask, TOKENS, PAIRS, ROUTED: tl.constexpr):
 
 @triton.jit
 def _shrink_kernel(X, A, H, TOKENS, PAIRS, PAIR_SCALE, TILE_ADAPTER, TILE_START, TILE_END,
-                   M, K, R, C, scale, sxm, sxk, sal, saj, sak, shm,
+                   M, K, R, scale, sxm, sxk, sal, saj, sak, shm,
                    ROUTED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-    """H[pair, j] = s · Σ_k X[tok, k] · A[l, j, k % C]; s = scale (dense) or PAIR_SCALE[pair] (routed)."""
+    """H[pair, j] = s · Σ_k X[tok, k] · A[l, j, k]; s = scale (dense) or PAIR_SCALE[pair] (routed)."""
     adapter, start, end = _tile(tl.program_id(0), TILE_ADAPTER, TILE_START, TILE_END, M, BM, ROUTED)
     if adapter < 0:
         return
@@ -108,7 +108,7 @@ def _shrink_kernel(X, A, H, TOKENS, PAIRS, PAIR_SCALE, TILE_ADAPTER, TILE_START,
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(X + tok[:, None] * sxm + rk[None, :] * sxk, mask=rmask[:, None] & (rk[None, :] < K), other=0.0)
-        a = tl.load(a_base + rj[None, :] * saj + (rk[:, None] % C) * sak,
+        a = tl.load(a_base + rj[None, :] * saj + rk[:, None] * sak,
                     mask=(rj[None, :] < R) & (rk[:, None] < K), other=0.0)
         acc = tl.dot(x.to(DOT), a.to(DOT), acc, input_precision=PREC)
     if ROUTED:
@@ -213,10 +213,9 @@ def _reduce_kernel(U, V, O, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE_END, M
 # launchers: shapes in, tensors out; every tensor lives on one device
 
 
-def _shrink(x: torch.Tensor, a: torch.Tensor, rank: int, scale: float, a_cols: int, a_strides,
-            routing=None) -> torch.Tensor:
-    """s · x Ãᵀ as fp32 (rows, rank). Ã[l, j, k] = a at ``a_strides`` = (l, j, k) strides, column k % a_cols;
-    ``routing`` as from :func:`routing_tables` (then rows are pairs, s per pair, unrouted pairs zero)."""
+def _shrink(x: torch.Tensor, a: torch.Tensor, rank: int, scale: float, a_strides, routing=None) -> torch.Tensor:
+    """s · x A[l]ᵀ as fp32 (rows, rank), A[l, j, k] at ``a_strides`` = (l, j, k) strides; ``routing`` as from
+    :func:`routing_tables` (then rows are pairs, s per pair, unrouted pairs zero)."""
     n_rows = routing["n_pairs"] if routing else x.shape[0]
     h = torch.zeros(n_rows, rank, device=x.device, dtype=torch.float32) if routing else \
         torch.empty(n_rows, rank, device=x.device, dtype=torch.float32)
@@ -227,7 +226,7 @@ def _shrink(x: torch.Tensor, a: torch.Tensor, rank: int, scale: float, a_cols: i
         (dummy,) * 6
     bm = _ROUTED_BM if routing else _SHRINK_BM
     grid = (routing["tiles"][0].shape[0] if routing else triton.cdiv(x.shape[0], bm),)
-    _shrink_kernel[grid](x, a, h, *tables, x.shape[0], x.shape[1], rank, a_cols, scale, x.stride(0), x.stride(1),
+    _shrink_kernel[grid](x, a, h, *tables, x.shape[0], x.shape[1], rank, scale, x.stride(0), x.stride(1),
                          *a_strides, h.stride(0), ROUTED=routing is not None, DOT=_DOT_DTYPE[x.dtype],
                          PREC=_precision(x.dtype), BM=bm, BK=_SHRINK_BK, BR=_rank_block(rank))
     return h
@@ -269,31 +268,32 @@ def _reduce(u, v, routing=None, n_adapters=1) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# LoRA / Block-LoRA (a_cols = C: d_in for LoRA, d_in / n_blocks for Block-LoRA)
+# LoRA / Block-LoRA (A (r, c): c = d_in for LoRA, d_in / n_blocks for Block-LoRA)
 
 
 def lora_forward(x, weight, bias, lora_a, lora_b, n_blocks: int, scale: float):
-    """(y (N, d_out) in x's dtype, h = s · x Ãᵀ (N, r) fp32)."""
-    a_cols = lora_a.shape[1]
-    h = _shrink(x, lora_a, lora_a.shape[0], scale, a_cols, (0, lora_a.stride(0), lora_a.stride(1)))
+    """(y (N, d_out) in x's dtype, h = s · x̃ Aᵀ (N, r) fp32, x̃ (x itself for LoRA)).
+
+    Block-LoRA's chunk sum x̃ is one memory-bound torch reduction: it is the tensor the backward keeps (n times
+    smaller than x), and the shrink then reads c instead of d_in columns."""
+    x_lora = x if n_blocks == 1 else x.unflatten(-1, (n_blocks, -1)).sum(-2)
+    h = _shrink(x_lora, lora_a, lora_a.shape[0], scale, (0, lora_a.stride(0), lora_a.stride(1)))
     y = _linear_expand(x, weight, None if weight is None else (weight.stride(0), weight.stride(1)), bias, h,
                        lora_b, (lora_b.stride(0), lora_b.stride(1)), lora_b.shape[0], lora_b.shape[0], x.dtype)
-    return y, h
+    return y, h, x_lora
 
 
-def lora_backward(dy, x, h, weight, lora_a, lora_b, n_blocks: int, scale: float, need_x: bool):
-    """(dx or None, dA (r, C), dB (d_out, r)) with g = s · dy B:
-    dx = dy W + g Ã (one fused GEMM), dB = dyᵀ h, dA = fold_n(gᵀ x)."""
+def lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks: int, scale: float, need_x: bool):
+    """(dx or None, dA (r, c), dB (d_out, r)) with g = s · dy B (N, r):
+    dx = dy W + g Ã (one fused GEMM; Ã = A_s tiled n times, read at column k mod c), dB = dyᵀ h, dA = gᵀ x̃."""
     rank, a_cols = lora_a.shape
-    g = _shrink(dy, lora_b, rank, scale, dy.shape[1], (0, lora_b.stride(1), lora_b.stride(0)))  # Bᵀ: (r, d_out)
+    g = _shrink(dy, lora_b, rank, scale, (0, lora_b.stride(1), lora_b.stride(0)))  # Bᵀ as (r, d_out)
     dx = None
     if need_x:
         dx = _linear_expand(dy, weight, None if weight is None else (weight.stride(1), weight.stride(0)), None, g,
-                            lora_a, (lora_a.stride(1), lora_a.stride(0)), a_cols, x.shape[1], x.dtype)
+                            lora_a, (lora_a.stride(1), lora_a.stride(0)), a_cols, a_cols * n_blocks, x_lora.dtype)
     d_b = _reduce(dy, h)[0]
-    d_a = _reduce(x, g)[0].T  # (r, d_in)
-    if n_blocks > 1:
-        d_a = d_a.reshape(rank, n_blocks, a_cols).sum(1)  # Block-LoRA: dA_s = Σ_j dA[:, j·c:(j+1)·c]
+    d_a = _reduce(x_lora, g)[0].T  # (r, c)
     return dx, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
 
 
@@ -335,7 +335,7 @@ def routed_forward(x, lora_a, lora_b, routing):
     """(Δy (N, d_out) in x's dtype, h (N·k, r) fp32 per pair, zero for unrouted pairs)."""
     n_adapters, rank, d_in = lora_a.shape
     d_out = lora_b.shape[1]
-    h = _shrink(x, lora_a, rank, 0.0, d_in, lora_a.stride(), routing)
+    h = _shrink(x, lora_a, rank, 0.0, lora_a.stride(), routing)
     return _routed_expand(h, lora_b, lora_b.stride(), d_out, x.shape[0], x.dtype, routing), h
 
 
@@ -358,7 +358,7 @@ def routed_backward(dy, x, h, lora_a, lora_b, routing, need_x: bool):
     """(dx or None, dA (L, r, d_in), dB (L, d_out, r)) with g[pair] = s_pair · dy[tok] B[l]."""
     n_adapters, rank, d_in = lora_a.shape
     b_t = (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1))  # Bᵀ[l] as (r, d_out)
-    g = _shrink(dy, lora_b, rank, 0.0, dy.shape[1], b_t, routing)
+    g = _shrink(dy, lora_b, rank, 0.0, b_t, routing)
     dx = None
     if need_x:
         a_t = (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1))  # A[l]ᵀ as (d_in, r)

@@ -619,3 +619,14 @@ def test_stray_top_level_import_registers_nothing():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.__all__ == [] and not hasattr(module, "lora_linear")
+
+
+def test_block_lora_keeps_the_chunk_sum_not_x():
+    """Block-LoRA's memory saving: with W frozen the backward keeps x̃ (N, d_in / n), never x (N, d_in)."""
+    t = make(5, 3)
+    x = torch.randn(12, D_IN, requires_grad=True)
+    a, b = t["lora_a"].requires_grad_(True), t["lora_b"].requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(tuple(s.shape)) or s, lambda s: s):
+        kernels.block_lora_linear(x, t["weight"], t["bias"], a, b, 5, SCALE)
+    assert (12, D_IN // 5) in saved and (12, D_IN) not in saved, saved
