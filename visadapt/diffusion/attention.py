@@ -1,0 +1,255 @@
+"""LoRA-Composer's attention edits as one diffusers attention processor.
+
+The UNet runs once per step with its base weights. Two layers change, and only while a :class:`Composition` is
+passed in ``cross_attention_kwargs={"composition": ...}``:
+
+* cross-attention (region-aware LoRA injection): concept n's keys and values come from its own regional text
+  encoding E_n through ``W_K + ΔW_K^n`` and ``W_V + ΔW_V^n``; queries inside box n attend to them and their result
+  goes through ``W_O + ΔW_O^n``. Pixels covered by several boxes average their concepts; pixels in no box keep the
+  global prompt's output. The deltas are read from the peft adapters loaded on the UNet and applied through
+  :mod:`visadapt.kernels` (one routed call for every concept's output projection).
+* self-attention (concept isolation): a query inside box n cannot attend to keys inside any other concept's box.
+
+While ``composition.capture`` is set, layers at the loss resolution also store their attention probabilities
+(averaged over heads) for the latent optimisation; every other layer uses fused SDPA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from visadapt import kernels
+from visadapt.diffusion.concepts import Box, box_masks
+
+
+@dataclass
+class Composition:
+    """Per-call state shared by the processors of one UNet.
+
+    ``text_cond`` / ``text_uncond``: (n_concepts, L, D) regional text encodings (conditional / negative), encoded
+    with each concept's text-encoder LoRA. ``latent_size`` (h, w) and ``prompt_batch`` (images per UNet call
+    without guidance) are set once the latents exist.
+    """
+
+    adapter_names: Sequence[str]
+    weights: Sequence[float]
+    boxes: Sequence[Box]
+    text_cond: torch.Tensor
+    text_uncond: Optional[torch.Tensor] = None
+    inject: bool = True
+    isolate: bool = True
+    isolation_bias: float = -1e6
+    latent_size: Optional[tuple[int, int]] = None
+    prompt_batch: int = 1
+    loss_downsample: int = 4
+    capture: bool = False
+    cross_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → (B, n, N, L)
+    self_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → (B, N, N)
+    _masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _stacks: dict[int, Optional[tuple]] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_concepts(self) -> int:
+        return len(self.adapter_names)
+
+    def grid(self, n_tokens: int) -> tuple[int, int]:
+        """(h, w) of a layer with ``n_tokens`` spatial tokens: the latent downsampled by a power of two."""
+        if self.latent_size is None:
+            raise RuntimeError("Composition.latent_size must be set before the UNet runs.")
+        h, w = self.latent_size
+        for level in range(8):
+            gh, gw = math.ceil(h / 2 ** level), math.ceil(w / 2 ** level)
+            if gh * gw == n_tokens:
+                return gh, gw
+        raise ValueError(f"{n_tokens} tokens is not a downsampled {h}x{w} latent grid.")
+
+    @property
+    def loss_tokens(self) -> int:
+        (h, w), f = self.latent_size, self.loss_downsample
+        return math.ceil(h / f) * math.ceil(w / f)
+
+    def masks(self, n_tokens: int, device: torch.device) -> torch.Tensor:
+        """(n_concepts, n_tokens) bool: which tokens of a layer each box covers."""
+        if n_tokens not in self._masks:
+            gh, gw = self.grid(n_tokens)
+            self._masks[n_tokens] = box_masks(self.boxes, gh, gw).flatten(1)
+        return self._masks[n_tokens].to(device)
+
+    def region_text(self, batch: int) -> torch.Tensor:
+        """(n_concepts, batch, L, D) regional encodings lined up with the UNet batch.
+
+        A batch of twice the prompt batch is a classifier-free-guidance batch: negative half first, as diffusers
+        concatenates it.
+        """
+        cond = self.text_cond[:, None].expand(-1, self.prompt_batch, -1, -1)
+        if batch == self.prompt_batch:
+            return cond
+        if batch == 2 * self.prompt_batch and self.text_uncond is not None:
+            return torch.cat([self.text_uncond[:, None].expand_as(cond), cond], dim=1)
+        raise ValueError(f"UNet batch {batch} does not match the composition's prompt batch {self.prompt_batch}.")
+
+    def isolation_mask(self, n_tokens: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
+        """(N, N) additive bias: query q in box n may not see keys in any other box j ≠ n.
+
+        blocked[q, k] = Σ_{n ∋ q} Σ_{j≠n} M_j(k) = C(q)·C(k) − Σ_n M_n(q)·M_n(k), with C the box count per token.
+        """
+        masks = self.masks(n_tokens, device).float()
+        count = masks.sum(0)
+        blocked = count[:, None] * count[None, :] - masks.T @ masks
+        if not bool((blocked > 0).any()):
+            return None
+        # fp16 cannot hold -1e6; the largest finite negative it has blocks just as well.
+        value = max(self.isolation_bias, torch.finfo(dtype).min / 2)
+        return torch.where(blocked > 0, value, 0.0).to(dtype)
+
+    def lora_stack(self, module: torch.nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Every concept's LoRA on ``module`` stacked for :func:`visadapt.kernels.routed_lora`.
+
+        A (n, r, d_in), B (n, d_out, r), scales (n,) = peft scaling × concept weight. Ranks are zero-padded to the
+        largest one (zero rows add nothing). None when no concept adapts the module.
+        """
+        key = id(module)
+        if key not in self._stacks:
+            self._stacks[key] = _stack(module, self.adapter_names, self.weights)
+        return self._stacks[key]
+
+
+def _stack(module, names: Sequence[str], weights: Sequence[float]):
+    lora_a, lora_b = getattr(module, "lora_A", {}), getattr(module, "lora_B", {})
+    present = [n for n in names if n in lora_a]
+    if not present:
+        return None
+    rank = max(lora_a[n].weight.shape[0] for n in present)
+    ref = lora_a[present[0]].weight
+    d_in, d_out = ref.shape[1], lora_b[present[0]].weight.shape[0]
+    a = ref.new_zeros(len(names), rank, d_in)
+    b = ref.new_zeros(len(names), d_out, rank)
+    scales = torch.zeros(len(names))
+    for i, (name, weight) in enumerate(zip(names, weights)):
+        if name in present:
+            r = lora_a[name].weight.shape[0]
+            a[i, :r], b[i, :, :r] = lora_a[name].weight, lora_b[name].weight
+            scales[i] = module.scaling[name] * weight
+    return a, b, scales.to(ref.device)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, H·d) → (B, H, N, d)."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, d) → (B, N, H·d)."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def _attend(q, k, v, scale: float, bias: Optional[torch.Tensor], keep_probs: bool):
+    """Multi-head attention; with ``keep_probs`` an explicit softmax whose probabilities are also returned."""
+    if not keep_probs:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias), None
+    scores = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(-1)
+    return probs @ v, probs
+
+
+def _projected(layer: torch.nn.Module, x: torch.Tensor, stack, concept: int) -> torch.Tensor:
+    """layer(x) (base plus any adapter the user activated) + concept's LoRA delta on x."""
+    out = layer(x)
+    if stack is None:
+        return out
+    a, b, scales = stack
+    return out + kernels.lora_linear(x, None, None, a[concept], b[concept], float(scales[concept]))
+
+
+class ComposerAttnProcessor:
+    """``AttnProcessor2_0`` that applies LoRA-Composer's edits when called with a :class:`Composition`.
+
+    Without one (or on layers it does not handle: 4-D inputs, group or spatial norms, q/k norms, attention masks)
+    it is exactly ``AttnProcessor2_0``, so a pipeline with these processors and no concepts is the base pipeline.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.base = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 composition: Optional[Composition] = None) -> torch.Tensor:
+        if composition is None or not self._handles(attn, hidden_states, attention_mask):
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        residual = hidden_states
+        if encoder_hidden_states is None:
+            out = self._self_attention(attn, hidden_states, composition)
+        elif composition.inject:
+            out = self._cross_attention(attn, hidden_states, encoder_hidden_states, composition)
+        else:
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    @staticmethod
+    def _handles(attn, hidden_states, attention_mask) -> bool:
+        return (hidden_states.ndim == 3 and attention_mask is None and attn.spatial_norm is None
+                and attn.group_norm is None and attn.norm_q is None and attn.norm_k is None)
+
+    def _capturing(self, composition: Composition, n_tokens: int) -> bool:
+        return composition.capture and n_tokens == composition.loss_tokens
+
+    def _self_attention(self, attn, hidden_states, composition: Composition) -> torch.Tensor:
+        n_tokens = hidden_states.shape[1]
+        bias = (composition.isolation_mask(n_tokens, hidden_states.dtype, hidden_states.device)
+                if composition.isolate else None)
+        q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        capture = self._capturing(composition, n_tokens)
+        out, probs = _attend(q, k, v, attn.scale, bias, keep_probs=capture)
+        if capture:
+            composition.self_maps[self.name] = probs.mean(1)
+        return attn.to_out[1](attn.to_out[0](_merge(out)))
+
+    def _cross_attention(self, attn, hidden_states, context, composition: Composition) -> torch.Tensor:
+        batch, n_tokens, _ = hidden_states.shape
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q = _heads(attn.to_q(hidden_states), attn.heads)
+        k0, v0 = _heads(attn.to_k(context), attn.heads), _heads(attn.to_v(context), attn.heads)
+        out = attn.to_out[0](_merge(F.scaled_dot_product_attention(q, k0, v0)))  # global prompt everywhere
+
+        masks = composition.masks(n_tokens, hidden_states.device)
+        texts = composition.region_text(batch).to(hidden_states)
+        capture = self._capturing(composition, n_tokens)
+        stacks = {part: composition.lora_stack(layer) for part, layer in
+                  (("k", attn.to_k), ("v", attn.to_v), ("o", attn.to_out[0]))}
+        pieces, owners, maps = [], [], []
+        for concept, mask in enumerate(masks):
+            k = _heads(_projected(attn.to_k, texts[concept], stacks["k"], concept), attn.heads)
+            v = _heads(_projected(attn.to_v, texts[concept], stacks["v"], concept), attn.heads)
+            if capture:  # the losses need this concept's map over the whole image, not only inside its box
+                region, probs = _attend(q, k, v, attn.scale, None, keep_probs=True)
+                maps.append(probs.mean(1))
+                region = region[:, :, mask]
+            else:
+                region, _ = _attend(q[:, :, mask], k, v, attn.scale, None, keep_probs=False)
+            pieces.append(_merge(region))
+            owners.append(torch.full((int(mask.sum()),), concept, device=q.device))
+        if capture:
+            composition.cross_maps[self.name] = torch.stack(maps, 1)
+
+        tokens, owner = torch.cat(pieces, 1), torch.cat(owners)
+        projected = attn.to_out[0](tokens)
+        if stacks["o"] is not None:
+            a, b, scales = stacks["o"]
+            projected = projected + kernels.routed_lora(tokens, a, b, scales, owner.expand(batch, -1))
+        count = masks.sum(0)
+        positions = torch.cat([mask.nonzero()[:, 0] for mask in masks])
+        share = (1.0 / count[positions].to(projected.dtype))[None, :, None]
+        regional = torch.zeros_like(out).index_add(1, positions, projected * share)
+        out = torch.where((count > 0)[None, :, None], regional, out)
+        return attn.to_out[1](out)

@@ -1,0 +1,164 @@
+"""LoRA-Composer's settings, latent-optimisation losses and latent re-initialisation.
+
+Defaults are the official release's hyperparameter card (../shared/specs/diffusion.md §1.8b). The losses read the
+attention maps the processors captured at the loss resolution (H/32 for SD: ``loss_downsample=4`` on the latent):
+
+* concept enhancement: each concept token's cross-attention, smoothed and weighted by a Gaussian centred on the
+  box, must reach 1 on its top-k cells inside the box: ``w_enhance · max(0, 1 − mean topk(A ⊙ M ⊙ G))``;
+* fill: the row and column maxima of ``A ⊙ M`` must cover the box: ``w_fill · (mean|a_x − p_x| + mean|a_y − p_y|)``;
+* region restriction: self-attention from queries in the box to keys outside it must vanish:
+  ``w_region · max(0, mean topk(S[in, out]))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2.functional import gaussian_blur
+
+from visadapt.diffusion.attention import Composition
+from visadapt.diffusion.concepts import box_masks
+
+
+@dataclass
+class ComposerConfig:
+    """Every part of LoRA-Composer can be switched off; values default to the official code.
+
+    region_injection: concept K/V/O deltas inside their boxes in every cross-attention layer.
+    concept_isolation: self-attention mask keeping each box from attending to the other boxes.
+    latent_optimization: one gradient step on the latent per denoising step (steps 0..max_refine_step) on the
+        enhancement + fill + region losses; stops after the first loss increase from step ``early_stop_from``.
+    latent_reinit: before step 0, move the latent patch where each concept already attends into its box.
+    loss_downsample: loss maps are the latent downsampled by this factor (4 → H/32 for SD); if the UNet has no
+        attention there, the coarsest attention level is used.
+    loss_weights: (enhancement, fill, region); the paper's α=0.25, β=0.8 correspond to (1, 0.25, 0.8).
+    step_size, step_decay: φ_i = step_size · sqrt(linspace(step_decay[0], step_decay[1], T)[i]).
+    gradient_checkpointing: recompute UNet activations in the refinement backward pass instead of storing them.
+    isolation_bias: additive score for blocked keys (clipped to the dtype's range).
+    """
+
+    region_injection: bool = True
+    concept_isolation: bool = True
+    latent_optimization: bool = True
+    latent_reinit: bool = True
+    loss_downsample: int = 4
+    topk_ratio: float = 0.2
+    smooth_kernel: int = 3
+    smooth_sigma: float = 0.5
+    prior_sigma: float = 1.0
+    loss_weights: tuple[float, float, float] = (8.0, 2.0, 10.0)
+    step_size: float = 20.0
+    step_decay: tuple[float, float] = (1.0, 0.5)
+    max_refine_step: int = 25
+    early_stop_from: int = 5
+    gradient_checkpointing: bool = True
+    isolation_bias: float = -1e6
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def step_sizes(self, n_steps: int) -> torch.Tensor:
+        return self.step_size * torch.linspace(*self.step_decay, n_steps).sqrt()
+
+
+def centre_prior(mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(h, w) Gaussian bump over the box of ``mask``: coords in [−1, 1] across the box, max 1, zero outside."""
+    rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+    u = torch.linspace(-1, 1, len(rows))[:, None]
+    v = torch.linspace(-1, 1, len(cols))[None, :]
+    bump = torch.exp(-(u ** 2 + v ** 2) / (2 * sigma ** 2))
+    prior = torch.zeros(mask.shape)
+    prior[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = bump / bump.max()
+    return prior
+
+
+def _mean_maps(maps: dict[str, torch.Tensor]) -> torch.Tensor:
+    if not maps:
+        raise RuntimeError("No attention maps were captured at the loss resolution; check `loss_downsample`.")
+    return torch.stack(list(maps.values())).mean(0)
+
+
+def _topk_mean(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of the k largest entries per batch row of a (B, …) tensor."""
+    flat = values.flatten(1)
+    return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(1)
+
+
+def composer_loss(composition: Composition, token_positions: Sequence[Sequence[int]],
+                  config: ComposerConfig) -> torch.Tensor:
+    """Scalar loss from the maps captured in one conditional UNet pass (summed over the batch)."""
+    cross = _mean_maps(composition.cross_maps)  # (B, n, N, L)
+    self_map = _mean_maps(composition.self_maps)  # (B, N, N)
+    n_tokens = cross.shape[2]
+    h, w = composition.grid(n_tokens)
+    masks = box_masks(composition.boxes, h, w).to(cross.device)
+    w_enhance, w_fill, w_region = config.loss_weights
+    total = cross.new_zeros(())
+    for concept, mask in enumerate(masks):
+        m = mask.to(cross.dtype)
+        prior = centre_prior(mask, config.prior_sigma).to(cross)
+        k = max(1, math.floor(config.topk_ratio * int(mask.sum())))
+        for position in token_positions[concept]:
+            a = cross[:, concept, :, position].reshape(-1, 1, h, w)
+            a = gaussian_blur(a, [config.smooth_kernel] * 2, [config.smooth_sigma] * 2)[:, 0]
+            enhance = _topk_mean(a * m * prior, k)
+            total = total + w_enhance * F.relu(1 - enhance).sum()
+            inside = a * m
+            fill_x = (inside.amax(1) - mask.any(0).to(a)).abs().mean(1)
+            fill_y = (inside.amax(2) - mask.any(1).to(a)).abs().mean(1)
+            total = total + w_fill * (fill_x + fill_y).sum()
+        flat = mask.flatten()
+        if bool((~flat).any()):
+            leak = self_map[:, flat][:, :, ~flat]
+            total = total + w_region * F.relu(_topk_mean(leak, k)).sum()
+    return total
+
+
+def reinit_latents(latents: torch.Tensor, composition: Composition,
+                   token_positions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Move, per concept, the latent patch where its tokens already attend most into its box (spec §1.5).
+
+    ``composition`` holds the cross-attention maps of one conditional pass at the loss resolution. Patches are cut
+    from the original latent; later concepts overwrite earlier ones where boxes overlap; the result is
+    re-standardised to the original latent's global mean and standard deviation.
+    """
+    cross = _mean_maps(composition.cross_maps)  # (B, n, N, L)
+    h, w = composition.grid(cross.shape[2])
+    scale = latents.shape[-2] // h
+    masks = box_masks(composition.boxes, h, w)
+    out = latents.clone()
+    for concept, mask in enumerate(masks):
+        rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+        bh, bw = len(rows), len(cols)
+        score = cross[:, concept][..., list(token_positions[concept])].sum(-1).reshape(-1, 1, h, w)
+        window = F.conv2d(score.float(), torch.ones(1, 1, bh, bw, device=score.device))  # valid windows
+        for item in range(latents.shape[0]):
+            best = int(window[item, 0].flatten().argmax())
+            y, x = divmod(best, window.shape[-1])
+            patch = latents[item, :, y * scale:(y + bh) * scale, x * scale:(x + bw) * scale]
+            y0, x0 = int(rows[0]) * scale, int(cols[0]) * scale
+            out[item, :, y0:y0 + bh * scale, x0:x0 + bw * scale] = patch
+    return (out - out.mean()) / out.std() * latents.std() + latents.mean()
+
+
+def loss_downsample_for(unet, wanted: int) -> int:
+    """``wanted`` if some cross-attention layer runs at latent / wanted, else the coarsest one that exists."""
+    factors = attention_factors(unet.config)
+    if not factors:
+        raise ValueError("This UNet has no cross-attention layers to compose in.")
+    return wanted if wanted in factors else max(factors)
+
+
+def attention_factors(config) -> set[int]:
+    """Downsampling factors (relative to the latent) of the UNet levels that have cross-attention."""
+    factors = {2 ** i for i, kind in enumerate(config.down_block_types) if "CrossAttn" in kind}
+    n_levels = len(config.down_block_types)
+    if "CrossAttn" in (config.mid_block_type or ""):
+        factors.add(2 ** (n_levels - 1))
+    factors |= {2 ** (n_levels - 1 - i) for i, kind in enumerate(config.up_block_types) if "CrossAttn" in kind}
+    return factors
+
