@@ -52,11 +52,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import AbstractContextManager
@@ -68,6 +65,8 @@ import peft
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from _measure import MiB, PeakMemory, device_name, run_child
 
 from visadapt.fewshot.evaluate import ClipClassifier
 from visadapt.fewshot.model import METHODS, adapter_config, prompts, trainable_parameters
@@ -81,7 +80,6 @@ TINY_CFG: dict[str, Any] = {
     "vision_cfg": {"image_size": 64, "patch_size": 32, "width": 128, "layers": 2},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
-MiB = 2 ** 20
 
 
 # --------------------------------------------------------------------------------------------------- worker side
@@ -94,23 +92,6 @@ def build_model(args: argparse.Namespace, method: str) -> tuple[nn.Module, Calla
     if args.text_checkpointing:
         clip.get_base_model().transformer.grad_checkpointing = True  # the text tower only
     return clip.to(args.device).train(), open_clip.get_tokenizer(name)
-
-
-def current_rss() -> int:
-    """Resident set size of this process in bytes (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (what ru_maxrss reports) to the current RSS; False where not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_worker(args: argparse.Namespace, method: str) -> dict[str, Any]:
@@ -142,14 +123,8 @@ def run_worker(args: argparse.Namespace, method: str) -> dict[str, Any]:
         return loss.item()
 
     gc.collect()
-    if cuda:
-        torch.cuda.synchronize(device)
-        baseline = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        peak_reset = True
-    else:
-        baseline = current_rss()
-        peak_reset = reset_peak_rss()
+    memory = PeakMemory(device)
+    baseline = memory.baseline
 
     times, loss = [], float("nan")
     for i in range(args.warmup + args.steps):
@@ -162,33 +137,17 @@ def run_worker(args: argparse.Namespace, method: str) -> dict[str, Any]:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
 
-    peak = (torch.cuda.max_memory_allocated(device) if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+    peak = memory.peak()
     return {"method": method, "trainable_params": trainable_parameters(clip), "step_times_s": times,
             "median_step_s": statistics.median(times), "baseline_mib": baseline / MiB,
-            "step_peak_mib": (peak - baseline) / MiB, "abs_peak_mib": peak / MiB, "peak_reset": peak_reset,
+            "step_peak_mib": (peak - baseline) / MiB, "abs_peak_mib": peak / MiB, "peak_reset": memory.reset,
             "last_loss": loss}
 
 
 # --------------------------------------------------------------------------------------------------- parent side
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-              if line.startswith("model name")]
-    cores = len(os.sched_getaffinity(0))
-    return f"{models[0] if models else 'unknown CPU'} ({cores} cores usable, {torch.get_num_threads()} torch threads)"
-
-
 def measure(method: str) -> dict[str, Any]:
     """Run ``method`` in a fresh child process with this invocation's flags and return its result row."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--worker", method]
-    child = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    if child.returncode != 0:
-        hint = " (killed: out of memory?)" if child.returncode == -9 else ""
-        sys.exit(f"{method}: worker exited with status {child.returncode}{hint}; its stderr is above.")
-    lines = [line for line in child.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    return json.loads(lines[-1][len(RESULT_MARKER):])
+    return run_child(__file__, RESULT_MARKER, method)
 
 
 def add_ratios(rows: list[dict[str, Any]], reference: str) -> None:
