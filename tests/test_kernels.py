@@ -7,7 +7,8 @@ Which tests run where:
   references, torch.compile through the ops, opcheck), and ``test_triton_kernels_under_the_interpreter`` re-runs
   this file's ``test_triton_*`` tests in a subprocess with TRITON_INTERPRET=1 and VISADAPT_KERNELS=triton, i.e.
   the real Triton kernels interpreted on CPU, in fp32 and fp16 only: the interpreter computes bf16 ``tl.dot``
-  on the raw bit patterns (triton issue 11584), so bf16 results there are meaningless.
+  on the raw bit patterns (triton issue 11584), so bf16 results there are meaningless. bf16 is covered on CPU only
+  by ``test_triton_kernels_compile_for_h100_without_a_gpu``, which lowers the kernels to sm_90 binaries (no run).
 - Machine with CUDA: the ``device="cuda"`` cases and the ``test_triton_*`` tests run on the GPU (Triton path by
   default), including bf16; the interpreter subprocess is then not needed and skips.
 """
@@ -630,3 +631,36 @@ def test_block_lora_keeps_the_chunk_sum_not_x():
     with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(tuple(s.shape)) or s, lambda s: s):
         kernels.block_lora_linear(x, t["weight"], t["bias"], a, b, 5, SCALE)
     assert (12, D_IN // 5) in saved and (12, D_IN) not in saved, saved
+
+
+@pytest.mark.skipif(INTERPRETED or not kernel_backend.triton_available(), reason="needs triton's compiler")
+def test_triton_kernels_compile_for_h100_without_a_gpu():
+    """Lower each kernel to an sm_90 (H100) binary with bf16 inputs: the interpreter accepts code that the real
+    compiler rejects (types, layouts, shared memory), and bf16 never runs under it. Compiling needs no GPU."""
+    compiler = pytest.importorskip("triton.compiler")
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import JITFunction
+
+    from visadapt.kernels import triton_kernels as tk
+
+    def lower(kernel, types, consts):
+        while not isinstance(kernel, JITFunction):  # unwrap triton.autotune
+            kernel = kernel.fn
+        names = kernel.arg_names
+        signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+        source = compiler.ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+        binary = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+        assert binary.asm.get("cubin"), kernel.__name__
+
+    tables = dict(TOKENS="*i32", PAIRS="*i32", TILE_ADAPTER="*i32", TILE_START="*i32", TILE_END="*i32")
+    bf16 = dict(DOT=tl.bfloat16, PREC=None)
+    lower(tk._shrink_kernel, dict(X="*bf16", A="*fp32", H="*fp32", PAIR_SCALE="*fp32", scale="fp32", **tables),
+          dict(ROUTED=True, BM=64, BK=64, BR=16, **bf16))
+    lower(tk._linear_expand_kernel, dict(X="*bf16", W="*bf16", BIAS="*bf16", H="*fp32", E="*fp32", Y="*bf16"),
+          dict(HAS_W=True, HAS_BIAS=True, PREC_BASE=None, BM=128, BN=128, BK=64, BR=16, GROUP_M=8, **bf16))
+    lower(tk._routed_expand_kernel, dict(H="*fp32", E="*fp32", Y="*fp32", **tables),
+          dict(ATOMIC=True, BM=64, BN=128, BR=16, **bf16))
+    lower(tk._reduce_kernel, dict(U="*bf16", V="*fp32", O="*fp32", **tables),
+          dict(ROUTED=False, TILE=1024, BM=32, BP=128, BQ=16, **bf16))
