@@ -1,0 +1,466 @@
+"""Compose several concept LoRAs in the browser: a Gradio app over :class:`~visadapt.pipelines.LoRAComposerPipeline`.
+
+```bash
+visadapt app                                     # embedded tiny pipeline: works offline, images are noise
+visadapt app --model stable-diffusion-v1-5/stable-diffusion-v1-5   # or an SDXL id, or a local diffusers folder
+python -m visadapt.apps.composer --port 7861
+```
+
+Each concept is a LoRA file (``.safetensors``), a name, a regional prompt, a box ``[xmin, ymin, xmax, ymax]`` in
+[0, 1] and a weight. The numeric box fields are the source of truth; clicking two corners on the box preview fills
+them. One plain function, :func:`generate`, does the work; the page's Generate button and the Gradio API
+(``api_name="generate"``, named parameters such as ``lora_1``, ``prompt_1``, ``xmin_1``) both call it:
+
+```python
+from gradio_client import Client, handle_file
+client = Client("http://127.0.0.1:7860/")
+gallery, png, settings = client.predict(prompt="a cat and a dog", n_concepts=2,
+    lora_1=handle_file("cat.safetensors"), prompt_1="a photo of a cat", xmin_1=0, ymin_1=0, xmax_1=0.5, ymax_1=1,
+    lora_2=handle_file("dog.safetensors"), prompt_2="a photo of a dog", xmin_2=0.5, ymin_2=0, xmax_2=1, ymax_2=1,
+    api_name="/generate")
+```
+
+Gradio is imported only when an app is built, so ``visadapt --version`` does not pay for it.
+"""
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import re
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+MAX_CONCEPTS = 4
+DEFAULT_MAX_LORA_MB = 1024.0
+PREVIEW_SIDE = 256  # the box preview's longer side in pixels
+COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231"]
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+# Every per-concept field, as the API names it with the slot number appended (lora_1, prompt_1, …).
+SLOT_FIELDS = ("lora", "name", "prompt", "xmin", "ymin", "xmax", "ymax", "weight")
+# A newcomer's first composition: two concepts side by side.
+DEMO_CONCEPTS = [dict(name="cat", prompt="a photo of a cat", box=(0.0, 0.0, 0.5, 1.0), weight=1.0),
+                 dict(name="dog", prompt="a photo of a dog", box=(0.5, 0.0, 1.0, 1.0), weight=1.0)]
+DEMO_PROMPT = "a cat and a dog in a park"
+
+log = logging.getLogger(__name__)
+
+
+# -- the pipeline ----------------------------------------------------------------------------------------------
+
+def load_pipeline(model: Optional[str] = None, device: Optional[str] = None):
+    """A LoRA-Composer pipeline: ``model`` is a hub id or a local diffusers folder (SD or SDXL); None → tiny.
+
+    The class follows the checkpoint's ``model_index.json`` (``StableDiffusionXLPipeline`` → the XL composer).
+    A folder is loaded with ``local_files_only``. float16 on CUDA, float32 on the CPU.
+    """
+    import torch
+
+    from visadapt.pipelines import LoRAComposerPipeline, LoRAComposerXLPipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if model is None:
+        from visadapt.diffusion.tiny import tiny_pipeline
+
+        return tiny_pipeline("sd", pipeline_class=LoRAComposerPipeline).to(device)
+    from diffusers import DiffusionPipeline
+
+    local = Path(model).is_dir()
+    if not local and (Path(model).exists() or model.startswith((".", "/", "~"))):
+        raise ValueError(f"--model {model}: not a folder; give a diffusers model folder or a hub id.")
+    config = DiffusionPipeline.load_config(model, local_files_only=local)
+    cls = LoRAComposerXLPipeline if "XL" in config.get("_class_name", "") else LoRAComposerPipeline
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    kwargs = dict(safety_checker=None, requires_safety_checker=False) if cls is LoRAComposerPipeline else {}
+    pipe = cls.from_pretrained(model, torch_dtype=dtype, local_files_only=local, **kwargs)
+    return pipe.to(device)
+
+
+def size_multiple(pipe) -> int:
+    """Image sizes must be multiples of this: the VAE factor times the UNet's downsampling (at least 16)."""
+    return max(16, pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
+
+
+def default_size(pipe) -> int:
+    return max(64, pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+# -- checks and the one generate function ---------------------------------------------------------------------
+
+def check_lora_file(path: Optional[str], slot: int, max_bytes: int) -> Path:
+    """An uploaded LoRA must exist, be ``.safetensors`` and fit the size limit (its content is checked on load)."""
+    from visadapt.diffusion import LoraFileError
+
+    if not path:
+        raise LoraFileError(f"Concept {slot}: no LoRA file; upload a .safetensors LoRA or remove the concept.")
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise LoraFileError(f"Concept {slot}: {path.name} is not a .safetensors file; only .safetensors LoRAs are "
+                            "loaded (pickled .ckpt/.pt/.bin files can run code when opened).")
+    if not path.is_file():
+        raise LoraFileError(f"Concept {slot}: LoRA file not found: {path}.")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise LoraFileError(f"Concept {slot}: {path.name} is {size / 2**20:.1f} MiB; this app takes LoRA files up to "
+                            f"{max_bytes / 2**20:.1f} MiB (start it with a larger --max-lora-mb).")
+    return path
+
+
+def make_concepts(slots: Sequence[dict], max_bytes: int) -> list:
+    """:class:`Concept` objects from the UI's slot values (dicts with the :data:`SLOT_FIELDS` keys)."""
+    from visadapt.diffusion import Concept
+
+    concepts = []
+    for slot, values in enumerate(slots, start=1):
+        path = check_lora_file(values.get("lora"), slot, max_bytes)
+        name = (values.get("name") or "").strip() or None
+        if name is not None and not _NAME.match(name):
+            raise ValueError(f"Concept {slot}: name {name!r} may only hold letters, digits, '_' and '-' (it becomes "
+                             "the adapter name).")
+        box = [values.get(k) for k in ("xmin", "ymin", "xmax", "ymax")]
+        if any(v is None for v in box):
+            raise ValueError(f"Concept {slot}: the box needs all four numbers xmin, ymin, xmax, ymax in [0, 1].")
+        concepts.append(Concept(lora=path, prompt=values.get("prompt") or "", box=box,
+                                weight=float(values.get("weight", 1.0)), name=name or f"concept{slot}"))
+    return concepts
+
+
+def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_prompt: str = "", seed: int = 0,
+             steps: int = 20, guidance: float = 7.5, width: int = 512, height: int = 512,
+             decor_words: str = "", decor_strength: float = 0.0, region_injection: bool = True,
+             concept_isolation: bool = True, latent_optimization: bool = True, latent_reinit: bool = True,
+             max_lora_bytes: int = int(DEFAULT_MAX_LORA_MB * 2**20),
+             progress: Optional[Callable[[int, int], None]] = None) -> tuple[Any, dict]:
+    """One composed image and the settings that made it. Bad input raises ValueError (LoraFileError included).
+
+    ``concepts``: dicts with the :data:`SLOT_FIELDS` keys (``lora`` a file path). ``decor_words``: comma-separated
+    undesired words; DECOR is off when empty or ``decor_strength`` is 0. ``progress(step, total)`` is called after
+    every sampling step.
+    """
+    import torch
+
+    from visadapt.diffusion import ComposerConfig, Decor
+    from visadapt.version import __version__
+
+    multiple = size_multiple(pipe)
+    width, height, steps, seed = int(width), int(height), int(steps), int(seed)
+    for label, value in (("width", width), ("height", height)):
+        if value <= 0 or value % multiple:
+            raise ValueError(f"Image {label} {value} must be a positive multiple of {multiple} for this model.")
+    if steps < 1:
+        raise ValueError(f"Steps must be at least 1, got {steps}.")
+    built = make_concepts(concepts, max_lora_bytes)
+    words = [w.strip() for w in (decor_words or "").split(",") if w.strip()]
+    decor = Decor(words=words, strength=float(decor_strength)) if words and float(decor_strength) > 0 else None
+    config = ComposerConfig(region_injection=bool(region_injection), concept_isolation=bool(concept_isolation),
+                            latent_optimization=bool(latent_optimization), latent_reinit=bool(latent_reinit))
+    _drop_stale_adapters(pipe, {c.adapter_name for c in built})
+
+    def on_step_end(_pipe, step, _timestep, callback_kwargs):
+        if progress is not None:
+            progress(step + 1, steps)
+        return callback_kwargs
+
+    image = pipe(prompt=prompt or "", negative_prompt=negative_prompt or None, concepts=built, composer=config,
+                 decor=decor, num_inference_steps=steps, guidance_scale=float(guidance), height=height, width=width,
+                 generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_end).images[0]
+    settings = {
+        "prompt": prompt or "", "negative_prompt": negative_prompt or "", "seed": seed, "steps": steps,
+        "guidance": float(guidance), "width": width, "height": height,
+        "concepts": [{"name": c.adapter_name, "lora": Path(c.lora).name, "prompt": c.prompt,
+                      "box": [round(v, 4) for v in c.box], "weight": c.weight} for c in built],
+        "decor": {"words": words, "strength": float(decor_strength)} if decor else None,
+        "composer": {k: getattr(config, k) for k in ("region_injection", "concept_isolation", "latent_optimization",
+                                                     "latent_reinit")},
+        "model": getattr(pipe, "name_or_path", None) or "tiny (random)",
+        "pipeline": type(pipe).__name__, "visadapt": __version__,
+    }
+    return image, settings
+
+
+def _drop_stale_adapters(pipe, keep: set[str]) -> None:
+    """Unload concept LoRAs of earlier calls that this call does not use, so a long session does not pile them up."""
+    loaded = pipe.__dict__.get("_concept_files", {})
+    for name in [n for n in loaded if n not in keep]:
+        pipe.delete_adapters(name)
+        del loaded[name]
+
+
+def caption(settings: dict) -> str:
+    """One line under a gallery image: what made it."""
+    parts = [f"seed {settings['seed']}", f"{settings['width']}×{settings['height']}", f"{settings['steps']} steps",
+             f"cfg {settings['guidance']:g}"]
+    parts += [f"{c['name']}@{c['weight']:g} [{', '.join(f'{v:g}' for v in c['box'])}]" for c in settings["concepts"]]
+    if settings["decor"]:
+        parts.append(f"DECOR {settings['decor']['strength']:g}: {', '.join(settings['decor']['words'])}")
+    return " · ".join(parts)
+
+
+def save_png(image, settings: dict, folder: Path) -> Path:
+    """The image as PNG with the settings as JSON in its ``parameters`` text chunk (read back with PIL's .text)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(settings))
+    path = folder / f"composed-seed{settings['seed']}-{uuid.uuid4().hex[:8]}.png"
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def draw_boxes(width: int, height: int, boxes: Sequence[tuple[str, Sequence[Optional[float]]]]):
+    """The canvas (longer side :data:`PREVIEW_SIDE` px) with each named box drawn in its concept's colour."""
+    from PIL import Image, ImageDraw
+
+    width, height = max(int(width or 1), 1), max(int(height or 1), 1)
+    scale = PREVIEW_SIDE / max(width, height)
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    image = Image.new("RGB", (w, h), "#f4f4f4")
+    draw = ImageDraw.Draw(image)
+    for i in range(1, 4):  # a light grid in quarters helps to read the fractions
+        draw.line([(w * i // 4, 0), (w * i // 4, h)], fill="#dddddd")
+        draw.line([(0, h * i // 4), (w, h * i // 4)], fill="#dddddd")
+    for i, (label, box) in enumerate(boxes):
+        if box is None or any(v is None for v in box):
+            continue
+        x0, y0, x1, y1 = (min(max(float(v), 0.0), 1.0) for v in box)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        colour = COLOURS[i % len(COLOURS)]
+        draw.rectangle([x0 * w, y0 * h, x1 * w - 1, y1 * h - 1], outline=colour, width=3)
+        draw.text((x0 * w + 5, y0 * h + 4), label, fill=colour)
+    return image
+
+
+def make_demo_loras(pipe, folder: Path) -> list[Path]:
+    """Two random LoRA files that fit ``pipe`` (the demo's cat and dog): enough to try the app at once."""
+    from visadapt.diffusion.tiny import save_random_lora
+
+    return [save_random_lora(pipe, folder / f"demo_{c['name']}.safetensors", seed=i + 1)
+            for i, c in enumerate(DEMO_CONCEPTS)]
+
+
+# -- the page --------------------------------------------------------------------------------------------------
+
+def build_app(pipe, *, max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Optional[os.PathLike] = None,
+              n_visible: int = 2):
+    """The Gradio Blocks app for ``pipe`` (a LoRA-Composer pipeline). Launch it with :func:`launch`."""
+    import gradio as gr
+
+    max_bytes = int(max_lora_mb * 2**20)
+    output_dir = Path(output_dir) if output_dir else Path(tempfile.gettempdir()) / "visadapt-composer"
+    multiple, size = size_multiple(pipe), default_size(pipe)
+    tiny = pipe.unet.config.sample_size <= 32
+
+    with gr.Blocks(title="visadapt · compose concept LoRAs") as app:
+        gr.Markdown("## Compose concept LoRAs\nUpload one LoRA per concept, give it a regional prompt and a box "
+                    "(fractions of the image; or click two corners on the preview), then Generate. "
+                    "No LoRA at hand? **Make two demo LoRAs** fills two concepts.")
+        history = gr.State([])
+        corner = gr.State(None)  # first clicked corner on the preview, waiting for the second
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(value="", label="Prompt", placeholder="the whole scene, e.g. " + DEMO_PROMPT)
+                negative = gr.Textbox(value="", label="Negative prompt")
+                with gr.Row():
+                    n_concepts = gr.Number(value=n_visible, precision=0, label="Concepts in use",
+                                           interactive=False, minimum=0, maximum=MAX_CONCEPTS)
+                    add = gr.Button("Add concept")
+                    remove = gr.Button("Remove last concept")
+                    demo_button = gr.Button("Make two demo LoRAs")
+                slots, groups = [], []
+                for i in range(1, MAX_CONCEPTS + 1):
+                    with gr.Group(visible=i <= n_visible) as group:
+                        gr.Markdown(f"**Concept {i}** <span style='color:{COLOURS[i - 1]}'>■</span>")
+                        slot = {"lora": gr.File(label=f"LoRA {i} (.safetensors)", file_types=[".safetensors"],
+                                                type="filepath")}
+                        with gr.Row():
+                            slot["name"] = gr.Textbox(value="", label=f"Name {i}", placeholder=f"concept{i}")
+                            slot["weight"] = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label=f"Weight {i}")
+                        slot["prompt"] = gr.Textbox(value="", label=f"Regional prompt {i}")
+                        with gr.Row():
+                            for k, v in zip(("xmin", "ymin", "xmax", "ymax"), _default_box(i)):
+                                slot[k] = gr.Number(value=v, minimum=0, maximum=1, step=0.05, label=f"{k} {i}")
+                    slots.append(slot)
+                    groups.append(group)
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    steps = gr.Slider(1, 100, value=3 if tiny else 30, step=1, label="Steps")
+                    guidance = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="Guidance")
+                with gr.Row():
+                    width = gr.Slider(multiple, max(2048, size), value=size, step=multiple, label="Width")
+                    height = gr.Slider(multiple, max(2048, size), value=size, step=multiple, label="Height")
+                with gr.Accordion("DECOR: suppress undesired content", open=False):
+                    use_decor = gr.Checkbox(value=False, label="DECOR on")
+                    decor_words = gr.Textbox(value="", label="Undesired words (comma-separated)")
+                    decor_strength = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="DECOR strength")
+                with gr.Accordion("Advanced", open=False):
+                    region_injection = gr.Checkbox(value=True, label="Region injection (concept K/V/O in boxes)")
+                    concept_isolation = gr.Checkbox(value=True, label="Concept isolation (boxes don't attend "
+                                                                      "to each other)")
+                    latent_optimization = gr.Checkbox(value=True, label="Latent optimisation")
+                    latent_reinit = gr.Checkbox(value=True, label="Latent re-initialisation")
+                run = gr.Button("Generate", variant="primary")
+            with gr.Column(scale=2):
+                preview = gr.Image(label="Boxes (pick a concept below, then click two corners)", interactive=False,
+                                   format="png", type="pil")
+                target = gr.Radio(list(range(1, MAX_CONCEPTS + 1)), value=1, label="Draw the box of concept")
+                gallery = gr.Gallery(label="Results", columns=2, format="png", height="auto")
+                download = gr.File(label="Download (PNG, settings in its 'parameters' text)")
+                settings_view = gr.JSON(label="Settings of the last image")
+
+        box_fields = [s[k] for s in slots for k in ("xmin", "ymin", "xmax", "ymax")]
+        names = [s["name"] for s in slots]
+
+        def show_boxes(n, w, h, *values):
+            n = int(n or 0)
+            boxes = [((values[4 * MAX_CONCEPTS + i] or "").strip() or f"concept{i + 1}", values[4 * i:4 * i + 4])
+                     for i in range(n)]
+            return draw_boxes(w, h, boxes)
+
+        preview_inputs = [n_concepts, width, height, *box_fields, *names]
+        gr.on([app.load, n_concepts.change, width.change, height.change, *(c.change for c in box_fields),
+               *(c.change for c in names)], show_boxes, preview_inputs, preview, api_visibility="private",
+              show_progress="hidden")
+
+        def click_corner(slot, first, w, h, evt: gr.SelectData):
+            x, y = evt.index
+            pw, ph = draw_boxes(w, h, []).size
+            point = (min(max(x / pw, 0.0), 1.0), min(max(y / ph, 0.0), 1.0))
+            if first is None:
+                return [gr.skip()] * len(box_fields) + [point]
+            box = [min(first[0], point[0]), min(first[1], point[1]), max(first[0], point[0]), max(first[1], point[1])]
+            out: list[Any] = [gr.skip()] * len(box_fields)
+            start = 4 * (int(slot) - 1)
+            out[start:start + 4] = [round(v, 3) for v in box]
+            return out + [None]
+
+        preview.select(click_corner, [target, corner, width, height], [*box_fields, corner], api_visibility="private")
+
+        def set_count(n):
+            n = min(max(int(n or 0), 0), MAX_CONCEPTS)
+            return [n] + [gr.update(visible=i < n) for i in range(MAX_CONCEPTS)]
+
+        add.click(lambda n: set_count(int(n or 0) + 1), n_concepts, [n_concepts, *groups], api_visibility="private")
+        remove.click(lambda n: set_count(int(n or 0) - 1), n_concepts, [n_concepts, *groups],
+                     api_visibility="private")
+
+        demo_fields = [f for s in slots[:len(DEMO_CONCEPTS)] for f in
+                       (s["lora"], s["name"], s["prompt"], s["xmin"], s["ymin"], s["xmax"], s["ymax"], s["weight"])]
+
+        def fill_demo(n, current_prompt):
+            folder = Path(tempfile.mkdtemp(prefix="demo-loras-", dir=_ensure(output_dir)))
+            files = make_demo_loras(pipe, folder)
+            values: list[Any] = []
+            for path, c in zip(files, DEMO_CONCEPTS):
+                values += [str(path), c["name"], c["prompt"], *c["box"], c["weight"]]
+            count = set_count(max(int(n or 0), len(DEMO_CONCEPTS)))
+            gr.Info(f"Wrote {len(files)} random LoRA files to {folder}.")
+            return count + values + [current_prompt or DEMO_PROMPT]
+
+        demo_button.click(fill_demo, [n_concepts, prompt], [n_concepts, *groups, *demo_fields, prompt],
+                          api_visibility="private")
+
+        # Every input of generate() by its API name: prompt, …, lora_1, name_1, prompt_1, xmin_1, …, weight_4.
+        kwargs = dict(prompt=prompt, negative_prompt=negative, n_concepts=n_concepts, seed=seed, steps=steps,
+                      guidance=guidance, width=width, height=height, use_decor=use_decor, decor_words=decor_words,
+                      decor_strength=decor_strength, region_injection=region_injection,
+                      concept_isolation=concept_isolation, latent_optimization=latent_optimization,
+                      latent_reinit=latent_reinit)
+        for i, slot in enumerate(slots, start=1):
+            kwargs.update({f"{k}_{i}": slot[k] for k in SLOT_FIELDS})
+
+        def on_generate(past, progress=gr.Progress(), **values):
+            n = min(max(int(values.pop("n_concepts") or 0), 0), MAX_CONCEPTS)
+            concepts = [{k: values.pop(f"{k}_{i}") for k in SLOT_FIELDS} for i in range(1, MAX_CONCEPTS + 1)][:n]
+            if not values.pop("use_decor"):
+                values["decor_words"] = ""
+            try:
+                image, settings = generate(pipe, concepts=concepts, max_lora_bytes=max_bytes,
+                                           progress=lambda s, t: progress((s, t), desc=f"step {s}/{t}"), **values)
+            except ValueError as err:  # LoraFileError is one: the message says what to fix
+                raise gr.Error(str(err), print_exception=False) from None
+            except Exception as err:  # anything else still ends in the page, not in a dead app
+                log.exception("generate failed")
+                raise gr.Error(f"{type(err).__name__}: {err}") from None
+            path = save_png(image, settings, _ensure(output_dir))
+            past = [(str(path), caption(settings))] + list(past or [])
+            return past, str(path), settings, past
+
+        # The API lists a parameter as optional when the component has a value or the function's parameter
+        # defaults to None; the empty LoRA slots have neither, so spell the keyword parameters out for Gradio.
+        keyword = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in kwargs]
+        on_generate.__signature__ = inspect.Signature(
+            [inspect.Parameter("past", inspect.Parameter.POSITIONAL_OR_KEYWORD), *keyword,
+             inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress())])
+        run.click(on_generate, inputs=[history], inputs_kwargs=kwargs,
+                  outputs=[gallery, download, settings_view, history], api_name="generate", concurrency_limit=1)
+    app.queue(max_size=16, default_concurrency_limit=1)
+    return app
+
+
+def _default_box(i: int) -> tuple[float, float, float, float]:
+    """Side-by-side columns for the first two concepts, quarters below for the others."""
+    return [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0), (0.0, 0.5, 0.5, 1.0), (0.5, 0.5, 1.0, 1.0)][i - 1]
+
+
+def _ensure(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def launch(app, *, host: str = "127.0.0.1", port: Optional[int] = None, share: bool = False,
+           max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Optional[os.PathLike] = None,
+           prevent_thread_lock: bool = False, quiet: bool = False):
+    """Serve ``app``; uploads over ``max_lora_mb`` are refused by the server before they reach the disk."""
+    allowed = [str(output_dir)] if output_dir else None
+    return app.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_lora_mb * 2**20),
+                      allowed_paths=allowed, prevent_thread_lock=prevent_thread_lock, quiet=quiet)
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="base model: a hub id or a local diffusers folder, SD 1.x/2.x or SDXL "
+                                        "(default: an embedded tiny random SD pipeline, no download)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--max-lora-mb", type=float, default=DEFAULT_MAX_LORA_MB,
+                        help="largest LoRA upload in MiB (default: %(default)s)")
+    parser.add_argument("--outputs", help="folder for the generated PNGs (default: a temporary folder)")
+    parser.set_defaults(func=run_app)
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Register ``visadapt app`` on the ``visadapt`` command's sub-parsers."""
+    parser = commands.add_parser("app", help="the Gradio app that composes concept LoRAs in the browser",
+                                 description="Compose several concept LoRAs (regions, weights, DECOR) in a "
+                                             "Gradio app.")
+    add_arguments(parser)
+
+
+def run_app(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if args.model is None:
+        print("No --model: serving the embedded tiny random pipeline (images are noise; use --model for real ones).")
+    pipe = load_pipeline(args.model, args.device)
+    app = build_app(pipe, max_lora_mb=args.max_lora_mb, output_dir=args.outputs)
+    launch(app, host=args.host, port=args.port, share=args.share, max_lora_mb=args.max_lora_mb,
+           output_dir=args.outputs)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m visadapt.apps.composer", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
