@@ -6,8 +6,11 @@ Each public function validates shapes, flattens x to (N, d_in) and calls a forwa
 (``triton_kernels.py``) or the eager formulas below, as :mod:`.backend` decides at run time.
 
 What the backward keeps: x in its own dtype (Block-LoRA: only the chunk sum x̃, n times narrower) and
-h = s · x̃ Aᵀ (N, r) in fp32 — not the (N, d_out) delta, and no fp32 copy of a 16-bit x. Gradients: x, A, B always; W and b too when they require grad (plain matmuls, since W is
-frozen in every adapter of visadapt).
+h = s · x̃ Aᵀ (N, r) in fp32 — not the (N, d_out) delta, and no fp32 copy of a 16-bit x. Gradients: x, A, B
+always; W and b too when they require grad (plain matmuls: W is frozen in every adapter of visadapt).
+
+Under autocast, x, W and b are cast to autocast's dtype first (as F.linear would); the op bodies run with
+autocast off, so the adapter math keeps its fp32 accumulation.
 
 Dropout (p > 0 while training) takes the documented eager fallback: the plain-autograd reference function with
 ``torch.nn.functional.dropout``, so the mask comes from torch's RNG exactly as in eager PyTorch.
