@@ -53,6 +53,7 @@ class Composition:
     self_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → (B, N, N)
     _masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     _stacks: dict[int, Optional[tuple]] = field(default_factory=dict, repr=False)
+    _isolation: dict[tuple, Optional[torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def n_concepts(self) -> int:
@@ -99,14 +100,15 @@ class Composition:
 
         blocked[q, k] = Σ_{n ∋ q} Σ_{j≠n} M_j(k) = C(q)·C(k) − Σ_n M_n(q)·M_n(k), with C the box count per token.
         """
-        masks = self.masks(n_tokens, device).float()
-        count = masks.sum(0)
-        blocked = count[:, None] * count[None, :] - masks.T @ masks
-        if not bool((blocked > 0).any()):
-            return None
-        # fp16 cannot hold -1e6; the largest finite negative it has blocks just as well.
-        value = max(self.isolation_bias, torch.finfo(dtype).min / 2)
-        return torch.where(blocked > 0, value, 0.0).to(dtype)
+        key = (n_tokens, dtype, str(device))
+        if key not in self._isolation:
+            masks = self.masks(n_tokens, device).float()
+            count = masks.sum(0)
+            blocked = count[:, None] * count[None, :] - masks.T @ masks
+            # fp16 cannot hold -1e6; the largest finite negative it has blocks just as well.
+            value = max(self.isolation_bias, torch.finfo(dtype).min / 2)
+            self._isolation[key] = torch.where(blocked > 0, value, 0.0).to(dtype) if (blocked > 0).any() else None
+        return self._isolation[key]
 
     def lora_stack(self, module: torch.nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Every concept's LoRA on ``module`` stacked for :func:`visadapt.kernels.routed_lora`.

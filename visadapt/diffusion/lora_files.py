@@ -8,10 +8,13 @@ LoRA trained for another base model fails with the layers that differ instead of
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import torch
 
@@ -116,8 +119,25 @@ def load_concept_lora(pipe, path: Union[str, os.PathLike], adapter_name: str) ->
         raise LoraFileError(f"{path.name} does not fit this base model ({type(pipe.unet).__name__} of "
                             f"{type(pipe).__name__}); {len(problems)} LoRA matrices differ:\n  {listed}{more}\n"
                             "Was it trained for another base (SD-1.x vs SD-2.x vs SDXL)?")
-    with keep_active_adapters(pipe):
+    with keep_active_adapters(pipe), _quiet_loading():
         pipe.load_lora_weights(str(path), adapter_name=adapter_name, use_safetensors=True, local_files_only=True)
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide two known-harmless messages of a text-encoder LoRA load: transformers' "LOAD REPORT" table listing every
+    base weight as missing, and peft's warning that the model already has adapters (it has: the other concepts)."""
+    loggers = [logging.getLogger(name) for name in ("transformers.integrations.peft", "transformers.utils.loading_report")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class keep_active_adapters:
