@@ -1,9 +1,35 @@
 """User-facing pipelines (``from_pretrained`` / ``save_pretrained`` / ``__call__``), installed as
-``visadapt.pipelines``."""
+``visadapt.pipelines``.
 
-from .decor import DecorMixin, DecorPipeline, DecorXLPipeline
-from .fewshot_clip import FewShotCLIPPipeline, FewShotOutput
-from .lora_composer import LoRAComposerMixin, LoRAComposerPipeline, LoRAComposerXLPipeline
+Each pipeline is imported on first use, so ``from visadapt.pipelines import FewShotCLIPPipeline`` does not pay for
+importing diffusers, and the diffusion pipelines do not pay for open_clip.
+"""
 
-__all__ = ["FewShotCLIPPipeline", "FewShotOutput", "LoRAComposerPipeline", "LoRAComposerXLPipeline",
-           "LoRAComposerMixin", "DecorPipeline", "DecorXLPipeline", "DecorMixin"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "FewShotCLIPPipeline": "fewshot_clip",
+    "FewShotOutput": "fewshot_clip",
+    "LoRAComposerPipeline": "lora_composer",
+    "LoRAComposerXLPipeline": "lora_composer",
+    "LoRAComposerMixin": "lora_composer",
+    "DecorPipeline": "decor",
+    "DecorXLPipeline": "decor",
+    "DecorMixin": "decor",
+    "HyperspectralPipeline": "hyperspectral",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
