@@ -100,7 +100,10 @@ class LoRAComposerMixin(DecorMixin):
                 path = Path(concept.lora).resolve()
                 stamp = (str(path), *_file_stamp(path))
                 if loaded.get(name) != stamp:
-                    if name in known:
+                    if name in known and name not in loaded:
+                        raise ValueError(f"Concept {concept.label}: the adapter name {name!r} is taken by an adapter "
+                                         "loaded earlier; pass another `name=`.")
+                    if name in known:  # our own adapter, from a file that changed since
                         self.delete_adapters(name)
                     load_concept_lora(self, path, name)
                     loaded[name] = stamp
