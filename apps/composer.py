@@ -75,7 +75,7 @@ def load_pipeline(model: Optional[str] = None, device: Optional[str] = None):
     cls = LoRAComposerXLPipeline if "XL" in config.get("_class_name", "") else LoRAComposerPipeline
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     kwargs = dict(safety_checker=None, requires_safety_checker=False) if cls is LoRAComposerPipeline else {}
-    pipe = cls.from_pretrained(model, torch_dtype=dtype, local_files_only=local, **kwargs)
+    pipe = cls.from_pretrained(model, dtype=dtype, local_files_only=local, **kwargs)
     return pipe.to(device)
 
 

@@ -1,0 +1,185 @@
+"""The composer app without a browser: generate() as a plain function, the box preview, the CLI wiring, and the
+/generate API through gradio_client against the app served in-process (tiny pipeline, 64×64, 2 steps).
+The real-browser test is tests/test_app_browser.py."""
+
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from visadapt.apps import composer
+from visadapt.diffusion import LoraFileError
+from visadapt.diffusion.tiny import save_random_lora, tiny_pipeline
+from visadapt.pipelines import LoRAComposerPipeline, LoRAComposerXLPipeline
+
+LIMIT_MB = 1.0  # the served app's upload limit; the LoRA files of the tiny pipeline are ~60 kB
+FAST = dict(steps=2, width=64, height=64)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return composer.load_pipeline(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def loras(pipe, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    return [save_random_lora(pipe, folder / f"{n}.safetensors", seed=i + 1) for i, n in enumerate(("cat", "dog"))]
+
+
+def two(loras, **override):
+    slots = [dict(lora=str(loras[0]), name="cat", prompt="a photo of a cat", xmin=0, ymin=0, xmax=0.5, ymax=1,
+                  weight=1.0),
+             dict(lora=str(loras[1]), name="dog", prompt="a photo of a dog", xmin=0.5, ymin=0, xmax=1, ymax=1,
+                  weight=0.8)]
+    for slot, values in zip(slots, override.get("slots", [{}, {}])):
+        slot.update(values)
+    return slots
+
+
+# -- the plain function ----------------------------------------------------------------------------------------
+
+def test_generate_reports_every_step_and_returns_its_settings(pipe, loras):
+    seen = []
+    image, settings = composer.generate(pipe, prompt="a cat and a dog", concepts=two(loras), seed=3,
+                                        progress=lambda s, t: seen.append((s, t)), **FAST)
+    assert image.size == (64, 64)
+    assert seen == [(1, 2), (2, 2)]
+    assert [c["name"] for c in settings["concepts"]] == ["cat", "dog"]
+    assert settings["concepts"][1]["box"] == [0.5, 0.0, 1.0, 1.0] and settings["concepts"][1]["weight"] == 0.8
+    assert settings["seed"] == 3 and settings["pipeline"] == "LoRAComposerPipeline"
+    # The concepts act on the image, and DECOR words reach the pipeline.
+    plain, _ = composer.generate(pipe, prompt="a cat and a dog", seed=3, **FAST)
+    assert plain.tobytes() != image.tobytes()
+    _, with_decor = composer.generate(pipe, prompt="a cat and a dog", concepts=two(loras), seed=3,
+                                      decor_words="grass, tree", decor_strength=0.5, **FAST)
+    assert with_decor["decor"] == {"words": ["grass", "tree"], "strength": 0.5}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(slots=[dict(xmin=0.6), {}]), "empty"),
+    (dict(slots=[dict(xmax=1.5), {}]), "outside the canvas"),
+    (dict(slots=[{}, dict(name="cat")]), "share the name"),
+    (dict(slots=[dict(name="my cat"), {}]), "letters, digits"),
+    (dict(slots=[dict(prompt="a cat " * 80), {}]), "tokens"),
+    (dict(slots=[dict(prompt=" "), {}]), "regional prompt is empty"),
+    (dict(slots=[dict(lora=None), {}]), "no LoRA file"),
+    (dict(width=72), "multiple of 16"),
+])
+def test_bad_input_raises_value_errors_that_say_what_to_fix(pipe, loras, change, message):
+    kwargs = {**FAST, **{k: v for k, v in change.items() if k != "slots"}}
+    with pytest.raises(ValueError, match=message):
+        composer.generate(pipe, prompt="x", concepts=two(loras, **change), **kwargs)
+
+
+def test_lora_uploads_must_be_safetensors_and_within_the_limit(pipe, loras, tmp_path):
+    pickled = tmp_path / "cat.ckpt"
+    pickled.write_bytes(loras[0].read_bytes())
+    with pytest.raises(LoraFileError, match="not a .safetensors file"):
+        composer.generate(pipe, prompt="x", concepts=two(loras, slots=[dict(lora=str(pickled)), {}]), **FAST)
+    with pytest.raises(LoraFileError, match="--max-lora-mb"):
+        composer.generate(pipe, prompt="x", concepts=two(loras), max_lora_bytes=1000, **FAST)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(LoraFileError, match="not a readable safetensors"):
+        composer.generate(pipe, prompt="x", concepts=two(loras, slots=[dict(lora=str(garbage)), {}]), **FAST)
+
+
+def test_box_preview_draws_each_box_in_its_concept_colour():
+    image = composer.draw_boxes(128, 64, [("cat", (0, 0, 0.5, 1)), ("dog", (0.5, 0.25, 1, 0.75)),
+                                          ("unset", (None, 0, 1, 1))])
+    assert image.size == (composer.PREVIEW_SIDE, composer.PREVIEW_SIDE // 2)
+    red, green = (Image.new("RGB", (1, 1), c).getpixel((0, 0)) for c in composer.COLOURS[:2])
+    assert image.getpixel((1, 64)) == red  # left edge of the cat box
+    assert image.getpixel((129, 64)) == green  # left edge of the dog box, half way across
+    assert image.getpixel((200, 10)) != green  # above the dog box
+
+
+def test_png_download_carries_the_settings(tmp_path):
+    settings = {"seed": 5, "prompt": "p"}
+    path = composer.save_png(Image.new("RGB", (16, 16)), settings, tmp_path)
+    assert json.loads(Image.open(path).text["parameters"]) == settings
+
+
+def test_model_folders_pick_the_sd_or_sdxl_composer(tmp_path):
+    for kind, cls in (("sd", LoRAComposerPipeline), ("sdxl", LoRAComposerXLPipeline)):
+        tiny_pipeline(kind).save_pretrained(tmp_path / kind)
+        assert type(composer.load_pipeline(str(tmp_path / kind), device="cpu")) is cls
+    with pytest.raises(ValueError, match="not a folder"):
+        composer.load_pipeline(str(tmp_path / "missing"), device="cpu")
+
+
+def test_cli_registers_the_app_command():
+    from visadapt.cli import build_parser
+
+    args = build_parser().parse_args(["app", "--port", "7999", "--max-lora-mb", "5"])
+    assert args.func is composer.run_app
+    assert (args.host, args.port, args.share, args.model, args.max_lora_mb) == ("127.0.0.1", 7999, False, None, 5.0)
+
+
+# -- the served app through its API ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def client(pipe, tmp_path_factory):
+    from gradio_client import Client
+
+    out = tmp_path_factory.mktemp("app-out")
+    app = composer.build_app(pipe, max_lora_mb=LIMIT_MB, output_dir=out)
+    _, url, _ = composer.launch(app, port=None, max_lora_mb=LIMIT_MB, output_dir=out, prevent_thread_lock=True,
+                                quiet=True)
+    try:
+        yield Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+    finally:
+        app.close()
+
+
+def api_call(client, loras, **override):
+    from gradio_client import handle_file
+
+    values = dict(prompt="a cat and a dog", n_concepts=2, seed=1, **FAST,
+                  lora_1=handle_file(str(loras[0])), name_1="cat", prompt_1="a photo of a cat",
+                  xmin_1=0, ymin_1=0, xmax_1=0.5, ymax_1=1,
+                  lora_2=handle_file(str(loras[1])), name_2="dog", prompt_2="a photo of a dog",
+                  xmin_2=0.5, ymin_2=0, xmax_2=1, ymax_2=1, weight_2=0.7)
+    values.update(override)
+    return client.predict(**values, api_name="/generate")
+
+
+def test_api_generates_with_two_uploaded_loras(client, pipe, loras):
+    endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
+    names = [p["parameter_name"] for p in endpoint["parameters"]]
+    assert names[:3] == ["prompt", "negative_prompt", "n_concepts"] and "lora_4" in names
+    gallery, png, settings = api_call(client, loras)
+    assert len(gallery) == 1 and "seed 1" in gallery[0]["caption"] and "dog@0.7" in gallery[0]["caption"]
+    image = Image.open(png)
+    assert image.format == "PNG" and image.size == (64, 64)
+    assert json.loads(image.text["parameters"]) == settings
+    assert [c["lora"] for c in settings["concepts"]] == ["cat.safetensors", "dog.safetensors"]
+    # Same seed and settings through the API as through the plain function.
+    direct, _ = composer.generate(pipe, prompt="a cat and a dog", concepts=two(loras, slots=[
+        {}, dict(weight=0.7)]), seed=1, **FAST)
+    assert Image.open(gallery[0]["image"]).convert("RGB").tobytes() == direct.tobytes()
+
+
+def test_bad_uploads_show_errors_and_the_app_keeps_working(client, loras, tmp_path):
+    from gradio_client import handle_file
+
+    not_safetensors = tmp_path / "cat.pt"
+    not_safetensors.write_bytes(loras[0].read_bytes())
+    with pytest.raises(Exception, match=r"(?i)safetensors"):
+        api_call(client, loras, lora_1=handle_file(str(not_safetensors)))
+    oversize = tmp_path / "huge.safetensors"
+    oversize.write_bytes(os.urandom(int(LIMIT_MB * 2**20) + 4096))
+    with pytest.raises(Exception, match=r"exceeds the maximum file size|MiB"):
+        api_call(client, loras, lora_2=handle_file(str(oversize)))
+    # gradio_client refuses it before sending; the server refuses it too (a browser or curl does not ask first).
+    import httpx
+
+    response = httpx.post(client.src.rstrip("/") + "/gradio_api/upload",
+                          files={"files": ("huge.safetensors", oversize.read_bytes())})
+    assert response.status_code == 413, response.text
+    with pytest.raises(Exception, match="empty"):
+        api_call(client, loras, xmin_2=1.0)
+    gallery, png, settings = api_call(client, loras, seed=2)  # still serving
+    assert "seed 2" in gallery[0]["caption"] and Image.open(png).size == (64, 64)

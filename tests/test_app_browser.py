@@ -1,0 +1,95 @@
+"""The composer app as a person uses it: Playwright (Python, sync API) driving Debian's Chromium (/usr/bin/chromium).
+
+Playwright never downloads a browser here: it launches the system Chromium by path, headless, with the flags a
+closed-network machine needs. The test opens the served app, checks that Generate without a LoRA shows an error
+in the page, uploads two LoRA files it made, sets two boxes in the numeric fields, clicks Generate and waits for
+the image in the gallery. A full-page screenshot goes to $VISADAPT_TEST_ARTIFACTS or <repo>/test-artifacts/.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    pytest.skip("Debian's Chromium is not installed (/usr/bin/chromium): apt-get install -y chromium",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed "
+                                                             "(pip install playwright; no `playwright install`)")
+
+from visadapt.apps import composer  # noqa: E402
+from visadapt.diffusion.tiny import save_random_lora  # noqa: E402
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(os.environ.get("VISADAPT_TEST_ARTIFACTS") or Path(__file__).parents[1] / "test-artifacts")
+TIMEOUT_MS = 30_000
+GENERATION_MS = 120_000  # a generation on a busy 2-core CI machine
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    pipe = composer.load_pipeline(device="cpu")
+    folder = tmp_path_factory.mktemp("loras")
+    loras = [save_random_lora(pipe, folder / f"{n}.safetensors", seed=i + 1) for i, n in enumerate(("cat", "dog"))]
+    out = tmp_path_factory.mktemp("app-out")
+    app = composer.build_app(pipe, max_lora_mb=4, output_dir=out)
+    _, url, _ = composer.launch(app, port=None, max_lora_mb=4, output_dir=out, prevent_thread_lock=True, quiet=True)
+    try:
+        yield url, loras
+    finally:
+        app.close()
+
+
+@pytest.fixture()
+def page(tmp_path):
+    with sync_api.sync_playwright() as p:
+        # A fresh profile per test; persistent context because Chromium's --user-data-dir is set this way.
+        context = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
+                                                       headless=True, args=CHROMIUM_ARGS)
+        context.set_default_timeout(TIMEOUT_MS)
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
+
+
+def fill(page, label: str, value) -> None:
+    field = page.get_by_label(label, exact=True)
+    field.fill(str(value))
+    field.press("Tab")  # commit the value as a person leaving the field does
+
+
+def test_compose_two_loras_in_the_browser(served, page):
+    url, loras = served
+    page.goto(url)
+    generate = page.locator("button", has_text="Generate").first
+    generate.wait_for()
+
+    # An error is shown in the page, and the app keeps working afterwards.
+    generate.click()
+    page.get_by_text("no LoRA file").first.wait_for()
+
+    fill(page, "Prompt", "a cat and a dog in a park")
+    for i, (path, name, box) in enumerate(zip(loras, ("cat", "dog"), ((0.0, 0.1, 0.45, 0.9), (0.55, 0.2, 1.0, 1.0))),
+                                          start=1):
+        # The innermost block labelled "LoRA i": an uploaded File drops its input, so no index across slots.
+        block = page.locator(".block", has_text=f"LoRA {i} (.safetensors)").last
+        block.locator("input[type=file]").set_input_files(str(path))
+        page.get_by_text(path.name).first.wait_for()  # upload finished: the file is listed
+        fill(page, f"Name {i}", name)
+        fill(page, f"Regional prompt {i}", f"a photo of a {name}")
+        for key, value in zip(("xmin", "ymin", "xmax", "ymax"), box):
+            fill(page, f"{key} {i}", value)
+
+    generate.click()
+    image = page.locator("img[src*='composed-seed']").first
+    image.wait_for(state="visible", timeout=GENERATION_MS)
+    assert image.evaluate("img => img.complete && img.naturalWidth") == 64
+    caption = page.get_by_text("cat@1 [0, 0.1, 0.45, 0.9]").first
+    caption.wait_for()
+    assert "dog@1 [0.55, 0.2, 1, 1]" in caption.inner_text()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "composer-app.png"), full_page=True)
