@@ -20,6 +20,7 @@ _HOMES = {
     "DecorXLPipeline": "decor",
     "DecorMixin": "decor",
     "HyperspectralPipeline": "hyperspectral",
+    "HyperspectralOutput": "hyperspectral",
 }
 
 __all__ = list(_HOMES)
