@@ -93,3 +93,20 @@ def test_compose_two_loras_in_the_browser(served, page):
     assert "dog@1 [0.55, 0.2, 1, 1]" in caption.inner_text()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "composer-app.png"), full_page=True)
+
+
+def test_two_clicks_on_the_preview_set_a_box(served, page):
+    url, _ = served
+    page.goto(url)
+    page.locator("label", has_text="2").filter(has=page.locator("input[type=radio]")).first.click()
+    preview = page.locator(".block", has_text="Boxes (pick").last.locator("img").first
+    preview.wait_for(state="visible")
+    size = preview.bounding_box()
+    preview.click(position={"x": 0.2 * size["width"], "y": 0.3 * size["height"]})
+    # No wait between the clicks: the queue runs this session's select events one at a time, in order.
+    preview.click(position={"x": 0.7 * size["width"], "y": 0.9 * size["height"]})
+    xmax = page.get_by_label("xmax 2", exact=True)
+    page.wait_for_function("el => Math.abs(parseFloat(el.value) - 0.7) < 0.02", arg=xmax.element_handle())
+    values = [float(page.get_by_label(f"{k} 2", exact=True).input_value()) for k in ("xmin", "ymin", "xmax", "ymax")]
+    assert values == pytest.approx([0.2, 0.3, 0.7, 0.9], abs=0.02)
+    assert float(page.get_by_label("xmin 1", exact=True).input_value()) == 0  # the other concept is untouched
