@@ -82,6 +82,9 @@ def synthetic_scene(height: int = 80, width: int = 80, bands: int = 100, classes
     gt[border < 1.5] = 0
     unlabelled_regions = rng.choice(np.arange(classes, n_regions), size=max(1, n_regions // 10), replace=False)
     gt[np.isin(first, unlabelled_regions)] = 0
+    for c in range(classes):  # small scenes: a class whose regions are all border keeps its whole regions labelled
+        if not (gt == c + 1).any():
+            gt[c1 == c] = c + 1
     return scene_from_arrays(cube.astype(np.float32), gt, "synthetic", DEMO_CLASSES[:classes])
 
 

@@ -233,7 +233,7 @@ class LoLASpecViT(nn.Module):
         self.grid_size = grid
         self.pos_embed = nn.Parameter(torch.zeros(1, grid[0], grid[1], embed_dim))
         self.pos_drop = nn.Dropout(pos_drop)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages, dim, k = [], embed_dim, 0
         for i, (depth, heads, win) in enumerate(zip(depths, num_heads, windows)):
             blocks = [Block(dim, heads, win, mlp_ratio, rates[k + j], attn_lora, mlp_lora, lora_r, lora_alpha)
