@@ -8,8 +8,8 @@ attention projections):
 * ``compose``: LoRA-Composer with every part on (the official defaults: refinement on steps 0..25, re-init).
 
 Each (mode, n) runs in its own child process: build the pipeline, load the LoRAs, one untimed 1-step call, then
-one timed call of ``--steps`` steps. ``peak MiB`` is the peak during the timed call minus the memory after loading
-(CUDA: ``max_memory_allocated``; CPU: peak RSS). Ratios are against ``set_adapters`` with the same n, measured in
+``--repeats`` timed calls of ``--steps`` steps (median reported). ``peak MiB`` is the peak during the timed calls
+minus the memory after loading (CUDA: ``max_memory_allocated``; CPU: peak RSS). Ratios are against ``set_adapters`` with the same n, measured in
 this invocation.
 
     python benchmarks/composer.py                                  # CPU: random SD-1.5-layout UNet, 256 px
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -117,7 +118,7 @@ def run_worker(args: argparse.Namespace, mode: str, n: int) -> dict[str, Any]:
 
     sample(1)  # warm-up: LoRA loading, allocator, first-call caches
     memory = PeakMemory(device)
-    seconds = sample(args.steps)
+    seconds = statistics.median(sample(args.steps) for _ in range(args.repeats))
     refined = len(getattr(pipe, "composition_log", {}).get("losses", [])) if mode == "compose" else 0
     return {"mode": mode, "concepts": n, "seconds": seconds, "peak_mib": (memory.peak() - memory.baseline) / MiB,
             "refined_steps": refined, "peak_reset": memory.reset}
@@ -142,6 +143,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 512 CUDA, 256 CPU, 32 tiny)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50 on CUDA, 10 on CPU)")
     p.add_argument("--concepts", default="1,2,3,4", help="comma-separated concept counts")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration; the median is reported")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
@@ -166,7 +168,7 @@ def main() -> None:
         return
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(f"device: {device_name(args.device)} | torch {torch.__version__} | model {args.model} | {args.size}px | "
-          f"{args.steps} steps | {args.dtype}", flush=True)
+          f"{args.steps} steps | {args.dtype} | median of {args.repeats}", flush=True)
     rows = []
     for n in args.counts:
         group = [run_child(__file__, RESULT_MARKER, mode, str(n)) for mode in args.mode_list]
