@@ -21,7 +21,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import peft
 import torch
@@ -29,12 +29,12 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import visadapt
 from visadapt._io import staged_dir
+from visadapt.training import ShotBatches, check_run_dir, load_checkpoint, mixed_precision, save_checkpoint
 
 from .data import FewShot, ImageDataset, Split, load_split, sample_few_shot, save_json_atomic
 from .evaluate import ClipClassifier, adapter_disabled, top1
@@ -104,33 +104,6 @@ class TrainConfig:
 _RESUME_FREE = {"checkpoint_every", "workers", "eval_batch_size", "precision", "eval_zeroshot_on"}
 
 
-class ShotBatches(Sampler):
-    """Batches of ``(index, augmentation seed)`` for steps ``start .. total-1``.
-
-    Epoch e visits the shots in a permutation drawn from (seed, e); an epoch's last batch may be short (CLIP-LoRA
-    keeps partial batches). Everything is a function of (seed, step), so a resumed run sees the same batches.
-    """
-
-    def __init__(self, n_items: int, batch_size: int, total: int, seed: int, start: int = 0) -> None:
-        self.n_items, self.batch_size, self.total, self.seed, self.start = n_items, batch_size, total, seed, start
-
-    def __len__(self) -> int:
-        return self.total - self.start
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        step, epoch = 0, 0
-        while True:
-            order = torch.randperm(self.n_items, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            for begin in range(0, self.n_items, self.batch_size):
-                if step >= self.total:
-                    return
-                if step >= self.start:
-                    yield [(int(i), hash((self.seed, step, j)) & (2**62 - 1))
-                           for j, i in enumerate(order[begin:begin + self.batch_size])]
-                step += 1
-            epoch += 1
-
-
 def train_transform(image_size: int, mean, std, crop_scale_min: float = 0.08) -> T.Compose:
     """CLIP-LoRA's augmentation (§2.3) at the model's own size and normalisation."""
     return T.Compose([
@@ -139,14 +112,6 @@ def train_transform(image_size: int, mean, std, crop_scale_min: float = 0.08) ->
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
-
-
-def _mixed_precision(precision: str) -> str:
-    if precision == "auto":
-        return "fp16" if torch.cuda.is_available() else "no"
-    if precision not in ("no", "fp16", "bf16"):
-        raise ValueError(f"precision must be auto, no, fp16 or bf16, got {precision!r}.")
-    return precision
 
 
 def _peft_config(cfg: TrainConfig) -> peft.PeftConfig:
@@ -177,28 +142,13 @@ class FewShotTrainer:
         if config.shots < 1 or config.total_iters < 1 or config.batch_size < 1:
             raise ValueError("shots, iters and batch_size must be >= 1.")
         self._check_out_dir()
-        self.accelerator = Accelerator(mixed_precision=_mixed_precision(config.precision),
+        self.accelerator = Accelerator(mixed_precision=mixed_precision(config.precision),
                                        dataloader_config=DataLoaderConfiguration(split_batches=True))
         self.ckpt = self.out / "checkpoint"
 
     # ----------------------------------------------------------------------------------------------- setup
     def _check_out_dir(self) -> None:
-        started = (self.out / "checkpoint").exists() or (self.out / "results.json").exists()
-        if started and not self.resume:
-            raise FileExistsError(f"{self.out} already holds a run. Pass --resume to continue it, or choose a new "
-                                  "--out.")
-        if self.resume and (self.out / "results.json").exists() and not (self.out / "checkpoint").exists():
-            raise FileExistsError(f"{self.out} holds a finished run (results.json); there is nothing to resume.")
-        if self.resume and not started:
-            raise FileNotFoundError(f"--resume: {self.out} holds no checkpoint to resume from.")
-        if self.resume:
-            saved = json.loads((self.out / "run_config.json").read_text())
-            now = self.cfg.to_json()
-            changed = sorted(k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k])
-            if changed:
-                diff = ", ".join(f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in changed)
-                raise ValueError(f"--resume: {self.out} was started with other settings ({diff}). Resume with the "
-                                 "same settings, or start a new run in another --out.")
+        check_run_dir(self.out, self.resume, self.cfg.to_json(), _RESUME_FREE)
 
     def _shots(self, split: Split) -> FewShot:
         path = self.out / "fewshot_split.json"
@@ -326,42 +276,21 @@ class FewShotTrainer:
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, clip, optimizer, scheduler, state: dict, step: int, tick: float) -> None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return
-        model = acc.unwrap_model(clip)
-        opt_state = optimizer.state_dict()
-        tensors = {f"optimizer.{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()}
-        tensors.update({f"param.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad})
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        meta = {**state, "step": step, "param_groups": opt_state["param_groups"],
-                "scheduler": scheduler.state_dict(),
+        model = self.accelerator.unwrap_model(clip)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        meta = {**state, "step": step, "scheduler": scheduler.state_dict(),
                 "train_time_s": state.get("train_time_s", 0.0) + time.perf_counter() - tick,
                 # Times of earlier sessions carry over, so a resumed run reports its whole cost.
                 "wall_time_s": state.get("wall_time_s", 0.0) + time.perf_counter() - self._started}
-        with staged_dir(self.ckpt) as stage:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, stage / "state.safetensors")
-            (stage / "state.json").write_text(json.dumps(meta))
+        save_checkpoint(self.accelerator, self.ckpt, trainable, optimizer, meta)
 
     def _load_checkpoint(self, clip, optimizer, scheduler) -> dict:
-        meta = json.loads((self.ckpt / "state.json").read_text())
-        tensors = load_file(str(self.ckpt / "state.safetensors"))
+        meta, tensors = load_checkpoint(self.ckpt, optimizer)
         named = dict(clip.named_parameters())
         with torch.no_grad():
-            for key, value in tensors.items():
-                if key.startswith("param."):
-                    named[key[len("param."):]].copy_(value)
-        opt_state: dict = {"state": {}, "param_groups": meta.pop("param_groups")}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                opt_state["state"].setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict(opt_state)
+            for name, value in tensors.items():
+                named[name].copy_(value)
         scheduler.load_state_dict(meta.pop("scheduler"))
-        meta["rng"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
         return meta
 
     # ----------------------------------------------------------------------------------------- outputs

@@ -38,14 +38,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import visadapt
 from visadapt._io import staged_dir
+from visadapt.training import ShotBatches, check_run_dir, load_checkpoint, mixed_precision, save_checkpoint
 from visadapt.fewshot.data import save_json_atomic
-from visadapt.fewshot.train import ShotBatches, _mixed_precision
 
 from . import model as _models  # noqa: F401  (registers the timm models)
 from .data import PCA, PatchSet, Scene, Split, collate_batch, fit_pca, load_scene, stratified_split
@@ -172,27 +172,12 @@ class HSITrainer:
             raise ValueError("The peft backend puts plain LoRA on the sites (pass --plain-lora); the gated form is not "
                              "a peft layer, and peft trains only the LoRA factors (freeze 'official').")
         self._check_out_dir()
-        self.accelerator = Accelerator(mixed_precision=_mixed_precision(c.precision),
+        self.accelerator = Accelerator(mixed_precision=mixed_precision(c.precision),
                                        dataloader_config=DataLoaderConfiguration(split_batches=True))
         self.ckpt = self.out / "checkpoint"
 
     def _check_out_dir(self) -> None:
-        started = (self.out / "checkpoint").exists() or (self.out / "results.json").exists()
-        if started and not self.resume:
-            raise FileExistsError(f"{self.out} already holds a run. Pass --resume to continue it, or choose a new "
-                                  "--out.")
-        if self.resume and (self.out / "results.json").exists() and not (self.out / "checkpoint").exists():
-            raise FileExistsError(f"{self.out} holds a finished run (results.json); there is nothing to resume.")
-        if self.resume and not started:
-            raise FileNotFoundError(f"--resume: {self.out} holds no checkpoint to resume from.")
-        if self.resume:
-            saved = json.loads((self.out / "run_config.json").read_text())
-            now = self.cfg.to_json()
-            changed = sorted(k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k])
-            if changed:
-                diff = ", ".join(f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in changed)
-                raise ValueError(f"--resume: {self.out} was started with other settings ({diff}). Resume with the "
-                                 "same settings, or start a new run in another --out.")
+        check_run_dir(self.out, self.resume, self.cfg.to_json(), _RESUME_FREE)
 
     # ------------------------------------------------------------------------------------------------ setup
     def load_scene(self) -> Scene:
@@ -353,35 +338,16 @@ class HSITrainer:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, optimizer, schedule: LoLASchedule, state: dict, step: int, tick: float) -> None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return
-        opt_state = optimizer.state_dict()
-        tensors = {f"optimizer.{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()}
-        tensors.update({f"model.{n}": t.detach() for n, t in acc.unwrap_model(model).state_dict().items()})
-        tensors["rng.cpu"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        meta = {**state, "step": step, "param_groups": opt_state["param_groups"], "schedule": schedule.state_dict(),
+        meta = {**state, "step": step, "schedule": schedule.state_dict(),
                 "train_time_s": state.get("train_time_s", 0.0) + time.perf_counter() - tick,
                 "wall_time_s": state.get("wall_time_s", 0.0) + time.perf_counter() - self._started}
-        with staged_dir(self.ckpt) as stage:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, stage / "state.safetensors")
-            (stage / "state.json").write_text(json.dumps(meta))
+        save_checkpoint(self.accelerator, self.ckpt, self.accelerator.unwrap_model(model).state_dict(), optimizer,
+                        meta)
 
     def _load_checkpoint(self, model, optimizer, schedule: LoLASchedule) -> dict:
-        meta = json.loads((self.ckpt / "state.json").read_text())
-        tensors = load_file(str(self.ckpt / "state.safetensors"))
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        opt_state: dict = {"state": {}, "param_groups": meta.pop("param_groups")}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                opt_state["state"].setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict(opt_state)
+        meta, tensors = load_checkpoint(self.ckpt, optimizer)
+        model.load_state_dict(tensors)
         schedule.load_state_dict(meta.pop("schedule"))
-        meta["rng"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
         return meta
 
     # ---------------------------------------------------------------------------------------------- outputs
