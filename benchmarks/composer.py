@@ -9,8 +9,8 @@ attention projections):
 
 Each (mode, n) runs in its own child process: build the pipeline, load the LoRAs, one untimed 1-step call, then
 ``--repeats`` timed calls of ``--steps`` steps (median reported). ``peak MiB`` is the peak during the timed calls
-minus the memory after loading (CUDA: ``max_memory_allocated``; CPU: peak RSS). Ratios are against ``set_adapters`` with the same n, measured in
-this invocation.
+minus the memory after loading (CUDA: ``max_memory_allocated``; CPU: peak RSS). Ratios are against ``set_adapters``
+with the same n, measured in this invocation.
 
     python benchmarks/composer.py                                  # CPU: random SD-1.5-layout UNet, 256 px
     python benchmarks/composer.py --device cuda --model stable-diffusion-v1-5/stable-diffusion-v1-5 --size 512 \\

@@ -51,7 +51,7 @@ class Composition:
     capture: bool = False
     cross_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → (B, n, N, L)
     self_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → (B, N, N)
-    _masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _stacks: dict[int, Optional[tuple]] = field(default_factory=dict, repr=False)
     _isolation: dict[tuple, Optional[torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -77,10 +77,11 @@ class Composition:
 
     def masks(self, n_tokens: int, device: torch.device) -> torch.Tensor:
         """(n_concepts, n_tokens) bool: which tokens of a layer each box covers."""
-        if n_tokens not in self._masks:
+        key = (n_tokens, str(device))
+        if key not in self._masks:
             gh, gw = self.grid(n_tokens)
-            self._masks[n_tokens] = box_masks(self.boxes, gh, gw).flatten(1)
-        return self._masks[n_tokens].to(device)
+            self._masks[key] = box_masks(self.boxes, gh, gw).flatten(1).to(device)
+        return self._masks[key]
 
     def region_text(self, batch: int) -> torch.Tensor:
         """(n_concepts, batch, L, D) regional encodings lined up with the UNet batch.
@@ -110,10 +111,10 @@ class Composition:
             self._isolation[key] = torch.where(blocked > 0, value, 0.0).to(dtype) if (blocked > 0).any() else None
         return self._isolation[key]
 
-    def lora_stack(self, module: torch.nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def lora_stack(self, module: torch.nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor, list[float]]]:
         """Every concept's LoRA on ``module`` stacked for :func:`visadapt.kernels.routed_lora`.
 
-        A (n, r, d_in), B (n, d_out, r), scales (n,) = peft scaling × concept weight. Ranks are zero-padded to the
+        A (n, r, d_in), B (n, d_out, r), scales (n floats) = peft scaling × concept weight. Ranks are zero-padded to the
         largest one (zero rows add nothing). None when no concept adapts the module.
         """
         key = id(module)
@@ -132,13 +133,13 @@ def _stack(module, names: Sequence[str], weights: Sequence[float]):
     d_in, d_out = ref.shape[1], lora_b[present[0]].weight.shape[0]
     a = ref.new_zeros(len(names), rank, d_in)
     b = ref.new_zeros(len(names), d_out, rank)
-    scales = torch.zeros(len(names))
+    scales = [0.0] * len(names)  # plain floats: reading them never waits for the GPU
     for i, (name, weight) in enumerate(zip(names, weights)):
         if name in present:
             r = lora_a[name].weight.shape[0]
             a[i, :r], b[i, :, :r] = lora_a[name].weight, lora_b[name].weight
-            scales[i] = module.scaling[name] * weight
-    return a, b, scales.to(ref.device)
+            scales[i] = float(module.scaling[name]) * weight
+    return a, b, scales
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -168,7 +169,7 @@ def _projected(layer: torch.nn.Module, x: torch.Tensor, stack, concept: int) -> 
     if stack is None:
         return out
     a, b, scales = stack
-    return out + kernels.lora_linear(x, None, None, a[concept], b[concept], float(scales[concept]))
+    return out + kernels.lora_linear(x, None, None, a[concept], b[concept], scales[concept])
 
 
 class ComposerAttnProcessor:

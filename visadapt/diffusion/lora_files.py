@@ -61,7 +61,8 @@ def read_lora_state_dict(pipe, path: Union[str, os.PathLike]) -> dict[str, torch
     # The UNet and the text encoders name the old layouts' layers differently, so each has its own converter.
     unet = {k: v for k, v in state_dict.items() if k.startswith("unet.")}
     text = {k: v for k, v in state_dict.items() if not k.startswith("unet.")}
-    return {**convert_unet_state_dict_to_peft(unet), **convert_state_dict_to_peft(convert_state_dict_to_diffusers(text))}
+    text = convert_state_dict_to_peft(convert_state_dict_to_diffusers(text))
+    return {**convert_unet_state_dict_to_peft(unet), **text}
 
 
 def _module(root: torch.nn.Module, path: str):
@@ -127,7 +128,8 @@ def load_concept_lora(pipe, path: Union[str, os.PathLike], adapter_name: str) ->
 def _quiet_loading() -> Iterator[None]:
     """Hide two known-harmless messages of a text-encoder LoRA load: transformers' "LOAD REPORT" table listing every
     base weight as missing, and peft's warning that the model already has adapters (it has: the other concepts)."""
-    loggers = [logging.getLogger(name) for name in ("transformers.integrations.peft", "transformers.utils.loading_report")]
+    names = ("transformers.integrations.peft", "transformers.utils.loading_report")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
