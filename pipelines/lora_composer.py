@@ -41,11 +41,10 @@ from visadapt.diffusion.attention import ComposerAttnProcessor, Composition
 from visadapt.diffusion.composer import ComposerConfig, composer_loss, loss_downsample_for, reinit_latents
 from visadapt.diffusion.concepts import Concept, check_prompt_length, check_unique_names, token_positions
 from visadapt.diffusion.decor import Decor
-from visadapt.diffusion.lora_files import LoraFileError, keep_active_adapters, load_concept_lora, set_active_adapters
+from visadapt.diffusion.lora_files import (TEXT_ENCODERS, LoraFileError, keep_active_adapters, load_concept_lora,
+                                           set_active_adapters)
 
 from .decor import DecorMixin
-
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass
@@ -129,7 +128,7 @@ class LoRAComposerMixin(DecorMixin):
             check_prompt_length(tokenizer, concept.prompt, concept.label)
         positions = [token_positions(tokenizer, c.prompt, c.tokens) for c in concepts]
         with keep_active_adapters(self) as saved:
-            user = {part: [n for n in active if n not in names] for part, active in saved.saved.items()}
+            user = {part: [n for n in active if n not in names] for part, active in saved.items()}
             for part, active in user.items():
                 set_active_adapters(getattr(self, part, None), active)
             cond, uncond = self._encode_regions(concepts, names, call, user)

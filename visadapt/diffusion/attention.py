@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +54,8 @@ class Composition:
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _stacks: dict[int, Optional[tuple]] = field(default_factory=dict, repr=False)
     _isolation: dict[tuple, Optional[torch.Tensor]] = field(default_factory=dict, repr=False)
-
-    @property
-    def n_concepts(self) -> int:
-        return len(self.adapter_names)
+    _routing: dict[tuple, "Routing"] = field(default_factory=dict, repr=False)
+    _region_kv: dict[tuple, tuple[list, list]] = field(default_factory=dict, repr=False)
 
     def grid(self, n_tokens: int) -> tuple[int, int]:
         """(h, w) of a layer with ``n_tokens`` spatial tokens: the latent downsampled by a power of two."""
@@ -111,6 +109,31 @@ class Composition:
             self._isolation[key] = torch.where(blocked > 0, value, 0.0).to(dtype) if (blocked > 0).any() else None
         return self._isolation[key]
 
+    def routing(self, n_tokens: int, device: torch.device) -> "Routing":
+        """Where each concept's box tokens go in a layer of ``n_tokens`` tokens (see :class:`Routing`)."""
+        key = (n_tokens, str(device))
+        if key not in self._routing:
+            masks = self.masks(n_tokens, device)
+            count = masks.sum(0)
+            positions = torch.cat([mask.nonzero()[:, 0] for mask in masks])
+            owner = torch.cat([torch.full((int(m.sum()),), i, device=device) for i, m in enumerate(masks)])
+            self._routing[key] = Routing(masks, owner, positions, 1.0 / count[positions], count > 0)
+        return self._routing[key]
+
+    def region_kv(self, layer: str, attn, batch: int, like: torch.Tensor) -> tuple[list, list]:
+        """Per concept, the keys and values (B, H, L, d) of its regional text in one cross-attention layer.
+
+        The text is the same at every step, so each layer projects it once per call and batch size.
+        """
+        key = (layer, batch, like.dtype, str(like.device))
+        if key not in self._region_kv:
+            texts = self.region_text(batch).to(like)
+            stack_k, stack_v = self.lora_stack(attn.to_k), self.lora_stack(attn.to_v)
+            self._region_kv[key] = (
+                [_heads(_projected(attn.to_k, text, stack_k, c), attn.heads) for c, text in enumerate(texts)],
+                [_heads(_projected(attn.to_v, text, stack_v, c), attn.heads) for c, text in enumerate(texts)])
+        return self._region_kv[key]
+
     def lora_stack(self, module: torch.nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor, list[float]]]:
         """Every concept's LoRA on ``module`` stacked for :func:`visadapt.kernels.routed_lora`.
 
@@ -121,6 +144,17 @@ class Composition:
         if key not in self._stacks:
             self._stacks[key] = _stack(module, self.adapter_names, self.weights)
         return self._stacks[key]
+
+
+class Routing(NamedTuple):
+    """Box tokens of one layer size, concept after concept: ``positions`` (T,) their token indices, ``owner`` (T,)
+    their concept, ``share`` (T,) 1 / (boxes covering the token); ``masks`` (n, N); ``covered`` (N,) in any box."""
+
+    masks: torch.Tensor
+    owner: torch.Tensor
+    positions: torch.Tensor
+    share: torch.Tensor
+    covered: torch.Tensor
 
 
 def _stack(module, names: Sequence[str], weights: Sequence[float]):
@@ -225,15 +259,11 @@ class ComposerAttnProcessor:
         k0, v0 = _heads(attn.to_k(context), attn.heads), _heads(attn.to_v(context), attn.heads)
         out = attn.to_out[0](_merge(F.scaled_dot_product_attention(q, k0, v0)))  # global prompt everywhere
 
-        masks = composition.masks(n_tokens, hidden_states.device)
-        texts = composition.region_text(batch).to(hidden_states)
+        route = composition.routing(n_tokens, hidden_states.device)
+        keys, values = composition.region_kv(self.name, attn, batch, hidden_states)
         capture = self._capturing(composition, n_tokens)
-        stacks = {part: composition.lora_stack(layer) for part, layer in
-                  (("k", attn.to_k), ("v", attn.to_v), ("o", attn.to_out[0]))}
-        pieces, owners, maps = [], [], []
-        for concept, mask in enumerate(masks):
-            k = _heads(_projected(attn.to_k, texts[concept], stacks["k"], concept), attn.heads)
-            v = _heads(_projected(attn.to_v, texts[concept], stacks["v"], concept), attn.heads)
+        pieces, maps = [], []
+        for k, v, mask in zip(keys, values, route.masks):
             if capture:  # the losses need this concept's map over the whole image, not only inside its box
                 region, probs = _attend(q, k, v, attn.scale, None, keep_probs=True)
                 maps.append(probs.mean(1))
@@ -241,18 +271,16 @@ class ComposerAttnProcessor:
             else:
                 region, _ = _attend(q[:, :, mask], k, v, attn.scale, None, keep_probs=False)
             pieces.append(_merge(region))
-            owners.append(torch.full((int(mask.sum()),), concept, device=q.device))
         if capture:
             composition.cross_maps[self.name] = torch.stack(maps, 1)
 
-        tokens, owner = torch.cat(pieces, 1), torch.cat(owners)
+        tokens = torch.cat(pieces, 1)
         projected = attn.to_out[0](tokens)
-        if stacks["o"] is not None:
-            a, b, scales = stacks["o"]
-            projected = projected + kernels.routed_lora(tokens, a, b, scales, owner.expand(batch, -1))
-        count = masks.sum(0)
-        positions = torch.cat([mask.nonzero()[:, 0] for mask in masks])
-        share = (1.0 / count[positions].to(projected.dtype))[None, :, None]
-        regional = torch.zeros_like(out).index_add(1, positions, projected * share)
-        out = torch.where((count > 0)[None, :, None], regional, out)
+        stack_o = composition.lora_stack(attn.to_out[0])
+        if stack_o is not None:
+            a, b, scales = stack_o
+            projected = projected + kernels.routed_lora(tokens, a, b, scales, route.owner.expand(batch, -1))
+        share = route.share.to(projected.dtype)[None, :, None]
+        regional = torch.zeros_like(out).index_add(1, route.positions, projected * share)
+        out = torch.where(route.covered[None, :, None], regional, out)
         return attn.to_out[1](out)

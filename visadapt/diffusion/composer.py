@@ -13,7 +13,7 @@ attention maps the processors captured at the loss resolution (H/32 for SD: ``lo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -57,9 +57,6 @@ class ComposerConfig:
     early_stop_from: int = 5
     gradient_checkpointing: bool = True
     isolation_bias: float = -1e6
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def step_sizes(self, n_steps: int) -> torch.Tensor:
         return self.step_size * torch.linspace(*self.step_decay, n_steps).sqrt()

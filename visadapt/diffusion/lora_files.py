@@ -142,21 +142,19 @@ def _quiet_loading() -> Iterator[None]:
             logger.setLevel(level)
 
 
-class keep_active_adapters:
-    """Context manager: restore each component's active adapters (or its disabled state) on exit."""
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", *TEXT_ENCODERS)
 
-    COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
-    def __init__(self, pipe) -> None:
-        self.pipe = pipe
-        self.saved = {name: active_adapters(getattr(pipe, name, None)) for name in self.COMPONENTS}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, active in self.saved.items():
-            set_active_adapters(getattr(self.pipe, name, None), active)
+@contextmanager
+def keep_active_adapters(pipe) -> Iterator[dict[str, list[str]]]:
+    """Yield each component's active adapters; restore them (or the disabled state) on exit."""
+    saved = {name: active_adapters(getattr(pipe, name, None)) for name in COMPONENTS}
+    try:
+        yield saved
+    finally:
+        for name, active in saved.items():
+            set_active_adapters(getattr(pipe, name, None), active)
 
 
 def _lora_layers(model):
