@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Sampler
 
@@ -52,6 +54,12 @@ def mixed_precision(precision: str) -> str:
     if precision not in ("no", "fp16", "bf16"):
         raise ValueError(f"precision must be auto, no, fp16 or bf16, got {precision!r}.")
     return precision
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    """The trainers' accelerator: ``split_batches`` keeps the global batch size whatever the process count."""
+    return Accelerator(mixed_precision=mixed_precision(precision),
+                       dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
 def check_run_dir(out: Path, resume: bool, config: dict, resume_free: set[str]) -> None:

@@ -27,14 +27,13 @@ import peft
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import visadapt
 from visadapt._io import staged_dir
-from visadapt.training import ShotBatches, check_run_dir, load_checkpoint, mixed_precision, save_checkpoint
+from visadapt.training import ShotBatches, check_run_dir, load_checkpoint, make_accelerator, save_checkpoint
 
 from .data import FewShot, ImageDataset, Split, load_split, sample_few_shot, save_json_atomic
 from .evaluate import ClipClassifier, adapter_disabled, top1
@@ -142,8 +141,7 @@ class FewShotTrainer:
         if config.shots < 1 or config.total_iters < 1 or config.batch_size < 1:
             raise ValueError("shots, iters and batch_size must be >= 1.")
         self._check_out_dir()
-        self.accelerator = Accelerator(mixed_precision=mixed_precision(config.precision),
-                                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+        self.accelerator = make_accelerator(config.precision)
         self.ckpt = self.out / "checkpoint"
 
     # ----------------------------------------------------------------------------------------------- setup

@@ -82,15 +82,6 @@ class Scene:
         return len(self.class_names)
 
 
-def _mat_keys(path: Path) -> list[str]:
-    import scipy.io
-
-    try:
-        return sorted(k for k, *_ in scipy.io.whosmat(str(path)))
-    except NotImplementedError:
-        return sorted(_h5py().File(path, "r").keys())
-
-
 def _h5py():
     try:
         import h5py
@@ -121,8 +112,8 @@ def load_array(path: Union[str, Path], key: Optional[str] = None) -> np.ndarray:
         raise DatasetLayoutError(f"{path}: expected a .mat, .npy or .npz file.")
     import scipy.io
 
-    try:
-        mat = scipy.io.loadmat(str(path))
+    try:  # only the requested variable: scene files may hold several large cubes
+        mat = scipy.io.loadmat(str(path), variable_names=[key] if key else None)
     except NotImplementedError:  # v7.3
         with _h5py().File(path, "r") as f:
             if key not in f:
@@ -131,7 +122,7 @@ def load_array(path: Union[str, Path], key: Optional[str] = None) -> np.ndarray:
     except ValueError as err:
         raise DatasetLayoutError(f"{path} is not a readable MATLAB file ({err}).") from err
     if key not in mat:
-        found = sorted(k for k in mat if not k.startswith("__"))
+        found = sorted(name for name, *_ in scipy.io.whosmat(str(path)))
         raise DatasetLayoutError(f"{path} has no variable {key!r}; it holds {found}. Pass one of them as the key "
                                  "(--data-key / --gt-key).")
     return mat[key]

@@ -37,14 +37,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import visadapt
 from visadapt._io import staged_dir
-from visadapt.training import ShotBatches, check_run_dir, load_checkpoint, mixed_precision, save_checkpoint
+from visadapt.training import ShotBatches, check_run_dir, load_checkpoint, make_accelerator, save_checkpoint
 from visadapt.fewshot.data import save_json_atomic
 
 from . import model as _models  # noqa: F401  (registers the timm models)
@@ -137,7 +137,7 @@ def predict_labels(model: nn.Module, patches: PatchSet, batch_size: int = 256, d
         device = accelerator.device
     was_training = model.training
     model.eval()
-    preds, probs = [], []
+    probs = []
     show = accelerator is None or accelerator.is_main_process
     for x, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not show, dynamic_ncols=True):
         x = x.to(device) if device is not None else x
@@ -172,8 +172,7 @@ class HSITrainer:
             raise ValueError("The peft backend puts plain LoRA on the sites (pass --plain-lora); the gated form is not "
                              "a peft layer, and peft trains only the LoRA factors (freeze 'official').")
         self._check_out_dir()
-        self.accelerator = Accelerator(mixed_precision=mixed_precision(c.precision),
-                                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+        self.accelerator = make_accelerator(c.precision)
         self.ckpt = self.out / "checkpoint"
 
     def _check_out_dir(self) -> None:
