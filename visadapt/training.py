@@ -112,3 +112,12 @@ def load_checkpoint(folder: Path, optimizer) -> tuple[dict, dict[str, torch.Tens
     optimizer.load_state_dict(opt_state)
     meta["rng"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     return meta, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def restore_rng(state: dict) -> None:
+    """Put back the RNG states a checkpoint saved (popped from ``state``), right before the resumed steps run."""
+    rng = state.pop("rng", {})
+    if "rng.cpu" in rng:
+        torch.set_rng_state(rng["rng.cpu"])
+    if "rng.cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["rng.cuda"])

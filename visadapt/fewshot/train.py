@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 import visadapt
 from visadapt._io import staged_dir
-from visadapt.training import ShotBatches, check_run_dir, load_checkpoint, make_accelerator, save_checkpoint
+from visadapt.training import (ShotBatches, check_run_dir, load_checkpoint, make_accelerator, restore_rng,
+                               save_checkpoint)
 
 from .data import FewShot, ImageDataset, Split, load_split, sample_few_shot, save_json_atomic
 from .evaluate import ClipClassifier, adapter_disabled, top1
@@ -222,11 +223,7 @@ class FewShotTrainer:
         glad = GladConfig(cfg.glad_rho, cfg.glad_alpha, cfg.glad_rule) if cfg.glad else None
         classifier.train()
         step, tick = state["step"], time.perf_counter()
-        rng = state.pop("rng", {})
-        if "rng.cpu" in rng:
-            torch.set_rng_state(rng["rng.cpu"])
-        if "rng.cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["rng.cuda"])
+        restore_rng(state)
         bar = tqdm(total=cfg.total_iters, initial=step, desc=f"train {cfg.method_name()}", unit="step",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         try:

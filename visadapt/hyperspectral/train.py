@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 import visadapt
 from visadapt._io import staged_dir
-from visadapt.training import ShotBatches, check_run_dir, load_checkpoint, make_accelerator, save_checkpoint
+from visadapt.training import (ShotBatches, check_run_dir, load_checkpoint, make_accelerator, restore_rng,
+                               save_checkpoint)
 from visadapt.fewshot.data import save_json_atomic
 
 from . import model as _models  # noqa: F401  (registers the timm models)
@@ -246,11 +247,7 @@ class HSITrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         model.train()
         step, tick = state["step"], time.perf_counter()
-        rng = state.pop("rng", {})
-        if "rng.cpu" in rng:
-            torch.set_rng_state(rng["rng.cpu"])
-        if "rng.cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["rng.cuda"])
+        restore_rng(state)
         bar = tqdm(total=total, initial=step, desc=f"train {c.model}", unit="batch", disable=not acc.is_main_process,
                    dynamic_ncols=True)
         try:
