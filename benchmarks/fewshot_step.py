@@ -69,7 +69,8 @@ import torch.nn.functional as F
 from _measure import MiB, PeakMemory, device_name, run_child
 
 from visadapt.fewshot.evaluate import ClipClassifier
-from visadapt.fewshot.model import METHODS, adapter_config, prompts, trainable_parameters
+from visadapt.fewshot.model import METHODS, adapter_config, prompts
+from visadapt.utils.modules import trainable_parameters
 
 RESULT_MARKER = "FEWSHOT_STEP_RESULT "  # prefix of the worker's JSON line on stdout
 LR, WEIGHT_DECAY = 2e-4, 1e-2

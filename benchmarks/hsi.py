@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import visadapt.hyperspectral  # noqa: F401  (registers the models)
-from visadapt.hyperspectral.model import count_parameters, set_trainable, trainable_parameters
+from visadapt.hyperspectral.model import count_parameters, set_trainable
+from visadapt.utils.modules import trainable_parameters
 from visadapt.hyperspectral.schedule import lola_param_groups
 
 PLACEMENTS = ("none", "attn", "attn_mlp", "all")
@@ -99,7 +100,8 @@ def main() -> None:
     print(f"device: {where} | torch {torch.__version__} | batch {args.batch} | input 15×15×15 | precision "
           f"{args.precision} | warmup {args.warmup}, timed steps {args.steps}")
     print("placement 'none' = no LoRA, every parameter trained (the spectral-only baseline); others: official freezing")
-    header = f"{'model':<20}{'placement':<11}{'total':>14}{'trainable':>14}{'train samples/s':>18}{'infer samples/s':>18}"
+    header = (f"{'model':<20}{'placement':<11}{'total':>14}{'trainable':>14}{'train samples/s':>18}"
+              f"{'infer samples/s':>18}")
     print(header)
     print("-" * len(header))
     for name in args.models.split(","):

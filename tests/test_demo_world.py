@@ -67,7 +67,8 @@ def test_write_task_layout_and_reuse(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_clip():
-    model, _, preprocess = open_clip.create_model_and_transforms(resolve_model_name(DEMO_MODEL))  # strict load: no missing keys
+    # A strict load: no missing keys.
+    model, _, preprocess = open_clip.create_model_and_transforms(resolve_model_name(DEMO_MODEL))
     return model, preprocess, open_clip.get_tokenizer(resolve_model_name(DEMO_MODEL))
 
 

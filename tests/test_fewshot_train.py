@@ -16,7 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from visadapt.fewshot.glad import GladConfig, glad_backward
-from visadapt.fewshot.train import ShotBatches, TrainConfig, train
+from visadapt.fewshot.train import TrainConfig, train
+from visadapt.training import ShotBatches
 from visadapt.pipelines import FewShotCLIPPipeline
 
 CLIP_CFG = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from visadapt.hyperspectral import GatedLoRALinear, LoRALinear, lola_peft_config, set_lora_enabled, set_trainable
 from visadapt.hyperspectral.lora import lora_layers
-from visadapt.hyperspectral.model import count_parameters, trainable_parameters
+from visadapt.hyperspectral.model import count_parameters
+from visadapt.utils.modules import trainable_parameters
 from visadapt.hyperspectral.schedule import LoLASchedule, cosine_factor, lola_param_groups, lr_at_epoch
 
 # specs/lola_specvit.md §5: total and trainable (official freezing) parameters of the released configuration.

@@ -17,8 +17,8 @@ def _env(_: argparse.Namespace) -> int:
 
     print(f"visadapt {__version__} (adapter format {ADAPTER_FORMAT_VERSION})")
     print(f"python {platform.python_version()} on {platform.platform()}")
-    for dist in ("torch", "torchvision", "peft", "timm", "open_clip_torch", "diffusers", "transformers",
-                 "accelerate", "safetensors", "gradio"):
+    for dist in ("torch", "torchvision", "triton", "peft", "timm", "open_clip_torch", "diffusers", "transformers",
+                 "accelerate", "safetensors", "gradio", "numpy", "scipy", "matplotlib", "tqdm", "pillow"):
         try:
             print(f"{dist} {md.version(dist)}")
         except md.PackageNotFoundError:
@@ -57,8 +57,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from visadapt.utils import TrainingDiverged
+
     try:
         return args.func(args)
+    except TrainingDiverged as err:  # the step and the cause; nothing was written
+        print(f"visadapt: {err}", file=sys.stderr)
+        return 3
     except (ValueError, OSError) as err:  # user errors: bad paths, layouts, settings; the message names the fix
         if os.environ.get("VISADAPT_DEBUG"):
             raise

@@ -1,23 +1,41 @@
-"""What every task trainer shares: seeded resumable batches, the precision switch, the run folder's resume checks and
-the atomic checkpoint (model tensors, optimizer state and RNG states in safetensors, the rest in JSON).
+"""The one training loop every task shares: :class:`Trainer`, on accelerate.
 
-A task trainer (``visadapt.fewshot.train``, ``visadapt.hyperspectral.train``) builds its model, data and loop on
-accelerate and calls these, so ``--resume`` behaves the same in every task.
+A task trainer subclasses :class:`Trainer` and writes only its own math: :meth:`Trainer.setup` (data, model,
+optimizer, schedule), :meth:`Trainer.compute_loss` (one batch), :meth:`Trainer.evaluate` (the results) and
+:meth:`Trainer.write_outputs` (its files). The loop owns the rest, the same way in every task:
+
+- ``accelerator.prepare``, ``accelerator.accumulate`` (gradient accumulation, no DDP sync on micro-batches),
+  autocast / ``--precision``, gradient clipping;
+- batches that are a function of (seed, step) (:class:`ShotBatches`), so a resumed run sees the same batches;
+- a tqdm bar, the loss / learning-rate history, per-step callbacks;
+- a NaN / inf guard: a non-finite loss or weight stops the run with the step and the cause
+  (:class:`~visadapt.utils.TrainingDiverged`), and no result is written;
+- the run folder: ``run_config.json`` (the whole config), periodic and Ctrl-C checkpoints written atomically as one
+  folder (weights, optimizer, schedule, RNG and history; ``resume=True`` continues bit-exactly), then
+  ``results.json``, ``training_curve.png`` and ``report.md``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
+import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
-from visadapt._io import staged_dir
+from visadapt.utils import TrainingDiverged, recover_dir, replace_dir, save_json_atomic, write_text_atomic
+
+StepCallback = Callable[[int, dict], None]
+RUN_CONFIG = "run_config.json"
 
 
 class ShotBatches(Sampler):
@@ -25,19 +43,29 @@ class ShotBatches(Sampler):
 
     Epoch e visits the items in a permutation drawn from (seed, e); an epoch's last batch may be short (CLIP-LoRA
     keeps partial batches). Everything is a function of (seed, step), so a resumed run sees the same batches.
+    With ``drop_singleton`` an epoch's last batch is dropped when it would hold one item (BatchNorm cannot train
+    on one sample); :meth:`batches_per_epoch` counts what remains.
     """
 
-    def __init__(self, n_items: int, batch_size: int, total: int, seed: int, start: int = 0) -> None:
+    def __init__(self, n_items: int, batch_size: int, total: int, seed: int, start: int = 0,
+                 drop_singleton: bool = False) -> None:
         self.n_items, self.batch_size, self.total, self.seed, self.start = n_items, batch_size, total, seed, start
+        self.drop_singleton = drop_singleton
+
+    @staticmethod
+    def batches_per_epoch(n_items: int, batch_size: int, drop_singleton: bool = False) -> int:
+        full, rest = divmod(n_items, batch_size)
+        return full + (rest > (1 if drop_singleton else 0))
 
     def __len__(self) -> int:
         return self.total - self.start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step, epoch = 0, 0
+        per_epoch = self.batches_per_epoch(self.n_items, self.batch_size, self.drop_singleton)
         while True:
             order = torch.randperm(self.n_items, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            for begin in range(0, self.n_items, self.batch_size):
+            for begin in range(0, per_epoch * self.batch_size, self.batch_size):
                 if step >= self.total:
                     return
                 if step >= self.start:
@@ -56,26 +84,22 @@ def mixed_precision(precision: str) -> str:
     return precision
 
 
-def make_accelerator(precision: str) -> Accelerator:
-    """The trainers' accelerator: ``split_batches`` keeps the global batch size whatever the process count."""
-    return Accelerator(mixed_precision=mixed_precision(precision),
-                       dataloader_config=DataLoaderConfiguration(split_batches=True))
-
-
-def check_run_dir(out: Path, resume: bool, config: dict, resume_free: set[str]) -> None:
-    """Refuse to overwrite a run, to resume what cannot be resumed, or to resume with other settings.
-
-    ``config`` is the new run's settings as JSON; keys in ``resume_free`` may change between sessions.
-    """
+def check_run_dir(out: Path, resume: bool, config: dict, resume_free: set[str] | frozenset[str]) -> None:
+    """Refuse to overwrite a run, to write into a folder that is not a run, to resume what cannot be resumed, or to
+    resume with other settings. ``config`` is the new run's settings as JSON; keys in ``resume_free`` may change."""
+    recover_dir(out / "checkpoint")
     started = (out / "checkpoint").exists() or (out / "results.json").exists()
     if started and not resume:
         raise FileExistsError(f"{out} already holds a run. Pass --resume to continue it, or choose a new --out.")
+    if not started and out.is_dir() and not (out / RUN_CONFIG).exists() and _user_files(out):
+        raise FileExistsError(f"{out} holds files that are not a visadapt run ({', '.join(_user_files(out)[:3])}"
+                              "…); choose a new or empty --out.")
     if resume and (out / "results.json").exists() and not (out / "checkpoint").exists():
         raise FileExistsError(f"{out} holds a finished run (results.json); there is nothing to resume.")
     if resume and not started:
         raise FileNotFoundError(f"--resume: {out} holds no checkpoint to resume from.")
     if resume:
-        saved = json.loads((out / "run_config.json").read_text())
+        saved = json.loads((out / RUN_CONFIG).read_text())
         changed = sorted(k for k in config if k not in resume_free and saved.get(k) != config[k])
         if changed:
             diff = ", ".join(f"{k}: {saved.get(k)!r} → {config[k]!r}" for k in changed)
@@ -83,19 +107,22 @@ def check_run_dir(out: Path, resume: bool, config: dict, resume_free: set[str]) 
                              "settings, or start a new run in another --out.")
 
 
-def save_checkpoint(accelerator, folder: Path, model_tensors: dict[str, torch.Tensor], optimizer,
-                    meta: dict) -> None:
-    """Write the checkpoint atomically from the main process: ``state.safetensors`` + ``state.json``."""
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
+def _user_files(out: Path) -> list[str]:
+    """What a folder holds besides what a run writes before its first checkpoint (demo data, split files)."""
+    ours = {"data", "fewshot_split.json", "split.json"}
+    return sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("."))
+
+
+def save_checkpoint(folder: Path, model_tensors: dict[str, torch.Tensor], optimizer, meta: dict) -> None:
+    """Write ``state.safetensors`` (model, optimizer and RNG tensors) + ``state.json`` as one folder that replaces
+    the previous checkpoint in a single rename, so a reader never mixes the files of two steps."""
     opt_state = optimizer.state_dict()
     tensors = {f"optimizer.{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()}
     tensors.update({f"model.{name}": t.detach() for name, t in model_tensors.items()})
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    with staged_dir(folder) as stage:
+    with replace_dir(folder) as stage:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, stage / "state.safetensors")
         (stage / "state.json").write_text(json.dumps({**meta, "param_groups": opt_state["param_groups"]}))
 
@@ -121,3 +148,222 @@ def restore_rng(state: dict) -> None:
         torch.set_rng_state(rng["rng.cpu"])
     if "rng.cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["rng.cuda"])
+
+
+def check_finite(named_tensors: Any, step: int) -> None:
+    """Raise :class:`TrainingDiverged` naming the first tensor holding a NaN or inf."""
+    for name, tensor in named_tensors:
+        if not torch.isfinite(tensor).all():
+            kind = "NaN" if torch.isnan(tensor).any() else "inf"
+            raise TrainingDiverged(f"Training diverged at step {step}: weight {name} holds {kind}. Nothing was "
+                                   "written; lower the learning rate (--lr) and start again.")
+
+
+class Trainer:
+    """One training run into ``out_dir``, on accelerate. Subclass it and fill in the hooks below.
+
+    The config is a dataclass with at least ``seed``, ``batch_size``, ``precision``, ``workers`` and
+    ``checkpoint_every`` (steps; None: about ten per run), and optionally ``grad_accum`` and ``grad_clip``; its
+    ``to_json()`` is what ``run_config.json`` records and what ``--resume`` compares (but ``resume_free``).
+    A step is one batch (one micro-batch under gradient accumulation).
+    """
+
+    #: config fields that may change between an interrupted run and its resumption
+    resume_free: ClassVar[frozenset[str]] = frozenset({"checkpoint_every", "workers", "eval_batch_size",
+                                                       "precision"})
+    #: what the tqdm bar and the messages call a step
+    step_unit: ClassVar[str] = "step"
+    #: drop an epoch's last batch when it holds a single item (models with BatchNorm)
+    drop_singleton_batches: ClassVar[bool] = False
+
+    # Set by setup(): the module to train (prepared by accelerate), its optimizer, a per-step schedule with
+    # ``state_dict``/``load_state_dict``/``get_last_lr``, the training set (indexed by (index, augmentation seed)
+    # when ``collate_fn``'s dataset wants it) and the number of steps.
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_set: Dataset
+    total_steps: int
+    collate_fn: Optional[Callable] = None
+
+    def __init__(self, config, out_dir: str | Path, resume: bool = False,
+                 callbacks: Sequence[StepCallback] = ()) -> None:
+        self.cfg, self.out, self.resume, self.callbacks = config, Path(out_dir), resume, list(callbacks)
+        self.grad_accum = int(getattr(config, "grad_accum", 1))
+        if config.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be >= 1.")
+        self.validate()
+        check_run_dir(self.out, resume, config.to_json(), self.resume_free)
+        self.accelerator = Accelerator(mixed_precision=mixed_precision(config.precision),
+                                       gradient_accumulation_steps=self.grad_accum,
+                                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+        self.ckpt = self.out / "checkpoint"
+
+    # --------------------------------------------------------------------------------------- what a task writes
+    def validate(self) -> None:
+        """Reject a config that cannot run, before anything is written (``ValueError`` naming the fix)."""
+
+    def setup(self) -> None:
+        """Load the data, build the model; set ``model``, ``optimizer``, ``scheduler``, ``train_set`` and
+        ``total_steps``. Runs after the seed is set, before anything is written to the run folder."""
+        raise NotImplementedError
+
+    def save_inputs(self) -> None:
+        """Write what defines the run besides its config (e.g. the few-shot draw), on the main process."""
+
+    def before_training(self, state: dict) -> None:
+        """Runs once the model is prepared; may add entries to ``state`` (saved with every checkpoint)."""
+
+    def compute_loss(self, batch) -> torch.Tensor:
+        """The training loss of one batch (under autocast)."""
+        raise NotImplementedError
+
+    def backward(self, batch) -> torch.Tensor:
+        """Loss and backward of one batch; returns the detached loss. Override for multi-pass rules (SAM, GLAD)."""
+        with self.accelerator.autocast():
+            loss = self.compute_loss(batch)
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of the model: its trainable parameters (override to keep buffers too)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        named = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        unknown = sorted(set(tensors) - set(named))
+        if unknown:
+            raise ValueError(f"The checkpoint in {self.ckpt} does not fit this model (unknown {unknown[:3]}).")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                named[name].copy_(value)
+
+    def evaluate(self, state: dict) -> dict:
+        """Score the trained model; returns the task's results (the trainer adds timings and the environment)."""
+        raise NotImplementedError
+
+    def write_outputs(self, results: dict, state: dict) -> None:
+        """Write the task's files (model or adapter through its pipeline, figures), on the main process."""
+
+    def report(self, results: dict) -> str:
+        """``report.md``'s Markdown."""
+        return f"# Run\n\n```json\n{json.dumps(results, indent=1)}\n```\n\n![training curve](training_curve.png)\n"
+
+    def curve_title(self) -> str:
+        return ""
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        self._started = time.perf_counter()
+        set_seed(cfg.seed)
+        self.setup()
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_json_atomic(cfg.to_json(), self.out / RUN_CONFIG)
+            self.save_inputs()
+        state = self._restore() if self.resume else {"step": 0, "history": []}
+        self.model = acc.prepare(self.model)
+        self.before_training(state)
+        sampler = ShotBatches(len(self.train_set), cfg.batch_size, self.total_steps, cfg.seed, start=state["step"],
+                              drop_singleton=self.drop_singleton_batches)
+        # Its own generator keeps the loader off the global RNG, which drives dropout and must resume exactly.
+        loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate_fn,
+                            num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
+        self.optimizer, loader = acc.prepare(self.optimizer, loader)
+        self._fit(loader, state)
+        check_finite(self.checkpoint_tensors().items(), state["step"])
+        results = self.evaluate(state)
+        results.update(self._run_facts(state))
+        if acc.is_main_process:
+            self._finish(results, state)
+        acc.wait_for_everyone()
+        return results
+
+    def _fit(self, loader, state: dict) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        every = cfg.checkpoint_every or max(self.grad_accum, self.total_steps // 10)
+        clip = getattr(cfg, "grad_clip", None)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.train()
+        step, tick = state["step"], time.perf_counter()
+        restore_rng(state)
+        bar = tqdm(total=self.total_steps, initial=step, desc=f"train {self.curve_title()}".strip(),
+                   unit=self.step_unit, disable=not acc.is_main_process, dynamic_ncols=True)
+        try:
+            for batch in loader:
+                with acc.accumulate(self.model):
+                    loss = self.backward(batch)
+                    if clip and acc.sync_gradients:
+                        acc.clip_grad_norm_(params, clip)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                lr = self.scheduler.get_last_lr()[0]
+                self.scheduler.step()
+                step += 1
+                record = {"step": step, "loss": acc.reduce(loss, "mean").item(), "lr": lr, **self.step_facts(step)}
+                if not math.isfinite(record["loss"]):
+                    raise TrainingDiverged(f"Training diverged at step {step}: the loss is {record['loss']}. Nothing "
+                                           "was written; lower the learning rate (--lr) and start again.")
+                state["history"].append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+                for callback in self.callbacks:
+                    callback(step, record)
+                if step % every == 0 and step % self.grad_accum == 0 and step < self.total_steps:
+                    self._save_checkpoint(state, step, tick)
+        except KeyboardInterrupt:
+            if step % self.grad_accum == 0:
+                self._save_checkpoint(state, step, tick)
+                acc.print(f"\nInterrupted at {self.step_unit} {step}/{self.total_steps}; checkpoint saved. "
+                          "Continue with the same command plus --resume.")
+            else:
+                acc.print(f"\nInterrupted inside a gradient accumulation at {self.step_unit} {step}/"
+                          f"{self.total_steps}; --resume continues from the last checkpoint.")
+            raise
+        finally:
+            bar.close()
+        state["step"] = step
+        state["train_time_s"] = state.get("train_time_s", 0.0) + time.perf_counter() - tick
+
+    def step_facts(self, step: int) -> dict:
+        """Extra entries of a step's history record (e.g. the epoch)."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, state: dict, step: int, tick: float) -> None:
+        tensors = self.checkpoint_tensors()
+        check_finite(tensors.items(), step)
+        meta = {**state, "step": step, "scheduler": self.scheduler.state_dict(),
+                "train_time_s": state.get("train_time_s", 0.0) + time.perf_counter() - tick,
+                # Times of earlier sessions carry over, so a resumed run reports its whole cost.
+                "wall_time_s": state.get("wall_time_s", 0.0) + time.perf_counter() - self._started}
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.ckpt, tensors, self.optimizer, meta)
+
+    def _restore(self) -> dict:
+        meta, tensors = load_checkpoint(self.ckpt, self.optimizer)
+        self.load_checkpoint_tensors(tensors)
+        self.scheduler.load_state_dict(meta.pop("scheduler"))
+        return meta
+
+    # ----------------------------------------------------------------------------------------------- outputs
+    def _run_facts(self, state: dict) -> dict:
+        import visadapt
+
+        acc = self.accelerator
+        return {"train_wall_time_s": state.get("train_time_s", 0.0),
+                "wall_time_s": state.get("wall_time_s", 0.0) + time.perf_counter() - self._started,
+                "device": str(acc.device), "num_processes": acc.num_processes, "precision": acc.mixed_precision,
+                "visadapt_version": visadapt.__version__}
+
+    def _finish(self, results: dict, state: dict) -> None:
+        from visadapt.utils.figures import plot_training_curve
+
+        self.write_outputs(results, state)
+        plot_training_curve(state["history"], self.out / "training_curve.png", title=self.curve_title())
+        save_json_atomic(results, self.out / "results.json")
+        write_text_atomic(self.report(results), self.out / "report.md")
+        shutil.rmtree(self.ckpt, ignore_errors=True)  # the run is complete: the checkpoint only served resumption

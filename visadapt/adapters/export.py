@@ -20,7 +20,7 @@ from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from visadapt._io import staged_dir
+from visadapt.utils import staged_dir
 
 from .layer import LowRankLayer, LowRankMultiheadAttention
 from .model import regex_for_modules

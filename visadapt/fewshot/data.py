@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from visadapt.utils import DatasetLayoutError, save_json_atomic  # noqa: F401  (re-exported)
 
 COOP_DATASETS_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 # torchvision ImageFolder's list, so that ImageNet items (and hence few-shot draws) match CLIP-LoRA's.
@@ -77,10 +78,6 @@ class FewShot:
             return [Item(Path(path), int(label), str(classname)) for path, label, classname in rows]
 
         return cls(items(d["train"]), items(d["val"]))
-
-
-class DatasetLayoutError(ValueError):
-    """The files under ``root`` do not match the expected layout; the message shows that layout."""
 
 
 @dataclass(frozen=True)
@@ -486,19 +483,3 @@ class ImageDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(aug_seed)
             return self.transform(image), item.label
-
-
-def save_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` as JSON so that ``path`` is never seen half-written: a temp file in the same folder, renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -19,11 +19,8 @@ import torch.nn.functional as F
 
 import visadapt
 
-DEMO_MODEL = "visadapt-demo-clip"  # the tiny CLIP shipped in visadapt/fewshot/demo_clip (see world.py)
-TEMPLATE = "a photo of a {}."
-LOGIT_SCALE = 100.0
-METHODS = ("lora", "block-lora", "comp-lora")
-TOWERS = ("vision", "text")
+from .config import DEMO_MODEL, LOGIT_SCALE, METHODS, TEMPLATE, TOWERS  # noqa: F401  (re-exported)
+
 _TOWER_PATTERNS = {"vision": r"visual\.transformer\.resblocks\.{layer}\.attn",
                    "text": r"transformer\.resblocks\.{layer}\.attn"}
 
@@ -116,10 +113,6 @@ def peft_config_from_file(path: str | Path) -> peft.PeftConfig:
         raise ValueError(f"--peft-config {path}: set 'target_modules', e.g. {attention_regex()!r} for CLIP-LoRA's "
                          "attention blocks or [\"c_fc\", \"c_proj\"] for the MLPs.")
     return peft.get_peft_config(data)
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

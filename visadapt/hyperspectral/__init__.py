@@ -1,9 +1,21 @@
-"""Hyperspectral classification with LoLA-SpecViT (specs/lola_specvit.md).
+"""Hyperspectral classification with LoLA-SpecViT (Lou et al., 2025), as timm models with LoRA.
 
-Importing this package registers the ``lola_specvit_*`` models with timm.
+``import visadapt`` registers the ``lola_specvit_*`` models with timm (when timm is imported). The names below load
+on first use, so the command line does not import torch to answer ``--help``.
 """
 
-from .lora import GatedLoRALinear, LoRALinear, lola_peft_config, set_lora_enabled
-from .model import LoLASpecViT, set_trainable
+from __future__ import annotations
 
-__all__ = ["GatedLoRALinear", "LoRALinear", "LoLASpecViT", "lola_peft_config", "set_lora_enabled", "set_trainable"]
+import importlib
+from typing import Any
+
+_HOMES = {"GatedLoRALinear": ".lora", "LoRALinear": ".lora", "lola_peft_config": ".lora",
+          "set_lora_enabled": ".lora", "LoLASpecViT": ".model", "set_trainable": ".model"}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name], __name__), name)

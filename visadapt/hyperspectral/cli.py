@@ -1,31 +1,32 @@
-"""``visadapt hsi train | eval | predict``."""
+"""``visadapt hsi train | eval | predict``.
+
+The options of ``train`` are the fields of :class:`visadapt.hyperspectral.config.HSITrainConfig`. Task modules
+(torch, timm) are imported when a command runs, so ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from visadapt.utils.cli import add_config_arguments, config_from_args, typed_by_user
 
-def _fraction_or_count(text: str):
-    value = float(text)
-    return int(value) if value >= 1 and value == int(value) and "." not in text else value
+from .config import DATASET_NAMES, HSITrainConfig
+
+_HELP = argparse.ArgumentDefaultsHelpFormatter
+_DEMO_FIXED = ("dataset", "root", "data", "data_key", "gt", "gt_key", "class_names")
 
 
 def _add_scene_args(p: argparse.ArgumentParser) -> None:
-    from .data import DATASETS
-
     g = p.add_argument_group("scene")
-    g.add_argument("--dataset", choices=sorted(DATASETS), help="a known dataset, read from --root by its usual file "
-                                                               "names and .mat keys")
+    g.add_argument("--dataset", choices=DATASET_NAMES, help="a known dataset, read from --root by its usual file "
+                                                            "names and .mat keys")
     g.add_argument("--root", help="folder holding the dataset's files (or data/, Matlab_data_format/ under it)")
-    g.add_argument("--data", help="cube file: .mat (with --data-key), .npz (with --data-key) or .npy; (H, W, bands)")
-    g.add_argument("--data-key", help="variable of the cube in --data")
+    g.add_argument("--data", help="cube file (H, W, bands): .mat, .npz or .npy")
+    g.add_argument("--data-key", help="variable of the cube in --data (needed when the file holds several)")
     g.add_argument("--gt", help="ground-truth file (H, W), 0 = unlabelled, 1..K")
-    g.add_argument("--gt-key", help="variable of the ground truth in --gt")
-    g.add_argument("--class-names", type=lambda s: [x.strip() for x in s.split(",")], default=None,
-                   help="comma-separated, label 1 first (known datasets have theirs)")
+    g.add_argument("--gt-key", help="variable of the ground truth in --gt (needed when the file holds several)")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -35,112 +36,55 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     sub = hsi.add_subparsers(dest="hsi_command", metavar="COMMAND", required=True)
 
     train = sub.add_parser("train", help="train one run and write results.json, the model and the class map",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--demo", action="store_true", help="generate a synthetic ~100-band scene and train a tiny "
-                                                           "model on it (no download; about a minute on 2 CPU cores)")
-    _add_scene_args(train)
+                           formatter_class=_HELP)
+    train.add_argument("--demo", action="store_true",
+                       help="generate a synthetic ~100-band scene and train a tiny model on it (no download; about "
+                            "a minute on 2 CPU cores); the other options still apply, except the scene's")
     train.add_argument("--out", required=True, help="run folder")
     train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    m = train.add_argument_group("model")
-    m.add_argument("--model", default="lola_specvit_base", help="timm model: lola_specvit_base | _small | _tiny")
-    m.add_argument("--lora-placement", choices=["none", "attn", "attn_mlp", "all"], default="all",
-                   help="LoRA sites: attention; + MLP; + classifier head")
-    m.add_argument("--plain-lora", action="store_true", help="plain LoRA at the block sites instead of the gated "
-                                                             "LoRA with full-rank residual")
-    m.add_argument("--lora-backend", choices=["builtin", "peft"], default="builtin",
-                   help="peft: plain LoRA through peft.get_peft_model (needs --plain-lora), merged when saved")
-    m.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the model's; 16 for base)")
-    m.add_argument("--alpha", type=float, default=None, help="LoRA alpha, scale = alpha / rank")
-    m.add_argument("--zero-init", action="store_true", help="LoRA B and R start at zero (standard LoRA) instead of "
-                                                            "the release's global trunc-normal init")
-    m.add_argument("--freeze", choices=["official", "standard", "full"], default="official",
-                   help="official: only LoRA trains (the release); standard: only the LoRA-wrapped base linears are "
-                        "frozen; full: everything trains")
-    m.add_argument("--official-axis-permute", action="store_true", help="feed [B, H, W, C] as the release does")
-    m.add_argument("--cycle-lora-scale", action="store_true", help="assumption: cycle the LoRA scale with the "
-                                                                   "restarts (see visadapt.hyperspectral.schedule)")
-    d = train.add_argument_group("data")
-    d.add_argument("--pca", type=int, default=15, help="whitened PCA components")
-    d.add_argument("--patch", type=int, default=15, help="patch size (odd)")
-    d.add_argument("--padding", choices=["reflect", "zero"], default="reflect", help="zero = the release")
-    d.add_argument("--input-norm", choices=["none", "patch", "band"], default="none",
-                   help="per-sample z-score of patches; band = the release's (removes each band's patch mean)")
-    d.add_argument("--train", type=_fraction_or_count, default=0.1, help="training pixels: fraction (<1) or count "
-                                                                         "per class")
-    d.add_argument("--val", type=_fraction_or_count, default=0, help="validation: fraction or count per class of "
-                                                                     "the training pixels")
-    d.add_argument("--split-seed", type=int, default=345)
-    d.add_argument("--split-file", help="reuse the training pixels of another run (its split.json)")
-    o = train.add_argument_group("optimisation")
-    o.add_argument("--seed", type=int, default=345)
-    o.add_argument("--epochs", type=int, default=100)
-    o.add_argument("--batch-size", type=int, default=32)
-    o.add_argument("--grad-accum", type=int, default=2)
-    o.add_argument("--lr", type=float, default=2e-5)
-    o.add_argument("--weight-decay", type=float, default=0.01)
-    o.add_argument("--warmup-epochs", type=int, default=5)
-    o.add_argument("--t0", type=float, default=10.0, help="first SGDR cycle (epochs)")
-    o.add_argument("--t-mult", type=int, default=2)
-    o.add_argument("--eta-min", type=float, default=1e-6)
-    o.add_argument("--lora-lr-scale", type=float, default=1.0, help="λ on the cosine part of the LoRA group's lr "
-                                                                     "(2.0 = the model file's unused scheduler)")
-    o.add_argument("--label-smoothing", type=float, default=0.1)
-    o.add_argument("--grad-clip", type=float, default=0.5)
-    o.add_argument("--precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
-                   help="auto: fp16 autocast on CUDA, fp32 on CPU")
-    o.add_argument("--checkpoint-every", type=int, default=None, help="batches (default: a tenth of the run)")
-    o.add_argument("--eval-batch-size", type=int, default=256)
-    o.add_argument("--no-class-map", action="store_true", help="skip predicting every pixel of the scene")
-    o.add_argument("--workers", type=int, default=0)
+    add_config_arguments(train, HSITrainConfig)
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="OA / AA / κ of a trained run on its test pixels (or on another scene)")
+    ev = sub.add_parser("eval", help="OA / AA / κ of a trained run on its test pixels (or on another scene)",
+                        formatter_class=_HELP)
     ev.add_argument("run", help="run folder written by `visadapt hsi train`")
     _add_scene_args(ev)
     ev.add_argument("--all-labelled", action="store_true", help="score every labelled pixel, not the run's test split")
-    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=256, help="pixels per batch")
     ev.add_argument("--json", help="also write the scores to this file")
     ev.set_defaults(func=_eval)
 
-    pr = sub.add_parser("predict", help="class map of a cube with a trained run")
+    pr = sub.add_parser("predict", help="class map of a cube with a trained run", formatter_class=_HELP)
     pr.add_argument("run", help="run folder written by `visadapt hsi train`")
     pr.add_argument("--data", required=True, help="cube file (.mat, .npz, .npy), (H, W, bands)")
-    pr.add_argument("--data-key", help="variable of the cube in --data")
-    pr.add_argument("--gt", help="optional ground truth to show next to the map")
-    pr.add_argument("--gt-key")
-    pr.add_argument("--out", required=True, help="output PNG; the labels go next to it as .npy")
-    pr.add_argument("--batch-size", type=int, default=256)
+    pr.add_argument("--data-key", help="variable of the cube in --data (needed when the file holds several)")
+    pr.add_argument("--gt", help="ground truth to draw next to the prediction")
+    pr.add_argument("--gt-key", help="variable of the ground truth in --gt (needed when the file holds several)")
+    pr.add_argument("--out", required=True, help="the figure (PNG: the class map with its legend, next to --gt if "
+                                                 "given); the bare map goes beside it as <name>_pred.png and the "
+                                                 "labels as <name>.npy")
+    pr.add_argument("--batch-size", type=int, default=256, help="pixels per batch")
     pr.set_defaults(func=_predict)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import HSITrainConfig, train
+    from dataclasses import fields
 
     if args.demo:
+        fixed = [name for name in _DEMO_FIXED if typed_by_user(args, name)]
+        if fixed or args.config:
+            given = ", ".join("--" + n.replace("_", "-") for n in fixed) or "--config"
+            raise ValueError(f"--demo brings its own scene; drop {given}, or train without --demo.")
         from .demo import run_demo
 
-        r = run_demo(args.out, resume=args.resume)
+        config = config_from_args(HSITrainConfig, args)
+        typed = {f.name: getattr(config, f.name) for f in fields(HSITrainConfig) if typed_by_user(args, f.name)}
+        r = run_demo(args.out, resume=args.resume, **typed)
         print(f"demo: OA {r['OA']:.2f}%  AA {r['AA']:.2f}%  κ {r['kappa']:.2f}")
         return 0
-    if not (args.dataset and args.root) and not (args.data and args.gt):
-        print("visadapt hsi train: pass --dataset and --root, or --data and --gt (with their keys), or --demo.",
-              file=sys.stderr)
-        return 2
-    config = HSITrainConfig(
-        dataset=args.dataset, root=args.root, data=args.data, data_key=args.data_key, gt=args.gt, gt_key=args.gt_key,
-        class_names=args.class_names, model=args.model, lora_placement=args.lora_placement,
-        lora_gate_residual=not args.plain_lora, lora_r=args.rank, lora_alpha=args.alpha,
-        official_init=not args.zero_init, official_axis_permute=args.official_axis_permute,
-        cycle_lora_scale=args.cycle_lora_scale, lora_backend=args.lora_backend, freeze=args.freeze,
-        pca_components=args.pca, patch_size=args.patch, padding=args.padding, input_norm=args.input_norm, train=args.train, val=args.val,
-        split_seed=args.split_seed, split_file=args.split_file, seed=args.seed, epochs=args.epochs,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, t0=args.t0, t_mult=args.t_mult, eta_min=args.eta_min,
-        lora_lr_scale=args.lora_lr_scale, label_smoothing=args.label_smoothing, grad_clip=args.grad_clip or None,
-        precision=args.precision, checkpoint_every=args.checkpoint_every, eval_batch_size=args.eval_batch_size,
-        class_map=not args.no_class_map, workers=args.workers,
-    )
-    r = train(config, args.out, resume=args.resume)
+    from .train import train
+
+    r = train(config_from_args(HSITrainConfig, args), args.out, resume=args.resume)
     print(f"{r['dataset']}: OA {r['OA']:.2f}%  AA {r['AA']:.2f}%  κ {r['kappa']:.2f}; results in {args.out}")
     return 0
 
@@ -159,10 +103,10 @@ def _scene_for_run(args: argparse.Namespace, run: Path):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from visadapt.fewshot.data import save_json_atomic
-    from visadapt.pipelines import HyperspectralPipeline
+    from visadapt.utils import save_json_atomic
 
     from .data import Split
+    from .pipeline import HyperspectralPipeline
 
     run = Path(args.run)
     pipe = HyperspectralPipeline.from_pretrained(run)
@@ -184,25 +128,29 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from visadapt.pipelines import HyperspectralPipeline
+    from visadapt.utils import atomic_path
 
     from .data import load_array, scene_from_arrays
     from .metrics import plot_class_map, save_class_map_png
+    from .pipeline import HyperspectralPipeline
 
+    figure = Path(args.out)
+    if figure.suffix.lower() != ".png":
+        raise ValueError(f"--out {figure}: name the figure's PNG file (e.g. map.png).")
     pipe = HyperspectralPipeline.from_pretrained(args.run)
     cube = load_array(args.data, args.data_key)
+    name = Path(args.data).stem
+    gt = None
+    if args.gt:  # read before the long prediction, so a wrong path fails at once
+        gt = scene_from_arrays(cube, load_array(args.gt, args.gt_key), name, pipe.class_names).gt
     out = pipe(cube, batch_size=args.batch_size)
-    png = Path(args.out)
     k = len(pipe.class_names)
-    if args.gt:
-        scene = scene_from_arrays(cube, load_array(args.gt, args.gt_key), Path(args.data).stem, pipe.class_names)
-        plot_class_map(out.class_map, scene.gt, pipe.class_names, png, title=Path(args.data).stem)
-        save_class_map_png(out.class_map, k, png.with_name(png.stem + "_pred.png"))
-    else:
-        save_class_map_png(out.class_map, k, png)
-    np.save(png.with_suffix(".npy"), out.class_map.astype(np.int16))
+    plot_class_map(out.class_map, gt, pipe.class_names, figure,
+                   title=f"{name}: {out.class_map.shape[0]}×{out.class_map.shape[1]} pixels, {Path(args.run).name}")
+    save_class_map_png(out.class_map, k, figure.with_name(figure.stem + "_pred.png"))
+    with atomic_path(figure.with_suffix(".npy")) as tmp:
+        np.save(tmp, out.class_map.astype(np.int16))
     counts = np.bincount(out.class_map.ravel(), minlength=k + 1)[1:]
-    print(f"class map {out.class_map.shape[0]}×{out.class_map.shape[1]} written to {png} (labels in "
-          f"{png.with_suffix('.npy')}); pixels per class: "
-          + ", ".join(f"{n} {c}" for n, c in zip(pipe.class_names, counts)))
+    print(f"class map written to {figure} (bare map {figure.stem}_pred.png, labels {figure.with_suffix('.npy')}); "
+          "pixels per class: " + ", ".join(f"{n} {c}" for n, c in zip(pipe.class_names, counts)))
     return 0

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from visadapt.fewshot.data import DatasetLayoutError, save_json_atomic
+from visadapt.utils import DatasetLayoutError, save_json_atomic
 
 __all__ = ["DATASETS", "Scene", "DatasetLayoutError", "load_scene", "load_array", "fit_pca", "PCA",
            "PatchSet", "stratified_split", "Split", "standardize"]
@@ -91,8 +91,20 @@ def _h5py():
     return h5py
 
 
+def _only_key(path: Path, keys: Sequence[str], key: Optional[str], what: str) -> str:
+    """``key``, or the file's one variable when no key is given; a clear error otherwise."""
+    if key is not None:
+        if key not in keys:
+            raise DatasetLayoutError(f"{path} has no {what} {key!r}; it holds {sorted(keys)}. Pass one of them as the "
+                                     "key (--data-key / --gt-key).")
+        return key
+    if len(keys) == 1:
+        return keys[0]
+    raise DatasetLayoutError(f"{path} holds several {what}s ({sorted(keys)}); name one with --data-key / --gt-key.")
+
+
 def load_array(path: Union[str, Path], key: Optional[str] = None) -> np.ndarray:
-    """One array from a ``.mat`` (``key`` required), ``.npz`` (``key`` required) or ``.npy`` file.
+    """One array from a ``.mat``, ``.npz`` or ``.npy`` file; ``key`` names it when the file holds several.
 
     MATLAB v7.3 files are HDF5; their datasets come back in column-major order and are transposed to (H, W, B).
     """
@@ -100,32 +112,34 @@ def load_array(path: Union[str, Path], key: Optional[str] = None) -> np.ndarray:
     if not path.is_file():
         raise DatasetLayoutError(f"{path} does not exist.")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            if key not in npz.files:
-                raise DatasetLayoutError(f"{path} has no array {key!r}; it holds {sorted(npz.files)}. Pass one of "
-                                         "them as the key.")
-            return npz[key]
-    if suffix != ".mat":
+    if suffix not in (".npy", ".npz", ".mat"):
         raise DatasetLayoutError(f"{path}: expected a .mat, .npy or .npz file.")
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return npz[_only_key(path, npz.files, key, "array")]
+        return _load_mat(path, key)
+    except DatasetLayoutError:
+        raise
+    except (ValueError, OSError, EOFError, TypeError) as err:
+        # numpy calls any unreadable .npy "pickled (object) data"; scipy a truncated .mat "could not read bytes".
+        raise DatasetLayoutError(f"{path} is not a readable {suffix} array file: it is truncated, corrupt or of "
+                                 f"another format ({err}). Re-export it (numpy.save / scipy.io.savemat).") from err
+
+
+def _load_mat(path: Path, key: Optional[str]) -> np.ndarray:
     import scipy.io
 
-    try:  # only the requested variable: scene files may hold several large cubes
-        mat = scipy.io.loadmat(str(path), variable_names=[key] if key else None)
-    except NotImplementedError:  # v7.3
+    try:
+        names = [name for name, *_ in scipy.io.whosmat(str(path))]
+    except NotImplementedError:  # MATLAB v7.3 (HDF5)
         with _h5py().File(path, "r") as f:
-            if key not in f:
-                raise DatasetLayoutError(f"{path} has no variable {key!r}; it holds {sorted(f.keys())}.") from None
-            return np.asarray(f[key]).T
-    except ValueError as err:
-        raise DatasetLayoutError(f"{path} is not a readable MATLAB file ({err}).") from err
-    if key not in mat:
-        found = sorted(name for name, *_ in scipy.io.whosmat(str(path)))
-        raise DatasetLayoutError(f"{path} has no variable {key!r}; it holds {found}. Pass one of them as the key "
-                                 "(--data-key / --gt-key).")
-    return mat[key]
+            return np.asarray(f[_only_key(path, list(f.keys()), key, "variable")]).T
+    key = _only_key(path, names, key, "variable")
+    # Only the requested variable: scene files may hold several large cubes.
+    return scipy.io.loadmat(str(path), variable_names=[key])[key]
 
 
 def scene_from_arrays(cube: np.ndarray, gt: np.ndarray, name: str = "scene",

@@ -16,7 +16,8 @@ import numpy as np
 
 from .data import Scene, scene_from_arrays
 from .report import run_summary
-from .train import HSITrainConfig, train
+from .config import HSITrainConfig
+from .train import train
 
 DEMO_CLASSES = ("water", "asphalt", "grass", "trees", "crop A", "crop B", "bare soil", "roof")
 # Sized for 2 CPU cores: a 48-wide tiny model on 9×9 patches of 10 PCA components, 10 % of the labelled pixels.

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from visadapt.fewshot.report import _save_figure
+from visadapt.utils import atomic_path
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -38,15 +37,16 @@ def scores(matrix: np.ndarray) -> dict:
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path, title: str = "") -> None:
-    """Row-normalised confusion matrix (recall per cell) with the counts written in."""
-    import matplotlib.pyplot as plt
+    """Row-normalised confusion matrix (recall per cell, with a colour bar) with the counts written in."""
+    from visadapt.utils.figures import plt, save_figure
 
     m = np.asarray(matrix, dtype=np.float64)
     norm = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
     k = len(m)
     size = max(4.0, 0.45 * k + 2)
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class (recall)")
     ax.set_xticks(range(k), [str(n) for n in class_names], rotation=90, fontsize=7)
     ax.set_yticks(range(k), [str(n) for n in class_names], fontsize=7)
     if k <= 25:
@@ -58,7 +58,7 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path, t
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix (test pixels)")
-    _save_figure(fig, Path(path))
+    save_figure(fig, Path(path))
 
 
 def class_colors(num_classes: int) -> np.ndarray:
@@ -74,37 +74,41 @@ def colorize(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return class_colors(num_classes)[np.clip(labels, 0, num_classes)]
 
 
-def plot_class_map(prediction: np.ndarray, gt: np.ndarray, class_names: Sequence[str], path: Path,
-                   title: str = "", labelled_only: Optional[np.ndarray] = None) -> None:
-    """The predicted map of the whole scene next to the ground truth (and the prediction on labelled pixels)."""
-    import matplotlib.pyplot as plt
+def plot_class_map(prediction: np.ndarray, gt: Optional[np.ndarray], class_names: Sequence[str], path: Path,
+                   title: str = "", labelled_only: bool = False) -> None:
+    """The predicted map of the whole scene next to the ground truth (and, with ``labelled_only``, the prediction
+    on the labelled pixels); ``gt=None`` draws the prediction alone. The legend names every class and black as
+    unlabelled."""
     from matplotlib.patches import Patch
 
+    from visadapt.utils.figures import plt, save_figure
+
     k = len(class_names)
-    panels = [("prediction (whole scene)", prediction), ("ground truth", gt)]
-    if labelled_only is not None:
-        panels.insert(1, ("prediction (labelled pixels)", np.where(gt > 0, prediction, 0)))
-    h, w = gt.shape
-    fig, axes = plt.subplots(1, len(panels), figsize=(min(18, 3.2 * len(panels) * max(1.0, w / h)) + 2.5, 4))
-    for ax, (name, labels) in zip(axes, panels):
+    panels = [("prediction (whole scene)", prediction)]
+    if gt is not None:
+        if labelled_only:
+            panels.append(("prediction (labelled pixels)", np.where(gt > 0, prediction, 0)))
+        panels.append(("ground truth", gt))
+    h, w = prediction.shape
+    panel_width = 3.2 * max(0.5, min(2.0, w / h))
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels) + 2.2, 3.6), squeeze=False)
+    for ax, (name, labels) in zip(axes[0], panels):
         ax.imshow(colorize(labels, k), interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     colors = class_colors(k)
-    fig.legend(handles=[Patch(color=colors[i + 1], label=str(n)) for i, n in enumerate(class_names)],
-               loc="center right", fontsize=7, frameon=False)
-    fig.subplots_adjust(right=0.8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    _save_figure(fig, Path(path))
+    handles = [Patch(color=colors[i + 1], label=str(n)) for i, n in enumerate(class_names)]
+    handles.append(Patch(facecolor=colors[0], edgecolor="grey", label="unlabelled / not predicted"))
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False,
+               title="class", title_fontsize=8)
+    fig.suptitle(title or "class map", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, Path(path))
 
 
 def save_class_map_png(labels: np.ndarray, num_classes: int, path: Path) -> None:
     """The class map alone, one image pixel per scene pixel (colours of :func:`class_colors`), written atomically."""
     import matplotlib.image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    matplotlib.image.imsave(tmp, (colorize(labels, num_classes) * 255).astype(np.uint8))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        matplotlib.image.imsave(tmp, (colorize(labels, num_classes) * 255).astype(np.uint8))

@@ -21,11 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, SwiGLU, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, create_model, generate_default_cfgs, register_model
 
-from .lora import PLACEMENTS, LoRALinear, lora_layers, make_linear, placement_sites
+from .lora import PLACEMENTS, lora_layers, make_linear, placement_sites
 
-__all__ = ["LoLASpecViT", "set_trainable", "FREEZE_REGIMES", "trainable_parameters", "count_parameters"]
+__all__ = ["LoLASpecViT", "set_trainable", "FREEZE_REGIMES", "count_parameters", "build_model"]
 
 FREEZE_REGIMES = ("official", "standard", "full")
 
@@ -350,10 +350,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 # ----------------------------------------------------------------------------------------------- timm registry
 def _cfg(**kw) -> dict:
     return {"url": "", "num_classes": 16, "input_size": (15, 15, 15), "fixed_input_size": True,
@@ -413,3 +409,7 @@ def lola_peft_model(model: LoLASpecViT, placement: Optional[str] = None, **kwarg
         raise ValueError("peft LoRA goes on a model built with lora_placement='none' (this one has built-in LoRA).")
     return peft.get_peft_model(model, lola_peft_config(placement or "all", **kwargs))
 
+
+def build_model(name: str, in_chans: int, patch_size: int, num_classes: int, **kwargs) -> nn.Module:
+    """A LoLA-SpecViT from timm's registry for ``in_chans`` PCA components and ``patch_size`` patches."""
+    return create_model(name, in_chans=in_chans, img_size=patch_size, num_classes=num_classes, **kwargs)

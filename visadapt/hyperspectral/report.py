@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from visadapt.fewshot.report import _write_text
-
 
 def run_summary(results: dict) -> str:
     """Markdown: the scores, the per-class table and what produced them."""
@@ -32,9 +28,3 @@ def run_summary(results: dict) -> str:
                              results["per_class_f1"]):
         lines.append(f"| {name} | {n} | {a:.2f} | {f:.2f} |")
     return "\n".join(lines)
-
-
-def write_run_report(results: dict, path: Path) -> None:
-    text = ("# Hyperspectral run\n\n" + run_summary(results) + "\n\n![class map](class_map.png)\n\n"
-            "![confusion matrix](confusion_matrix.png)\n\n![training curve](training_curve.png)\n")
-    _write_text(text, Path(path))

@@ -1,0 +1,8 @@
+"""Helpers every layer may use: atomic file writes and JSON (:mod:`.io`), PNG figures (:mod:`.figures`, imported
+on use: it loads matplotlib), errors shared by the tasks (:mod:`.errors`) and the config-driven CLI (:mod:`.cli`)."""
+
+from .errors import DatasetLayoutError, TrainingDiverged
+from .io import atomic_path, recover_dir, replace_dir, save_json_atomic, staged_dir, write_text_atomic
+
+__all__ = ["DatasetLayoutError", "TrainingDiverged", "atomic_path", "recover_dir", "replace_dir",
+           "save_json_atomic", "staged_dir", "write_text_atomic"]

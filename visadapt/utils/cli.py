@@ -1,0 +1,164 @@
+"""Command-line options built from a config dataclass, so that the dataclass is the one place where an option is
+named, typed, defaulted and explained.
+
+A field becomes ``--field-name`` (or its ``flag``); its type gives the parser (bool → ``--x/--no-x``, ``Optional[T]``
+also takes ``none``, ``Sequence[T]`` takes several values or one comma-separated list, ``Union[float, int]`` a
+count or a fraction); ``help``, ``choices``, ``group`` and ``parse`` come from :func:`option`'s metadata.
+``--config FILE`` reads a saved ``run_config.json``: its values replace the defaults, and flags given on the command
+line replace its values.
+
+This is a short helper of our own rather than jsonargparse, tyro or simple-parsing: the task commands sit in one
+argparse tree beside hand-written commands (``env``, ``app``), and ``visadapt --help`` must answer without importing
+more than the standard library (those libraries build their own parser trees and import far more).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+_NO_DEFAULT = dataclasses.MISSING
+
+
+def option(default: Any = _NO_DEFAULT, help: str = "", *, flag: Optional[str] = None,
+           choices: Optional[Sequence[Any]] = None, group: Optional[str] = None,
+           parse: Optional[Callable[[str], Any]] = None, cli: bool = True) -> Any:
+    """A dataclass field with its command-line description (``cli=False`` keeps it off the command line)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "group": group, "parse": parse, "cli": cli}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class _Default:
+    """Marks a value the user did not type, so ``--config`` can replace it; prints as the value in ``--help``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        if isinstance(self.value, (list, tuple)):
+            return ",".join(map(str, self.value)) or "(none)"
+        return str(self.value)
+
+
+def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse_optional(text: str) -> Any:
+        return None if text.lower() == "none" else parse(text)
+
+    parse_optional.__name__ = getattr(parse, "__name__", "value")
+    return parse_optional
+
+
+def count_or_fraction(text: str) -> Union[int, float]:
+    """``3`` → 3 (a count); ``0.5`` or ``1.0`` → a float (a fraction)."""
+    value = float(text)
+    return int(value) if value == int(value) and "." not in text and "e" not in text.lower() else value
+
+
+count_or_fraction.__name__ = "number"
+
+
+def _parser_for(annotation: Any) -> tuple[Callable[[str], Any], bool, bool]:
+    """(parse one token, is a sequence, is a bool) for a field's type."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if set(inner) == {int, float}:
+            parse, many, flag = count_or_fraction, False, False
+        else:
+            parse, many, flag = _parser_for(inner[0])
+        return (_none_or(parse) if type(None) in args else parse), many, flag
+    if origin in (list, tuple, Sequence, typing.Sequence) or annotation in (list, tuple):
+        item = args[0] if args else str
+        return _parser_for(item)[0], True, False
+    if annotation is bool:
+        return bool, False, True
+    if annotation in (int, float, str):
+        return annotation, False, False
+    return str, False, False
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type,
+                         skip: Sequence[str] = ()) -> None:
+    """Add one option per field of ``config_class`` (and ``--config FILE``) to ``parser``."""
+    hints = typing.get_type_hints(config_class)
+    groups: dict[str, Any] = {}
+    for field in dataclasses.fields(config_class):
+        meta = field.metadata
+        if not meta.get("cli", True) or field.name in skip:
+            continue
+        target = parser
+        if meta.get("group"):
+            target = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        parse, many, is_bool = _parser_for(hints[field.name])
+        parse = meta.get("parse") or parse
+        default = field.default if field.default is not _NO_DEFAULT else (
+            field.default_factory() if field.default_factory is not _NO_DEFAULT else None)
+        kwargs: dict[str, Any] = {"dest": field.name, "help": meta.get("help", ""), "default": _Default(default)}
+        if is_bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=parse, metavar=field.name.upper() if not meta.get("choices") else None)
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+            if many:
+                kwargs["nargs"] = "+"
+        target.add_argument(_flag(field), **kwargs)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="a run_config.json (e.g. of an earlier run): its values replace the defaults; flags "
+                             "given here replace its values")
+
+
+def _split_commas(values: Any) -> Any:
+    if isinstance(values, list):
+        return [part for value in values for part in (value.split(",") if isinstance(value, str) else [value])
+                if part != ""]
+    return values
+
+
+def config_from_args(config_class: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """The config the command line describes: flags typed by the user, else ``--config FILE``'s values, else
+    the dataclass defaults; then ``overrides``."""
+    saved: dict = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file (pass a run's run_config.json).")
+        saved = json.loads(path.read_text())
+    names = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(saved) - names)
+    if unknown:
+        raise ValueError(f"--config {args.config}: {unknown} are not options of this command; it takes "
+                         f"{sorted(names)}.")
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(config_class):
+        if not hasattr(args, field.name):
+            if field.name in saved:
+                values[field.name] = saved[field.name]
+            continue
+        value = getattr(args, field.name)
+        if isinstance(value, _Default):
+            value = saved.get(field.name, value.value)
+        values[field.name] = _split_commas(value)
+    values.update(overrides)
+    return config_class(**values)
+
+
+def typed_by_user(args: argparse.Namespace, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not left at its default)."""
+    return hasattr(args, name) and not isinstance(getattr(args, name), _Default)
+
+
+def default_of(args: argparse.Namespace, name: str) -> Any:
+    value = getattr(args, name)
+    return value.value if isinstance(value, _Default) else value

@@ -1,0 +1,111 @@
+"""Writing files so that a crash never leaves a half-written one behind, with the permissions a user expects.
+
+Every writer here writes a temporary file (or folder) beside its target and renames it into place. Temporary files
+from ``tempfile`` are private (mode 0600); they are given the mode a plain ``open()`` would have given, so results
+on a shared machine stay readable by whoever the user's umask allows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(path: Path, directory: bool = False) -> None:
+    """Give a temp file or folder the mode ``open()`` / ``mkdir()`` would have given it under the current umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, on error it is removed.
+
+    The temporary name keeps the suffix, so writers that pick a format from it (``savefig``, ``np.save``) work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _publish(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_json_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` as indented JSON so that ``path`` is never seen half-written."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextmanager
+def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder; on success move each file into ``out_dir`` with an atomic rename.
+
+    Files are moved in name order with ``adapter_config.json``-style ``*.json`` last, so a reader that finds the
+    config also finds complete weights. On error nothing in ``out_dir`` changes.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield stage
+        for src in sorted(stage.iterdir(), key=lambda p: (p.suffix == ".json", p.name)):
+            _publish(src, directory=src.is_dir())
+            os.replace(src, out / src.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextmanager
+def replace_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder that replaces the whole of ``out_dir`` on success, in one rename.
+
+    Unlike :func:`staged_dir`, a reader never sees files of two writes mixed: it finds the old folder or the new one.
+    The old folder is first renamed aside, then the stage renamed in; a crash between the two leaves no ``out_dir``
+    and the aside copy, which :func:`recover_dir` puts back.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = out.with_name(f".{out.name}.old")
+    try:
+        yield stage
+        _publish(stage, directory=True)
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def recover_dir(out_dir: str | os.PathLike) -> Path:
+    """Finish an interrupted :func:`replace_dir`: put the aside copy back if ``out_dir`` is missing."""
+    out = Path(out_dir)
+    old = out.with_name(f".{out.name}.old")
+    if not out.exists() and old.exists():
+        os.replace(old, out)
+    return out
