@@ -289,12 +289,18 @@ def test_val_first_changes_the_train_images():
     assert any(clip_lora != coop for clip_lora, coop in draws)
 
 
-def test_classes_with_fewer_images_than_shots_are_drawn_with_replacement(keep_global_random):
+def test_classes_with_fewer_images_than_shots_stop_with_their_names(keep_global_random):
     split = synthetic_split(n_train=3, n_val=2)
-    fs = sample_few_shot(split, 8, seed=1)
+    with pytest.raises(ValueError, match=r"--shots 8: 3 class\(es\) hold fewer training images: c0 \(3\)"):
+        sample_few_shot(split, 8, seed=1)
+    fs = sample_few_shot(split, 8, seed=1, short_classes="repeat")  # opt-in: with replacement
     assert Counter(it.label for it in fs.train) == {0: 8, 1: 8, 2: 8}
     assert set(fs.train) <= set(split.train) and len(set(fs.train)) < len(fs.train)  # repeats
     assert fs == FewShot(*clip_lora_reference(split, 8, 1))
+    distinct = {f"c{k}": len({it.path for it in fs.train if it.label == k}) for k in range(3)}
+    assert fs.to_json()["train_images"] == distinct and max(distinct.values()) <= 3  # the real counts, recorded
+    every = sample_few_shot(split, 8, seed=1, short_classes="all")  # opt-in: what there is
+    assert Counter(it.label for it in every.train) == {0: 3, 1: 3, 2: 3}
 
 
 @pytest.mark.parametrize("shots", [1, 2, 8])
@@ -304,7 +310,7 @@ def test_split_without_val_draws_train_and_val_together_like_clip_lora_imagenet(
     assert fs == FewShot(*imagenet_reference(split, shots, 3))
     assert Counter(it.label for it in fs.val) == {0: min(shots, 4), 1: min(shots, 4), 2: min(shots, 4)}
     assert not set(fs.train) & set(fs.val)
-    small = sample_few_shot(synthetic_split(n_train=3, n_val=0), 4, seed=3)  # too few: with replacement
+    small = sample_few_shot(synthetic_split(n_train=3, n_val=0), 4, seed=3, short_classes="repeat")
     assert len(small.train) == 12 and len(small.val) == 12
 
 

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from visadapt.version import __version__
 from visadapt.utils import TrainingDiverged, recover_dir, replace_dir, save_json_atomic, write_text_atomic
 
 StepCallback = Callable[[int, dict], None]
@@ -351,13 +352,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- outputs
     def _run_facts(self, state: dict) -> dict:
-        import visadapt
-
         acc = self.accelerator
         return {"train_wall_time_s": state.get("train_time_s", 0.0),
                 "wall_time_s": state.get("wall_time_s", 0.0) + time.perf_counter() - self._started,
                 "device": str(acc.device), "num_processes": acc.num_processes, "precision": acc.mixed_precision,
-                "visadapt_version": visadapt.__version__}
+                "visadapt_version": __version__}
 
     def _finish(self, results: dict, state: dict) -> None:
         from visadapt.utils.figures import plot_training_curve

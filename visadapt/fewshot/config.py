@@ -50,6 +50,9 @@ class TrainConfig:
                                        "weights_only=True); none: random weights", group="model")
     shots: int = option(16, "labelled images per class", group="data")
     seed: int = option(1, "few-shot draw, batch order, augmentation and dropout", group="data")
+    short_classes: str = option("error", "a class with fewer training images than --shots: stop (error), draw with "
+                                "replacement (repeat) or take them all (all)", choices=("error", "repeat", "all"),
+                                group="data")
     method: str = option("lora", "CLIP-LoRA, Block-LoRA or Comp-LoRA (ignored with --peft-config)",
                          choices=METHODS, group="method")
     peft_config: Optional[str] = option(None, "JSON peft config (any peft method: DoRA, VeRA, …); replaces "

@@ -67,9 +67,15 @@ class FewShot:
     val: list[Item]
 
     def to_json(self) -> dict:
-        """``{"train": [[path, label, classname], ...], "val": [...]}``, the form of the split_zhou files."""
+        """``{"train": [[path, label, classname], ...], "val": [...]}``, the form of the split_zhou files, plus the
+        number of distinct training images of each class (``train_images``; below the shots when a class had
+        fewer)."""
+        distinct: dict[str, set] = defaultdict(set)
+        for it in self.train:
+            distinct[it.classname].add(str(it.path))
         return {"train": [[str(it.path), it.label, it.classname] for it in self.train],
-                "val": [[str(it.path), it.label, it.classname] for it in self.val]}
+                "val": [[str(it.path), it.label, it.classname] for it in self.val],
+                "train_images": {name: len(paths) for name, paths in distinct.items()}}
 
     @classmethod
     def from_json(cls, d: dict) -> FewShot:
@@ -410,39 +416,62 @@ def load_split(dataset: str, root: str | os.PathLike) -> Split:
     return Split(spec.name, classnames, splits["train"], splits["val"], splits["test"])
 
 
-def _draw(items: list[Item], k: int, rng: random.Random) -> list[list[Item]]:
-    """Dassl's ``generate_fewshot_dataset(repeat=True)``: ``k`` per label, labels in order of first appearance,
-    with replacement only for a label with fewer than ``k`` items. One list per label."""
+SHORT_CLASSES = ("error", "repeat", "all")
+
+
+def _check_counts(items: list[Item], k: int, classnames: Sequence[str]) -> None:
+    """Refuse ``k`` shots when a class holds fewer training images, naming the classes and their counts."""
+    counts = defaultdict(int)
+    for item in items:
+        counts[item.label] += 1
+    short = sorted((n, label) for label, n in counts.items() if n < k)
+    if short:
+        named = ", ".join(f"{classnames[label] if label < len(classnames) else label} ({n})" for n, label in short[:5])
+        raise ValueError(f"--shots {k}: {len(short)} class(es) hold fewer training images: {named}. Lower --shots, "
+                         "or pass --short-classes repeat (draw with replacement) or all (take what there is); the "
+                         "real counts are recorded in fewshot_split.json.")
+
+
+def _draw(items: list[Item], k: int, rng: random.Random, repeat: bool = True) -> list[list[Item]]:
+    """Dassl's ``generate_fewshot_dataset``: ``k`` per label, labels in order of first appearance; a label with
+    fewer than ``k`` items is drawn with replacement (``repeat``) or taken whole. One list per label."""
     by_label: dict[int, list[Item]] = defaultdict(list)
     for item in items:
         by_label[item.label].append(item)
-    return [rng.sample(group, k) if len(group) >= k else rng.choices(group, k=k) for group in by_label.values()]
+    return [rng.sample(group, k) if len(group) >= k else rng.choices(group, k=k) if repeat else list(group)
+            for group in by_label.values()]
 
 
-def sample_few_shot(split: Split, shots: int, seed: int,
-                    order: Literal["clip-lora", "coop"] = "clip-lora") -> FewShot:
+def sample_few_shot(split: Split, shots: int, seed: int, order: Literal["clip-lora", "coop"] = "clip-lora",
+                    short_classes: str = "error") -> FewShot:
     """Draw ``shots`` train images and ``min(shots, 4)`` val images per class, as the CLIP-LoRA code does.
 
     ``random.Random(seed)`` gives the same stream as the code's ``random.seed(seed)``. ``order="clip-lora"`` draws the
     val subset before the train subset (CLIP-LoRA), ``"coop"`` after it (CoOp/Dassl), so the train images differ.
     A split without val images (ImageNet, an imagefolder without val/) draws ``shots + min(shots, 4)`` train images
-    per class at once, the first ``shots`` for train and the rest for val; a class with fewer images is drawn with
-    replacement, so there train and val may share images.
+    per class at once (with replacement where a class has fewer), the first ``shots`` for train and the rest for
+    val. A class with fewer training images than ``shots`` is an error naming it, unless ``short_classes`` is
+    ``"repeat"`` (drawn with replacement) or ``"all"`` (every image it has); val subsets repeat images as needed.
     """
     if shots < 1:
         raise ValueError(f"shots must be >= 1 images per class, got {shots}")
     if order not in ("clip-lora", "coop"):
         raise ValueError(f"order must be 'clip-lora' or 'coop', got {order!r}")
+    if short_classes not in SHORT_CLASSES:
+        raise ValueError(f"short_classes must be one of {SHORT_CLASSES}, got {short_classes!r}")
+    if short_classes == "error":
+        _check_counts(split.train, shots, split.classnames)
     rng = random.Random(seed)
     n_val = min(shots, 4)
+    repeat = short_classes != "all"
     if not split.val:
-        groups = _draw(split.train, shots + n_val, rng)
+        groups = _draw(split.train, shots + n_val, rng, repeat)
         return FewShot([it for g in groups for it in g[:shots]], [it for g in groups for it in g[shots:]])
     if order == "clip-lora":
         val = _draw(split.val, n_val, rng)
-        train = _draw(split.train, shots, rng)
+        train = _draw(split.train, shots, rng, repeat)
     else:
-        train = _draw(split.train, shots, rng)
+        train = _draw(split.train, shots, rng, repeat)
         val = _draw(split.val, n_val, rng)
     return FewShot([it for g in train for it in g], [it for g in val for it in g])
 

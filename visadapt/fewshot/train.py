@@ -101,7 +101,8 @@ class FewShotTrainer(Trainer):
             return FewShot.from_json(json.loads(path.read_text()))
         if self.cfg.fewshot_split:
             return FewShot.from_json(json.loads(Path(self.cfg.fewshot_split).read_text()))
-        return sample_few_shot(split, self.cfg.shots, self.cfg.seed, order=self.cfg.sampling_order)
+        return sample_few_shot(split, self.cfg.shots, self.cfg.seed, order=self.cfg.sampling_order,
+                               short_classes=self.cfg.short_classes)
 
     def save_inputs(self) -> None:
         cfg = self.cfg

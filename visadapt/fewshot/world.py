@@ -14,8 +14,9 @@ varied words ("a large red striped circle", "a photo of a small blue square with
 shape", ...), often leaving attributes out.
 
 The demo CLIP (in :data:`DEMO_CLIP_DIR`, ``--model visadapt-demo-clip``; trained by
-:mod:`visadapt.fewshot.demo_pretrain`) only ever sees ``SEEN_SHAPES``: the ``HELDOUT_SHAPES`` never appear in its pretraining images, and their names never appear in
-its captions (none of their BPE tokens does either), so zero-shot accuracy on them is near chance. They are the
+:mod:`visadapt.fewshot.demo_pretrain`) only ever sees ``SEEN_SHAPES``: the ``HELDOUT_SHAPES`` never appear in its
+pretraining images, and their names never appear in its captions (none of their BPE tokens does either), so
+zero-shot accuracy on them is near chance. They are the
 few-shot task: an adapter trained on a few labelled images must teach the model both what the new words mean
 and which images they name, while zero-shot accuracy on the seen tasks measures what it forgets.
 
