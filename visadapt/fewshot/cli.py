@@ -11,13 +11,13 @@ import json
 import sys
 from pathlib import Path
 
-from visadapt.utils.cli import add_config_arguments, config_from_args, typed_by_user
+from visadapt.utils.cli import HelpFormatter, add_config_arguments, config_from_args, typed_by_user
 
 from .config import DATASET_NAMES, DEMO_MODEL, TEMPLATE, TrainConfig
 
 # What --demo chooses itself: its world's data and the tiny CLIP pretrained on it.
 _DEMO_FIXED = ("dataset", "root", "model", "pretrained", "eval_zeroshot_on", "fewshot_split")
-_HELP = argparse.ArgumentDefaultsHelpFormatter
+_HELP = HelpFormatter
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:

@@ -10,11 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
-from visadapt.utils.cli import add_config_arguments, config_from_args, typed_by_user
+from visadapt.utils.cli import HelpFormatter, add_config_arguments, config_from_args, typed_by_user
 
 from .config import DATASET_NAMES, HSITrainConfig
 
-_HELP = argparse.ArgumentDefaultsHelpFormatter
+_HELP = HelpFormatter
 _DEMO_FIXED = ("dataset", "root", "data", "data_key", "gt", "gt_key", "class_names")
 
 

@@ -15,6 +15,7 @@ more than the standard library (those libraries build their own parser trees and
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import json
 import types
@@ -47,6 +48,16 @@ class _Default:
         return str(self.value)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, except where there is nothing to show (None, off switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default.value if isinstance(action.default, _Default) else action.default
+        if default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _none_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse_optional(text: str) -> Any:
         return None if text.lower() == "none" else parse(text)
@@ -74,7 +85,7 @@ def _parser_for(annotation: Any) -> tuple[Callable[[str], Any], bool, bool]:
         else:
             parse, many, flag = _parser_for(inner[0])
         return (_none_or(parse) if type(None) in args else parse), many, flag
-    if origin in (list, tuple, Sequence, typing.Sequence) or annotation in (list, tuple):
+    if origin in (list, tuple, collections.abc.Sequence) or annotation in (list, tuple):
         item = args[0] if args else str
         return _parser_for(item)[0], True, False
     if annotation is bool:
@@ -108,7 +119,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type,
         if is_bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs.update(type=parse, metavar=field.name.upper() if not meta.get("choices") else None)
+            metavar = _flag(field).lstrip("-").replace("-", "_").upper()
+            kwargs.update(type=parse, metavar=None if meta.get("choices") else metavar)
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
             if many:
