@@ -186,6 +186,13 @@ def test_checkpoint_survives_a_kill_between_its_renames(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), float("-inf")])
+def test_non_finite_settings_are_refused_before_anything_is_written(tmp_path, lr):
+    with pytest.raises(ValueError, match="--lr .*must be a finite number"):
+        ToyTrainer(ToyConfig(lr=lr), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8")

@@ -160,6 +160,13 @@ def check_finite(named_tensors: Any, step: int) -> None:
                                    "written; lower the learning rate (--lr) and start again.")
 
 
+def _check_numbers(config) -> None:
+    """Every number of the config is finite: ``--lr inf`` would train nothing but NaNs."""
+    for name, value in vars(config).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be a finite number.")
+
+
 class Trainer:
     """One training run into ``out_dir``, on accelerate. Subclass it and fill in the hooks below.
 
@@ -193,6 +200,7 @@ class Trainer:
         self.grad_accum = int(getattr(config, "grad_accum", 1))
         if config.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1.")
+        _check_numbers(config)
         self.validate()
         check_run_dir(self.out, resume, config.to_json(), self.resume_free)
         self.accelerator = Accelerator(mixed_precision=mixed_precision(config.precision),

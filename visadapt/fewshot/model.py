@@ -1,6 +1,6 @@
 """The CLIP side of few-shot adaptation: loading open_clip models, building adapter configs, zero-shot heads.
 
-The classifier is CLIP-LoRA's (specs/clip_fewshot.md §1.3): class c's weight is the L2-normalised text embedding of
+The classifier is CLIP-LoRA's (Zanella & Ben Ayed, arXiv 2405.18541, and its code): class c's weight is the L2-normalised text embedding of
 ``template.format(classname)``, logits are ``logit_scale · cos(image, text)`` with a fixed scale of 100, no bias.
 """
 
@@ -47,21 +47,42 @@ def resolve_model_name(model: str) -> str:
     return model
 
 
+def needs_quick_gelu(name: str, pretrained: Optional[str]) -> bool:
+    """Whether open_clip's weights ``pretrained`` were trained with QuickGELU (OpenAI's CLIPs and a few others).
+
+    open_clip builds its plain architecture names (``ViT-B-16``) with GELU and only warns when such weights are
+    loaded; the logits then move (by up to 0.44 on ViT-B-16 / openai), so these weights must get QuickGELU."""
+    if not pretrained or Path(pretrained).suffix or name.startswith(("local-dir:", "hf-hub:")):
+        return False
+    return bool(open_clip.pretrained.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+
+
 def load_clip(model: str, pretrained: Optional[str] = None, device: str | torch.device = "cpu") -> ClipBundle:
     """Load an open_clip model by architecture name (``ViT-B-16``), ``local-dir:PATH``, ``hf-hub:ORG/REPO`` or
     ``visadapt-demo-clip``; ``pretrained`` is an open_clip tag (``openai``) or a local checkpoint file.
 
-    Checkpoints load with ``weights_only=True`` (safetensors preferred): a user-supplied file is never unpickled.
+    Weights trained with QuickGELU get QuickGELU (:func:`needs_quick_gelu`). Checkpoints load with
+    ``weights_only=True`` (safetensors preferred): a user-supplied file is never unpickled.
     """
     name = resolve_model_name(model)
+    if not name.startswith(("local-dir:", "hf-hub:")) and name not in open_clip.list_models():
+        raise ValueError(f"--model {model!r} is not an open_clip architecture (open_clip.list_models() lists them, "
+                         f"e.g. ViT-B-16); pass local-dir:PATH or hf-hub:ORG/REPO for other models, or {DEMO_MODEL}.")
     if pretrained and not Path(pretrained).suffix and pretrained not in open_clip.list_pretrained_tags_by_model(name):
         known = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise ValueError(f"--pretrained {pretrained!r} is neither a file nor a known tag of {model!r} "
-                         f"(tags: {known}).")
+                         f"(tags: {known}; a local-dir: or hf-hub: model carries its own weights: --pretrained none).")
     if pretrained and Path(pretrained).suffix and not Path(pretrained).is_file():
         raise FileNotFoundError(f"--pretrained {pretrained}: no such checkpoint file.")
-    clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained or None, device=device, weights_only=True)
+    try:
+        clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, device=device, weights_only=True,
+            force_quick_gelu=needs_quick_gelu(name, pretrained))
+    except (RuntimeError, OSError) as err:  # hub downloads and cache misses, open_clip's own checks
+        raise ValueError(f"--model {model} --pretrained {pretrained}: could not load it ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}). If the weights are not in the local "
+                         "cache, download them once with a network (HF_HUB_OFFLINE unset), or pass a checkpoint "
+                         "file (--pretrained FILE) or a local model (--model local-dir:PATH).") from err
     cfg = clip.visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
     return ClipBundle(clip, open_clip.get_tokenizer(name), preprocess_train, preprocess_val, size,

@@ -1,4 +1,4 @@
-"""Hyperspectral classification with LoLA-SpecViT (Lou et al., 2025), as timm models with LoRA.
+"""Hyperspectral classification with LoLA-SpecViT (Zidi et al., 2025), as timm models with LoRA.
 
 ``import visadapt`` registers the ``lola_specvit_*`` models with timm (when timm is imported). The names below load
 on first use, so the command line does not import torch to answer ``--help``.

@@ -1,7 +1,7 @@
 """What defines a hyperspectral run: :class:`HSITrainConfig`, the one place its options are named, typed, defaulted
 and explained. ``visadapt hsi train`` builds its flags from it; importing this module imports no torch.
 
-Defaults are the LoLA-SpecViT release's trainer (Lou et al., "LoLA-SpecViT", 2025; its ``train.py``): 15 whitened
+Defaults are the LoLA-SpecViT release's trainer (Zidi et al., "LoLA-SpecViT", 2025; ``enhanced_training.py`` of FadiZidiDz/LoLA-SpecViT-Model): 15 whitened
 PCA components, 15×15 patches, a stratified 10 % training split with seed 345, AdamW lr 2e-5 wd 0.01, batch 32 ×
 gradient accumulation 2, 5-epoch warm-up then SGDR (T0=10, T_mult=2) per iteration, label smoothing 0.1, gradient
 clipping 0.5, 100 epochs, the release's freezing. Three deliberate differences, each a switch: the model is not

@@ -1,4 +1,4 @@
-"""LoLA-SpecViT's LoRA linears (specs/lola_specvit.md §4), and the same sites as a peft ``LoraConfig``.
+"""LoLA-SpecViT's LoRA linears (Zidi et al., LoLA-SpecViT, 2025; official code FadiZidiDz/LoLA-SpecViT-Model), and the same sites as a peft ``LoraConfig``.
 
 Two layers replace ``nn.Linear`` at the LoRA sites:
 

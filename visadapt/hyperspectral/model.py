@@ -1,4 +1,4 @@
-"""LoLA-SpecViT as a timm model (specs/lola_specvit.md §3, §4, §12).
+"""LoLA-SpecViT as a timm model (Zidi et al., LoLA-SpecViT, 2025; official code FadiZidiDz/LoLA-SpecViT-Model: ``improved_GCPE.py``).
 
 ``import visadapt.hyperspectral`` registers ``lola_specvit_base`` (the release's configuration, 254.6 M parameters)
 and smaller sizes down to ``lola_specvit_tiny``::

@@ -53,7 +53,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         default = action.default.value if isinstance(action.default, _Default) else action.default
-        if default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+        empty = default is None or default is False or default is argparse.SUPPRESS or default == ()
+        if empty or "%(default)" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 
