@@ -8,7 +8,7 @@ import torch
 from conftest import KINDS, METHODS, make_config, run_python
 from models import build, run
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import visadapt
 

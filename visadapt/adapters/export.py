@@ -19,6 +19,7 @@ Three layouts, each loaded by the stock tool that expects it:
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -204,8 +205,9 @@ def _warn_if_peft_doubles_out_proj(base: nn.Module, adapter_name: str) -> None:
     if has_o:
         warnings.warn(
             f"peft {peft.__version__} applies a LoRA on nn.MultiheadAttention's out_proj twice "
-            "(huggingface/peft#3774), so it will not reproduce this adapter's 'o' part when loading the export. The file itself is exact; "
-            "load it with a fixed peft, or train with attention_parts=['q', 'k', 'v'] (the CLIP-LoRA placement).",
+            "(huggingface/peft#3774), so it will not reproduce this adapter's 'o' part when loading the export. "
+            "The file itself is exact; load it with a fixed peft, or train with attention_parts=['q', 'k', 'v'] "
+            "(the CLIP-LoRA placement).",
             stacklevel=3,
         )
 
@@ -264,7 +266,7 @@ def _to_kohya(layers: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Ten
 
     state = {}
     for name, tensors in layers.items():
-        for key, tensor in tensors.items():
+        for key, tensor in (tensors if name == "unet" else _with_out_proj(tensors)).items():
             if name != "unet" and not key.startswith("text_model."):
                 key = "text_model." + key  # transformers 5 flattened CLIPTextModel; kohya names the old tree
             state[f"{name}.{key}"] = tensor
@@ -272,3 +274,18 @@ def _to_kohya(layers: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Ten
     if "text_encoder_2" not in layers:
         kohya = {k.replace("lora_te1_", "lora_te_", 1) if k.startswith("lora_te1_") else k: v for k, v in kohya.items()}
     return {k: v.float() if k.endswith(".alpha") else v for k, v in kohya.items()}
+
+
+def _with_out_proj(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' kohya loader recognises a text-encoder LoRA by its out_proj pairs and fails with "Could not
+    automatically infer state dict type" without one: attention layers without an out_proj pair get a zero pair,
+    which changes nothing."""
+    if any(".out_proj.lora_" in k for k in tensors):
+        return tensors
+    out = dict(tensors)
+    for key, lora_a in tensors.items():
+        match = re.fullmatch(r"(.*\.self_attn)\.[qkv]_proj\.lora_A\.weight", key)
+        if match and f"{match[1]}.out_proj.lora_A.weight" not in out:
+            out[f"{match[1]}.out_proj.lora_A.weight"] = torch.zeros_like(lora_a)
+            out[f"{match[1]}.out_proj.lora_B.weight"] = lora_a.new_zeros(lora_a.shape[1], lora_a.shape[0])
+    return out

@@ -69,7 +69,7 @@ class Concept:
         return repr(self.name or Path(str(self.lora)).name)
 
 
-# Names every diffusers / peft LoRA file gets: such a file is named by its folder instead, so files of two folders don't collide.
+# Names diffusers and peft give every LoRA file: such a file is named by its folder so two folders' don't collide.
 GENERIC_FILE_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 
 
