@@ -177,6 +177,23 @@ def test_an_export_loads_as_a_concept_in_the_app(exports):
     assert image.tobytes() != plain.tobytes()
 
 
+def test_a_stock_peft_unet_adapter_keeps_its_alpha_as_a_concept(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from visadapt.diffusion.lora_files import read_lora_state_dict
+
+    pipe = tiny_pipeline("sd", pipeline_class=LoRAComposerPipeline)
+    torch.manual_seed(1)
+    lora = get_peft_model(tiny_pipeline("sd").unet, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                target_modules=UNET_TARGETS))
+    lora.save_pretrained(tmp_path / "stock")
+    raw = load_file(tmp_path / "stock" / "adapter_model.safetensors")
+    read = read_lora_state_dict(pipe, tmp_path / "stock")
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight"
+    torch.testing.assert_close(read[f"unet.{key}"], 2 * raw[f"base_model.model.{key}"])  # alpha / r = 2
+    assert torch.isfinite(compose(tmp_path / "stock", pipe=pipe)).all()
+
+
 def test_generic_file_names_default_to_the_folder_name(tmp_path):
     pipe = tiny_pipeline("sd", pipeline_class=LoRAComposerPipeline)
     cat, dog = (save_random_lora(pipe, tmp_path / n / "pytorch_lora_weights.safetensors", seed=i)

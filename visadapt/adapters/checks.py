@@ -36,8 +36,9 @@ def check_finite_file(path: Union[str, os.PathLike]) -> None:
 
 
 def check_finite_dir(folder: Union[str, os.PathLike]) -> None:
-    """:func:`check_finite_file` on every ``.safetensors`` file directly in ``folder`` (e.g. a peft adapter)."""
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    """:func:`check_finite_file` on every ``.safetensors`` file in ``folder`` and its subfolders (a peft adapter
+    folder keeps further adapters in subfolders)."""
+    for path in sorted(Path(folder).rglob("*.safetensors")):
         check_finite_file(path)
 
 

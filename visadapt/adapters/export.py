@@ -61,7 +61,8 @@ def export_lora(model: Any, out_dir: Union[str, os.PathLike], adapter_name: str 
             diffusers UNet or pipeline, ``"peft"`` otherwise.
 
     Weights are fp32; modules with smaller rank than the largest are zero-padded to one common rank r (exact, and
-    every loader then applies scale alpha / r = 1). Every format also loads as a LoRA-Composer concept.
+    every loader then applies scale alpha / r = 1). An export of a UNet or pipeline, in any format, also loads as a
+    LoRA-Composer concept (``visadapt.diffusion.Concept(lora=out_dir, ...)``).
     """
     format = format or ("diffusers" if _is_diffusers(model) else "peft")
     if format not in FORMATS:

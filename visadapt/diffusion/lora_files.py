@@ -11,7 +11,9 @@ model fails with the tensors or layers at fault instead of a NaN image or a bare
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import warnings
@@ -101,7 +103,8 @@ def _peft_adapter_state_dict(pipe, path: Path) -> dict[str, torch.Tensor]:
     loader, which takes alpha = r, reproduces it."""
     from safetensors.torch import load_file
 
-    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(path)).items()}
+    # Only the LoRA pairs: a concept cannot carry fully trained modules (peft's modules_to_save).
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(path)).items() if ".lora_" in k}
     scale = _peft_scale(path)
     if scale != 1.0:
         state = {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
@@ -114,9 +117,6 @@ def _peft_adapter_state_dict(pipe, path: Path) -> dict[str, torch.Tensor]:
 def _peft_scale(path: Path) -> float:
     """lora_alpha / r (or / √r with rslora) of the ``adapter_config.json`` beside a peft adapter; 1 without one
     (``export_lora`` writes lora_alpha = r)."""
-    import json
-    import math
-
     config_file = path.with_name("adapter_config.json")
     if not config_file.is_file():
         return 1.0
