@@ -20,7 +20,7 @@ from visadapt.diffusion.concepts import adapter_name_for
 from visadapt.diffusion.tiny import save_random_lora, tiny_pipeline
 from visadapt.pipelines import LoRAComposerPipeline
 
-# diffusers' add_adapter warns on a second adapter of a model; the text encoders' LOAD REPORT is harmless.
+# peft warns when a model gets a second adapter; these tests do that on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
 TINY = Path(visadapt.diffusion.tiny.__file__)
@@ -31,10 +31,9 @@ PLAIN = ComposerConfig(latent_optimization=False, latent_reinit=False)
 CALL = "num_inference_steps=2, height=32, width=32, output_type='latent', guidance_scale=1.0"
 
 
-def adapted_pipeline(kind: str, name: str = "style", text: bool = True, pipeline_class=None,
-                     text_targets=TEXT_TARGETS):
+def adapted_pipeline(kind: str, name: str = "style", text: bool = True, text_targets=TEXT_TARGETS):
     """A tiny pipeline whose UNet carries a Block-LoRA and whose text encoder(s) a Comp-LoRA, both non-zero."""
-    pipe = tiny_pipeline(kind, pipeline_class=pipeline_class)
+    pipe = tiny_pipeline(kind)
     torch.manual_seed(1)  # after building, so the factors are random but the same every run
     pipe.unet.add_adapter(visadapt.BlockLoraConfig(n_blocks=4, r=4, lora_alpha=8, init_weights=False,
                                                    target_modules=UNET_TARGETS), adapter_name=name)
@@ -55,7 +54,7 @@ def load_in_stock_diffusers(kind: str, folder: Path, tmp_path: Path, weight: flo
     """Latents of a fresh tiny pipeline with ``folder`` loaded by ``load_lora_weights``: at weight 1 and, through
     ``set_adapters``, at ``weight``; in a process that never imports visadapt (tiny.py is loaded as a plain file)."""
     run_python(textwrap.dedent(f"""
-        import importlib.util, sys, logging, warnings
+        import importlib.util, logging, sys
         import torch
         from safetensors.torch import save_file
         spec = importlib.util.spec_from_file_location("tiny_models", r"{TINY}")
@@ -128,6 +127,21 @@ def test_exported_scale_is_the_adapters_own_not_the_live_weight(tmp_path):
     assert one.keys() == live.keys()
     for key in one:
         torch.testing.assert_close(live[key], one[key], atol=0, rtol=0)
+
+
+def test_rslora_exports_alpha_over_sqrt_r(tmp_path):
+    from visadapt.adapters import LowRankLayer
+
+    unet = tiny_pipeline("sd").unet
+    torch.manual_seed(1)
+    unet.add_adapter(visadapt.CompLoraConfig(k=4, r=4, lora_alpha=8, use_rslora=True, init_weights=False,
+                                             target_modules=["to_q"]), adapter_name="rs")
+    unet.set_adapters(["rs"], [0.5])
+    tensors = load_file(visadapt.export_lora(unet, tmp_path, "rs") / "pytorch_lora_weights.safetensors")
+    unet.set_adapters(["rs"], [1.0])
+    name, layer = next((n, m) for n, m in unet.named_modules() if isinstance(m, LowRankLayer))
+    exported = tensors[f"unet.{name}.lora_B.weight"] @ tensors[f"unet.{name}.lora_A.weight"]
+    torch.testing.assert_close(exported, layer.get_delta_weight("rs"), atol=1e-6, rtol=1e-5)  # s = 8 / √4
 
 
 # -- LoRA-Composer concepts ----------------------------------------------------------------------------------------
