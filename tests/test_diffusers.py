@@ -173,7 +173,7 @@ def test_export_to_plain_lora_reproduces_the_output(method, tmp_path, base_out):
     unet.set_adapters("style_a")
     expected = run(unet)
     differ(expected, base_out)
-    out_dir = visadapt.export_lora(unet, tmp_path / "lora", adapter_name="style_a")
+    out_dir = visadapt.export_lora(unet, tmp_path / "lora", adapter_name="style_a", format="peft")
     saved = json.loads((out_dir / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA"
 
@@ -192,7 +192,7 @@ def test_exported_adapter_is_independent_of_the_other_adapter(two_styles, tmp_pa
     unet.set_adapters("style_a")
     only_a = run(unet)
     unet.set_adapters(["style_a", "style_b"], weights=[1.0, 1.0])
-    out_dir = visadapt.export_lora(unet, tmp_path / "lora", adapter_name="style_a")
+    out_dir = visadapt.export_lora(unet, tmp_path / "lora", adapter_name="style_a", format="peft")
     fresh = build_unet()
     inject_adapter_in_model(LoraConfig.from_pretrained(str(out_dir)), fresh, adapter_name="x")
     set_peft_model_state_dict(fresh, load_file(out_dir / "adapter_model.safetensors"), adapter_name="x")

@@ -173,7 +173,9 @@ class LowRankLayer(BaseTunerLayer):
         return (lora_b @ lora_a) * self.scaling[adapter]
 
     def export_pairs(self, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Sub-module path (relative to this layer in the plain-LoRA layout) -> (A, s·B), fp32, detached."""
+        """Sub-module path (relative to this layer in the plain-LoRA layout) -> (A, s·B), fp32, detached.
+
+        s is the adapter's own scale (alpha/r, or alpha/√r with rslora), not a live set_adapters weight."""
         raise NotImplementedError
 
     # --- merging ------------------------------------------------------------------------------------------------
@@ -243,7 +245,7 @@ class LowRankLinear(nn.Module, LowRankLayer):
     def export_pairs(self, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         pair = self._pair(adapter, self._parts, self._rows, dense=True)
         lora_a, lora_b, _ = pair
-        return {"": (lora_a.detach().float(), (lora_b * self.scaling[adapter]).detach().float())}
+        return {"": (lora_a.detach().float(), (lora_b * self._default_scaling(adapter)).detach().float())}
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True  # get_delta_weight is exact, so peft's own convert_to_lora works too
@@ -308,7 +310,7 @@ class LowRankMultiheadAttention(nn.Module, LowRankLayer):
 
     def export_pairs(self, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """peft's LoRA puts one pair on ``in_proj_weight`` and one on ``base_layer.out_proj``."""
-        d, s = self.embed_dim, self.scaling[adapter]
+        d, s = self.embed_dim, self._default_scaling(adapter)
         out = {}
         for key, parts, rows in (("", QKV_PARTS, self._in_rows()), ("base_layer.out_proj", ("o",), [slice(0, d)])):
             pair = self._pair(adapter, parts, rows, dense=True)

@@ -14,6 +14,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .lora_files import lora_file
+
 Box = Sequence[float]
 
 # Fractions are snapped by this much before ceil/floor, so 0.3 · 10 lands on cell 3 and not 4.
@@ -25,12 +27,13 @@ class Concept:
     """One concept placed in the image.
 
     Args:
-        lora: a ``.safetensors`` LoRA file (peft/diffusers or kohya format) or the name of an adapter already
-            loaded into the pipeline.
+        lora: a ``.safetensors`` LoRA file (peft/diffusers or kohya format), a folder written by
+            ``visadapt.export_lora``, or the name of an adapter already loaded into the pipeline.
         prompt: the regional prompt, encoded by the text encoder with this concept's LoRA active.
         box: ``[xmin, ymin, xmax, ymax]`` in [0, 1] (fractions of width and height).
         weight: multiplies the concept's LoRA deltas (UNet K/V/O and text encoder).
-        name: adapter name; defaults to the adapter name given as ``lora`` or the file's stem.
+        name: adapter name; defaults to the adapter name given as ``lora`` or the file's stem (the folder's name
+            for diffusers' and peft's generic ``pytorch_lora_weights`` / ``adapter_model`` files).
         negative_prompt: regional negative prompt; defaults to the call's ``negative_prompt``.
         tokens: words of ``prompt`` whose cross-attention the latent optimisation pulls into the box. LoRA-Composer
             uses the concept's trigger tokens; default: every word of the regional prompt.
@@ -45,6 +48,8 @@ class Concept:
     tokens: Optional[Sequence[str]] = field(default=None)
 
     def __post_init__(self) -> None:
+        if Path(self.lora).is_dir():  # a folder written by export_lora stands for its one LoRA file
+            self.lora = lora_file(self.lora)
         self.box = validate_box(self.box, self.label)
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError(f"Concept {self.label}: the regional prompt is empty; describe what goes in the box.")
@@ -64,9 +69,16 @@ class Concept:
         return repr(self.name or Path(str(self.lora)).name)
 
 
+# Names diffusers and peft give every LoRA file: such a file is named by its folder so two folders' don't collide.
+GENERIC_FILE_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+
+
 def adapter_name_for(path: Union[str, os.PathLike]) -> str:
-    """A peft adapter name from a file name (peft names must not contain dots)."""
-    stem = Path(path).name.removesuffix(".safetensors")
+    """A peft adapter name from a file (or export folder) name; peft names must not contain dots."""
+    path = Path(path)
+    if path.name in GENERIC_FILE_NAMES:
+        path = path.absolute().parent
+    stem = path.name.removesuffix(".safetensors")
     return re.sub(r"[^0-9A-Za-z_-]", "_", stem) or "concept"
 
 

@@ -1,14 +1,19 @@
 """Loading concept LoRA files into a diffusers pipeline, with errors that say what is wrong and how to fix it.
 
-Files are read with safetensors only (a pickled ``.ckpt``/``.bin`` can run code when loaded). Both layouts people
-have are accepted: peft/diffusers (``unet.….lora_A.weight``) and kohya/A1111 (``lora_unet_…lora_down.weight``);
-diffusers converts the latter. Before loading, every LoRA matrix is checked against the module it targets, so a
-LoRA trained for another base model fails with the layers that differ instead of a bare size-mismatch trace.
+Files are read with safetensors only (a pickled ``.ckpt``/``.bin`` can run code when loaded). The layouts people
+have are accepted: peft/diffusers (``unet.….lora_A.weight``), kohya/A1111 (``lora_unet_…lora_down.weight``;
+diffusers converts it) and a peft adapter of one model (``base_model.model.….lora_A.weight``, as
+``visadapt.export_lora(..., format="peft")`` writes it), which is matched to the UNet or text encoder it fits. A
+folder written by ``export_lora`` may be given instead of its file. Before loading, every tensor is checked to be
+finite and every LoRA matrix against the module it targets, so a broken file or a LoRA trained for another base
+model fails with the tensors or layers at fault instead of a NaN image or a bare size-mismatch trace.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import warnings
@@ -18,7 +23,11 @@ from typing import Iterator, Union
 
 import torch
 
+from visadapt.adapters.checks import NonFiniteWeightsError, check_finite_file
+
 MAX_LISTED = 5
+PEFT_PREFIX = "base_model.model."  # keys of a peft adapter saved from one model
+EXPORT_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 _LORA_KEY = re.compile(r"lora_(A|B|down|up)\b|\.lora\.(down|up)\.|_lora\.(down|up)\.")
 
 
@@ -37,12 +46,21 @@ def _safetensors_keys(path: Path) -> list[str]:
                             "LoRA files must be .safetensors.") from None
 
 
+def lora_file(path: Union[str, os.PathLike]) -> Path:
+    """``path`` itself, or the one LoRA file of a folder (as ``export_lora`` writes them)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    files = [path / name for name in EXPORT_FILES if (path / name).is_file()] or sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        found = ", ".join(f.name for f in files) or "no .safetensors file"
+        raise LoraFileError(f"{path} is a folder with {found}; pass the LoRA file itself.")
+    return files[0]
+
+
 def read_lora_state_dict(pipe, path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """The LoRA in ``path`` as a peft-format state dict (``component.module.lora_A.weight``), checked as a LoRA."""
-    from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
-                                 convert_unet_state_dict_to_peft)
-
-    path = Path(path)
+    path = lora_file(path)
     if not path.is_file():
         raise LoraFileError(f"LoRA file not found: {path}.")
     if path.suffix != ".safetensors":
@@ -54,6 +72,19 @@ def read_lora_state_dict(pipe, path: Union[str, os.PathLike]) -> dict[str, torch
         raise LoraFileError(f"{path.name} holds no LoRA weights (found {shown}); expected peft keys "
                             "'….lora_A.weight' or kohya keys '….lora_down.weight'.")
     try:
+        check_finite_file(path)
+    except NonFiniteWeightsError as err:
+        raise LoraFileError(str(err)) from None
+    if all(k.startswith(PEFT_PREFIX) for k in keys):
+        return _peft_adapter_state_dict(pipe, path)
+    return _diffusers_state_dict(pipe, path)
+
+
+def _diffusers_state_dict(pipe, path: Path) -> dict[str, torch.Tensor]:
+    from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                                 convert_unet_state_dict_to_peft)
+
+    try:
         state_dict, _ = pipe.lora_state_dict(str(path), use_safetensors=True, local_files_only=True,
                                              unet_config=pipe.unet.config)
     except Exception as err:
@@ -61,8 +92,40 @@ def read_lora_state_dict(pipe, path: Union[str, os.PathLike]) -> dict[str, torch
     # The UNet and the text encoders name the old layouts' layers differently, so each has its own converter.
     unet = {k: v for k, v in state_dict.items() if k.startswith("unet.")}
     text = {k: v for k, v in state_dict.items() if not k.startswith("unet.")}
-    text = convert_state_dict_to_peft(convert_state_dict_to_diffusers(text))
+    if text:  # the converters cannot tell the layout of an empty dict (a UNet-only LoRA)
+        text = convert_state_dict_to_peft(convert_state_dict_to_diffusers(text))
     return {**convert_unet_state_dict_to_peft(unet), **text}
+
+
+def _peft_adapter_state_dict(pipe, path: Path) -> dict[str, torch.Tensor]:
+    """A one-model peft adapter (``base_model.model.<module>.lora_A.weight``) keyed by the pipeline component whose
+    modules it fits (``unet.<module>.lora_A.weight``), its scale lora_alpha / r folded into B so that diffusers'
+    loader, which takes alpha = r, reproduces it."""
+    from safetensors.torch import load_file
+
+    # Only the LoRA pairs: a concept cannot carry fully trained modules (peft's modules_to_save).
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(path)).items() if ".lora_" in k}
+    scale = _peft_scale(path)
+    if scale != 1.0:
+        state = {k: v * scale if ".lora_B." in k else v for k, v in state.items()}
+    fits = {name: not fit_problems(pipe, {f"{name}.{k}": v for k, v in state.items()}) for name in COMPONENTS
+            if isinstance(getattr(pipe, name, None), torch.nn.Module)}
+    component = next((name for name, fit in fits.items() if fit), "unet")  # unet: its misfit is then reported
+    return {f"{component}.{k}": v for k, v in state.items()}
+
+
+def _peft_scale(path: Path) -> float:
+    """lora_alpha / r (or / √r with rslora) of the ``adapter_config.json`` beside a peft adapter; 1 without one
+    (``export_lora`` writes lora_alpha = r)."""
+    config_file = path.with_name("adapter_config.json")
+    if not config_file.is_file():
+        return 1.0
+    config = json.loads(config_file.read_text())
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise LoraFileError(f"{path.name}: its adapter_config.json gives per-layer ranks or alphas, which a concept "
+                            "LoRA cannot take; export it with visadapt.export_lora(..., format='diffusers').")
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
 def _module(root: torch.nn.Module, path: str):
@@ -111,7 +174,7 @@ def load_concept_lora(pipe, path: Union[str, os.PathLike], adapter_name: str) ->
     The pipeline's active adapters are left as they were: a concept LoRA acts only inside its region, never through
     the normal forward (``load_lora_weights`` would otherwise make it the active UNet adapter).
     """
-    path = Path(path)
+    path = lora_file(path)
     state_dict = read_lora_state_dict(pipe, path)
     problems = fit_problems(pipe, state_dict)
     if problems:
@@ -121,7 +184,9 @@ def load_concept_lora(pipe, path: Union[str, os.PathLike], adapter_name: str) ->
                             f"{type(pipe).__name__}); {len(problems)} LoRA matrices differ:\n  {listed}{more}\n"
                             "Was it trained for another base (SD-1.x vs SD-2.x vs SDXL)?")
     with keep_active_adapters(pipe), _quiet_loading():
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name, use_safetensors=True, local_files_only=True)
+        # diffusers does not read a one-model peft adapter: it gets the state dict converted above instead.
+        source = state_dict if all(k.startswith(PEFT_PREFIX) for k in _safetensors_keys(path)) else str(path)
+        pipe.load_lora_weights(source, adapter_name=adapter_name, use_safetensors=True, local_files_only=True)
 
 
 @contextmanager

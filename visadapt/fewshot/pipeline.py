@@ -12,6 +12,7 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
+from visadapt.adapters.checks import check_finite_dir
 from visadapt.utils import staged_dir
 
 from .config import LOGIT_SCALE, TEMPLATE
@@ -70,6 +71,8 @@ class FewShotCLIPPipeline:
             raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: pass a run folder of `visadapt fewshot train` "
                                     "or a folder written by FewShotCLIPPipeline.save_pretrained.")
         cfg = json.loads((path / CONFIG_NAME).read_text())
+        if cfg.get("adapter"):
+            check_finite_dir(path / cfg["adapter"])  # a NaN weight would otherwise make every prediction NaN
         bundle = load_clip(cfg["model"], cfg["pretrained"])
         clip = peft.PeftModel.from_pretrained(bundle.model, path / cfg["adapter"]) if cfg.get("adapter") \
             else bundle.model
