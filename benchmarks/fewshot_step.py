@@ -1,6 +1,7 @@
 """Time and memory of one CLIP-LoRA few-shot training step for LoRA, Block-LoRA and Comp-LoRA, side by side.
 
-What it measures (CLIP-LoRA's protocol, arXiv 2405.18541; Block-LoRA's cost claim, arXiv 2501.16720): the ImageNet-sized training step of CLIP-LoRA, in which
+What it measures (CLIP-LoRA's protocol, arXiv 2405.18541; Block-LoRA's cost claim, arXiv 2501.16720): the
+ImageNet-sized training step of CLIP-LoRA, in which
 
 1. the adapted text tower re-encodes all C prompts "a photo of a class {i}." *with gradients* (C = 1000 by default),
 2. the adapted image tower encodes a batch of random 224×224 images (32 by default),

@@ -14,7 +14,7 @@ from visadapt.hyperspectral.model import count_parameters
 from visadapt.utils.modules import trainable_parameters
 from visadapt.hyperspectral.schedule import LoLASchedule, cosine_factor, lola_param_groups, lr_at_epoch
 
-# The official code's configuration (FadiZidiDz/LoLA-SpecViT-Model): total and trainable (official freezing) parameters of the released configuration.
+# Total and trainable (official freezing) parameters of the released configuration (FadiZidiDz/LoLA-SpecViT-Model).
 SPEC_COUNTS = {6: (254_638_338, 73_586_784), 9: (254_639_541, 73_586_832), 16: (254_642_348, 73_586_944),
                22: (254_644_754, 73_587_040)}
 

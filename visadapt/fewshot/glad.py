@@ -1,4 +1,5 @@
-"""GLAD's regularised gradient (arXiv 2507.13089), as reconstructed from the paper (its code is not released: the rule is inferred, and each reading is a switch).
+"""GLAD's regularised gradient (arXiv 2507.13089), as reconstructed from the paper (its code is not released: the
+rule is inferred, and each reading is a switch).
 
 The paper steers the plain gradient g towards the SAM gradient g' (taken at θ + ρ·g/‖g‖) and steps along a point
 between them. Two readings are offered:

@@ -1,7 +1,8 @@
 """The CLIP side of few-shot adaptation: loading open_clip models, building adapter configs, zero-shot heads.
 
-The classifier is CLIP-LoRA's (Zanella & Ben Ayed, arXiv 2405.18541, and its code): class c's weight is the L2-normalised text embedding of
-``template.format(classname)``, logits are ``logit_scale · cos(image, text)`` with a fixed scale of 100, no bias.
+The classifier is CLIP-LoRA's (Zanella & Ben Ayed, arXiv 2405.18541, and its code): class c's weight is the
+L2-normalised text embedding of ``template.format(classname)``, logits are ``logit_scale · cos(image, text)`` with
+a fixed scale of 100, no bias.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""LoLA-SpecViT's LoRA linears (Zidi et al., LoLA-SpecViT, 2025; official code FadiZidiDz/LoLA-SpecViT-Model), and the same sites as a peft ``LoraConfig``.
+"""LoLA-SpecViT's LoRA linears (Zidi et al., arXiv 2506.17759; official code FadiZidiDz/LoLA-SpecViT-Model), and
+the same sites as a peft ``LoraConfig``.
 
 Two layers replace ``nn.Linear`` at the LoRA sites:
 

@@ -1,4 +1,5 @@
-"""LoLA-SpecViT as a timm model (Zidi et al., LoLA-SpecViT, 2025; official code FadiZidiDz/LoLA-SpecViT-Model: ``improved_GCPE.py``).
+"""LoLA-SpecViT as a timm model (Zidi et al., arXiv 2506.17759; ``improved_GCPE.py`` of the official code,
+FadiZidiDz/LoLA-SpecViT-Model).
 
 ``import visadapt.hyperspectral`` registers ``lola_specvit_base`` (the release's configuration, 254.6 M parameters)
 and smaller sizes down to ``lola_specvit_tiny``::

@@ -1,4 +1,5 @@
-"""The learning-rate schedule of LoLA-SpecViT's released trainer, per iteration (``enhanced_training.py`` of the official code, FadiZidiDz/LoLA-SpecViT-Model).
+"""The learning-rate schedule of LoLA-SpecViT's released trainer, per iteration (``enhanced_training.py`` of the
+official code, FadiZidiDz/LoLA-SpecViT-Model).
 
 (A) What ``enhanced_training.py`` runs, which :class:`LoLASchedule` reproduces with its defaults:
 
