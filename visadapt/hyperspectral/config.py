@@ -2,13 +2,13 @@
 and explained. ``visadapt hsi train`` builds its flags from it; importing this module imports no torch.
 
 Defaults are the LoLA-SpecViT release's trainer (Zidi et al., arXiv 2506.17759; ``enhanced_training.py`` of the
-official code, FadiZidiDz/LoLA-SpecViT-Model): 15 whitened PCA components, 15×15 patches, a stratified 10 %
-training split with seed 345, AdamW lr 2e-5 wd 0.01, batch 32 × gradient accumulation 2, 5-epoch warm-up then SGDR (T0=10, T_mult=2) per iteration, label smoothing 0.1, gradient
-clipping 0.5, 100 epochs, the release's freezing. Three deliberate differences, each a switch: the model is not
-selected on the test set (the final weights are evaluated; ``val`` carves a validation split from the training
-pixels), patches are reflect-padded (``padding="zero"`` is the release), and patches are not z-scored per band
-(``input_norm="band"`` is the release; it removes each band's patch mean, i.e. the pixel's spectrum, and cost about
-20 points of OA on the demo scene).
+official code, FadiZidiDz/LoLA-SpecViT-Model): 15 whitened PCA components, 15×15 patches, a stratified 10 % training
+split with seed 345, AdamW lr 2e-5 wd 0.01, batch 32 × gradient accumulation 2, 5-epoch warm-up then SGDR (T0=10,
+T_mult=2) per iteration, label smoothing 0.1, gradient clipping 0.5, 100 epochs, the release's freezing. Three
+deliberate differences, each a switch: the model is not selected on the test set (the final weights are evaluated;
+``val`` carves a validation split from the training pixels), patches are reflect-padded (``padding="zero"`` is the
+release), and patches are not z-scored per band (``input_norm="band"`` is the release; it removes each band's patch
+mean, i.e. the pixel's spectrum, and cost about 20 points of OA on the demo scene).
 """
 
 from __future__ import annotations
