@@ -16,3 +16,23 @@ def test_env_lists_dependencies(capsys):
     assert main(["env"]) == 0
     printed = capsys.readouterr().out
     assert "peft 0.21" in printed and "open_clip_torch" in printed
+
+
+def test_env_lists_what_a_bug_report_needs(capsys):
+    main(["env"])
+    printed = capsys.readouterr().out
+    for dist in ("matplotlib", "scipy", "tqdm", "triton", "numpy"):
+        assert f"\n{dist} " in printed, dist
+
+
+def test_a_diverged_run_exits_3_with_the_step(monkeypatch, capsys, tmp_path):
+    from visadapt.fewshot import train as fewshot_train
+    from visadapt.utils import TrainingDiverged
+
+    def diverge(config, out, resume=False):
+        raise TrainingDiverged("Training diverged at step 7: the loss is nan.")
+
+    monkeypatch.setattr(fewshot_train, "train", diverge)
+    code = main(["fewshot", "train", "--dataset", "imagefolder", "--root", str(tmp_path), "--out",
+                 str(tmp_path / "run")])
+    assert code == 3 and "step 7" in capsys.readouterr().err

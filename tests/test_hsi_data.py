@@ -132,3 +132,26 @@ def test_patches_are_centred_with_reflect_padding():
     np.testing.assert_allclose(band.mean(dim=(2, 3)).numpy(), 0, atol=1e-5)
     with pytest.raises(ValueError, match="odd"):
         PatchSet(cube, coords, None, 4)
+
+
+def test_a_file_with_one_variable_needs_no_key_and_bad_files_name_themselves(tmp_path):
+    from visadapt.hyperspectral.data import load_array
+
+    cube = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    scipy.io.savemat(tmp_path / "one.mat", {"radiance": cube})
+    np.testing.assert_array_equal(load_array(tmp_path / "one.mat"), cube)
+    np.savez(tmp_path / "one.npz", cube=cube)
+    np.testing.assert_array_equal(load_array(tmp_path / "one.npz"), cube)
+    scipy.io.savemat(tmp_path / "two.mat", {"a": cube, "b": cube})
+    with pytest.raises(DatasetLayoutError, match=r"holds several variables \(\['a', 'b'\]\); name one with --data-key"):
+        load_array(tmp_path / "two.mat")
+    np.savez(tmp_path / "two.npz", a=cube, b=cube)
+    with pytest.raises(DatasetLayoutError, match=r"two.npz holds several arrays"):
+        load_array(tmp_path / "two.npz")
+    data = (tmp_path / "one.mat").read_bytes()
+    (tmp_path / "cut.mat").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetLayoutError, match=r"cut.mat is not a readable .mat array file: it is truncated"):
+        load_array(tmp_path / "cut.mat")
+    (tmp_path / "noise.npy").write_bytes(np.random.default_rng(0).bytes(300))
+    with pytest.raises(DatasetLayoutError, match=r"noise.npy is not a readable .npy array file"):
+        load_array(tmp_path / "noise.npy")

@@ -120,3 +120,56 @@ def test_peft_backend_trains_plain_lora_and_saves_a_merged_model(scene_files, tm
     assert 0 <= scores["OA"] <= 100
     with pytest.raises(ValueError, match="plain LoRA"):
         train(HSITrainConfig(lora_backend="peft", **SMALL), tmp_path / "bad")
+
+
+def test_a_last_batch_of_one_pixel_trains(scene_files, tmp_path):
+    from visadapt.hyperspectral.data import stratified_split
+
+    scene, data, gt = scene_files
+    n_train = len(stratified_split(scene.gt, 0.15, 0).train)
+    cfg = HSITrainConfig(data=str(data), data_key="small", gt=str(gt), gt_key="small_gt",
+                         **{**SMALL, "batch_size": n_train - 1, "grad_accum": 1, "epochs": 2, "class_map": False})
+    r = train(cfg, tmp_path / "run")  # BatchNorm would fail on the epoch's last batch of one pixel
+    assert r["batches"] == 2 and not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_predict_writes_a_readable_figure_with_or_without_ground_truth(scene_files, tmp_path, capsys, monkeypatch):
+    from visadapt.hyperspectral import metrics
+
+    scene, data, gt = scene_files
+    run = tmp_path / "run"
+    cfg = HSITrainConfig(data=str(data), data_key="small", gt=str(gt), gt_key="small_gt",
+                         **{**SMALL, "epochs": 1, "class_map": False})
+    train(cfg, run)
+    figures = []
+    real = metrics.plot_class_map
+
+    def keep(prediction, truth, names, path, **kw):
+        figures.append((truth is not None, kw.get("title", "")))
+        return real(prediction, truth, names, path, **kw)
+
+    monkeypatch.setattr(metrics, "plot_class_map", keep)
+    alone = tmp_path / "alone" / "map.png"
+    assert main(["hsi", "predict", str(run), "--data", str(data), "--out", str(alone)]) == 0  # one variable: no key
+    assert alone.stat().st_size > 2000 and alone.with_name("map_pred.png").is_file()
+    assert alone.with_suffix(".npy").is_file() and figures[-1][0] is False and "small" in figures[-1][1]
+    assert main(["hsi", "predict", str(run), "--data", str(data), "--gt", str(tmp_path / "missing.mat"),
+                 "--out", str(tmp_path / "x" / "map.png")]) == 2
+    assert "missing.mat does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # failed before predicting or writing
+
+
+def test_figures_say_what_they_show(tmp_path, monkeypatch):
+    from visadapt.hyperspectral import metrics
+    from visadapt.utils import figures
+
+    shown = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path, dpi=120: shown.append(fig))
+    figures.plot_training_curve([{"step": i, "loss": 1 / i, "lr": 0.1} for i in range(1, 9)], tmp_path / "c.png")
+    legend = [t.get_text() for t in shown[-1].axes[0].get_legend().get_texts()]
+    assert "learning rate" in legend and "loss" in legend
+    metrics.plot_confusion(np.eye(3, dtype=int) * 5, ["a", "b", "c"], tmp_path / "m.png")
+    assert len(shown[-1].axes) == 2  # the matrix and its colour bar
+    metrics.plot_class_map(np.ones((4, 6), int), np.zeros((4, 6), int), ["a", "b"], tmp_path / "k.png")
+    labels = [t.get_text() for t in shown[-1].legends[0].get_texts()]
+    assert labels == ["a", "b", "unlabelled / not predicted"]
