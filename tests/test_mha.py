@@ -8,6 +8,7 @@ all the same.
 
 import copy
 
+import peft
 import pytest
 import torch
 import torch.nn as nn
@@ -370,3 +371,11 @@ def test_self_attention_projects_q_k_v_in_one_kernel_call(batch_first, monkeypat
     x = torch.randn(N, L, E) if batch_first else torch.randn(L, N, E)
     pm(x, x, x, need_weights=False)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_exposes_in_and_out_features_like_peft_lora(method):
+    """peft expects in_features / out_features on every tuner layer; peft's LoRA reports an MHA as (E, 3E)."""
+    _, layer, _ = adapted(method)
+    lora = get_peft_model(Holder(True, True), peft.LoraConfig(target_modules=["attn"])).base_model.model.attn
+    assert (layer.in_features, layer.out_features) == (lora.in_features, lora.out_features) == (E, 3 * E)

@@ -283,6 +283,8 @@ class LowRankMultiheadAttention(nn.Module, LowRankLayer):
             )
         LowRankLayer.__init__(self, base_layer, factors_attr, factors_cls)
         self.embed_dim, self.num_heads = base_layer.embed_dim, base_layer.num_heads
+        # peft expects these of every tuner layer; its own LoRA reports an MHA by in_proj's shape (d -> 3d)
+        self.in_features, self.out_features = self.embed_dim, 3 * self.embed_dim
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, parts)
 
