@@ -8,7 +8,7 @@ import torch
 from conftest import KINDS, METHODS, make_config, run_python
 from models import build, run
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import visadapt
 
@@ -200,3 +200,23 @@ def test_fp16_base_keeps_fp32_adapters():
     assert all(p.dtype == torch.float32 for n, p in pm.named_parameters() if p.requires_grad)
     out = pm(torch.randn(2, 16, dtype=torch.float16))
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fused_qkv_parts_draw_independent_dropout_masks(method):
+    """A timm-style fused qkv linear split into q, k, v parts: each part's delta sees its own dropout mask (drawn in
+    q, k, v order), as CLIP-LoRA's separate q, k, v layers do, not one mask shared by all three."""
+    model = torch.nn.ModuleDict({"qkv": torch.nn.Linear(16, 48)})
+    config = make_config(method, "mlp", target_modules=["qkv"], attention_parts=["q", "k", "v"], lora_dropout=0.5)
+    layer = get_peft_model(model, config).base_model.model["qkv"].train()
+    x = torch.randn(6, 16)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = layer(x)
+        torch.manual_seed(3)
+        for i, part in enumerate("qkv"):
+            rows = slice(i * 16, (i + 1) * 16)
+            lora_a, lora_b = layer.adapter_factors["default"][part].pair()
+            expected = torch.nn.functional.linear(x, layer.base_layer.weight[rows], layer.base_layer.bias[rows])
+            expected += layer.scaling["default"] * (torch.nn.functional.dropout(x, 0.5, True) @ lora_a.T) @ lora_b.T
+            close(out[:, rows], expected)

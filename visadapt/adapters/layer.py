@@ -63,10 +63,11 @@ def _stack(parts: list[tuple[slice, Optional[tuple[torch.Tensor, torch.Tensor]]]
     return lora_a, torch.cat(blocks, dim=0)
 
 
-def _adapted_linear(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p, training):
+def _adapted_linear(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p, training, dropout_groups):
     if n_blocks > 1:
-        return kernels.block_lora_linear(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p, training)
-    return kernels.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, training)
+        return kernels.block_lora_linear(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p, training,
+                                         dropout_groups)
+    return kernels.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, dropout_groups)
 
 
 class LowRankLayer(BaseTunerLayer):
@@ -140,16 +141,18 @@ class LowRankLayer(BaseTunerLayer):
         return [a for a in self.active_adapters if a in self.adapter_factors]
 
     def _pair(self, adapter: str, parts: tuple[str, ...], rows: list[slice], dense: bool):
-        """One (A, B, n_blocks) for the given parts of this adapter, or None if it adapts none of them."""
+        """One (A, B, n_blocks, ranks) for the given parts of this adapter, or None if it adapts none of them.
+        ranks: the rows of A each present part holds, in order (each part draws its own dropout mask)."""
         factors = self.adapter_factors[adapter]
         present = [p for p in parts if p in factors]
         if not present:
             return None
         n_blocks = 1 if dense else factors[present[0]].n_blocks
         pairs = {p: factors[p].pair() if dense else factors[p].factors() for p in present}
+        ranks = [pairs[p][0].shape[0] for p in present]
         if len(parts) == 1:
-            return (*pairs[parts[0]], n_blocks)
-        return (*_stack([(row, pairs.get(p)) for p, row in zip(parts, rows)]), n_blocks)
+            return (*pairs[parts[0]], n_blocks, ranks)
+        return (*_stack([(row, pairs.get(p)) for p, row in zip(parts, rows)]), n_blocks, ranks)
 
     def _adapted(self, x, weight, bias, parts, rows):
         """x Wᵀ + b plus every active adapter's delta on these parts, through the kernels."""
@@ -158,10 +161,10 @@ class LowRankLayer(BaseTunerLayer):
             pair = self._pair(adapter, parts, rows, dense=False)
             if pair is None:
                 continue
-            lora_a, lora_b, n_blocks = pair
+            lora_a, lora_b, n_blocks, ranks = pair
             fused = out is None  # the first adapter rides along with the base matmul
             y = _adapted_linear(x, weight if fused else None, bias if fused else None, lora_a, lora_b, n_blocks,
-                                self.scaling[adapter], self.dropout_p[adapter], self.training)
+                                self.scaling[adapter], self.dropout_p[adapter], self.training, ranks)
             out = y if fused else out + y
         return F.linear(x, weight, bias) if out is None else out
 
@@ -169,7 +172,7 @@ class LowRankLayer(BaseTunerLayer):
         pair = self._pair(adapter, parts, rows, dense=True)
         if pair is None:
             return None
-        lora_a, lora_b, _ = pair
+        lora_a, lora_b, _, _ = pair
         return (lora_b @ lora_a) * self.scaling[adapter]
 
     def export_pairs(self, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -241,8 +244,7 @@ class LowRankLinear(nn.Module, LowRankLayer):
         self._add_delta(self.get_base_layer().weight, sign * self.get_delta_weight(adapter), adapter, safe_merge)
 
     def export_pairs(self, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        pair = self._pair(adapter, self._parts, self._rows, dense=True)
-        lora_a, lora_b, _ = pair
+        lora_a, lora_b, _, _ = self._pair(adapter, self._parts, self._rows, dense=True)
         return {"": (lora_a.detach().float(), (lora_b * self.scaling[adapter]).detach().float())}
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
