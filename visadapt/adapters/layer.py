@@ -284,7 +284,6 @@ class LowRankLinear(nn.Module, LowRankLayer):
         return f"{self._methods()}.{super().__repr__()}"
 
 
-
 class LowRankMultiheadAttention(nn.Module, LowRankLayer):
     """``nn.MultiheadAttention`` with low-rank adapters on any of q, k, v (``in_proj_weight``) and o (``out_proj``).
 
