@@ -270,12 +270,3 @@ def test_block_and_comp_adapters_share_modules():
         set_peft_model_state_dict(fresh, saved[name], adapter_name=name)
         set_adapter(fresh, name)
         close(run("vit", fresh), outs[name])
-
-
-@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
-def test_an_adapter_name_belongs_to_one_method_per_module():
-    from peft import inject_adapter_in_model
-
-    model = inject_adapter_in_model(make_config("block", "mlp"), build("mlp"), adapter_name="ours")
-    with pytest.raises(ValueError, match="'ours' is already taken on this layer by a block_lora adapter"):
-        inject_adapter_in_model(make_config("comp", "mlp"), model, adapter_name="ours")
