@@ -9,21 +9,31 @@ d_out, and x's dtype. ``weight=None`` returns the low-rank delta alone, for addi
 elsewhere (a second active adapter, or a base layer that is not a plain linear).
 
 Dropout (probability ``dropout_p``, active only when ``training``) is applied to the low-rank branch input only,
-as in CLIP-LoRA; the base path always sees the clean x.
+as in CLIP-LoRA; the base path always sees the clean x. ``dropout_groups`` (sizes of consecutive row groups of A,
+summing to r) gives each group its own mask, drawn in group order: the q, k and v pairs stacked into one fused
+projection then see independent masks, as CLIP-LoRA's separate q, k, v layers do. None: one mask for all of A.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 
-def _delta(x_lora: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """s · (x Aᵀ) Bᵀ in the adapter's dtype (adapters are usually kept in fp32 for mixed-precision training)."""
-    hidden = F.linear(x_lora.to(lora_a.dtype), lora_a)
-    return F.linear(hidden, lora_b) * scale
+def _delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, n_blocks: int,
+           dropout_p: float, training: bool, dropout_groups: Optional[Sequence[int]]) -> torch.Tensor:
+    """s · (drop(x̃) Aᵀ) Bᵀ in the adapter's dtype (adapters are usually kept in fp32 for mixed-precision training),
+    with one dropout mask per row group of A. x̃ is x summed over its n_blocks input chunks."""
+    hidden = []
+    for a_group in lora_a.split(list(dropout_groups or [lora_a.shape[0]])):
+        x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
+        if n_blocks > 1:
+            x_lora = x_lora.unflatten(-1, (n_blocks, x.shape[-1] // n_blocks)).sum(-2)
+        hidden.append(F.linear(x_lora.to(lora_a.dtype), a_group))
+    return F.linear(torch.cat(hidden, -1), lora_b) * scale
 
 
 def _base(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -35,6 +45,12 @@ def _check_up(weight: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torc
     if lora_b.shape != (d_out, lora_a.shape[0]):
         raise ValueError(f"LoRA B {tuple(lora_b.shape)} does not fit A {tuple(lora_a.shape)} and the weight: "
                          f"expected B (d_out, r) = ({d_out}, {lora_a.shape[0]}).")
+
+
+def check_dropout_groups(lora_a: torch.Tensor, dropout_groups: Optional[Sequence[int]]) -> None:
+    if dropout_groups is not None and (sum(dropout_groups) != lora_a.shape[0] or min(dropout_groups) < 1):
+        raise ValueError(f"dropout_groups {list(dropout_groups)} must be positive sizes of A's row groups, summing "
+                         f"to its {lora_a.shape[0]} rows.")
 
 
 def check_lora(x: torch.Tensor, weight: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
@@ -68,11 +84,13 @@ def lora_linear_reference(
     scale: float,
     dropout_p: float = 0.0,
     training: bool = False,
+    dropout_groups: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Eager reference of ``lora_linear``: y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ, A (r, d_in), B (d_out, r)."""
     check_lora(x, weight, lora_a, lora_b)
-    x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
-    return _combine(_base(x, weight, bias), _delta(x_lora, lora_a, lora_b, scale), x.dtype)
+    check_dropout_groups(lora_a, dropout_groups)
+    delta = _delta(x, lora_a, lora_b, scale, 1, dropout_p, training, dropout_groups)
+    return _combine(_base(x, weight, bias), delta, x.dtype)
 
 
 def block_lora_linear_reference(
@@ -85,6 +103,7 @@ def block_lora_linear_reference(
     scale: float,
     dropout_p: float = 0.0,
     training: bool = False,
+    dropout_groups: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Eager reference of ``block_lora_linear``.
 
@@ -95,7 +114,6 @@ def block_lora_linear_reference(
     is saved for the backward pass.
     """
     check_block_lora(x, weight, a_shared, lora_b, n_blocks)
-    d_in = x.shape[-1]
-    x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
-    chunk_sum = x_lora.unflatten(-1, (n_blocks, d_in // n_blocks)).sum(-2)
-    return _combine(_base(x, weight, bias), _delta(chunk_sum, a_shared, lora_b, scale), x.dtype)
+    check_dropout_groups(a_shared, dropout_groups)
+    delta = _delta(x, a_shared, lora_b, scale, n_blocks, dropout_p, training, dropout_groups)
+    return _combine(_base(x, weight, bias), delta, x.dtype)

@@ -13,7 +13,8 @@ Under autocast, x, W and b are cast to autocast's dtype first (as F.linear would
 autocast off, so the adapter math keeps its fp32 accumulation.
 
 Dropout (p > 0 while training) takes the documented eager fallback: the plain-autograd reference function with
-``torch.nn.functional.dropout``, so the mask comes from torch's RNG exactly as in eager PyTorch.
+``torch.nn.functional.dropout``, so the masks come from torch's RNG exactly as in eager PyTorch (one per row group
+of A with ``dropout_groups``: the q, k, v parts of a fused projection draw their own).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend
-from .lora import block_lora_linear_reference, check_block_lora, check_lora, lora_linear_reference
+from .lora import (block_lora_linear_reference, check_block_lora, check_dropout_groups, check_lora,
+                   lora_linear_reference)
 from .routed import check_index_range, routing_shapes, segments
 
 _EMPTY = (0,)  # shape of the placeholder returned for a gradient nobody asked for (ops must return tensors)
@@ -269,30 +271,36 @@ torch.library.register_autograd("visadapt::routed_fwd", _routed_backward, setup_
 
 
 def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                scale: float, dropout_p: float = 0.0, training: bool = False) -> Tensor:
+                scale: float, dropout_p: float = 0.0, training: bool = False,
+                dropout_groups: Optional[Sequence[int]] = None) -> Tensor:
     """y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ.
 
     x (..., d_in); weight (d_out, d_in) or None (then the delta alone is returned); bias (d_out,) or None;
     lora_a (r, d_in); lora_b (d_out, r); result (..., d_out) in x's dtype. Adapter math accumulates in fp32.
-    Dropout applies to the low-rank branch only; p > 0 while training runs the eager reference.
+    Dropout applies to the low-rank branch only; p > 0 while training runs the eager reference. dropout_groups:
+    sizes of consecutive row groups of A (summing to r) that each draw their own mask, e.g. the q, k, v pairs
+    stacked into one fused projection; None draws one mask for all of A.
     """
     check_lora(x, weight, lora_a, lora_b)
+    check_dropout_groups(lora_a, dropout_groups)
     if dropout_p > 0 and training:
-        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p, training)
+        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, dropout_groups)
     return _call_lora(x, weight, bias, lora_a, lora_b, 1, scale)
 
 
 def block_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], a_shared: Tensor,
                       lora_b: Tensor, n_blocks: int, scale: float, dropout_p: float = 0.0,
-                      training: bool = False) -> Tensor:
+                      training: bool = False, dropout_groups: Optional[Sequence[int]] = None) -> Tensor:
     """Block-LoRA: y = x Wᵀ + b + s · (x̃ A_sᵀ) Bᵀ with x̃ = Σ_j x[..., j·c:(j+1)·c], c = d_in / n_blocks.
 
     a_shared (r, c) is shared by the n input chunks, i.e. a LoRA with A = [A_s | … | A_s] that is never
     materialised (the kernels read A_s at column k mod c). Other shapes and dropout as in :func:`lora_linear`.
     """
     check_block_lora(x, weight, a_shared, lora_b, n_blocks)
+    check_dropout_groups(a_shared, dropout_groups)
     if dropout_p > 0 and training:
-        return block_lora_linear_reference(x, weight, bias, a_shared, lora_b, n_blocks, scale, dropout_p, training)
+        return block_lora_linear_reference(x, weight, bias, a_shared, lora_b, n_blocks, scale, dropout_p, training,
+                                           dropout_groups)
     return _call_lora(x, weight, bias, a_shared, lora_b, n_blocks, scale)
 
 

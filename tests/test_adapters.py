@@ -215,3 +215,73 @@ def test_fp16_base_keeps_fp32_adapters():
     assert all(p.dtype == torch.float32 for n, p in pm.named_parameters() if p.requires_grad)
     out = pm(torch.randn(2, 16, dtype=torch.float16))
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fused_qkv_parts_draw_independent_dropout_masks(method):
+    """A timm-style fused qkv linear split into q, k, v parts: each part's delta sees its own dropout mask (drawn in
+    q, k, v order), as CLIP-LoRA's separate q, k, v layers do, not one mask shared by all three."""
+    model = torch.nn.ModuleDict({"qkv": torch.nn.Linear(16, 48)})
+    config = make_config(method, "mlp", target_modules=["qkv"], attention_parts=["q", "k", "v"], lora_dropout=0.5)
+    layer = get_peft_model(model, config).base_model.model["qkv"].train()
+    x = torch.randn(6, 16)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = layer(x)
+        torch.manual_seed(3)
+        for i, part in enumerate("qkv"):
+            rows = slice(i * 16, (i + 1) * 16)
+            lora_a, lora_b = layer.adapter_factors["default"][part].pair()
+            expected = torch.nn.functional.linear(x, layer.base_layer.weight[rows], layer.base_layer.bias[rows])
+            expected += layer.scaling["default"] * (torch.nn.functional.dropout(x, 0.5, True) @ lora_a.T) @ lora_b.T
+            close(out[:, rows], expected)
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
+def test_block_and_comp_adapters_share_modules():
+    """A PeftModel holds one peft type (peft's rule), so both methods go onto one model through peft's low-level API,
+    as diffusers' add_adapter does: on the same layers they switch, stack, merge/unmerge and save/load per adapter."""
+    from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.functional import set_adapter
+
+    def both(model, seed):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(make_config("block", "vit"), model, adapter_name="block")
+        inject_adapter_in_model(make_config("comp", "vit"), model, adapter_name="comp")
+        return model
+
+    base_out, model = run("vit", build("vit")), both(build("vit"), seed=0)
+    layer = model.blocks[0].attn.qkv
+    assert layer.adapter_layer_names == ("block_lora_factors", "comp_lora_factors")
+    assert set(layer.adapter_factors) == {"block", "comp"} and repr(layer).startswith("block_lora+comp_lora.")
+    outs = {}
+    for name in ("block", "comp"):
+        set_adapter(model, name)
+        outs[name] = run("vit", model)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(f"_factors.{name}." in n for n in trainable)
+    assert (outs["block"] - outs["comp"]).abs().max() > 1e-3 and (outs["comp"] - base_out).abs().max() > 1e-3
+    set_adapter(model, ["block", "comp"])
+    stacked = run("vit", model)
+    assert (stacked - outs["block"]).abs().max() > 1e-3 and (stacked - outs["comp"]).abs().max() > 1e-3
+    weight = layer.base_layer.weight.detach().clone()
+    tuner_layers = [m for m in model.modules() if isinstance(m, visadapt.adapters.LowRankLayer)]
+    for m in tuner_layers:
+        m.merge()
+    assert layer.merged_adapters == ["block", "comp"]
+    close(run("vit", model), stacked)
+    torch.testing.assert_close(layer.base_layer.weight, weight + layer.get_delta_weight("block")
+                               + layer.get_delta_weight("comp"), atol=1e-6, rtol=0)
+    for m in tuner_layers:
+        m.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, weight, atol=1e-6, rtol=0)
+    saved = {name: get_peft_model_state_dict(model, adapter_name=name) for name in ("block", "comp")}
+    assert saved["block"] and all("block_lora_factors" in k for k in saved["block"])
+    assert saved["comp"] and all("comp_lora_factors" in k for k in saved["comp"])
+    fresh = both(build("vit"), seed=5)  # the fresh adapters start elsewhere: only loading brings the outputs back
+    for name in ("block", "comp"):
+        set_adapter(fresh, name)
+        assert (run("vit", fresh) - outs[name]).abs().max() > 1e-3
+        set_peft_model_state_dict(fresh, saved[name], adapter_name=name)
+        set_adapter(fresh, name)
+        close(run("vit", fresh), outs[name])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 from models import MLP, build
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 import visadapt
 from visadapt.adapters.comp_lora import resolve_k
@@ -107,3 +107,29 @@ def test_projector_is_saved_with_the_adapter(tmp_path):
     keys = load_file(tmp_path / "adapter_model.safetensors")
     assert "base_model.model.lin0.comp_lora_factors.all.u_k" in keys
     assert keys["base_model.model.lin0.comp_lora_factors.all.u_k"].shape == (32, 3)
+
+
+def _peaked(seed: int, top: float) -> nn.Sequential:
+    """A 64×64 linear with a chosen spectrum: one direction of size ``top``, the others 1."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64))
+    u, _, vh = torch.linalg.svd(model[0].weight.detach())
+    spectrum = torch.ones(64)
+    spectrum[0] = top
+    with torch.no_grad():
+        model[0].weight.copy_(u @ torch.diag(spectrum) @ vh)
+    return model
+
+
+def test_fractional_k_reloads_its_saved_subspace_onto_a_base_with_another_spectrum(tmp_path):
+    """k=0.5 resolves to 1 direction on a peaked base and to 32 on a flat one; the saved u_k wins on load."""
+    pm = get_peft_model(_peaked(0, top=100.0), visadapt.CompLoraConfig(r=2, k=0.5, target_modules=["0"],
+                                                                        init_weights=False))
+    layer = pm.base_model.model[0]
+    assert layer.comp_lora_factors["default"]["all"].u_k.shape == (64, 1)
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(_peaked(1, top=1.0), tmp_path).base_model.model[0]
+    torch.testing.assert_close(loaded.comp_lora_factors["default"]["all"].u_k,
+                               layer.comp_lora_factors["default"]["all"].u_k, atol=0, rtol=0)
+    torch.testing.assert_close(loaded.get_delta_weight("default"), layer.get_delta_weight("default"),
+                               atol=1e-6, rtol=1e-5)

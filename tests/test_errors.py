@@ -51,12 +51,15 @@ def test_adapter_from_an_incompatible_version_is_refused(tmp_path):
         PeftModel.from_pretrained(build("mlp"), tmp_path)
 
 
-def test_mixing_methods_on_one_module_is_refused():
-    pm = get_peft_model(build("mlp"), visadapt.BlockLoraConfig(n_blocks=4, target_modules=["lin0"]))
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")
+def test_an_adapter_name_belongs_to_one_method_per_module():
+    """Both methods may share a module (tests/test_adapters.py), but not an adapter name."""
     from peft import inject_adapter_in_model
 
-    with pytest.raises(ValueError, match="different visadapt method"):
-        inject_adapter_in_model(visadapt.CompLoraConfig(k=2, target_modules=["lin0"]), pm.base_model.model, "comp")
+    model = inject_adapter_in_model(visadapt.BlockLoraConfig(n_blocks=4, target_modules=["lin0"]), build("mlp"),
+                                    adapter_name="ours")
+    with pytest.raises(ValueError, match="lin0: Adapter name 'ours' is already taken on this layer by a block_lora"):
+        inject_adapter_in_model(visadapt.CompLoraConfig(k=2, target_modules=["lin0"]), model, adapter_name="ours")
 
 
 def test_export_of_a_non_visadapt_adapter_is_refused(tmp_path):

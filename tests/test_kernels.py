@@ -52,10 +52,12 @@ def make(n_blocks, r, device="cpu", dtype=torch.float32, bias=True, gen_seed=0):
             for k, v in t.items()}
 
 
-def call(x, weight, bias, lora_a, lora_b, n_blocks, scale=SCALE, dropout_p=0.0, training=False):
+def call(x, weight, bias, lora_a, lora_b, n_blocks, scale=SCALE, dropout_p=0.0, training=False, dropout_groups=None):
     if n_blocks is None:
-        return kernels.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p, training=training)
-    return kernels.block_lora_linear(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p, training)
+        return kernels.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=dropout_p, training=training,
+                                   dropout_groups=dropout_groups)
+    return kernels.block_lora_linear(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p, training,
+                                     dropout_groups)
 
 
 def reference(x, weight, bias, lora_a, lora_b, n_blocks, scale=SCALE, x_lora=None):
@@ -198,6 +200,27 @@ def test_dropout_in_training_acts_on_the_low_rank_branch_only(n_blocks, r):
     delta = call(x, None, None, t["lora_a"], t["lora_b"], n_blocks, dropout_p=0.5, training=True)
     torch.manual_seed(7)
     close(delta, reference(x, None, None, t["lora_a"], t["lora_b"], n_blocks, x_lora=F.dropout(x, 0.5, True)))
+
+
+@pytest.mark.parametrize("n_blocks", [None, 3], ids=["lora", "block3"])
+def test_dropout_groups_draw_one_mask_each_in_order(n_blocks):
+    """Stacked q, k, v pairs (A's row groups) each see their own mask, as three separate layers under one seed."""
+    r = 2
+    t = make(n_blocks, 3 * r)
+    x = torch.randn(8, 5, D_IN)
+    torch.manual_seed(123)
+    out = call(x, **t, n_blocks=n_blocks, dropout_p=0.5, training=True, dropout_groups=[r, r, r])
+    torch.manual_seed(123)
+    expected = reference(x, t["weight"], t["bias"], t["lora_a"], torch.zeros_like(t["lora_b"]), n_blocks)
+    for rows in (slice(0, r), slice(r, 2 * r), slice(2 * r, 3 * r)):  # masks drawn in group order
+        x_dropped = F.dropout(x, 0.5, True)
+        expected += reference(x, None, None, t["lora_a"][rows], t["lora_b"][:, rows], n_blocks, x_lora=x_dropped)
+    close(out, expected)
+    torch.manual_seed(123)
+    shared = call(x, **t, n_blocks=n_blocks, dropout_p=0.5, training=True)  # one mask for all of A
+    assert (out - shared).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="summing to its 6 rows"):
+        call(x, **t, n_blocks=n_blocks, dropout_p=0.5, training=True, dropout_groups=[2, 2])
 
 
 def test_lora_linear_shape_mismatch_names_the_expected_shapes():

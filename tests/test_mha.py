@@ -8,6 +8,7 @@ all the same.
 
 import copy
 
+import peft
 import pytest
 import torch
 import torch.nn as nn
@@ -370,3 +371,30 @@ def test_self_attention_projects_q_k_v_in_one_kernel_call(batch_first, monkeypat
     x = torch.randn(N, L, E) if batch_first else torch.randn(L, N, E)
     pm(x, x, x, need_weights=False)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_exposes_in_and_out_features_like_peft_lora(method):
+    """peft expects in_features / out_features on every tuner layer; peft's LoRA reports an MHA as (E, 3E)."""
+    _, layer, _ = adapted(method)
+    lora = get_peft_model(Holder(True, True), peft.LoraConfig(target_modules=["attn"])).base_model.model.attn
+    assert (layer.in_features, layer.out_features) == (lora.in_features, lora.out_features) == (E, 3 * E)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_q_k_v_draw_independent_dropout_masks_like_clip_lora(method):
+    """CLIP-LoRA gives each of q, k, v its own LoRA layer and dropout: the fused self-attention projection draws one
+    mask per part, in q, k, v order, exactly as three separate layers would under the same seed."""
+    _, layer, _ = adapted(method, lora_dropout=0.5)
+    layer.train()
+    mha, x, s = layer.get_base_layer(), seq(L, True), layer.scaling["default"]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        got = layer._project_in(x, x, x, self_attention=True)
+        torch.manual_seed(5)
+        for i, part in enumerate("qkv"):
+            rows = slice(i * E, (i + 1) * E)
+            lora_a, lora_b = layer.adapter_factors["default"][part].pair()
+            x_dropped = F.dropout(x, 0.5, True)
+            close(got[i], F.linear(x, mha.in_proj_weight[rows], mha.in_proj_bias[rows])
+                  + s * (x_dropped @ lora_a.T) @ lora_b.T)

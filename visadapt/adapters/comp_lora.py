@@ -7,7 +7,8 @@ U_kᵀ (W + ΔW) = U_kᵀ W exactly: the top-k output directions of W never move
 vectors, ``"both"`` does both. ``mode="init_only"`` is the MiLoRA-style alternative: start from the minor
 singular components and train freely.
 
-U_k (and V_k) are saved with the adapter, so a reload reproduces the outputs exactly on any device.
+U_k (and V_k) are saved with the adapter, so a reload reproduces the outputs exactly on any device; on load the
+saved subspace wins over the one computed from the new base (a fractional k may resolve differently there).
 """
 
 from __future__ import annotations
@@ -108,6 +109,15 @@ class CompLoraFactors(LowRankFactors):
         if not config.init_weights:
             with torch.no_grad():
                 self.lora_B.add_(torch.randn_like(b0) * b0.std())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A fractional k is resolved against the base the factors are built on, which may differ from the base
+        # the adapter was trained on; the saved subspace is part of the adapter, so it wins, whatever its size.
+        for name in ("u_k", "v_k"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and hasattr(self, name) and getattr(self, name).shape != saved.shape:
+                setattr(self, name, getattr(self, name).new_empty(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         lora_a, lora_b = self.lora_A, self.lora_B

@@ -14,6 +14,7 @@ is still exact and lets one kernel call serve the whole fused projection.
 from __future__ import annotations
 
 import math
+from collections import ChainMap
 from typing import Any, Optional
 
 import torch
@@ -63,26 +64,27 @@ def _stack(parts: list[tuple[slice, Optional[tuple[torch.Tensor, torch.Tensor]]]
     return lora_a, torch.cat(blocks, dim=0)
 
 
-def _adapted_linear(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p, training):
+def _adapted_linear(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p, training, dropout_groups):
     if n_blocks > 1:
-        return kernels.block_lora_linear(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p, training)
-    return kernels.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, training)
+        return kernels.block_lora_linear(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p, training,
+                                         dropout_groups)
+    return kernels.lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, dropout_groups)
 
 
 class LowRankLayer(BaseTunerLayer):
     """State and adapter bookkeeping common to the linear and attention layers.
 
-    ``factors_attr`` (e.g. ``"block_lora_factors"``) names the ``ModuleDict`` {adapter: {part: factors}}; it
-    carries the method's peft prefix so that peft's trainability and save logic recognise it.
+    Each method keeps its adapters in a ``ModuleDict`` {adapter: {part: factors}} named after its peft prefix (e.g.
+    ``block_lora_factors``), so that peft's trainability and save logic recognise them. One layer can hold adapters
+    of several visadapt methods (one dict each, listed in ``adapter_layer_names``): they are switched, stacked,
+    merged and saved per adapter like adapters of one method.
     """
 
     other_param_names = ("r", "lora_alpha", "scaling", "dropout_p", "use_rslora")
 
-    def __init__(self, base_layer: nn.Module, factors_attr: str, factors_cls: type[LowRankFactors]) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
-        self.adapter_layer_names = (factors_attr,)
-        self.factors_cls = factors_cls
-        setattr(self, factors_attr, nn.ModuleDict())
+        self.adapter_layer_names: tuple[str, ...] = ()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -92,8 +94,9 @@ class LowRankLayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
 
     @property
-    def adapter_factors(self) -> nn.ModuleDict:
-        return getattr(self, self.adapter_layer_names[0])
+    def adapter_factors(self) -> ChainMap[str, nn.ModuleDict]:
+        """Adapter name -> its {part: factors}, over every method on this layer (a live view, not a copy)."""
+        return ChainMap(*(getattr(self, attr) for attr in self.adapter_layer_names))
 
     # --- what a concrete layer defines -------------------------------------------------------------------------
     def _matrices(self) -> dict[str, torch.Tensor]:
@@ -101,11 +104,21 @@ class LowRankLayer(BaseTunerLayer):
         raise NotImplementedError
 
     # --- adapters -----------------------------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, config: Any, parts: tuple[str, ...]) -> None:
+    def update_layer(self, adapter_name: str, config: Any, parts: tuple[str, ...], factors_attr: str,
+                     factors_cls: type[LowRankFactors]) -> None:
+        """Add adapter ``adapter_name`` of the method whose factors are ``factors_cls``, kept in ``factors_attr``."""
+        if factors_attr not in self.adapter_layer_names:
+            setattr(self, factors_attr, nn.ModuleDict())
+            self.adapter_layer_names = (*self.adapter_layer_names, factors_attr)
+        other = next((attr for attr in self.adapter_layer_names
+                      if attr != factors_attr and adapter_name in getattr(self, attr)), None)
+        if other is not None:
+            raise ValueError(f"Adapter name {adapter_name!r} is already taken on this layer by a "
+                             f"{other.removesuffix('_factors')} adapter; give each adapter its own name.")
         matrices = self._matrices()
         with torch.no_grad():
-            self.adapter_factors[adapter_name] = nn.ModuleDict(
-                {part: self.factors_cls(matrices[part], config) for part in parts}
+            getattr(self, factors_attr)[adapter_name] = nn.ModuleDict(
+                {part: factors_cls(matrices[part], config) for part in parts}
             )
         self.r[adapter_name] = config.r
         self.lora_alpha[adapter_name] = config.lora_alpha
@@ -114,6 +127,10 @@ class LowRankLayer(BaseTunerLayer):
         self.scaling[adapter_name] = self._default_scaling(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _methods(self) -> str:
+        """The methods on this layer as a repr prefix, like peft's ``lora.Linear``: ``block_lora+comp_lora``."""
+        return "+".join(attr.removesuffix("_factors") for attr in self.adapter_layer_names)
 
     def _default_scaling(self, adapter: str) -> float:
         r = self.r[adapter]
@@ -140,16 +157,18 @@ class LowRankLayer(BaseTunerLayer):
         return [a for a in self.active_adapters if a in self.adapter_factors]
 
     def _pair(self, adapter: str, parts: tuple[str, ...], rows: list[slice], dense: bool):
-        """One (A, B, n_blocks) for the given parts of this adapter, or None if it adapts none of them."""
+        """One (A, B, n_blocks, ranks) for the given parts of this adapter, or None if it adapts none of them.
+        ranks: the rows of A each present part holds, in order (each part draws its own dropout mask)."""
         factors = self.adapter_factors[adapter]
         present = [p for p in parts if p in factors]
         if not present:
             return None
         n_blocks = 1 if dense else factors[present[0]].n_blocks
         pairs = {p: factors[p].pair() if dense else factors[p].factors() for p in present}
+        ranks = [pairs[p][0].shape[0] for p in present]
         if len(parts) == 1:
-            return (*pairs[parts[0]], n_blocks)
-        return (*_stack([(row, pairs.get(p)) for p, row in zip(parts, rows)]), n_blocks)
+            return (*pairs[parts[0]], n_blocks, ranks)
+        return (*_stack([(row, pairs.get(p)) for p, row in zip(parts, rows)]), n_blocks, ranks)
 
     def _adapted(self, x, weight, bias, parts, rows):
         """x Wᵀ + b plus every active adapter's delta on these parts, through the kernels."""
@@ -158,10 +177,10 @@ class LowRankLayer(BaseTunerLayer):
             pair = self._pair(adapter, parts, rows, dense=False)
             if pair is None:
                 continue
-            lora_a, lora_b, n_blocks = pair
+            lora_a, lora_b, n_blocks, ranks = pair
             fused = out is None  # the first adapter rides along with the base matmul
             y = _adapted_linear(x, weight if fused else None, bias if fused else None, lora_a, lora_b, n_blocks,
-                                self.scaling[adapter], self.dropout_p[adapter], self.training)
+                                self.scaling[adapter], self.dropout_p[adapter], self.training, ranks)
             out = y if fused else out + y
         return F.linear(x, weight, bias) if out is None else out
 
@@ -169,7 +188,7 @@ class LowRankLayer(BaseTunerLayer):
         pair = self._pair(adapter, parts, rows, dense=True)
         if pair is None:
             return None
-        lora_a, lora_b, _ = pair
+        lora_a, lora_b, _, _ = pair
         return (lora_b @ lora_a) * self.scaling[adapter]
 
     def export_pairs(self, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -213,13 +232,13 @@ class LowRankLinear(nn.Module, LowRankLayer):
     def __init__(self, base_layer: nn.Linear, adapter_name: str, config: Any, factors_attr: str,
                  factors_cls: type[LowRankFactors], parts: tuple[str, ...]) -> None:
         super().__init__()
-        LowRankLayer.__init__(self, base_layer, factors_attr, factors_cls)
+        LowRankLayer.__init__(self, base_layer)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.fused_qkv = parts != (WHOLE,)
         if self.fused_qkv and self.out_features % 3:
             raise ValueError(f"A fused qkv linear needs out_features divisible by 3, got {self.out_features}.")
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, parts)
+        self.update_layer(adapter_name, config, parts, factors_attr, factors_cls)
 
     @property
     def _parts(self) -> tuple[str, ...]:
@@ -243,8 +262,7 @@ class LowRankLinear(nn.Module, LowRankLayer):
         self._add_delta(self.get_base_layer().weight, sign * self.get_delta_weight(adapter), adapter, safe_merge)
 
     def export_pairs(self, adapter: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        pair = self._pair(adapter, self._parts, self._rows, dense=True)
-        lora_a, lora_b, _ = pair
+        lora_a, lora_b, _, _ = self._pair(adapter, self._parts, self._rows, dense=True)
         return {"": (lora_a.detach().float(), (lora_b * self._default_scaling(adapter)).detach().float())}
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
@@ -265,7 +283,7 @@ class LowRankLinear(nn.Module, LowRankLayer):
         return out + self._adapted(x, None, None, self._parts, self._rows).to(out.dtype)
 
     def __repr__(self) -> str:
-        return f"{self.adapter_layer_names[0].removesuffix('_factors')}.{super().__repr__()}"
+        return f"{self._methods()}.{super().__repr__()}"
 
 
 class LowRankMultiheadAttention(nn.Module, LowRankLayer):
@@ -283,10 +301,12 @@ class LowRankMultiheadAttention(nn.Module, LowRankLayer):
                 "visadapt adapts nn.MultiheadAttention only with kdim == vdim == embed_dim, add_bias_kv=False and "
                 "add_zero_attn=False (the configuration of CLIP and open_clip)."
             )
-        LowRankLayer.__init__(self, base_layer, factors_attr, factors_cls)
+        LowRankLayer.__init__(self, base_layer)
         self.embed_dim, self.num_heads = base_layer.embed_dim, base_layer.num_heads
+        # peft expects these of every tuner layer; its own LoRA reports an MHA by in_proj's shape (d -> 3d)
+        self.in_features, self.out_features = self.embed_dim, 3 * self.embed_dim
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, parts)
+        self.update_layer(adapter_name, config, parts, factors_attr, factors_cls)
 
     def _matrices(self) -> dict[str, torch.Tensor]:
         mha = self.get_base_layer()
@@ -355,6 +375,9 @@ class LowRankMultiheadAttention(nn.Module, LowRankLayer):
             weights = weights.squeeze(0) if unbatched else weights
         return out, weights
 
+    def __repr__(self) -> str:
+        return f"{self._methods()}.{super().__repr__()}"
+
     def _project_in(self, query, key, value, self_attention: bool):
         mha, d = self.get_base_layer(), self.embed_dim
         weight, bias, rows = mha.in_proj_weight, mha.in_proj_bias, self._in_rows()
@@ -365,8 +388,6 @@ class LowRankMultiheadAttention(nn.Module, LowRankLayer):
             for x, part, row in zip((query, key, value), QKV_PARTS, rows)
         )
 
-    def __repr__(self) -> str:
-        return f"{self.adapter_layer_names[0].removesuffix('_factors')}.{super().__repr__()}"
 
 
 def _additive_mask(attn_mask, key_padding_mask, is_causal, shape, like):

@@ -113,7 +113,7 @@ class LowRankModel(BaseTuner):
         try:
             if isinstance(target, LowRankLayer):
                 self._check_layer_compatible(target, parts, current_key, adapter_name)
-                target.update_layer(adapter_name, config, parts)
+                target.update_layer(adapter_name, config, parts, self.factors_attr, self.factors_cls)
                 return
             layer_cls = LowRankMultiheadAttention if isinstance(base, nn.MultiheadAttention) else LowRankLinear
             new_module = layer_cls(target, adapter_name, config, self.factors_attr, self.factors_cls, parts)
@@ -132,9 +132,6 @@ class LowRankModel(BaseTuner):
         super()._replace_module(parent, child_name, new_module, child)
 
     def _check_layer_compatible(self, layer: LowRankLayer, parts, key: str, adapter_name: str) -> None:
-        if layer.adapter_layer_names != (self.factors_attr,):
-            raise ValueError(f"{key!r} already carries a different visadapt method "
-                             f"({layer.adapter_layer_names[0]}); one module takes adapters of one method.")
         if isinstance(layer, LowRankLinear) and layer.fused_qkv != (parts != (WHOLE,)):
             raise ValueError(f"Adapter {adapter_name!r} on {key!r}: the layer's existing adapters "
                              f"{'split' if layer.fused_qkv else 'do not split'} q/k/v; use the same "
