@@ -26,7 +26,7 @@ import pytest
 from peft import LoraConfig
 
 from visadapt import BlockLoraConfig, CompLoraConfig
-from visadapt._io import staged_dir
+from visadapt.utils import staged_dir
 
 PEFT_VERSION = peft.__version__
 CACHE = Path(os.environ.get("VISADAPT_PEFT_SDIST", Path.home() / ".cache" / "visadapt" / "peft-sdist"))
