@@ -66,7 +66,6 @@ import peft
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from _measure import MiB, PeakMemory, device_name, run_child
 
 from visadapt.fewshot.evaluate import ClipClassifier

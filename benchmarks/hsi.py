@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 import visadapt.hyperspectral  # noqa: F401  (registers the models)
 from visadapt.hyperspectral.model import count_parameters, set_trainable
-from visadapt.utils.modules import trainable_parameters
 from visadapt.hyperspectral.schedule import lola_param_groups
+from visadapt.utils.modules import trainable_parameters
 
 PLACEMENTS = ("none", "attn", "attn_mlp", "all")
 

@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend
-from .lora import (block_lora_linear_reference, check_block_lora, check_dropout_groups, check_lora,
-                   lora_linear_reference)
+from .lora import block_lora_linear_reference, check_block_lora, check_dropout_groups, check_lora, lora_linear_reference
 from .routed import check_index_range, routing_shapes, segments
 
 _EMPTY = (0,)  # shape of the placeholder returned for a gradient nobody asked for (ops must return tensors)

@@ -47,7 +47,7 @@ def test_trainable_parameters_follow_the_formula():
 
 @pytest.mark.slow
 def test_clip_vit_b16_count_matches_the_spec():
-    """r=2, n=8 on q, k, v of both towers of a ViT-B/16 CLIP: 103,680 (specs/clip_fewshot.md §3.4)."""
+    """r=2, n=8 on q, k, v of both towers of a ViT-B/16 CLIP: 103,680 (r·(d_in/n + d_out) per matrix)."""
     import open_clip
 
     clip = open_clip.create_model("ViT-B-16", pretrained=None)

@@ -7,11 +7,11 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from PIL import Image
 from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
 
-from visadapt.fewshot.model import DEMO_MODEL, resolve_model_name
 from visadapt.fewshot import demo_pretrain, world
+from visadapt.fewshot.model import DEMO_MODEL, resolve_model_name
 
 
 def _draw(seed: int, n: int = 20) -> tuple[list[np.ndarray], list[str]]:

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from visadapt.fewshot.glad import GladConfig, glad_backward
 from visadapt.fewshot.train import TrainConfig, train
-from visadapt.training import ShotBatches
 from visadapt.pipelines import FewShotCLIPPipeline
+from visadapt.training import ShotBatches
 
 CLIP_CFG = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
                 text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=2))

@@ -11,8 +11,8 @@ import torch.nn as nn
 from visadapt.hyperspectral import GatedLoRALinear, LoRALinear, lola_peft_config, set_lora_enabled, set_trainable
 from visadapt.hyperspectral.lora import lora_layers
 from visadapt.hyperspectral.model import count_parameters
-from visadapt.utils.modules import trainable_parameters
 from visadapt.hyperspectral.schedule import LoLASchedule, cosine_factor, lola_param_groups, lr_at_epoch
+from visadapt.utils.modules import trainable_parameters
 
 # Total and trainable (official freezing) parameters of the released configuration (FadiZidiDz/LoLA-SpecViT-Model).
 SPEC_COUNTS = {6: (254_638_338, 73_586_784), 9: (254_639_541, 73_586_832), 16: (254_642_348, 73_586_944),

@@ -396,7 +396,7 @@ def check_routed(x, lora_a, lora_b, index, weights, fwd_tol, grad_tol):
 def test_routed_lora_matches_dense_reference(lead, device):
     lora_a, lora_b = make_routed(device=device)
     x = torch.randn(*lead, D_IN, device=device)
-    for name, index, weights in routed_cases(lead):
+    for _name, index, weights in routed_cases(lead):
         index = index.to(device)
         weights = None if weights is None else weights.to(device)
         check_routed(x, lora_a, lora_b, index, weights, 1e-5, 1e-5)
@@ -577,7 +577,7 @@ def test_triton_routed_matches_reference(triton_backend, dtype):
     lead = (3, 23)  # 69 tokens: several row tiles, adapters' segments start mid-tile
     lora_a, lora_b = make_routed(d_in=37, d_out=35, r=5, device=TRITON_DEVICE)
     x = torch.randn(*lead, 37).to(TRITON_DEVICE, dtype)
-    for name, index, weights in routed_cases(lead):
+    for _name, index, weights in routed_cases(lead):
         index = index.to(TRITON_DEVICE)
         weights = None if weights is None else weights.to(TRITON_DEVICE)
         check_routed(x, lora_a, lora_b, index, weights, TOL[dtype], TOL[dtype])

@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from visadapt.version import __version__
 from visadapt.utils import TrainingDiverged, recover_dir, replace_dir, save_json_atomic, write_text_atomic
+from visadapt.version import __version__
 
 StepCallback = Callable[[int, dict], None]
 RUN_CONFIG = "run_config.json"

@@ -1,6 +1,6 @@
 """Block-LoRA ("One Head Eight Arms", arXiv 2501.16720): LoRA whose down-projection blocks are all shared.
 
-Reading of the abstract used here (specs/clip_fewshot.md §3.2, inferred): split A = [A_1 | … | A_n] by input
+Reading of the abstract used here (the paper's code is not released; inferred): split A = [A_1 | … | A_n] by input
 columns and share them, A_j = A_s (r × d_in/n). Then ΔW = B [A_s | … | A_s], and the forward sums the n input
 chunks before one small product: x̃ = Σ_j x_j, Δy = s · (x̃ A_sᵀ) Bᵀ. Trainable parameters per matrix:
 r · (d_in / n + d_out). ``block_mode="rank_split"`` is the alternative reading (split by rank, ΔW = (Σ_i B_i) A_s).

@@ -1,11 +1,11 @@
 """Comp-LoRA (arXiv 2501.15040): LoRA kept in the complement of the frozen weight's principal subspace.
 
-Reading of the abstract used here (specs/clip_fewshot.md §4.2, inferred): with W = U Σ Vᵀ computed once from the
-frozen weight, the update is ΔW = (I − U_k U_kᵀ) B A, enforced on every forward as B_eff = B − U_k (U_kᵀ B). Then
-U_kᵀ (W + ΔW) = U_kᵀ W exactly: the top-k output directions of W never move, whatever the optimiser does
+Reading of the abstract used here (the paper's code is not released; inferred): with W = U Σ Vᵀ computed once from
+the frozen weight, the update is ΔW = (I − U_k U_kᵀ) B A, enforced on every forward as B_eff = B − U_k (U_kᵀ B).
+Then U_kᵀ (W + ΔW) = U_kᵀ W exactly: the top-k output directions of W never move, whatever the optimiser does
 (projecting gradients instead would not survive Adam). ``side="in"`` projects A against the top-k right singular
-vectors, ``"both"`` does both. ``mode="init_only"`` is the MiLoRA-style alternative: start from the minor
-singular components and train freely.
+vectors, ``"both"`` does both. ``mode="init_only"`` is the MiLoRA-style alternative: start from the minor singular
+components and train freely.
 
 U_k (and V_k) are saved with the adapter, so a reload reproduces the outputs exactly on any device; on load the
 saved subspace wins over the one computed from the new base (a fractional k may resolve differently there).

@@ -25,10 +25,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import peft
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import peft
 from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file

@@ -19,8 +19,15 @@ from peft.utils.peft_types import PeftType
 
 from visadapt.version import ADAPTER_FORMAT_VERSION, __version__
 
-from .layer import ATTENTION_PARTS, QKV_PARTS, WHOLE, LowRankFactors, LowRankLayer, LowRankLinear, \
-    LowRankMultiheadAttention
+from .layer import (
+    ATTENTION_PARTS,
+    QKV_PARTS,
+    WHOLE,
+    LowRankFactors,
+    LowRankLayer,
+    LowRankLinear,
+    LowRankMultiheadAttention,
+)
 
 
 @dataclass

@@ -14,9 +14,9 @@ from typing import Union
 
 import numpy as np
 
+from .config import HSITrainConfig
 from .data import Scene, scene_from_arrays
 from .report import run_summary
-from .config import HSITrainConfig
 from .train import train
 
 DEMO_CLASSES = ("water", "asphalt", "grass", "trees", "crop A", "crop B", "bare soil", "roof")
