@@ -132,3 +132,14 @@ def test_relative_and_function_level_imports_are_seen(tmp_path):
     probe.write_text("def f():\n    from ..fewshot import data\n    from visadapt import kernels\n    return data\n")
     found = [m for _, m in imports(probe, "visadapt.hyperspectral.probe")]
     assert found == ["visadapt.fewshot.data", "visadapt.kernels"]
+
+
+def test_nothing_cites_files_outside_the_repository():
+    """Docstrings and docs cite papers, official code and docs inside the repository, never the design notes that
+    sit beside a developer's checkout."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    texts = sources() + docs + sorted((ROOT / "tests").glob("*.py"))
+    found = [f"{path.relative_to(ROOT)}:{n}" for path in texts
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if ("specs/" in line or "shared/" in line or "DESIGN.md" in line) and path.name != "test_layers.py"]
+    assert not found, found
