@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from visadapt.diffusion import ComposerConfig, Concept, Decor, LoraFileError
@@ -249,3 +250,55 @@ def test_long_regional_prompt_duplicate_names_and_unknown_adapter(pipe, loras):
     with pytest.raises(ValueError, match="not in the regional prompt"):
         pipe(prompt="x", concepts=[Concept(lora=loras["a"], prompt="a cat", box=[0, 0, 1, 1], tokens=["dog"])],
              **SIZE)
+
+
+# -- faithfulness to the official code (issue 14) --------------------------------------------------------------
+
+def _official_gaussian_smoothing_kernel(size: int, sigma: float) -> torch.Tensor:
+    """The official ``GaussianSmoothing`` kernel (region_lora/utils/gaussian_smoothing.py), written from its formula:
+    product over axes of 1/(σ√(2π))·exp(−((x−μ)/(2σ))²), normalised to sum 1."""
+    import math
+
+    grids = torch.meshgrid([torch.arange(size, dtype=torch.float32)] * 2, indexing="ij")
+    kernel = torch.ones(size, size)
+    for grid in grids:
+        mean = (size - 1) / 2
+        kernel = kernel * 1 / (sigma * math.sqrt(2 * math.pi)) * torch.exp(-((grid - mean) / (2 * sigma)) ** 2)
+    return kernel / kernel.sum()
+
+
+def _loss_composition(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    composition = Composition(adapter_names=["x", "y"], weights=[1, 1], boxes=[[0, 0, 0.5, 1], [0.5, 0, 1, 1]],
+                              text_cond=torch.zeros(2, 77, 32), latent_size=(16, 32), loss_downsample=4)
+    composition.cross_maps["l"] = torch.randn(1, 2, 32, 77, generator=gen).mul(3).softmax(-1)
+    composition.self_maps["l"] = torch.randn(1, 32, 32, generator=gen).softmax(-1)
+    return composition
+
+
+def test_attention_blur_is_the_official_kernel():
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    from visadapt.diffusion.composer import composer_loss, smooth, smoothing_kernel
+
+    kernel = smoothing_kernel(3, 0.5)
+    torch.testing.assert_close(kernel, _official_gaussian_smoothing_kernel(3, 0.5))
+    assert abs(float(kernel[1, 1]) - 0.332) < 1e-3
+    maps = torch.rand(2, 4, 8)
+    official = F.conv2d(F.pad(maps[:, None], (1, 1, 1, 1), mode="reflect"), _official_gaussian_smoothing_kernel(3, 0.5)
+                        [None, None])[:, 0]
+    torch.testing.assert_close(smooth(maps, kernel), official)
+    # "gaussian" is torchvision's kernel; the official one is that kernel with σ·√2.
+    torch.testing.assert_close(smooth(maps, smoothing_kernel(3, 0.5, "gaussian")),
+                               gaussian_blur(maps[:, None], [3, 3], [0.5, 0.5])[:, 0])
+    torch.testing.assert_close(smoothing_kernel(3, 0.5), smoothing_kernel(3, 0.5 * 2 ** 0.5, "gaussian"))
+
+    composition, positions = _loss_composition(), [[3, 4], [5]]
+    default = composer_loss(composition, positions, ComposerConfig())
+    wider = ComposerConfig(smooth_sigma=0.5 * 2 ** 0.5, smooth_form="gaussian")
+    official = composer_loss(composition, positions, wider)
+    sharper = composer_loss(composition, positions, ComposerConfig(smooth_form="gaussian"))
+    torch.testing.assert_close(default, official)
+    assert abs(float(default - sharper)) > 1e-4
+
+
