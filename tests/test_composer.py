@@ -302,3 +302,38 @@ def test_attention_blur_is_the_official_kernel():
     assert abs(float(default - sharper)) > 1e-4
 
 
+def _official_isolation_bias(masks: torch.Tensor) -> torch.Tensor:
+    """The official self-attention mask (multi_lora_sample.py): for each box k, every query in it gets −1e6 on the
+    keys of each other box, summed."""
+    n_tokens = masks.shape[1]
+    bias = torch.zeros(n_tokens, n_tokens, dtype=torch.float64)
+    for k, mask in enumerate(masks):
+        for j, other in enumerate(masks):
+            if j != k:
+                bias[mask != 0, :] += other.to(torch.float64) * -1e6
+    return bias
+
+
+def test_isolation_keeps_overlap_queries_isolated_when_boxes_cover_the_canvas(pipe):
+    name = next(n for n in pipe.unet.attn_processors if n.endswith("attn1.processor"))
+    attn = pipe.unet.get_submodule(name.removesuffix(".processor"))
+    hidden = torch.randn(1, 16 * 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    boxes = [[0, 0, 0.625, 1], [0.375, 0, 1, 1]]  # overlap in the middle, no background
+    composition = Composition(adapter_names=["x", "y"], weights=[1, 1], boxes=boxes,
+                              text_cond=torch.zeros(2, 77, 32), latent_size=(16, 16), loss_downsample=1, capture=True)
+    ComposerAttnProcessor(name)(attn, hidden, composition=composition)
+    probs = composition.self_maps[name][0].double()
+    masks = composition.masks(256, torch.device("cpu"))
+    overlap = masks[0] & masks[1]
+    assert overlap.any() and masks.any(0).all()
+    # Queries in the overlap see keys of either box alone, never the overlap (blocked twice), as in the official code.
+    assert probs[overlap][:, overlap].sum(1).max() < 1e-6
+    with torch.no_grad():
+        q, k = (attn.to_q(hidden).double(), attn.to_k(hidden).double())
+        q, k = (x.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for x in (q, k))
+        reference = (q @ k.transpose(-1, -2) * attn.scale + _official_isolation_bias(masks)).softmax(-1).mean(1)[0]
+    torch.testing.assert_close(probs, reference, atol=1e-5, rtol=1e-4)
+    bias = composition.isolation_mask(256, torch.float16, torch.device("cpu"))
+    assert torch.isfinite(bias).all() and bool((bias == 0).any(1).all())
+
+

@@ -97,16 +97,22 @@ class Composition:
     def isolation_mask(self, n_tokens: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
         """(N, N) additive bias: query q in box n may not see keys in any other box j ≠ n.
 
-        blocked[q, k] = Σ_{n ∋ q} Σ_{j≠n} M_j(k) = C(q)·C(k) − Σ_n M_n(q)·M_n(k), with C the box count per token.
+        The official code adds ``isolation_bias`` (−1e6) once per blocking pair: blocked[q, k] = Σ_{n ∋ q} Σ_{j≠n}
+        M_j(k) = C(q)·C(k) − Σ_n M_n(q)·M_n(k), with C the box count per token. Where boxes overlap and cover the
+        canvas, a query in the overlap has every key blocked; the count still ranks them (keys in one box only are
+        blocked less than keys in the overlap), so the softmax keeps the least-blocked keys. Here each row's
+        smallest count is subtracted first: the softmax is the same (a constant per row), no row is all-blocked,
+        and nothing overflows in fp16 (the bias is clipped to half the dtype's most negative value).
         """
         key = (n_tokens, dtype, str(device))
         if key not in self._isolation:
             masks = self.masks(n_tokens, device).float()
             count = masks.sum(0)
             blocked = count[:, None] * count[None, :] - masks.T @ masks
-            # fp16 cannot hold -1e6; the largest finite negative it has blocks just as well.
-            value = max(self.isolation_bias, torch.finfo(dtype).min / 2)
-            self._isolation[key] = torch.where(blocked > 0, value, 0.0).to(dtype) if (blocked > 0).any() else None
+            blocked = blocked - blocked.amin(1, keepdim=True)
+            floor = torch.finfo(dtype).min / 2
+            bias = (blocked * self.isolation_bias).clamp(min=floor).to(dtype)
+            self._isolation[key] = bias if bool((blocked > 0).any()) else None
         return self._isolation[key]
 
     def routing(self, n_tokens: int, device: torch.device) -> "Routing":

@@ -41,7 +41,7 @@ class ComposerConfig:
     smooth_kernel, smooth_sigma, smooth_form: the attention-map blur (see :func:`smoothing_kernel`). ``"official"``
         is the official code's kernel exp(−((x−μ)/(2σ))²), a Gaussian of standard deviation σ·√2;
         ``"gaussian"`` is a standard Gaussian of standard deviation σ (torchvision's ``gaussian_blur``).
-    isolation_bias: additive score for blocked keys (clipped to the dtype's range).
+    isolation_bias: additive score per blocking box for blocked keys (see ``Composition.isolation_mask``).
     """
 
     region_injection: bool = True
