@@ -337,3 +337,15 @@ def test_isolation_keeps_overlap_queries_isolated_when_boxes_cover_the_canvas(pi
     assert torch.isfinite(bias).all() and bool((bias == 0).any(1).all())
 
 
+def test_default_concept_tokens_are_the_content_words(pipe):
+    from visadapt.diffusion.concepts import content_words, token_positions
+
+    assert content_words("a photo of a cat") == ["cat"]
+    assert content_words("A close photo of a fluffy <cat1> cat, on the grass") == ["close", "fluffy", "<cat1>", "cat",
+                                                                                    "grass"]
+    assert token_positions(pipe.tokenizer, "a photo of a cat", None) == token_positions(
+        pipe.tokenizer, "a photo of a cat", ["cat"]) == [5]
+    assert token_positions(pipe.tokenizer, "a cat and a cat", ["cat", "cat"]) == [2, 5]
+    assert token_positions(pipe.tokenizer, "a photo of", None) == [1, 2, 3]  # only stop words: all of them
+
+
