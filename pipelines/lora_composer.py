@@ -41,8 +41,8 @@ from visadapt.diffusion.attention import ComposerAttnProcessor, Composition
 from visadapt.diffusion.composer import ComposerConfig, composer_loss, loss_downsample_for, reinit_latents
 from visadapt.diffusion.concepts import Concept, check_prompt_length, check_unique_names, token_positions
 from visadapt.diffusion.decor import Decor
-from visadapt.diffusion.lora_files import (TEXT_ENCODERS, LoraFileError, keep_active_adapters, load_concept_lora,
-                                           set_active_adapters)
+from visadapt.diffusion.lora_files import (TEXT_ENCODERS, LoraFileError, active_adapters, keep_active_adapters,
+                                           load_concept_lora, set_active_adapters)
 
 from .decor import DecorMixin
 
@@ -131,11 +131,13 @@ class LoRAComposerMixin(DecorMixin):
             user = {part: [n for n in active if n not in names] for part, active in saved.items()}
             for part, active in user.items():
                 set_active_adapters(getattr(self, part, None), active)
-            cond, uncond = self._encode_regions(concepts, names, call, user)
+            in_concepts = user if config.user_adapters_in_concepts else {part: [] for part in user}
+            cond, uncond = self._encode_regions(concepts, names, call, in_concepts)
             composition = Composition(
                 adapter_names=names, weights=[c.weight for c in concepts], boxes=[c.box for c in concepts],
                 text_cond=cond, text_uncond=uncond, inject=config.region_injection,
                 isolate=config.concept_isolation, isolation_bias=config.isolation_bias,
+                user_adapters_in_concepts=config.user_adapters_in_concepts,
                 loss_downsample=loss_downsample_for(self.unet, config.loss_downsample))
             run = _Run(composition, config, positions, call, refining=config.latent_optimization)
             saved_processors = self.unet.attn_processors
@@ -279,14 +281,14 @@ def _file_stamp(path: Path) -> tuple[float, int]:
 
 @contextmanager
 def _only_adapter(pipe, name: str, weight: float, user: dict[str, list[str]]) -> Iterator[None]:
-    """Text encoder(s) run the user's adapters plus ``name`` at ``weight`` × its loaded scale."""
+    """Text encoder(s) run ``user`` (the adapters kept in concepts) plus ``name`` at ``weight`` × its loaded scale;
+    on exit they run what they ran before."""
     from peft.tuners.lora import LoraLayer
 
+    encoders = {part: getattr(pipe, part) for part in TEXT_ENCODERS if getattr(pipe, part, None) is not None}
+    before = {part: active_adapters(encoder) for part, encoder in encoders.items()}
     restore = []
-    for part in TEXT_ENCODERS:
-        encoder = getattr(pipe, part, None)
-        if encoder is None:
-            continue
+    for part, encoder in encoders.items():
         layers = [m for m in encoder.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
         for layer in layers:
             restore.append((layer, layer.scaling[name]))
@@ -297,9 +299,8 @@ def _only_adapter(pipe, name: str, weight: float, user: dict[str, list[str]]) ->
     finally:
         for layer, scaling in restore:
             layer.scaling[name] = scaling
-        for part in TEXT_ENCODERS:
-            if getattr(pipe, part, None) is not None:
-                set_active_adapters(getattr(pipe, part), user[part])
+        for part, encoder in encoders.items():
+            set_active_adapters(encoder, before[part])
 
 
 @contextmanager

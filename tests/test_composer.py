@@ -349,3 +349,18 @@ def test_default_concept_tokens_are_the_content_words(pipe):
     assert token_positions(pipe.tokenizer, "a photo of", None) == [1, 2, 3]  # only stop words: all of them
 
 
+def test_user_adapters_condition_the_global_branch_only(pipe, loras, tmp_path):
+    # A user adapter on exactly what a full-canvas concept replaces (attn2 K/V/O and the text encoder) changes nothing.
+    user = _attn2_kv_o_and_text_encoder(loras["b"], tmp_path / "user.safetensors")
+    full = [Concept(lora=loras["a"], prompt="a photo of a cat", box=[0, 0, 1, 1])]
+    alone = generate(pipe, concepts=full, composer=PLAIN)
+    pipe.load_lora_weights(str(user), adapter_name="style")
+    pipe.set_adapters("style")
+    pipe.enable_lora()  # the composition before left the (then concept-only) adapters disabled
+    assert torch.equal(generate(pipe, concepts=full, composer=PLAIN), alone)
+    leaky = ComposerConfig(latent_optimization=False, latent_reinit=False, user_adapters_in_concepts=True)
+    assert (generate(pipe, concepts=full, composer=leaky) - alone).abs().max() > 1e-3
+    half = [Concept(lora=loras["a"], prompt="a photo of a cat", box=[0, 0, 0.5, 1])]
+    styled = generate(pipe, concepts=half, composer=PLAIN)
+    pipe.disable_lora()
+    assert (generate(pipe, concepts=half, composer=PLAIN) - styled).abs().max() > 1e-3  # the global branch has it

@@ -7,7 +7,9 @@ passed in ``cross_attention_kwargs={"composition": ...}``:
   encoding E_n through ``W_K + ΔW_K^n`` and ``W_V + ΔW_V^n``; queries inside box n attend to them and their result
   goes through ``W_O + ΔW_O^n``. Pixels covered by several boxes average their concepts; pixels in no box keep the
   global prompt's output. The deltas are read from the peft adapters loaded on the UNet and applied through
-  :mod:`visadapt.kernels` (one routed call for every concept's output projection).
+  :mod:`visadapt.kernels` (one routed call for every concept's output projection). Adapters the user activated
+  on the pipeline condition the global branch only (the official background ED-LoRA): concept K/V/O are the base
+  weights plus the concept's own delta, unless ``Composition.user_adapters_in_concepts`` is set.
 * self-attention (concept isolation): a query inside box n cannot attend to keys inside any other concept's box.
 
 While ``composition.capture`` is set, layers at the loss resolution also store their attention probabilities
@@ -45,6 +47,7 @@ class Composition:
     inject: bool = True
     isolate: bool = True
     isolation_bias: float = -1e6
+    user_adapters_in_concepts: bool = False
     latent_size: Optional[tuple[int, int]] = None
     prompt_batch: int = 1
     loss_downsample: int = 4
@@ -134,11 +137,17 @@ class Composition:
         key = (layer, batch, like.dtype, str(like.device))
         if key not in self._region_kv:
             texts = self.region_text(batch).to(like)
+            to_k, to_v = self.concept_layer(attn.to_k), self.concept_layer(attn.to_v)
             stack_k, stack_v = self.lora_stack(attn.to_k), self.lora_stack(attn.to_v)
             self._region_kv[key] = (
-                [_heads(_projected(attn.to_k, text, stack_k, c), attn.heads) for c, text in enumerate(texts)],
-                [_heads(_projected(attn.to_v, text, stack_v, c), attn.heads) for c, text in enumerate(texts)])
+                [_heads(_projected(to_k, text, stack_k, c), attn.heads) for c, text in enumerate(texts)],
+                [_heads(_projected(to_v, text, stack_v, c), attn.heads) for c, text in enumerate(texts)])
         return self._region_kv[key]
+
+    def concept_layer(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The layer a concept's delta is added to: the base layer, or with ``user_adapters_in_concepts`` the layer
+        as the pipeline runs it (base plus the adapters the user activated)."""
+        return module if self.user_adapters_in_concepts else getattr(module, "base_layer", module)
 
     def lora_stack(self, module: torch.nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor, list[float]]]:
         """Every concept's LoRA on ``module`` stacked for :func:`visadapt.kernels.routed_lora`.
@@ -204,7 +213,7 @@ def _attend(q, k, v, scale: float, bias: Optional[torch.Tensor], keep_probs: boo
 
 
 def _projected(layer: torch.nn.Module, x: torch.Tensor, stack, concept: int) -> torch.Tensor:
-    """layer(x) (base plus any adapter the user activated) + concept's LoRA delta on x."""
+    """layer(x) + concept's LoRA delta on x."""
     out = layer(x)
     if stack is None:
         return out
@@ -281,7 +290,7 @@ class ComposerAttnProcessor:
             composition.cross_maps[self.name] = torch.stack(maps, 1)
 
         tokens = torch.cat(pieces, 1)
-        projected = attn.to_out[0](tokens)
+        projected = composition.concept_layer(attn.to_out[0])(tokens)
         stack_o = composition.lora_stack(attn.to_out[0])
         if stack_o is not None:
             a, b, scales = stack_o

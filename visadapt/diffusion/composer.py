@@ -42,6 +42,9 @@ class ComposerConfig:
         is the official code's kernel exp(−((x−μ)/(2σ))²), a Gaussian of standard deviation σ·√2;
         ``"gaussian"`` is a standard Gaussian of standard deviation σ (torchvision's ``gaussian_blur``).
     isolation_bias: additive score per blocking box for blocked keys (see ``Composition.isolation_mask``).
+    user_adapters_in_concepts: adapters the user activated on the pipeline condition the global branch only (the
+        official code's background ED-LoRA; default). True also runs them in every concept's K/V/O and regional
+        text encoding, as this library did before the switch existed.
     """
 
     region_injection: bool = True
@@ -61,6 +64,7 @@ class ComposerConfig:
     early_stop_from: int = 5
     gradient_checkpointing: bool = True
     isolation_bias: float = -1e6
+    user_adapters_in_concepts: bool = False
 
     def step_sizes(self, n_steps: int) -> torch.Tensor:
         return self.step_size * torch.linspace(*self.step_decay, n_steps).sqrt()
