@@ -35,8 +35,10 @@ class Composition:
     """Per-call state shared by the processors of one UNet.
 
     ``text_cond`` / ``text_uncond``: (n_concepts, L, D) regional text encodings (conditional / negative), encoded
-    with each concept's text-encoder LoRA. ``latent_size`` (h, w) and ``prompt_batch`` (images per UNet call
-    without guidance) are set once the latents exist.
+    with each concept's text-encoder LoRA; or layer-wise (n_concepts, X, L, D), one encoding per cross-attention layer
+    (ED-LoRA's P+ tokens), with ``cross_layers`` mapping each cross-attention processor name to its index in X.
+    ``latent_size`` (h, w) and ``prompt_batch`` (images per UNet call without guidance) are set once the latents
+    exist.
     """
 
     adapter_names: Sequence[str]
@@ -48,6 +50,7 @@ class Composition:
     isolate: bool = True
     isolation_bias: float = -1e6
     user_adapters_in_concepts: bool = False
+    cross_layers: Optional[dict[str, int]] = None
     latent_size: Optional[tuple[int, int]] = None
     prompt_batch: int = 1
     loss_downsample: int = 4
@@ -84,17 +87,24 @@ class Composition:
             self._masks[key] = box_masks(self.boxes, gh, gw).flatten(1).to(device)
         return self._masks[key]
 
-    def region_text(self, batch: int) -> torch.Tensor:
-        """(n_concepts, batch, L, D) regional encodings lined up with the UNet batch.
+    def region_text(self, batch: int, layer: Optional[str] = None) -> torch.Tensor:
+        """(n_concepts, batch, L, D) regional encodings of cross-attention layer ``layer`` lined up with the UNet batch.
 
         A batch of twice the prompt batch is a classifier-free-guidance batch: negative half first, as diffusers
         concatenates it.
         """
-        cond = self.text_cond[:, None].expand(-1, self.prompt_batch, -1, -1)
+        text_cond, text_uncond = self.text_cond, self.text_uncond
+        if text_cond.ndim == 4:
+            if self.cross_layers is None or layer not in self.cross_layers:
+                raise ValueError(f"Layer-wise regional text but no layer index for cross-attention layer {layer!r}.")
+            index = self.cross_layers[layer]
+            text_cond = text_cond[:, index]
+            text_uncond = text_uncond[:, index] if text_uncond is not None else None
+        cond = text_cond[:, None].expand(-1, self.prompt_batch, -1, -1)
         if batch == self.prompt_batch:
             return cond
-        if batch == 2 * self.prompt_batch and self.text_uncond is not None:
-            return torch.cat([self.text_uncond[:, None].expand_as(cond), cond], dim=1)
+        if batch == 2 * self.prompt_batch and text_uncond is not None:
+            return torch.cat([text_uncond[:, None].expand_as(cond), cond], dim=1)
         raise ValueError(f"UNet batch {batch} does not match the composition's prompt batch {self.prompt_batch}.")
 
     def isolation_mask(self, n_tokens: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
@@ -136,7 +146,7 @@ class Composition:
         """
         key = (layer, batch, like.dtype, str(like.device))
         if key not in self._region_kv:
-            texts = self.region_text(batch).to(like)
+            texts = self.region_text(batch, layer).to(like)
             to_k, to_v = self.concept_layer(attn.to_k), self.concept_layer(attn.to_v)
             stack_k, stack_v = self.lora_stack(attn.to_k), self.lora_stack(attn.to_v)
             self._region_kv[key] = (

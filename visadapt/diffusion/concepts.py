@@ -40,7 +40,9 @@ class Concept:
 
     Args:
         lora: a ``.safetensors`` LoRA file (peft/diffusers or kohya format), a folder written by
-            ``visadapt.export_lora``, or the name of an adapter already loaded into the pipeline.
+            ``visadapt.export_lora``, a Mix-of-Show ED-LoRA ``.pth`` file (:mod:`visadapt.diffusion.edlora`; write
+            its new tokens, e.g. ``<cat1> <cat2>``, in ``prompt``) or the name of an adapter already loaded into the
+            pipeline.
         prompt: the regional prompt, encoded by the text encoder with this concept's LoRA active.
         box: ``[xmin, ymin, xmax, ymax]`` in [0, 1] (fractions of width and height).
         weight: multiplies the concept's LoRA deltas (UNet K/V/O and text encoder).
@@ -71,7 +73,7 @@ class Concept:
 
     @property
     def is_file(self) -> bool:
-        return str(self.lora).endswith(".safetensors") or Path(self.lora).exists()
+        return str(self.lora).endswith((".safetensors", ".pth")) or Path(self.lora).exists()
 
     @property
     def adapter_name(self) -> str:
@@ -93,7 +95,7 @@ def adapter_name_for(path: Union[str, os.PathLike]) -> str:
     path = Path(path)
     if path.name in GENERIC_FILE_NAMES:
         path = path.absolute().parent
-    stem = path.name.removesuffix(".safetensors")
+    stem = path.name.removesuffix(".safetensors").removesuffix(".pth")
     return re.sub(r"[^0-9A-Za-z_-]", "_", stem) or "concept"
 
 
