@@ -36,7 +36,6 @@ import torch
 
 from visadapt.diffusion.lora_files import LoraFileError, _quiet_loading, fit_problems, keep_active_adapters
 
-SUFFIXES = (".pth",)
 _LORA_KEY = re.compile(r"^(.+)\.lora_(down|up)\.weight$")
 _PARTS = ("down_blocks", "mid_block", "up_blocks")
 
@@ -51,10 +50,6 @@ class EDLoRA:
 
     embeddings: dict[str, torch.Tensor]
     lora: dict[str, torch.Tensor]  # "unet.….lora_A.weight" / "text_encoder.….lora_B.weight"
-
-
-def is_edlora_path(path: Union[str, os.PathLike]) -> bool:
-    return str(path).endswith(SUFFIXES)
 
 
 def read_edlora(path: Union[str, os.PathLike]) -> dict:
