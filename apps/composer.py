@@ -305,8 +305,11 @@ def build_app(pipe, *, max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Opt
                     latent_reinit = gr.Checkbox(value=True, label="Latent re-initialisation")
                 run = gr.Button("Generate", variant="primary")
             with gr.Column(scale=2):
-                preview = gr.Image(label="Boxes (pick a concept below, then click two corners)", interactive=False,
-                                   format="png", type="pil")
+                # No label or buttons over the image: they would cover its top rows, where boxes at ymin 0 start
+                # and where a person clicks corners.
+                gr.Markdown("**Boxes** (pick a concept below, then click two corners)")
+                preview = gr.Image(show_label=False, buttons=[], interactive=False, format="png", type="pil",
+                                   elem_id="box-preview")
                 target = gr.Radio(list(range(1, MAX_CONCEPTS + 1)), value=1, label="Draw the box of concept")
                 gallery = gr.Gallery(label="Results", columns=2, format="png", height="auto")
                 download = gr.File(label="Download (PNG, settings in its 'parameters' text)")
