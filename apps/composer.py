@@ -71,12 +71,33 @@ def load_pipeline(model: Optional[str] = None, device: Optional[str] = None):
     local = Path(model).is_dir()
     if not local and (Path(model).exists() or model.startswith((".", "/", "~"))):
         raise ValueError(f"--model {model}: not a folder; give a diffusers model folder or a hub id.")
-    config = DiffusionPipeline.load_config(model, local_files_only=local)
+    config = DiffusionPipeline.load_config(model, local_files_only=True) if local else _hub_config(model)
     cls = LoRAComposerXLPipeline if "XL" in config.get("_class_name", "") else LoRAComposerPipeline
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     kwargs = dict(safety_checker=None, requires_safety_checker=False) if cls is LoRAComposerPipeline else {}
     pipe = cls.from_pretrained(model, dtype=dtype, local_files_only=local, **kwargs)
     return pipe.to(device)
+
+
+def _hub_config(model: str) -> dict:
+    """``model_index.json`` of a hub model: from the local cache, else downloaded; a clear error when neither works."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import constants
+
+    try:
+        return DiffusionPipeline.load_config(model, local_files_only=True)
+    except OSError:
+        pass
+    reason = "the hub is switched off (HF_HUB_OFFLINE)"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return DiffusionPipeline.load_config(model)
+        except OSError as err:
+            reason = f"downloading failed: {str(err).splitlines()[0]}"
+    raise ValueError(f"--model {model}: this hub model is not in the local Hugging Face cache "
+                     f"({constants.HF_HUB_CACHE}) and {reason}. Without internet, pass a local diffusers folder "
+                     "instead: --model /path/to/folder (the folder holding model_index.json, e.g. made on a connected "
+                     f"machine with `hf download {model} --local-dir folder`).")
 
 
 def size_multiple(pipe) -> int:
@@ -453,8 +474,12 @@ def run_app(args: argparse.Namespace) -> int:
         print("No --model: serving the embedded tiny random pipeline (images are noise; use --model for real ones).")
     pipe = load_pipeline(args.model, args.device)
     app = build_app(pipe, max_lora_mb=args.max_lora_mb, output_dir=args.outputs)
-    launch(app, host=args.host, port=args.port, share=args.share, max_lora_mb=args.max_lora_mb,
-           output_dir=args.outputs)
+    # Gradio's own start-up lines would tell a command-line user to "set `share=True` in `launch()`".
+    _, url, share_url = launch(app, host=args.host, port=args.port, share=args.share, max_lora_mb=args.max_lora_mb,
+                               output_dir=args.outputs, prevent_thread_lock=True, quiet=True)
+    print(f"* Running on local URL:  {url}")
+    print(f"* Public URL: {share_url}" if share_url else "* To create a public link, start the app with --share.")
+    app.block_thread()
     return 0
 
 

@@ -118,6 +118,34 @@ def test_cli_registers_the_app_command():
     assert (args.host, args.port, args.share, args.model, args.max_lora_mb) == ("127.0.0.1", 7999, False, None, 5.0)
 
 
+def test_a_hub_id_missing_offline_says_so_and_how_to_pass_a_folder(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"not in the local Hugging Face cache.*--model /path/to/folder") as info:
+        composer.load_pipeline("visadapt-tests/no-such-model", device="cpu")
+    assert "model_index.json" in str(info.value) and "HF_HUB_OFFLINE" in str(info.value)
+
+
+def test_the_served_app_names_the_share_flag(monkeypatch, capsys):
+    import gradio as gr
+
+    from visadapt.cli import build_parser
+
+    apps = []
+    build = composer.build_app
+    monkeypatch.setattr(composer, "build_app", lambda *a, **k: apps.append(build(*a, **k)) or apps[-1])
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)  # return instead of serving forever
+    try:
+        assert composer.run_app(build_parser().parse_args(["app"])) == 0
+    finally:
+        for app in apps:
+            app.close()
+    out = capsys.readouterr().out
+    assert "Running on local URL:  http://127.0.0.1:" in out
+    assert "start the app with --share" in out and "share=True" not in out
+
+
 # -- the served app through its API ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
