@@ -42,8 +42,10 @@ def official_cross_attention_order(unet) -> list[str]:
     return names
 
 
-def edlora_params(pipe, seed: int = 0, rank: int = 2, n_layers: int | None = None) -> dict:
-    """An ED-LoRA ``params`` dict with the official names and shapes for ``pipe``."""
+def edlora_params(pipe, seed: int = 0, rank: int = 2, n_layers: int | None = None, old_names: bool = False) -> dict:
+    """An ED-LoRA ``params`` dict with the official names and shapes for ``pipe``; ``old_names``: the older
+    Mix-of-Show naming LoRA-Composer vendors (``…to_k_lora.down.weight``)."""
+    down, up = ("_lora.down", "_lora.up") if old_names else (".lora_down", ".lora_up")
     gen = torch.Generator().manual_seed(seed)
     n_layers = n_layers or len(official_cross_attention_order(pipe.unet))
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
@@ -56,8 +58,8 @@ def edlora_params(pipe, seed: int = 0, rank: int = 2, n_layers: int | None = Non
             for child_name, child in module.named_modules():
                 if isinstance(child, torch.nn.Linear):
                     key = f"{prefix}{name}.{child_name}"
-                    out[f"{key}.lora_down.weight"] = torch.randn(rank, child.in_features, generator=gen) * 0.3
-                    out[f"{key}.lora_up.weight"] = torch.randn(child.out_features, rank, generator=gen) * 0.3
+                    out[f"{key}{down}.weight"] = torch.randn(rank, child.in_features, generator=gen) * 0.3
+                    out[f"{key}{up}.weight"] = torch.randn(child.out_features, rank, generator=gen) * 0.3
         return out
 
     return {"new_concept_embedding": {t: torch.randn(n_layers, width, generator=gen) for t in TOKENS},
@@ -140,6 +142,16 @@ def test_full_canvas_edlora_concept_equals_the_official_fused_layer_wise_model(t
     other = generate(pipe, concepts=[Concept(lora=save_edlora(flat, tmp_path / "flat.pth"), prompt=PROMPT,
                                              box=[0, 0, 1, 1])], composer=PLAIN)
     assert (other - composed).abs().max() > 1e-3
+
+
+def test_old_and_new_mix_of_show_key_names_load_alike(tmp_path):
+    pipe = tiny_pipeline("sd", pipeline_class=LoRAComposerPipeline)
+    new = save_edlora(edlora_params(pipe, seed=3), tmp_path / "new.pth")
+    old = save_edlora(edlora_params(pipe, seed=3, old_names=True), tmp_path / "old.pth")
+    images = [generate(pipe, concepts=[Concept(lora=path, prompt=PROMPT, box=[0, 0, 0.5, 1])], composer=PLAIN)
+              for path in (new, old)]
+    assert torch.equal(*images)
+    assert (images[0] - generate(pipe, composer=PLAIN)).abs().max() > 1e-3
 
 
 def test_edlora_concept_composes_with_a_safetensors_one_and_pulls_its_new_tokens(tmp_path):

@@ -9,7 +9,8 @@ An ED-LoRA file is what Mix-of-Show's ``EDLoRATrainer.delta_state_dict`` saves, 
   (D, r), …}``: LoRA on the text encoder's attention (and with ``where: CLIPEncoderLayer`` its MLP) linears.
 * ``unet``: ``{"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_down.weight": (r, in), …}``: LoRA on
   the attention linears (or every linear and 1×1 conv of the transformer blocks), ``lora_up`` (out, r) or
-  (out, r, 1, 1) for convs.
+  (out, r, 1, 1) for convs. The older Mix-of-Show that LoRA-Composer vendors names them ``….to_k_lora.down.weight``
+  / ``….to_k_lora.up.weight`` (its ``convert_old_EDLoRA.py`` turns one naming into the other); both load.
 
 The trainer's LoRA forward is ``W x + alpha · up(down(x))`` with ``alpha`` from its config (not in the file; 1.0 in
 every Mix-of-Show and LoRA-Composer concept config, and LoRA-Composer fuses with ``unet_alpha = text_encoder_alpha =
@@ -36,7 +37,7 @@ import torch
 
 from visadapt.diffusion.lora_files import LoraFileError, _quiet_loading, fit_problems, keep_active_adapters
 
-_LORA_KEY = re.compile(r"^(.+)\.lora_(down|up)\.weight$")
+_LORA_KEY = re.compile(r"^(.+?)(?:\.lora_|_lora\.)(down|up)\.weight$")
 _PARTS = ("down_blocks", "mid_block", "up_blocks")
 
 
