@@ -39,6 +39,7 @@ from visadapt.diffusion.lora_files import LoraFileError, _quiet_loading, fit_pro
 
 _LORA_KEY = re.compile(r"^(.+?)(?:\.lora_|_lora\.)(down|up)\.weight$")
 _PARTS = ("down_blocks", "mid_block", "up_blocks")
+_SECTIONS = {"unet", "text_encoder", "new_concept_embedding", "new_concept_token"}
 
 
 class EDLoRAError(LoraFileError):
@@ -66,7 +67,7 @@ def read_edlora(path: Union[str, os.PathLike]) -> dict:
     except Exception as err:  # zip/pickle errors of every kind for files that are not torch saves
         raise EDLoRAError(f"{path.name} is not a readable torch .pth file ({err}).") from None
     params = state.get("params", state) if isinstance(state, dict) else None
-    if not isinstance(params, dict) or not {"unet", "text_encoder"} & set(params):
+    if not isinstance(params, dict) or not _SECTIONS & set(params):
         shown = ", ".join(list(params)[:4]) if isinstance(params, dict) else type(state).__name__
         raise EDLoRAError(f"{path.name} is not a Mix-of-Show ED-LoRA file: expected 'new_concept_embedding', "
                           f"'text_encoder' and 'unet' (under 'params'), found {shown}.")
