@@ -193,7 +193,11 @@ def test_bad_edlora_files_say_what_is_wrong(tmp_path):
     deeper = save_edlora(edlora_params(pipe, n_layers=16), tmp_path / "sd15.pth")
     narrow = save_edlora({**params, "unet": {k: v[:, :3] if "lora_down" in k else v
                                              for k, v in params["unet"].items()}}, tmp_path / "narrow.pth")
+    broken = {**params, "new_concept_embedding": {**params["new_concept_embedding"],
+                                                  "<cat2>": params["new_concept_embedding"]["<cat2>"] * float("nan")}}
+    nan = save_edlora(broken, tmp_path / "nan.pth")
     cases = [(pickled, "objects other than tensors"), (fused, "combined_model"),
+             (nan, r"NaN or inf weights in 1 tensor\(s\): new_concept_embedding.<cat2>"),
              (deeper, r"one per cross-attention layer \(4, 32\)"), (narrow, "does not fit this base model"),
              (tmp_path / "missing.pth", "not found")]
     for path, message in cases:

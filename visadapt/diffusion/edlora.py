@@ -90,7 +90,17 @@ def to_edlora(params: dict, pipe, label: str) -> EDLoRA:
             module, side = match.groups()
             lora[f"{component}.{_module_path(root, module)}.lora_{'A' if side == 'down' else 'B'}.weight"] = tensor
     _check_embeddings(embeddings, pipe, label)
+    _check_finite({**{f"new_concept_embedding.{t}": e for t, e in embeddings.items()}, **lora}, label)
     return EDLoRA(embeddings, lora)
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], label: str) -> None:
+    """One NaN or inf weight turns the whole image into NaN; name the tensors instead."""
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise EDLoRAError(f"{label} holds NaN or inf weights in {len(bad)} tensor(s): {shown}. The file is corrupt "
+                          "or its training diverged; use a good checkpoint.")
 
 
 def _module_path(root: torch.nn.Module, path: str) -> str:
