@@ -119,6 +119,7 @@ def test_the_whole_preview_canvas_is_visible_and_clickable(served, page):
     page.goto(url)
     preview = page.locator("#box-preview img").first
     preview.wait_for(state="visible")
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=preview.element_handle())
     size = preview.bounding_box()
     assert size["width"] > 100 and size["height"] > 100
     # No label or button lies over the canvas, not even one that lets clicks through: the pixels on the screen are
