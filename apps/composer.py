@@ -6,10 +6,11 @@ visadapt app --model stable-diffusion-v1-5/stable-diffusion-v1-5   # or an SDXL 
 python -m visadapt.apps.composer --port 7861
 ```
 
-Each concept is a LoRA file (``.safetensors``), a name, a regional prompt, a box ``[xmin, ymin, xmax, ymax]`` in
-[0, 1] and a weight. The numeric box fields are the source of truth; clicking two corners on the box preview fills
-them. One plain function, :func:`generate`, does the work; the page's Generate button and the Gradio API
-(``api_name="generate"``, named parameters such as ``lora_1``, ``prompt_1``, ``xmin_1``) both call it:
+Each concept is a LoRA file (``.safetensors``, or a Mix-of-Show ED-LoRA ``.pth``), a name, a regional prompt, a
+box ``[xmin, ymin, xmax, ymax]`` in [0, 1] and a weight. The numeric box fields are the source of truth; clicking two
+corners on the box preview fills them. One plain function, :func:`generate`, does the work; the page's Generate
+button and the Gradio API (``api_name="generate"``, named parameters such as ``lora_1``, ``prompt_1``, ``xmin_1``)
+both call it:
 
 ```python
 from gradio_client import Client, handle_file
@@ -36,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 
 MAX_CONCEPTS = 4
 DEFAULT_MAX_LORA_MB = 1024.0
+LORA_SUFFIXES = (".safetensors", ".pth")  # .pth: Mix-of-Show ED-LoRA, loaded with torch.load(weights_only=True)
 PREVIEW_SIDE = 256  # the box preview's longer side in pixels
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231"]
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -112,15 +114,16 @@ def default_size(pipe) -> int:
 # -- checks and the one generate function ---------------------------------------------------------------------
 
 def check_lora_file(path: Optional[str], slot: int, max_bytes: int) -> Path:
-    """An uploaded LoRA must exist, be ``.safetensors`` and fit the size limit (its content is checked on load)."""
+    """An uploaded LoRA must exist, be ``.safetensors`` (or an ED-LoRA ``.pth``, read with ``weights_only=True``) and
+    fit the size limit (its content is checked on load)."""
     from visadapt.diffusion import LoraFileError
 
     if not path:
         raise LoraFileError(f"Concept {slot}: no LoRA file; upload a .safetensors LoRA or remove the concept.")
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise LoraFileError(f"Concept {slot}: {path.name} is not a .safetensors file; only .safetensors LoRAs are "
-                            "loaded (pickled .ckpt/.pt/.bin files can run code when opened).")
+    if path.suffix.lower() not in LORA_SUFFIXES:
+        raise LoraFileError(f"Concept {slot}: {path.name} is not a .safetensors file or an ED-LoRA .pth; only those "
+                            "are loaded (other pickled files, .ckpt/.pt/.bin, can run code when opened).")
     if not path.is_file():
         raise LoraFileError(f"Concept {slot}: LoRA file not found: {path}.")
     size = path.stat().st_size
@@ -205,8 +208,10 @@ def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_promp
 def _drop_stale_adapters(pipe, keep: set[str]) -> None:
     """Unload concept LoRAs of earlier calls that this call does not use, so a long session does not pile them up."""
     loaded = pipe.__dict__.get("_concept_files", {})
+    adapters = {name for names in pipe.get_list_adapters().values() for name in names}
     for name in [n for n in loaded if n not in keep]:
-        pipe.delete_adapters(name)
+        if name in adapters:  # an ED-LoRA file of token embeddings only has no adapter
+            pipe.delete_adapters(name)
         del loaded[name]
 
 
@@ -296,7 +301,8 @@ def build_app(pipe, *, max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Opt
                 for i in range(1, MAX_CONCEPTS + 1):
                     with gr.Group(visible=i <= n_visible) as group:
                         gr.Markdown(f"**Concept {i}** <span style='color:{COLOURS[i - 1]}'>■</span>")
-                        slot = {"lora": gr.File(label=f"LoRA {i} (.safetensors)", file_types=[".safetensors"],
+                        slot = {"lora": gr.File(label=f"LoRA {i} (.safetensors or ED-LoRA .pth)",
+                                                file_types=list(LORA_SUFFIXES),
                                                 type="filepath")}
                         with gr.Row():
                             slot["name"] = gr.Textbox(value="", label=f"Name {i}", placeholder=f"concept{i}")

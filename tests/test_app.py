@@ -86,6 +86,27 @@ def test_lora_uploads_must_be_safetensors_and_within_the_limit(pipe, loras, tmp_
         composer.generate(pipe, prompt="x", concepts=two(loras, slots=[dict(lora=str(garbage)), {}]), **FAST)
 
 
+def test_a_mix_of_show_ed_lora_file_is_a_concept_too(pipe, loras, tmp_path):
+    import torch
+
+    # Mix-of-Show's layout: new tokens with one embedding per cross-attention layer, LoRA down/up on attn2's K.
+    gen = torch.Generator().manual_seed(0)
+    n_layers = sum(name.endswith("attn2.processor") for name in pipe.unet.attn_processors)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    params = {"new_concept_embedding": {"<cat1>": torch.randn(n_layers, width, generator=gen)},
+              "text_encoder": {},
+              "unet": {f"{layer}.lora_down.weight": torch.randn(2, width, generator=gen),
+                       f"{layer}.lora_up.weight": torch.randn(pipe.unet.get_submodule(layer).out_features, 2,
+                                                              generator=gen)}}
+    path = tmp_path / "catA.pth"
+    torch.save({"params": params}, str(path))
+    slots = two(loras, slots=[dict(lora=str(path), prompt="a photo of a <cat1> cat"), {}])
+    image, settings = composer.generate(pipe, prompt="a cat and a dog", concepts=slots, seed=3, **FAST)
+    plain, _ = composer.generate(pipe, prompt="a cat and a dog", concepts=two(loras), seed=3, **FAST)
+    assert settings["concepts"][0]["lora"] == "catA.pth" and image.tobytes() != plain.tobytes()
+
+
 def test_box_preview_draws_each_box_in_its_concept_colour():
     image = composer.draw_boxes(128, 64, [("cat", (0, 0, 0.5, 1)), ("dog", (0.5, 0.25, 1, 0.75)),
                                           ("unset", (None, 0, 1, 1))])

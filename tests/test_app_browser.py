@@ -78,7 +78,7 @@ def test_compose_two_loras_in_the_browser(served, page):
     for i, (path, name, box) in enumerate(zip(loras, ("cat", "dog"), ((0.0, 0.1, 0.45, 0.9), (0.55, 0.2, 1.0, 1.0))),
                                           start=1):
         # The innermost block labelled "LoRA i": an uploaded File drops its input, so no index across slots.
-        block = page.locator(".block", has_text=f"LoRA {i} (.safetensors)").last
+        block = page.locator(".block", has_text=f"LoRA {i} (.safetensors or ED-LoRA .pth)").last
         block.locator("input[type=file]").set_input_files(str(path))
         page.get_by_text(path.name).first.wait_for()  # upload finished: the file is listed
         fill(page, f"Name {i}", name)
