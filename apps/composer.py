@@ -6,10 +6,11 @@ visadapt app --model stable-diffusion-v1-5/stable-diffusion-v1-5   # or an SDXL 
 python -m visadapt.apps.composer --port 7861
 ```
 
-Each concept is a LoRA file (``.safetensors``), a name, a regional prompt, a box ``[xmin, ymin, xmax, ymax]`` in
-[0, 1] and a weight. The numeric box fields are the source of truth; clicking two corners on the box preview fills
-them. One plain function, :func:`generate`, does the work; the page's Generate button and the Gradio API
-(``api_name="generate"``, named parameters such as ``lora_1``, ``prompt_1``, ``xmin_1``) both call it:
+Each concept is a LoRA file (``.safetensors``, or a Mix-of-Show ED-LoRA ``.pth``), a name, a regional prompt, a
+box ``[xmin, ymin, xmax, ymax]`` in [0, 1] and a weight. The numeric box fields are the source of truth; clicking two
+corners on the box preview fills them. One plain function, :func:`generate`, does the work; the page's Generate
+button and the Gradio API (``api_name="generate"``, named parameters such as ``lora_1``, ``prompt_1``, ``xmin_1``)
+both call it:
 
 ```python
 from gradio_client import Client, handle_file
@@ -36,6 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 
 MAX_CONCEPTS = 4
 DEFAULT_MAX_LORA_MB = 1024.0
+LORA_SUFFIXES = (".safetensors", ".pth")  # .pth: Mix-of-Show ED-LoRA, loaded with torch.load(weights_only=True)
 PREVIEW_SIDE = 256  # the box preview's longer side in pixels
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231"]
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -71,12 +73,33 @@ def load_pipeline(model: Optional[str] = None, device: Optional[str] = None):
     local = Path(model).is_dir()
     if not local and (Path(model).exists() or model.startswith((".", "/", "~"))):
         raise ValueError(f"--model {model}: not a folder; give a diffusers model folder or a hub id.")
-    config = DiffusionPipeline.load_config(model, local_files_only=local)
+    config = DiffusionPipeline.load_config(model, local_files_only=True) if local else _hub_config(model)
     cls = LoRAComposerXLPipeline if "XL" in config.get("_class_name", "") else LoRAComposerPipeline
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     kwargs = dict(safety_checker=None, requires_safety_checker=False) if cls is LoRAComposerPipeline else {}
     pipe = cls.from_pretrained(model, dtype=dtype, local_files_only=local, **kwargs)
     return pipe.to(device)
+
+
+def _hub_config(model: str) -> dict:
+    """``model_index.json`` of a hub model: from the local cache, else downloaded; a clear error when neither works."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import constants
+
+    try:
+        return DiffusionPipeline.load_config(model, local_files_only=True)
+    except OSError:
+        pass
+    reason = "the hub is switched off (HF_HUB_OFFLINE)"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return DiffusionPipeline.load_config(model)
+        except OSError as err:
+            reason = f"downloading failed: {str(err).splitlines()[0]}"
+    raise ValueError(f"--model {model}: this hub model is not in the local Hugging Face cache "
+                     f"({constants.HF_HUB_CACHE}) and {reason}. Without internet, pass a local diffusers folder "
+                     "instead: --model /path/to/folder (the folder holding model_index.json, e.g. made on a connected "
+                     f"machine with `hf download {model} --local-dir folder`).")
 
 
 def size_multiple(pipe) -> int:
@@ -91,15 +114,16 @@ def default_size(pipe) -> int:
 # -- checks and the one generate function ---------------------------------------------------------------------
 
 def check_lora_file(path: Optional[str], slot: int, max_bytes: int) -> Path:
-    """An uploaded LoRA must exist, be ``.safetensors`` and fit the size limit (its content is checked on load)."""
+    """An uploaded LoRA must exist, be ``.safetensors`` (or an ED-LoRA ``.pth``, read with ``weights_only=True``) and
+    fit the size limit (its content is checked on load)."""
     from visadapt.diffusion import LoraFileError
 
     if not path:
         raise LoraFileError(f"Concept {slot}: no LoRA file; upload a .safetensors LoRA or remove the concept.")
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise LoraFileError(f"Concept {slot}: {path.name} is not a .safetensors file; only .safetensors LoRAs are "
-                            "loaded (pickled .ckpt/.pt/.bin files can run code when opened).")
+    if path.suffix.lower() not in LORA_SUFFIXES:
+        raise LoraFileError(f"Concept {slot}: {path.name} is not a .safetensors file or an ED-LoRA .pth; only those "
+                            "are loaded (other pickled files, .ckpt/.pt/.bin, can run code when opened).")
     if not path.is_file():
         raise LoraFileError(f"Concept {slot}: LoRA file not found: {path}.")
     size = path.stat().st_size
@@ -184,8 +208,10 @@ def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_promp
 def _drop_stale_adapters(pipe, keep: set[str]) -> None:
     """Unload concept LoRAs of earlier calls that this call does not use, so a long session does not pile them up."""
     loaded = pipe.__dict__.get("_concept_files", {})
+    adapters = {name for names in pipe.get_list_adapters().values() for name in names}
     for name in [n for n in loaded if n not in keep]:
-        pipe.delete_adapters(name)
+        if name in adapters:  # an ED-LoRA file of token embeddings only has no adapter
+            pipe.delete_adapters(name)
         del loaded[name]
 
 
@@ -275,7 +301,8 @@ def build_app(pipe, *, max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Opt
                 for i in range(1, MAX_CONCEPTS + 1):
                     with gr.Group(visible=i <= n_visible) as group:
                         gr.Markdown(f"**Concept {i}** <span style='color:{COLOURS[i - 1]}'>■</span>")
-                        slot = {"lora": gr.File(label=f"LoRA {i} (.safetensors)", file_types=[".safetensors"],
+                        slot = {"lora": gr.File(label=f"LoRA {i} (.safetensors or ED-LoRA .pth)",
+                                                file_types=list(LORA_SUFFIXES),
                                                 type="filepath")}
                         with gr.Row():
                             slot["name"] = gr.Textbox(value="", label=f"Name {i}", placeholder=f"concept{i}")
@@ -305,8 +332,11 @@ def build_app(pipe, *, max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Opt
                     latent_reinit = gr.Checkbox(value=True, label="Latent re-initialisation")
                 run = gr.Button("Generate", variant="primary")
             with gr.Column(scale=2):
-                preview = gr.Image(label="Boxes (pick a concept below, then click two corners)", interactive=False,
-                                   format="png", type="pil")
+                # No label or buttons over the image: they would cover its top rows, where boxes at ymin 0 start
+                # and where a person clicks corners.
+                gr.Markdown("**Boxes** (pick a concept below, then click two corners)")
+                preview = gr.Image(show_label=False, buttons=[], interactive=False, format="png", type="pil",
+                                   elem_id="box-preview")
                 target = gr.Radio(list(range(1, MAX_CONCEPTS + 1)), value=1, label="Draw the box of concept")
                 gallery = gr.Gallery(label="Results", columns=2, format="png", height="auto")
                 download = gr.File(label="Download (PNG, settings in its 'parameters' text)")
@@ -450,8 +480,12 @@ def run_app(args: argparse.Namespace) -> int:
         print("No --model: serving the embedded tiny random pipeline (images are noise; use --model for real ones).")
     pipe = load_pipeline(args.model, args.device)
     app = build_app(pipe, max_lora_mb=args.max_lora_mb, output_dir=args.outputs)
-    launch(app, host=args.host, port=args.port, share=args.share, max_lora_mb=args.max_lora_mb,
-           output_dir=args.outputs)
+    # Gradio's own start-up lines would tell a command-line user to "set `share=True` in `launch()`".
+    _, url, share_url = launch(app, host=args.host, port=args.port, share=args.share, max_lora_mb=args.max_lora_mb,
+                               output_dir=args.outputs, prevent_thread_lock=True, quiet=True)
+    print(f"* Running on local URL:  {url}")
+    print(f"* Public URL: {share_url}" if share_url else "* To create a public link, start the app with --share.")
+    app.block_thread()
     return 0
 
 

@@ -41,8 +41,9 @@ from visadapt.diffusion.attention import ComposerAttnProcessor, Composition
 from visadapt.diffusion.composer import ComposerConfig, composer_loss, loss_downsample_for, reinit_latents
 from visadapt.diffusion.concepts import Concept, check_prompt_length, check_unique_names, token_positions
 from visadapt.diffusion.decor import Decor
-from visadapt.diffusion.lora_files import (TEXT_ENCODERS, LoraFileError, keep_active_adapters, load_concept_lora,
-                                           set_active_adapters)
+from visadapt.diffusion.edlora import bind, concept_tokens, cross_attention_layers, layer_wise
+from visadapt.diffusion.lora_files import (TEXT_ENCODERS, LoraFileError, active_adapters, keep_active_adapters,
+                                           load_concept_lora, set_active_adapters)
 
 from .decor import DecorMixin
 
@@ -124,18 +125,24 @@ class LoRAComposerMixin(DecorMixin):
     def _composing(self, concepts: list[Concept], config: ComposerConfig, call: dict) -> Iterator[_Run]:
         names = self.load_concepts(concepts)
         tokenizer = self.tokenizer or getattr(self, "tokenizer_2", None)
-        for concept in concepts:
-            check_prompt_length(tokenizer, concept.prompt, concept.label)
-        positions = [token_positions(tokenizer, c.prompt, c.tokens) for c in concepts]
+        bound = [bind(c.prompt, concept_tokens(self, n), 0) for c, n in zip(concepts, names)]
+        for concept, prompt in zip(concepts, bound):
+            check_prompt_length(tokenizer, prompt, concept.label)
+        positions = [token_positions(tokenizer, prompt, _loss_words(c, concept_tokens(self, n)))
+                     for c, n, prompt in zip(concepts, names, bound)]
         with keep_active_adapters(self) as saved:
             user = {part: [n for n in active if n not in names] for part, active in saved.items()}
             for part, active in user.items():
                 set_active_adapters(getattr(self, part, None), active)
-            cond, uncond = self._encode_regions(concepts, names, call, user)
+            in_concepts = user if config.user_adapters_in_concepts else {part: [] for part in user}
+            cond, uncond = self._encode_regions(concepts, names, call, in_concepts)
+            layers = cross_attention_layers(self.unet)
             composition = Composition(
                 adapter_names=names, weights=[c.weight for c in concepts], boxes=[c.box for c in concepts],
                 text_cond=cond, text_uncond=uncond, inject=config.region_injection,
                 isolate=config.concept_isolation, isolation_bias=config.isolation_bias,
+                user_adapters_in_concepts=config.user_adapters_in_concepts,
+                cross_layers={name: i for i, name in enumerate(layers)} if cond.ndim == 4 else None,
                 loss_downsample=loss_downsample_for(self.unet, config.loss_downsample))
             run = _Run(composition, config, positions, call, refining=config.latent_optimization)
             saved_processors = self.unet.attn_processors
@@ -149,21 +156,30 @@ class LoRAComposerMixin(DecorMixin):
                 self.unet.set_attn_processor(saved_processors)
 
     def _encode_regions(self, concepts, names, call, user) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(n, L, D) conditional and negative regional encodings, each with only its concept's LoRA on."""
+        """(n, L, D) conditional and negative regional encodings, each with only its concept's LoRA on.
+
+        When a prompt uses ED-LoRA layer-wise tokens: (n, X, L, D), one encoding per cross-attention layer (the
+        prompt with its tokens bound to that layer's embeddings); other concepts repeat theirs X times.
+        """
         negative = call.get("negative_prompt")
         negative = negative[0] if isinstance(negative, (list, tuple)) else negative
         do_cfg = call["guidance_scale"] > 1 and self.unet.config.time_cond_proj_dim is None
+        n_layers = len(cross_attention_layers(self.unet))
         conds, unconds = [], []
         for concept, name in zip(concepts, names):
+            tokens = concept_tokens(self, name)
+            per_layer = layer_wise(tokens, concept.prompt)
+            prompts = [bind(concept.prompt, tokens, i) for i in range(n_layers if per_layer else 1)]
+            region_negative = concept.negative_prompt if concept.negative_prompt is not None else negative
             with _only_adapter(self, name, concept.weight, user):
                 out = super(LoRAComposerMixin, self).encode_prompt(
-                    prompt=concept.prompt, device=self._execution_device, num_images_per_prompt=1,
+                    prompt=prompts, device=self._execution_device, num_images_per_prompt=1,
                     do_classifier_free_guidance=do_cfg, clip_skip=call.get("clip_skip"),
-                    negative_prompt=concept.negative_prompt if concept.negative_prompt is not None else negative)
-            conds.append(out[0][0])
+                    negative_prompt=None if region_negative is None else [region_negative] * len(prompts))
+            conds.append(out[0] if per_layer else out[0][0])
             if do_cfg:
-                unconds.append(out[1][0])
-        return torch.stack(conds), (torch.stack(unconds) if do_cfg else None)
+                unconds.append(out[1] if per_layer else out[1][0])
+        return _stack_regions(conds, n_layers), (_stack_regions(unconds, n_layers) if do_cfg else None)
 
     # -- pipeline hooks ----------------------------------------------------------------------------------------
 
@@ -270,6 +286,22 @@ class LoRAComposerXLPipeline(LoRAComposerMixin, StableDiffusionXLPipeline):
                                       "time_ids": time_ids.to(run.pooled_embeds.device).repeat(batch, 1)}}
 
 
+def _loss_words(concept: Concept, tokens: dict[str, list[str]]) -> Optional[list[str]]:
+    """The words whose attention the losses pull into the box, in the layer-0 bound prompt: ``concept.tokens``,
+    else an ED-LoRA concept's new tokens in its prompt (the official choice), else None (the content words)."""
+    if concept.tokens is not None:
+        return [bind(word, tokens, 0) for word in concept.tokens]
+    present = sorted((t for t in tokens if t in concept.prompt), key=concept.prompt.index)
+    return [bind(t, tokens, 0) for t in present] or None
+
+
+def _stack_regions(encodings: list[torch.Tensor], n_layers: int) -> torch.Tensor:
+    """(n, L, D), or (n, X, L, D) when some encoding is layer-wise (X, L, D)."""
+    if all(e.ndim == 2 for e in encodings):
+        return torch.stack(encodings)
+    return torch.stack([e if e.ndim == 3 else e.expand(n_layers, -1, -1) for e in encodings])
+
+
 def _file_stamp(path: Path) -> tuple[float, int]:
     if not path.is_file():
         raise LoraFileError(f"LoRA file not found: {path}.")
@@ -279,14 +311,14 @@ def _file_stamp(path: Path) -> tuple[float, int]:
 
 @contextmanager
 def _only_adapter(pipe, name: str, weight: float, user: dict[str, list[str]]) -> Iterator[None]:
-    """Text encoder(s) run the user's adapters plus ``name`` at ``weight`` × its loaded scale."""
+    """Text encoder(s) run ``user`` (the adapters kept in concepts) plus ``name`` at ``weight`` × its loaded scale;
+    on exit they run what they ran before."""
     from peft.tuners.lora import LoraLayer
 
+    encoders = {part: getattr(pipe, part) for part in TEXT_ENCODERS if getattr(pipe, part, None) is not None}
+    before = {part: active_adapters(encoder) for part, encoder in encoders.items()}
     restore = []
-    for part in TEXT_ENCODERS:
-        encoder = getattr(pipe, part, None)
-        if encoder is None:
-            continue
+    for part, encoder in encoders.items():
         layers = [m for m in encoder.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
         for layer in layers:
             restore.append((layer, layer.scaling[name]))
@@ -297,9 +329,8 @@ def _only_adapter(pipe, name: str, weight: float, user: dict[str, list[str]]) ->
     finally:
         for layer, scaling in restore:
             layer.scaling[name] = scaling
-        for part in TEXT_ENCODERS:
-            if getattr(pipe, part, None) is not None:
-                set_active_adapters(getattr(pipe, part), user[part])
+        for part, encoder in encoders.items():
+            set_active_adapters(encoder, before[part])
 
 
 @contextmanager

@@ -86,6 +86,27 @@ def test_lora_uploads_must_be_safetensors_and_within_the_limit(pipe, loras, tmp_
         composer.generate(pipe, prompt="x", concepts=two(loras, slots=[dict(lora=str(garbage)), {}]), **FAST)
 
 
+def test_a_mix_of_show_ed_lora_file_is_a_concept_too(pipe, loras, tmp_path):
+    import torch
+
+    # Mix-of-Show's layout: new tokens with one embedding per cross-attention layer, LoRA down/up on attn2's K.
+    gen = torch.Generator().manual_seed(0)
+    n_layers = sum(name.endswith("attn2.processor") for name in pipe.unet.attn_processors)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    params = {"new_concept_embedding": {"<cat1>": torch.randn(n_layers, width, generator=gen)},
+              "text_encoder": {},
+              "unet": {f"{layer}.lora_down.weight": torch.randn(2, width, generator=gen),
+                       f"{layer}.lora_up.weight": torch.randn(pipe.unet.get_submodule(layer).out_features, 2,
+                                                              generator=gen)}}
+    path = tmp_path / "catA.pth"
+    torch.save({"params": params}, str(path))
+    slots = two(loras, slots=[dict(lora=str(path), prompt="a photo of a <cat1> cat"), {}])
+    image, settings = composer.generate(pipe, prompt="a cat and a dog", concepts=slots, seed=3, **FAST)
+    plain, _ = composer.generate(pipe, prompt="a cat and a dog", concepts=two(loras), seed=3, **FAST)
+    assert settings["concepts"][0]["lora"] == "catA.pth" and image.tobytes() != plain.tobytes()
+
+
 def test_box_preview_draws_each_box_in_its_concept_colour():
     image = composer.draw_boxes(128, 64, [("cat", (0, 0, 0.5, 1)), ("dog", (0.5, 0.25, 1, 0.75)),
                                           ("unset", (None, 0, 1, 1))])
@@ -116,6 +137,34 @@ def test_cli_registers_the_app_command():
     args = build_parser().parse_args(["app", "--port", "7999", "--max-lora-mb", "5"])
     assert args.func is composer.run_app
     assert (args.host, args.port, args.share, args.model, args.max_lora_mb) == ("127.0.0.1", 7999, False, None, 5.0)
+
+
+def test_a_hub_id_missing_offline_says_so_and_how_to_pass_a_folder(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match=r"not in the local Hugging Face cache.*--model /path/to/folder") as info:
+        composer.load_pipeline("visadapt-tests/no-such-model", device="cpu")
+    assert "model_index.json" in str(info.value) and "HF_HUB_OFFLINE" in str(info.value)
+
+
+def test_the_served_app_names_the_share_flag(monkeypatch, capsys):
+    import gradio as gr
+
+    from visadapt.cli import build_parser
+
+    apps = []
+    build = composer.build_app
+    monkeypatch.setattr(composer, "build_app", lambda *a, **k: apps.append(build(*a, **k)) or apps[-1])
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: None)  # return instead of serving forever
+    try:
+        assert composer.run_app(build_parser().parse_args(["app"])) == 0
+    finally:
+        for app in apps:
+            app.close()
+    out = capsys.readouterr().out
+    assert "Running on local URL:  http://127.0.0.1:" in out
+    assert "start the app with --share" in out and "share=True" not in out
 
 
 # -- the served app through its API ----------------------------------------------------------------------------

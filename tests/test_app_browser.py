@@ -6,11 +6,13 @@ in the page, uploads two LoRA files it made, sets two boxes in the numeric field
 the image in the gallery. A full-page screenshot goes to $VISADAPT_TEST_ARTIFACTS or <repo>/test-artifacts/.
 """
 
+import io
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageChops
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
@@ -76,7 +78,7 @@ def test_compose_two_loras_in_the_browser(served, page):
     for i, (path, name, box) in enumerate(zip(loras, ("cat", "dog"), ((0.0, 0.1, 0.45, 0.9), (0.55, 0.2, 1.0, 1.0))),
                                           start=1):
         # The innermost block labelled "LoRA i": an uploaded File drops its input, so no index across slots.
-        block = page.locator(".block", has_text=f"LoRA {i} (.safetensors)").last
+        block = page.locator(".block", has_text=f"LoRA {i} (.safetensors or ED-LoRA .pth)").last
         block.locator("input[type=file]").set_input_files(str(path))
         page.get_by_text(path.name).first.wait_for()  # upload finished: the file is listed
         fill(page, f"Name {i}", name)
@@ -99,7 +101,7 @@ def test_two_clicks_on_the_preview_set_a_box(served, page):
     url, _ = served
     page.goto(url)
     page.locator("label", has_text="2").filter(has=page.locator("input[type=radio]")).first.click()
-    preview = page.locator(".block", has_text="Boxes (pick").last.locator("img").first
+    preview = page.locator("#box-preview img").first
     preview.wait_for(state="visible")
     size = preview.bounding_box()
     preview.click(position={"x": 0.2 * size["width"], "y": 0.3 * size["height"]})
@@ -110,3 +112,34 @@ def test_two_clicks_on_the_preview_set_a_box(served, page):
     values = [float(page.get_by_label(f"{k} 2", exact=True).input_value()) for k in ("xmin", "ymin", "xmax", "ymax")]
     assert values == pytest.approx([0.2, 0.3, 0.7, 0.9], abs=0.02)
     assert float(page.get_by_label("xmin 1", exact=True).input_value()) == 0  # the other concept is untouched
+
+
+def test_the_whole_preview_canvas_is_visible_and_clickable(served, page):
+    url, _ = served
+    page.goto(url)
+    preview = page.locator("#box-preview img").first
+    preview.wait_for(state="visible")
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=preview.element_handle())
+    size = preview.bounding_box()
+    assert size["width"] > 100 and size["height"] > 100
+    # No label or button lies over the canvas, not even one that lets clicks through: the pixels on the screen are
+    # the preview's own, top rows included (boxes at ymin 0 start there).
+    shot = Image.open(io.BytesIO(page.screenshot(clip=size))).convert("RGB")
+    drawn = composer.draw_boxes(64, 64, [  # the tiny pipeline's default 64×64 canvas and two default boxes
+        ("concept1", (0.0, 0.0, 0.5, 1.0)), ("concept2", (0.5, 0.0, 1.0, 1.0))])
+    assert shot.size == drawn.size
+    difference = ImageChops.difference(shot, drawn).convert("L")
+    top = difference.crop((0, 0, drawn.width, 24))
+    assert max(top.getdata()) < 64, "something covers the top of the preview"
+    assert max(difference.getdata()) < 64
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#box-preview").screenshot(path=str(ARTIFACTS / "composer-preview.png"))
+
+    # A corner on the top row of the canvas sets ymin 0.
+    page.locator("label", has_text="2").filter(has=page.locator("input[type=radio]")).first.click()
+    preview.click(position={"x": 0.1 * size["width"], "y": 1})
+    preview.click(position={"x": 0.4 * size["width"], "y": 0.5 * size["height"]})
+    xmin = page.get_by_label("xmin 2", exact=True)
+    page.wait_for_function("el => Math.abs(parseFloat(el.value) - 0.1) < 0.02", arg=xmin.element_handle())
+    values = [float(page.get_by_label(f"{k} 2", exact=True).input_value()) for k in ("xmin", "ymin", "xmax", "ymax")]
+    assert values == pytest.approx([0.1, 0.0, 0.4, 0.5], abs=0.02)

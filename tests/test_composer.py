@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from visadapt.diffusion import ComposerConfig, Concept, Decor, LoraFileError
@@ -249,3 +250,117 @@ def test_long_regional_prompt_duplicate_names_and_unknown_adapter(pipe, loras):
     with pytest.raises(ValueError, match="not in the regional prompt"):
         pipe(prompt="x", concepts=[Concept(lora=loras["a"], prompt="a cat", box=[0, 0, 1, 1], tokens=["dog"])],
              **SIZE)
+
+
+# -- faithfulness to the official code (issue 14) --------------------------------------------------------------
+
+def _official_gaussian_smoothing_kernel(size: int, sigma: float) -> torch.Tensor:
+    """The official ``GaussianSmoothing`` kernel (region_lora/utils/gaussian_smoothing.py), written from its formula:
+    product over axes of 1/(σ√(2π))·exp(−((x−μ)/(2σ))²), normalised to sum 1."""
+    import math
+
+    grids = torch.meshgrid([torch.arange(size, dtype=torch.float32)] * 2, indexing="ij")
+    kernel = torch.ones(size, size)
+    for grid in grids:
+        mean = (size - 1) / 2
+        kernel = kernel * 1 / (sigma * math.sqrt(2 * math.pi)) * torch.exp(-((grid - mean) / (2 * sigma)) ** 2)
+    return kernel / kernel.sum()
+
+
+def _loss_composition(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    composition = Composition(adapter_names=["x", "y"], weights=[1, 1], boxes=[[0, 0, 0.5, 1], [0.5, 0, 1, 1]],
+                              text_cond=torch.zeros(2, 77, 32), latent_size=(16, 32), loss_downsample=4)
+    composition.cross_maps["l"] = torch.randn(1, 2, 32, 77, generator=gen).mul(3).softmax(-1)
+    composition.self_maps["l"] = torch.randn(1, 32, 32, generator=gen).softmax(-1)
+    return composition
+
+
+def test_attention_blur_is_the_official_kernel():
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    from visadapt.diffusion.composer import composer_loss, smooth, smoothing_kernel
+
+    kernel = smoothing_kernel(3, 0.5)
+    torch.testing.assert_close(kernel, _official_gaussian_smoothing_kernel(3, 0.5))
+    assert abs(float(kernel[1, 1]) - 0.332) < 1e-3
+    maps = torch.rand(2, 4, 8)
+    official = F.conv2d(F.pad(maps[:, None], (1, 1, 1, 1), mode="reflect"), _official_gaussian_smoothing_kernel(3, 0.5)
+                        [None, None])[:, 0]
+    torch.testing.assert_close(smooth(maps, kernel), official)
+    # "gaussian" is torchvision's kernel; the official one is that kernel with σ·√2.
+    torch.testing.assert_close(smooth(maps, smoothing_kernel(3, 0.5, "gaussian")),
+                               gaussian_blur(maps[:, None], [3, 3], [0.5, 0.5])[:, 0])
+    torch.testing.assert_close(smoothing_kernel(3, 0.5), smoothing_kernel(3, 0.5 * 2 ** 0.5, "gaussian"))
+
+    composition, positions = _loss_composition(), [[3, 4], [5]]
+    default = composer_loss(composition, positions, ComposerConfig())
+    wider = ComposerConfig(smooth_sigma=0.5 * 2 ** 0.5, smooth_form="gaussian")
+    official = composer_loss(composition, positions, wider)
+    sharper = composer_loss(composition, positions, ComposerConfig(smooth_form="gaussian"))
+    torch.testing.assert_close(default, official)
+    assert abs(float(default - sharper)) > 1e-4
+
+
+def _official_isolation_bias(masks: torch.Tensor) -> torch.Tensor:
+    """The official self-attention mask (multi_lora_sample.py): for each box k, every query in it gets −1e6 on the
+    keys of each other box, summed."""
+    n_tokens = masks.shape[1]
+    bias = torch.zeros(n_tokens, n_tokens, dtype=torch.float64)
+    for k, mask in enumerate(masks):
+        for j, other in enumerate(masks):
+            if j != k:
+                bias[mask != 0, :] += other.to(torch.float64) * -1e6
+    return bias
+
+
+def test_isolation_keeps_overlap_queries_isolated_when_boxes_cover_the_canvas(pipe):
+    name = next(n for n in pipe.unet.attn_processors if n.endswith("attn1.processor"))
+    attn = pipe.unet.get_submodule(name.removesuffix(".processor"))
+    hidden = torch.randn(1, 16 * 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    boxes = [[0, 0, 0.625, 1], [0.375, 0, 1, 1]]  # overlap in the middle, no background
+    composition = Composition(adapter_names=["x", "y"], weights=[1, 1], boxes=boxes,
+                              text_cond=torch.zeros(2, 77, 32), latent_size=(16, 16), loss_downsample=1, capture=True)
+    ComposerAttnProcessor(name)(attn, hidden, composition=composition)
+    probs = composition.self_maps[name][0].double()
+    masks = composition.masks(256, torch.device("cpu"))
+    overlap = masks[0] & masks[1]
+    assert overlap.any() and masks.any(0).all()
+    # Queries in the overlap see keys of either box alone, never the overlap (blocked twice), as in the official code.
+    assert probs[overlap][:, overlap].sum(1).max() < 1e-6
+    with torch.no_grad():
+        q, k = (attn.to_q(hidden).double(), attn.to_k(hidden).double())
+        q, k = (x.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for x in (q, k))
+        reference = (q @ k.transpose(-1, -2) * attn.scale + _official_isolation_bias(masks)).softmax(-1).mean(1)[0]
+    torch.testing.assert_close(probs, reference, atol=1e-5, rtol=1e-4)
+    bias = composition.isolation_mask(256, torch.float16, torch.device("cpu"))
+    assert torch.isfinite(bias).all() and bool((bias == 0).any(1).all())
+
+
+def test_default_concept_tokens_are_the_content_words(pipe):
+    from visadapt.diffusion.concepts import content_words, token_positions
+
+    assert content_words("a photo of a cat") == ["cat"]
+    assert content_words("A close photo of a fluffy <cat1> cat, on the grass") == ["close", "fluffy", "<cat1>", "cat",
+                                                                                    "grass"]
+    assert token_positions(pipe.tokenizer, "a photo of a cat", None) == token_positions(
+        pipe.tokenizer, "a photo of a cat", ["cat"]) == [5]
+    assert token_positions(pipe.tokenizer, "a cat and a cat", ["cat", "cat"]) == [2, 5]
+    assert token_positions(pipe.tokenizer, "a photo of", None) == [1, 2, 3]  # only stop words: all of them
+
+
+def test_user_adapters_condition_the_global_branch_only(pipe, loras, tmp_path):
+    # A user adapter on exactly what a full-canvas concept replaces (attn2 K/V/O and the text encoder) changes nothing.
+    user = _attn2_kv_o_and_text_encoder(loras["b"], tmp_path / "user.safetensors")
+    full = [Concept(lora=loras["a"], prompt="a photo of a cat", box=[0, 0, 1, 1])]
+    alone = generate(pipe, concepts=full, composer=PLAIN)
+    pipe.load_lora_weights(str(user), adapter_name="style")
+    pipe.set_adapters("style")
+    pipe.enable_lora()  # the composition before left the (then concept-only) adapters disabled
+    assert torch.equal(generate(pipe, concepts=full, composer=PLAIN), alone)
+    leaky = ComposerConfig(latent_optimization=False, latent_reinit=False, user_adapters_in_concepts=True)
+    assert (generate(pipe, concepts=full, composer=leaky) - alone).abs().max() > 1e-3
+    half = [Concept(lora=loras["a"], prompt="a photo of a cat", box=[0, 0, 0.5, 1])]
+    styled = generate(pipe, concepts=half, composer=PLAIN)
+    pipe.disable_lora()
+    assert (generate(pipe, concepts=half, composer=PLAIN) - styled).abs().max() > 1e-3  # the global branch has it

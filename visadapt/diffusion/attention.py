@@ -7,7 +7,9 @@ passed in ``cross_attention_kwargs={"composition": ...}``:
   encoding E_n through ``W_K + ΔW_K^n`` and ``W_V + ΔW_V^n``; queries inside box n attend to them and their result
   goes through ``W_O + ΔW_O^n``. Pixels covered by several boxes average their concepts; pixels in no box keep the
   global prompt's output. The deltas are read from the peft adapters loaded on the UNet and applied through
-  :mod:`visadapt.kernels` (one routed call for every concept's output projection).
+  :mod:`visadapt.kernels` (one routed call for every concept's output projection). Adapters the user activated
+  on the pipeline condition the global branch only (the official background ED-LoRA): concept K/V/O are the base
+  weights plus the concept's own delta, unless ``Composition.user_adapters_in_concepts`` is set.
 * self-attention (concept isolation): a query inside box n cannot attend to keys inside any other concept's box.
 
 While ``composition.capture`` is set, layers at the loss resolution also store their attention probabilities
@@ -33,8 +35,10 @@ class Composition:
     """Per-call state shared by the processors of one UNet.
 
     ``text_cond`` / ``text_uncond``: (n_concepts, L, D) regional text encodings (conditional / negative), encoded
-    with each concept's text-encoder LoRA. ``latent_size`` (h, w) and ``prompt_batch`` (images per UNet call
-    without guidance) are set once the latents exist.
+    with each concept's text-encoder LoRA; or layer-wise (n_concepts, X, L, D), one encoding per cross-attention layer
+    (ED-LoRA's P+ tokens), with ``cross_layers`` mapping each cross-attention processor name to its index in X.
+    ``latent_size`` (h, w) and ``prompt_batch`` (images per UNet call without guidance) are set once the latents
+    exist.
     """
 
     adapter_names: Sequence[str]
@@ -45,6 +49,8 @@ class Composition:
     inject: bool = True
     isolate: bool = True
     isolation_bias: float = -1e6
+    user_adapters_in_concepts: bool = False
+    cross_layers: Optional[dict[str, int]] = None
     latent_size: Optional[tuple[int, int]] = None
     prompt_batch: int = 1
     loss_downsample: int = 4
@@ -81,32 +87,45 @@ class Composition:
             self._masks[key] = box_masks(self.boxes, gh, gw).flatten(1).to(device)
         return self._masks[key]
 
-    def region_text(self, batch: int) -> torch.Tensor:
-        """(n_concepts, batch, L, D) regional encodings lined up with the UNet batch.
+    def region_text(self, batch: int, layer: Optional[str] = None) -> torch.Tensor:
+        """(n_concepts, batch, L, D) regional encodings of cross-attention layer ``layer`` lined up with the UNet batch.
 
         A batch of twice the prompt batch is a classifier-free-guidance batch: negative half first, as diffusers
         concatenates it.
         """
-        cond = self.text_cond[:, None].expand(-1, self.prompt_batch, -1, -1)
+        text_cond, text_uncond = self.text_cond, self.text_uncond
+        if text_cond.ndim == 4:
+            if self.cross_layers is None or layer not in self.cross_layers:
+                raise ValueError(f"Layer-wise regional text but no layer index for cross-attention layer {layer!r}.")
+            index = self.cross_layers[layer]
+            text_cond = text_cond[:, index]
+            text_uncond = text_uncond[:, index] if text_uncond is not None else None
+        cond = text_cond[:, None].expand(-1, self.prompt_batch, -1, -1)
         if batch == self.prompt_batch:
             return cond
-        if batch == 2 * self.prompt_batch and self.text_uncond is not None:
-            return torch.cat([self.text_uncond[:, None].expand_as(cond), cond], dim=1)
+        if batch == 2 * self.prompt_batch and text_uncond is not None:
+            return torch.cat([text_uncond[:, None].expand_as(cond), cond], dim=1)
         raise ValueError(f"UNet batch {batch} does not match the composition's prompt batch {self.prompt_batch}.")
 
     def isolation_mask(self, n_tokens: int, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
         """(N, N) additive bias: query q in box n may not see keys in any other box j ≠ n.
 
-        blocked[q, k] = Σ_{n ∋ q} Σ_{j≠n} M_j(k) = C(q)·C(k) − Σ_n M_n(q)·M_n(k), with C the box count per token.
+        The official code adds ``isolation_bias`` (−1e6) once per blocking pair: blocked[q, k] = Σ_{n ∋ q} Σ_{j≠n}
+        M_j(k) = C(q)·C(k) − Σ_n M_n(q)·M_n(k), with C the box count per token. Where boxes overlap and cover the
+        canvas, a query in the overlap has every key blocked; the count still ranks them (keys in one box only are
+        blocked less than keys in the overlap), so the softmax keeps the least-blocked keys. Here each row's
+        smallest count is subtracted first: the softmax is the same (a constant per row), no row is all-blocked,
+        and nothing overflows in fp16 (the bias is clipped to half the dtype's most negative value).
         """
         key = (n_tokens, dtype, str(device))
         if key not in self._isolation:
             masks = self.masks(n_tokens, device).float()
             count = masks.sum(0)
             blocked = count[:, None] * count[None, :] - masks.T @ masks
-            # fp16 cannot hold -1e6; the largest finite negative it has blocks just as well.
-            value = max(self.isolation_bias, torch.finfo(dtype).min / 2)
-            self._isolation[key] = torch.where(blocked > 0, value, 0.0).to(dtype) if (blocked > 0).any() else None
+            blocked = blocked - blocked.amin(1, keepdim=True)
+            floor = torch.finfo(dtype).min / 2
+            bias = (blocked * self.isolation_bias).clamp(min=floor).to(dtype)
+            self._isolation[key] = bias if bool((blocked > 0).any()) else None
         return self._isolation[key]
 
     def routing(self, n_tokens: int, device: torch.device) -> "Routing":
@@ -127,12 +146,18 @@ class Composition:
         """
         key = (layer, batch, like.dtype, str(like.device))
         if key not in self._region_kv:
-            texts = self.region_text(batch).to(like)
+            texts = self.region_text(batch, layer).to(like)
+            to_k, to_v = self.concept_layer(attn.to_k), self.concept_layer(attn.to_v)
             stack_k, stack_v = self.lora_stack(attn.to_k), self.lora_stack(attn.to_v)
             self._region_kv[key] = (
-                [_heads(_projected(attn.to_k, text, stack_k, c), attn.heads) for c, text in enumerate(texts)],
-                [_heads(_projected(attn.to_v, text, stack_v, c), attn.heads) for c, text in enumerate(texts)])
+                [_heads(_projected(to_k, text, stack_k, c), attn.heads) for c, text in enumerate(texts)],
+                [_heads(_projected(to_v, text, stack_v, c), attn.heads) for c, text in enumerate(texts)])
         return self._region_kv[key]
+
+    def concept_layer(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The layer a concept's delta is added to: the base layer, or with ``user_adapters_in_concepts`` the layer
+        as the pipeline runs it (base plus the adapters the user activated)."""
+        return module if self.user_adapters_in_concepts else getattr(module, "base_layer", module)
 
     def lora_stack(self, module: torch.nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor, list[float]]]:
         """Every concept's LoRA on ``module`` stacked for :func:`visadapt.kernels.routed_lora`.
@@ -198,7 +223,7 @@ def _attend(q, k, v, scale: float, bias: Optional[torch.Tensor], keep_probs: boo
 
 
 def _projected(layer: torch.nn.Module, x: torch.Tensor, stack, concept: int) -> torch.Tensor:
-    """layer(x) (base plus any adapter the user activated) + concept's LoRA delta on x."""
+    """layer(x) + concept's LoRA delta on x."""
     out = layer(x)
     if stack is None:
         return out
@@ -275,7 +300,7 @@ class ComposerAttnProcessor:
             composition.cross_maps[self.name] = torch.stack(maps, 1)
 
         tokens = torch.cat(pieces, 1)
-        projected = attn.to_out[0](tokens)
+        projected = composition.concept_layer(attn.to_out[0])(tokens)
         stack_o = composition.lora_stack(attn.to_out[0])
         if stack_o is not None:
             a, b, scales = stack_o

@@ -3,8 +3,9 @@
 Defaults are the official release's hyperparameter card (../shared/specs/diffusion.md §1.8b). The losses read the
 attention maps the processors captured at the loss resolution (H/32 for SD: ``loss_downsample=4`` on the latent):
 
-* concept enhancement: each concept token's cross-attention, smoothed and weighted by a Gaussian centred on the
-  box, must reach 1 on its top-k cells inside the box: ``w_enhance · max(0, 1 − mean topk(A ⊙ M ⊙ G))``;
+* concept enhancement: each concept token's cross-attention, smoothed (:func:`smoothing_kernel`) and weighted by a
+  Gaussian centred on the box, must reach 1 on its top-k cells inside the box:
+  ``w_enhance · max(0, 1 − mean topk(A ⊙ M ⊙ G))``;
 * fill: the row and column maxima of ``A ⊙ M`` must cover the box: ``w_fill · (mean|a_x − p_x| + mean|a_y − p_y|)``;
 * region restriction: self-attention from queries in the box to keys outside it must vanish:
   ``w_region · max(0, mean topk(S[in, out]))``.
@@ -14,11 +15,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2.functional import gaussian_blur
 
 from visadapt.diffusion.attention import Composition
 from visadapt.diffusion.concepts import box_masks
@@ -38,7 +38,13 @@ class ComposerConfig:
     loss_weights: (enhancement, fill, region); the paper's α=0.25, β=0.8 correspond to (1, 0.25, 0.8).
     step_size, step_decay: φ_i = step_size · sqrt(linspace(step_decay[0], step_decay[1], T)[i]).
     gradient_checkpointing: recompute UNet activations in the refinement backward pass instead of storing them.
-    isolation_bias: additive score for blocked keys (clipped to the dtype's range).
+    smooth_kernel, smooth_sigma, smooth_form: the attention-map blur (see :func:`smoothing_kernel`). ``"official"``
+        is the official code's kernel exp(−((x−μ)/(2σ))²), a Gaussian of standard deviation σ·√2;
+        ``"gaussian"`` is a standard Gaussian of standard deviation σ (torchvision's ``gaussian_blur``).
+    isolation_bias: additive score per blocking box for blocked keys (see ``Composition.isolation_mask``).
+    user_adapters_in_concepts: adapters the user activated on the pipeline condition the global branch only (the
+        official code's background ED-LoRA; default). True also runs them in every concept's K/V/O and regional
+        text encoding, as this library did before the switch existed.
     """
 
     region_injection: bool = True
@@ -49,6 +55,7 @@ class ComposerConfig:
     topk_ratio: float = 0.2
     smooth_kernel: int = 3
     smooth_sigma: float = 0.5
+    smooth_form: Literal["official", "gaussian"] = "official"
     prior_sigma: float = 1.0
     loss_weights: tuple[float, float, float] = (8.0, 2.0, 10.0)
     step_size: float = 20.0
@@ -57,9 +64,35 @@ class ComposerConfig:
     early_stop_from: int = 5
     gradient_checkpointing: bool = True
     isolation_bias: float = -1e6
+    user_adapters_in_concepts: bool = False
 
     def step_sizes(self, n_steps: int) -> torch.Tensor:
         return self.step_size * torch.linspace(*self.step_decay, n_steps).sqrt()
+
+
+def smoothing_kernel(size: int, sigma: float, form: str = "official") -> torch.Tensor:
+    """(size, size) blur kernel summing to 1.
+
+    ``"official"``: the official code's ``GaussianSmoothing``, exp(−((x−μ)/(2σ))²) per axis, i.e. a Gaussian of
+    standard deviation σ·√2 (3×3 with σ 0.5: centre weight 0.332). The spec's "Gaussian σ 0.5" reads as
+    torchvision's kernel, which is sharper (centre 0.619); that one is ``"gaussian"``: exp(−(x−μ)²/(2σ²)).
+    """
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    if form == "official":
+        line = torch.exp(-(x / (2 * sigma)) ** 2)
+    elif form == "gaussian":
+        line = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    else:
+        raise ValueError(f"Unknown smoothing form {form!r}; choose 'official' or 'gaussian'.")
+    kernel = line[:, None] * line[None, :]
+    return (kernel / kernel.sum()).float()
+
+
+def smooth(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Blur (B, h, w) maps with a (k, k) kernel after reflect padding (as the official code), same size out."""
+    pad = (kernel.shape[-1] - 1) // 2
+    padded = F.pad(maps[:, None], (pad, pad, pad, pad), mode="reflect") if pad else maps[:, None]
+    return F.conv2d(padded, kernel.to(maps)[None, None])[:, 0]
 
 
 def centre_prior(mask: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -94,14 +127,14 @@ def composer_loss(composition: Composition, token_positions: Sequence[Sequence[i
     h, w = composition.grid(n_tokens)
     masks = box_masks(composition.boxes, h, w).to(cross.device)
     w_enhance, w_fill, w_region = config.loss_weights
+    kernel = smoothing_kernel(config.smooth_kernel, config.smooth_sigma, config.smooth_form)
     total = cross.new_zeros(())
     for concept, mask in enumerate(masks):
         m = mask.to(cross.dtype)
         prior = centre_prior(mask, config.prior_sigma).to(cross)
         k = max(1, math.floor(config.topk_ratio * int(mask.sum())))
         for position in token_positions[concept]:
-            a = cross[:, concept, :, position].reshape(-1, 1, h, w)
-            a = gaussian_blur(a, [config.smooth_kernel] * 2, [config.smooth_sigma] * 2)[:, 0]
+            a = smooth(cross[:, concept, :, position].reshape(-1, h, w), kernel)
             enhance = _topk_mean(a * m * prior, k)
             total = total + w_enhance * F.relu(1 - enhance).sum()
             inside = a * m

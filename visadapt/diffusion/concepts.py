@@ -18,6 +18,18 @@ from .lora_files import lora_file
 
 Box = Sequence[float]
 
+# Words the latent optimisation does not pull into a box by default: function words and prompt boilerplate.
+STOP_WORDS = frozenset("""
+a an the this that these those some any each every one two
+of in on at to for from by with without into onto over under above below near beside behind between among
+inside outside through across along around against during before after up down off out
+and or but nor so as than then while
+is are was were be been being has have had do does did
+i me my we our you your he him his she her it its they them their
+very really most more much many
+photo photograph photography picture image shot render rendering illustration drawing painting
+""".split())
+
 # Fractions are snapped by this much before ceil/floor, so 0.3 · 10 lands on cell 3 and not 4.
 _SNAP = 1e-6
 
@@ -28,7 +40,9 @@ class Concept:
 
     Args:
         lora: a ``.safetensors`` LoRA file (peft/diffusers or kohya format), a folder written by
-            ``visadapt.export_lora``, or the name of an adapter already loaded into the pipeline.
+            ``visadapt.export_lora``, a Mix-of-Show ED-LoRA ``.pth`` file (:mod:`visadapt.diffusion.edlora`; write
+            its new tokens, e.g. ``<cat1> <cat2>``, in ``prompt``) or the name of an adapter already loaded into the
+            pipeline.
         prompt: the regional prompt, encoded by the text encoder with this concept's LoRA active.
         box: ``[xmin, ymin, xmax, ymax]`` in [0, 1] (fractions of width and height).
         weight: multiplies the concept's LoRA deltas (UNet K/V/O and text encoder).
@@ -36,7 +50,10 @@ class Concept:
             for diffusers' and peft's generic ``pytorch_lora_weights`` / ``adapter_model`` files).
         negative_prompt: regional negative prompt; defaults to the call's ``negative_prompt``.
         tokens: words of ``prompt`` whose cross-attention the latent optimisation pulls into the box. LoRA-Composer
-            uses the concept's trigger tokens; default: every word of the regional prompt.
+            uses the concept's trigger tokens (an ED-LoRA file's new tokens, when the prompt has them); otherwise the
+            default is the prompt's content words: every word not in :data:`STOP_WORDS` (articles, prepositions,
+            conjunctions, pronouns and photo boilerplate such as "photo", "picture"), so in "a photo of a cat" only
+            "cat" is pulled into the box.
     """
 
     lora: Union[str, os.PathLike]
@@ -56,7 +73,7 @@ class Concept:
 
     @property
     def is_file(self) -> bool:
-        return str(self.lora).endswith(".safetensors") or Path(self.lora).exists()
+        return str(self.lora).endswith((".safetensors", ".pth")) or Path(self.lora).exists()
 
     @property
     def adapter_name(self) -> str:
@@ -78,7 +95,7 @@ def adapter_name_for(path: Union[str, os.PathLike]) -> str:
     path = Path(path)
     if path.name in GENERIC_FILE_NAMES:
         path = path.absolute().parent
-    stem = path.name.removesuffix(".safetensors")
+    stem = path.name.removesuffix(".safetensors").removesuffix(".pth")
     return re.sub(r"[^0-9A-Za-z_-]", "_", stem) or "concept"
 
 
@@ -135,25 +152,38 @@ def check_unique_names(concepts: Sequence[Concept]) -> None:
         seen[name] = i
 
 
+def content_words(prompt: str) -> list[str]:
+    """The words of ``prompt`` that are not in :data:`STOP_WORDS` (all its words if every one is)."""
+    words = re.findall(r"<[^<>\s]+>|[\w'-]+", prompt)
+    content = [w for w in words if w.lower() not in STOP_WORDS]
+    return content or words
+
+
 def token_positions(tokenizer, prompt: str, words: Optional[Sequence[str]]) -> list[int]:
-    """Positions (in the tokenised prompt, start token = 0) of the tokens of ``words``; all word tokens if None.
+    """Positions (in the tokenised prompt, start token = 0) of the tokens of ``words``; of the prompt's content words
+    (:func:`content_words`) if None.
 
     Each word is tokenised alone and its token ids are searched for in the prompt's ids, so words that split into
-    several tokens are found whole (the official code split on spaces, which breaks on such words).
+    several tokens are found whole (the official code split on spaces, which breaks on such words). Words are
+    found in order: a word listed twice is its first two occurrences.
     """
     ids = tokenizer(prompt, truncation=False).input_ids
     n_words = len(ids) - 2  # without start and end tokens
-    if words is None:
-        return list(range(1, 1 + n_words))
     positions: list[int] = []
-    for word in words:
+    start = 1
+    for word in content_words(prompt) if words is None else words:
         sub = tokenizer(word, add_special_tokens=False).input_ids
         hits = [i for i in range(1, 1 + n_words - len(sub) + 1) if ids[i:i + len(sub)] == sub] if sub else []
+        later = [i for i in hits if i >= start]
         if not hits:
+            if words is None:  # a word the tokenizer reads differently in context; skip it
+                continue
             raise ValueError(f"Token {word!r} is not in the regional prompt {prompt!r}; `tokens=` must list words of "
                              "the prompt.")
-        positions.extend(range(hits[0], hits[0] + len(sub)))
-    return positions
+        first = later[0] if later else hits[0]
+        positions.extend(range(first, first + len(sub)))
+        start = first + len(sub)
+    return positions or list(range(1, 1 + n_words))
 
 
 def check_prompt_length(tokenizer, prompt: str, label: str) -> None:

@@ -175,6 +175,11 @@ def load_concept_lora(pipe, path: Union[str, os.PathLike], adapter_name: str) ->
     the normal forward (``load_lora_weights`` would otherwise make it the active UNet adapter).
     """
     path = lora_file(path)
+    if path.suffix == ".pth":  # a Mix-of-Show ED-LoRA, read with weights_only=True by visadapt.diffusion.edlora
+        from visadapt.diffusion.edlora import load_edlora_concept
+
+        load_edlora_concept(pipe, path, adapter_name)
+        return
     state_dict = read_lora_state_dict(pipe, path)
     problems = fit_problems(pipe, state_dict)
     if problems:
