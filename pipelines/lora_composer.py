@@ -42,8 +42,14 @@ from visadapt.diffusion.composer import ComposerConfig, composer_loss, loss_down
 from visadapt.diffusion.concepts import Concept, check_prompt_length, check_unique_names, token_positions
 from visadapt.diffusion.decor import Decor
 from visadapt.diffusion.edlora import bind, concept_tokens, cross_attention_layers, layer_wise
-from visadapt.diffusion.lora_files import (TEXT_ENCODERS, LoraFileError, active_adapters, keep_active_adapters,
-                                           load_concept_lora, set_active_adapters)
+from visadapt.diffusion.lora_files import (
+    TEXT_ENCODERS,
+    LoraFileError,
+    active_adapters,
+    keep_active_adapters,
+    load_concept_lora,
+    set_active_adapters,
+)
 
 from .decor import DecorMixin
 

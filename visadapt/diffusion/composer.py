@@ -1,6 +1,6 @@
 """LoRA-Composer's settings, latent-optimisation losses and latent re-initialisation.
 
-Defaults are the official release's hyperparameter card (../shared/specs/diffusion.md §1.8b). The losses read the
+Defaults are the official release's (Young98CN/LoRA_Composer, arXiv 2403.11627). The losses read the
 attention maps the processors captured at the loss resolution (H/32 for SD: ``loss_downsample=4`` on the latent):
 
 * concept enhancement: each concept token's cross-attention, smoothed (:func:`smoothing_kernel`) and weighted by a

@@ -81,8 +81,11 @@ def read_lora_state_dict(pipe, path: Union[str, os.PathLike]) -> dict[str, torch
 
 
 def _diffusers_state_dict(pipe, path: Path) -> dict[str, torch.Tensor]:
-    from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
-                                 convert_unet_state_dict_to_peft)
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
 
     try:
         state_dict, _ = pipe.lora_state_dict(str(path), use_safetensors=True, local_files_only=True,
