@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
@@ -309,7 +310,9 @@ class Trainer:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 lr = self.scheduler.get_last_lr()[0]
-                self.scheduler.step()
+                with warnings.catch_warnings():  # the schedule counts micro-batches, so it may step first
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+                    self.scheduler.step()
                 step += 1
                 record = {"step": step, "loss": acc.reduce(loss, "mean").item(), "lr": lr, **self.step_facts(step)}
                 if not math.isfinite(record["loss"]):
