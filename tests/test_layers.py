@@ -143,3 +143,11 @@ def test_nothing_cites_files_outside_the_repository():
              for n, line in enumerate(path.read_text().splitlines(), 1)
              if ("specs/" in line or "shared/" in line or "DESIGN.md" in line) and path.name != "test_layers.py"]
     assert not found, found
+
+
+def test_every_package_is_installed_by_pyproject():
+    """A package missing from pyproject's list works in an editable install and vanishes from a wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {module_of(init) for folder in FOLDERS for init in (ROOT / folder).rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
