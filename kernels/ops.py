@@ -122,8 +122,8 @@ def _eager_routed_fwd(x, lora_a, lora_b, pair_scale, index):
 def _eager_routed_bwd(dy, x, h, lora_a, lora_b, pair_scale, index, need_x):
     hd = _hidden_dtype(lora_a)
     tokens, pairs, counts = segments(index, lora_a.shape[0])
-    d_a, d_b = torch.zeros_like(lora_a, dtype=hd), torch.zeros_like(lora_b, dtype=hd)
-    dx = torch.zeros_like(x, dtype=hd) if need_x else None
+    d_a, d_b = lora_a.new_zeros(lora_a.shape, dtype=hd), lora_b.new_zeros(lora_b.shape, dtype=hd)
+    dx = x.new_zeros(x.shape, dtype=hd) if need_x else None
     for adapter, tok, pair in _segment_rows(tokens, pairs, counts):
         dy_l = dy[tok].to(hd)
         g = (dy_l @ lora_b[adapter].to(hd)) * pair_scale[pair, None].to(hd)
@@ -183,7 +183,7 @@ def _lora_bwd(dy: Tensor, x_lora: Tensor, h: Tensor, weight: Optional[Tensor], l
 @_lora_bwd.register_fake
 def _(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x):
     dx = x_lora.new_empty(dy.shape[0], x_lora.shape[1] * n_blocks) if need_x else x_lora.new_empty(_EMPTY)
-    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b)
+    return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
 def _lora_setup(ctx, inputs, output):
@@ -247,7 +247,8 @@ def _routed_bwd(dy: Tensor, x: Tensor, h: Tensor, lora_a: Tensor, lora_b: Tensor
 
 @_routed_bwd.register_fake
 def _(dy, x, h, lora_a, lora_b, scales, index, weights, need_x):
-    return (torch.empty_like(x) if need_x else x.new_empty(_EMPTY)), torch.empty_like(lora_a), torch.empty_like(lora_b)
+    return (x.new_empty(x.shape) if need_x else x.new_empty(_EMPTY)), lora_a.new_empty(lora_a.shape), \
+        lora_b.new_empty(lora_b.shape)
 
 
 def _routed_setup(ctx, inputs, output):

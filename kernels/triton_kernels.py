@@ -15,8 +15,10 @@ adapter l (SGMV), gathered through ``tokens``/``pairs``, and tiles past the end 
 Ẽ reads its row ``n % C``: in Block-LoRA's dx = dy W + g [A_s | … | A_s], the shared A_s (r, C) acts as the
 tiled matrix without materialising it.
 
-The adapter math (shrink, expand, reductions) runs its dots in x's dtype when x is 16-bit (tensor cores, fp32
-accumulation) and in fp32 otherwise; the saved hidden h and the gradients accumulate in fp32.
+The shrinks (x Aᵀ, dy B) run their dots in x's dtype when x is 16-bit (tensor cores, fp32 accumulation) and
+in fp32 otherwise. Every dot that takes the rank-side h or g (the expand epilogues, the dA/dB reductions) keeps
+that operand in fp32 (TF32 dots for 16-bit x), so a large g cannot overflow fp16 where the eager fp32 formulas
+do not; h, g and the gradients accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ def _precision(dtype: torch.dtype) -> Optional[str]:
     if dtype != torch.float32:
         return None
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _rank_precision(dtype: torch.dtype) -> Optional[str]:
+    """Precision of the dots that take the fp32 rank-side operand h or g (expand epilogues, dA/dB reductions).
+
+    Those operands stay fp32: cast to fp16 they overflow (|g| = |s · dy B| passes 65504 under a loss scale long
+    before dy itself does) where the eager fp32 formulas do not. With 16-bit activations the dot runs as TF32:
+    fp32's range, the 10-bit mantissa of fp16, tensor cores; fp32 activations follow torch's switch."""
+    return _precision(dtype) if dtype == torch.float32 else "tf32"
 
 
 def _rank_block(r: int) -> int:
@@ -242,15 +253,18 @@ def _linear_expand(x, w, w_strides, bias, h, e, e_strides, e_rows, n_out, out_dt
     _linear_expand_kernel[grid](
         x, y if w is None else w, y if bias is None else bias, h, e, y, m, n_out, k, h.shape[1], e_rows,
         x.stride(0), x.stride(1), *(w_strides if w is not None else (0, 0)), h.stride(0), *e_strides,
-        y.stride(0), y.stride(1), HAS_W=w is not None, HAS_BIAS=bias is not None, DOT=_DOT_DTYPE[x.dtype],
-        PREC=_precision(x.dtype), PREC_BASE=_precision(x.dtype), BR=_rank_block(h.shape[1]))
+        y.stride(0), y.stride(1), HAS_W=w is not None, HAS_BIAS=bias is not None, DOT=tl.float32,
+        PREC=_rank_precision(x.dtype), PREC_BASE=_precision(x.dtype), BR=_rank_block(h.shape[1]))
     return y
 
 
-def _reduce(u, v, routing=None, n_adapters=1) -> torch.Tensor:
-    """fp32 (L, P, Q) with O[l] = Σ_rows u[tok]ᵀ v[pair]; u (tokens, P), v (rows or pairs, Q) fp32."""
+def _reduce(u, v, routing=None, n_adapters=1, transpose: bool = False) -> torch.Tensor:
+    """fp32 O[l] = Σ_rows u[tok]ᵀ v[pair], contiguous (L, P, Q), or (L, Q, P) holding Oᵀ when ``transpose`` (dA:
+    the kernel writes through swapped strides, so the result is a dense tensor, not a transposed view);
+    u (tokens, P), v (rows or pairs, Q) fp32."""
     p, q = u.shape[1], v.shape[1]
-    out = torch.zeros(n_adapters, p, q, device=u.device, dtype=torch.float32)
+    out = torch.zeros(n_adapters, *((q, p) if transpose else (p, q)), device=u.device, dtype=torch.float32)
+    o_strides = (out.stride(0), out.stride(2), out.stride(1)) if transpose else out.stride()
     if u.shape[0] == 0 or p == 0:
         return out
     if routing:
@@ -261,9 +275,9 @@ def _reduce(u, v, routing=None, n_adapters=1) -> torch.Tensor:
         tile = max(_REDUCE_BM, triton.next_power_of_2(triton.cdiv(u.shape[0], 128)))
         tables, n_tiles, m = (out,) * 5, triton.cdiv(u.shape[0], tile), u.shape[0]
     grid = (n_tiles, triton.cdiv(p, _REDUCE_BP))
-    _reduce_kernel[grid](u, v, out, *tables, m, p, q, u.stride(0), u.stride(1), v.stride(0), out.stride(0),
-                         out.stride(1), out.stride(2), ROUTED=routing is not None, DOT=_DOT_DTYPE[u.dtype],
-                         PREC=_precision(u.dtype), TILE=tile, BM=_REDUCE_BM, BP=_REDUCE_BP, BQ=_rank_block(q))
+    _reduce_kernel[grid](u, v, out, *tables, m, p, q, u.stride(0), u.stride(1), v.stride(0), *o_strides,
+                         ROUTED=routing is not None, DOT=tl.float32, PREC=_rank_precision(u.dtype), TILE=tile,
+                         BM=_REDUCE_BM, BP=_REDUCE_BP, BQ=_rank_block(q))
     return out
 
 
@@ -293,7 +307,7 @@ def lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks: int, scale: f
         dx = _linear_expand(dy, weight, None if weight is None else (weight.stride(1), weight.stride(0)), None, g,
                             lora_a, (lora_a.stride(1), lora_a.stride(0)), a_cols, a_cols * n_blocks, x_lora.dtype)
     d_b = _reduce(dy, h)[0]
-    d_a = _reduce(x_lora, g)[0].T  # (r, c)
+    d_a = _reduce(x_lora, g, transpose=True)[0]  # (r, c)
     return dx, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
 
 
@@ -349,7 +363,7 @@ def _routed_expand(h, e, e_strides, n_out, n_tokens, dtype, routing):
     grid = (routing["tiles"][0].shape[0], triton.cdiv(n_out, bn))
     _routed_expand_kernel[grid](h, e, out, routing["tokens"], routing["pairs"], *routing["tiles"], n_out,
                                 h.shape[1], h.stride(0), *e_strides, out.stride(0), out.stride(1), ATOMIC=atomic,
-                                DOT=_DOT_DTYPE[dtype], PREC=_precision(dtype), BM=_ROUTED_BM, BN=bn,
+                                DOT=tl.float32, PREC=_rank_precision(dtype), BM=_ROUTED_BM, BN=bn,
                                 BR=_rank_block(h.shape[1]))
     return out.to(dtype)
 
@@ -364,5 +378,5 @@ def routed_backward(dy, x, h, lora_a, lora_b, routing, need_x: bool):
         a_t = (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1))  # A[l]ᵀ as (d_in, r)
         dx = _routed_expand(g, lora_a, a_t, d_in, x.shape[0], x.dtype, routing)
     d_b = _reduce(dy, h, routing, n_adapters)
-    d_a = _reduce(x, g, routing, n_adapters).transpose(1, 2)
+    d_a = _reduce(x, g, routing, n_adapters, transpose=True)
     return dx, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)

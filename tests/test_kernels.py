@@ -679,11 +679,12 @@ def test_triton_kernels_compile_for_h100_without_a_gpu():
 
     tables = dict(TOKENS="*i32", PAIRS="*i32", TILE_ADAPTER="*i32", TILE_START="*i32", TILE_END="*i32")
     bf16 = dict(DOT=tl.bfloat16, PREC=None)
+    rank_side = dict(DOT=tl.float32, PREC="tf32")  # the fp32 h / g operand of 16-bit activations, as launched
     lower(tk._shrink_kernel, dict(X="*bf16", A="*fp32", H="*fp32", PAIR_SCALE="*fp32", scale="fp32", **tables),
           dict(ROUTED=True, BM=64, BK=64, BR=16, **bf16))
     lower(tk._linear_expand_kernel, dict(X="*bf16", W="*bf16", BIAS="*bf16", H="*fp32", E="*fp32", Y="*bf16"),
-          dict(HAS_W=True, HAS_BIAS=True, PREC_BASE=None, BM=128, BN=128, BK=64, BR=16, GROUP_M=8, **bf16))
+          dict(HAS_W=True, HAS_BIAS=True, PREC_BASE=None, BM=128, BN=128, BK=64, BR=16, GROUP_M=8, **rank_side))
     lower(tk._routed_expand_kernel, dict(H="*fp32", E="*fp32", Y="*fp32", **tables),
-          dict(ATOMIC=True, BM=64, BN=128, BR=16, **bf16))
+          dict(ATOMIC=True, BM=64, BN=128, BR=16, **rank_side))
     lower(tk._reduce_kernel, dict(U="*bf16", V="*fp32", O="*fp32", **tables),
-          dict(ROUTED=False, TILE=1024, BM=32, BP=128, BQ=16, **bf16))
+          dict(ROUTED=False, TILE=1024, BM=32, BP=128, BQ=16, **rank_side))
