@@ -10,8 +10,8 @@ Four kernels serve the forward and backward of all three ops; each takes strides
 - ``_reduce_kernel``         O[l] += U[t_p, :]ᵀ · V[p, :]         dA and dB: reductions over tokens, fp32 atomics
 
 Rows are processed in *tiles*. Dense ops (LoRA, Block-LoRA) tile 0..N-1 in order, one adapter, s_p = scale.
-Routed ops sort the (token, slot) pairs by adapter (``routing_tables``); each tile then holds rows of a single
-adapter l (SGMV), gathered through ``tokens``/``pairs``, and tiles past the end (adapter -1) exit at once.
+Routed ops sort the (token, slot) pairs by adapter (the routing plan of ``routed.py``); each tile then holds rows
+of a single adapter l (SGMV), gathered through ``tokens``/``pairs``, and tiles past the end (adapter -1) exit at once.
 Ẽ reads its row ``n % C``: in Block-LoRA's dx = dy W + g [A_s | … | A_s], the shared A_s (r, C) acts as the
 tiled matrix without materialising it.
 
@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreting
+from .backend import deterministic, interpreting
+from .routed import REDUCE_TILE, ROW_TILE, RoutingPlan
 
 _DOT_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -48,10 +49,10 @@ else:
                        [(128, 128, 64), (128, 64, 64), (64, 128, 64), (128, 256, 64), (64, 64, 64)]]
 _SMALL = interpreting()
 _SHRINK_BM, _SHRINK_BK = (32, 32) if _SMALL else (64, 64)
-_ROUTED_BM = 32 if _SMALL else 64  # row tile of the routed shrink/expand (fixed: the tables are built for it)
+_ROUTED_BM = ROW_TILE  # row tile of the routed shrink/expand: the routing plan's tiles
 _ROUTED_BN = 32 if _SMALL else 128
 _REDUCE_BM, _REDUCE_BP = 32, (32 if _SMALL else 128)
-_ROUTED_REDUCE_TILE = 64 if _SMALL else 1024  # small under the interpreter so tests cross tile boundaries
+_DETERMINISTIC_PARTIALS = 32  # dense dA/dB in deterministic mode: at most this many per-program partial sums
 
 
 def _precision(dtype: torch.dtype) -> Optional[str]:
@@ -198,11 +199,13 @@ def _routed_expand_kernel(H, E, Y, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE
 
 @triton.jit
 def _reduce_kernel(U, V, O, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE_END, M, P, Q, sum_, sup, svm, sol, sop,
-                   soq, ROUTED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, TILE: tl.constexpr,
-                   BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
+                   soq, ROUTED: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                   TILE: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
     """O[l, p, q] += Σ_rows U[tok, p] V[pair, q] over one tile of rows (dB: U = dy, V = h; dAᵀ: U = x, V = g).
 
-    Each program streams its rows once and adds its (BP, BQ) partial sum atomically (split over tokens)."""
+    Each program streams its rows once, in order. ATOMIC: it adds its (BP, BQ) partial sum atomically (split over
+    tokens). Otherwise (deterministic mode) it stores it: into slot l when the plan gives each adapter one tile,
+    or, dense, into its own slot t of a partials buffer that the launcher sums in a fixed order."""
     adapter, start, end = _tile(tl.program_id(0), TILE_ADAPTER, TILE_START, TILE_END, M, TILE, ROUTED)
     if adapter < 0:
         return
@@ -216,29 +219,34 @@ def _reduce_kernel(U, V, O, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE_END, M
         u = tl.load(U + tok[:, None] * sum_ + rp[None, :] * sup, mask=rmask[:, None] & (rp[None, :] < P), other=0.0)
         v = tl.load(V + pair[:, None] * svm + rq[None, :], mask=rmask[:, None] & (rq[None, :] < Q), other=0.0)
         acc = tl.dot(tl.trans(u.to(DOT)), v.to(DOT), acc, input_precision=PREC)
-    tl.atomic_add(O + adapter.to(tl.int64) * sol + rp[:, None] * sop + rq[None, :] * soq, acc,
-                  mask=(rp[:, None] < P) & (rq[None, :] < Q))
+    omask = (rp[:, None] < P) & (rq[None, :] < Q)
+    if ATOMIC:
+        tl.atomic_add(O + adapter.to(tl.int64) * sol + rp[:, None] * sop + rq[None, :] * soq, acc, mask=omask)
+    else:
+        slot = adapter if ROUTED else tl.program_id(0)
+        tl.store(O + slot.to(tl.int64) * sol + rp[:, None] * sop + rq[None, :] * soq, acc, mask=omask)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # launchers: shapes in, tensors out; every tensor lives on one device
 
 
-def _shrink(x: torch.Tensor, a: torch.Tensor, rank: int, scale: float, a_strides, routing=None) -> torch.Tensor:
-    """s · x A[l]ᵀ as fp32 (rows, rank), A[l, j, k] at ``a_strides`` = (l, j, k) strides; ``routing`` as from
-    :func:`routing_tables` (then rows are pairs, s per pair, unrouted pairs zero)."""
-    n_rows = routing["n_pairs"] if routing else x.shape[0]
-    h = torch.zeros(n_rows, rank, device=x.device, dtype=torch.float32) if routing else \
+def _shrink(x: torch.Tensor, a: torch.Tensor, rank: int, scale: float, a_strides,
+            routing: Optional[RoutingPlan] = None) -> torch.Tensor:
+    """s · x A[l]ᵀ as fp32 (rows, rank), A[l, j, k] at ``a_strides`` = (l, j, k) strides; with a routing plan
+    the rows are pairs, s per pair, unrouted pairs zero."""
+    routed = routing is not None
+    n_rows = routing.pairs.shape[0] if routed else x.shape[0]
+    h = torch.zeros(n_rows, rank, device=x.device, dtype=torch.float32) if routed else \
         torch.empty(n_rows, rank, device=x.device, dtype=torch.float32)
     if x.shape[0] == 0:
         return h
-    dummy = h
-    tables = (routing["tokens"], routing["pairs"], routing["pair_scale"], *routing["tiles"]) if routing else \
-        (dummy,) * 6
-    bm = _ROUTED_BM if routing else _SHRINK_BM
-    grid = (routing["tiles"][0].shape[0] if routing else triton.cdiv(x.shape[0], bm),)
+    tables = (routing.tokens, routing.pairs, routing.pair_scale, routing.tile_adapter, routing.tile_start,
+              routing.tile_end) if routed else (h,) * 6
+    bm = _ROUTED_BM if routed else _SHRINK_BM
+    grid = (routing.tile_adapter.shape[0] if routed else triton.cdiv(x.shape[0], bm),)
     _shrink_kernel[grid](x, a, h, *tables, x.shape[0], x.shape[1], rank, scale, x.stride(0), x.stride(1),
-                         *a_strides, h.stride(0), ROUTED=routing is not None, DOT=_DOT_DTYPE[x.dtype],
+                         *a_strides, h.stride(0), ROUTED=routed, DOT=_DOT_DTYPE[x.dtype],
                          PREC=_precision(x.dtype), BM=bm, BK=_SHRINK_BK, BR=_rank_block(rank))
     return h
 
@@ -258,27 +266,34 @@ def _linear_expand(x, w, w_strides, bias, h, e, e_strides, e_rows, n_out, out_dt
     return y
 
 
-def _reduce(u, v, routing=None, n_adapters=1, transpose: bool = False) -> torch.Tensor:
+def _reduce(u, v, routing: Optional[RoutingPlan] = None, n_adapters=1, transpose: bool = False) -> torch.Tensor:
     """fp32 O[l] = Σ_rows u[tok]ᵀ v[pair], contiguous (L, P, Q), or (L, Q, P) holding Oᵀ when ``transpose`` (dA:
     the kernel writes through swapped strides, so the result is a dense tensor, not a transposed view);
-    u (tokens, P), v (rows or pairs, Q) fp32."""
+    u (tokens, P), v (rows or pairs, Q) fp32. Deterministic mode: no atomics (see :func:`_reduce_kernel`)."""
     p, q = u.shape[1], v.shape[1]
-    out = torch.zeros(n_adapters, *((q, p) if transpose else (p, q)), device=u.device, dtype=torch.float32)
-    o_strides = (out.stride(0), out.stride(2), out.stride(1)) if transpose else out.stride()
-    if u.shape[0] == 0 or p == 0:
-        return out
-    if routing:
-        tables, n_tiles, tile, m = (routing["tokens"], routing["pairs"], *routing["reduce_tiles"]), \
-            routing["reduce_tiles"][0].shape[0], routing["reduce_tile"], 0
+    if routing is not None:
+        tables, n_tiles, tile, m = (routing.tokens, routing.pairs, routing.reduce_adapter, routing.reduce_start,
+                                    routing.reduce_end), routing.reduce_adapter.shape[0], REDUCE_TILE, 0
+        slots = n_adapters
+        # cdiv(P, tile) + L tiles with cdiv = 1: no adapter has two tiles, so each program may store its sum
+        exact = n_tiles <= n_adapters + 1
     else:
-        # split the tokens into ≈ 4 row-tiles per SM-sized unit of work: enough programs, few atomics
-        tile = max(_REDUCE_BM, triton.next_power_of_2(triton.cdiv(u.shape[0], 128)))
-        tables, n_tiles, m = (out,) * 5, triton.cdiv(u.shape[0], tile), u.shape[0]
+        exact = deterministic()
+        # split the tokens into ≈ 128 row-tiles: enough programs, few atomics (deterministic: fewer partials)
+        tiles = _DETERMINISTIC_PARTIALS if exact else 128
+        tile = max(_REDUCE_BM, triton.next_power_of_2(triton.cdiv(u.shape[0], tiles)))
+        n_tiles, m = triton.cdiv(u.shape[0], tile), u.shape[0]
+        slots = n_tiles if exact else 1
+        tables = None
+    out = torch.zeros(slots, *((q, p) if transpose else (p, q)), device=u.device, dtype=torch.float32)
+    if u.shape[0] == 0 or p == 0:
+        return out[:n_adapters] if routing is not None else out.sum(0, keepdim=True)
+    o_strides = (out.stride(0), out.stride(2), out.stride(1)) if transpose else out.stride()
     grid = (n_tiles, triton.cdiv(p, _REDUCE_BP))
-    _reduce_kernel[grid](u, v, out, *tables, m, p, q, u.stride(0), u.stride(1), v.stride(0), *o_strides,
-                         ROUTED=routing is not None, DOT=tl.float32, PREC=_rank_precision(u.dtype), TILE=tile,
-                         BM=_REDUCE_BM, BP=_REDUCE_BP, BQ=_rank_block(q))
-    return out
+    _reduce_kernel[grid](u, v, out, *(tables or (out,) * 5), m, p, q, u.stride(0), u.stride(1), v.stride(0),
+                         *o_strides, ROUTED=routing is not None, ATOMIC=not exact, DOT=tl.float32,
+                         PREC=_rank_precision(u.dtype), TILE=tile, BM=_REDUCE_BM, BP=_REDUCE_BP, BQ=_rank_block(q))
+    return out if routing is not None or slots == 1 else out.sum(0, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -315,37 +330,7 @@ def lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks: int, scale: f
 # routed multi-LoRA
 
 
-def routing_tables(index: torch.Tensor, pair_scale: torch.Tensor, n_adapters: int,
-                   reduce_tile: int = _ROUTED_REDUCE_TILE) -> dict:
-    """Pairs sorted by adapter and the per-tile (adapter, start, end) tables, built with tensor ops only (no host
-    sync): the grid is sized for the worst case, cdiv(pairs, tile) + L tiles, and surplus tiles get adapter -1."""
-    k = index.shape[-1]
-    flat = index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat + 1, minlength=n_adapters + 1)
-    starts = torch.cumsum(counts, 0)[:-1]  # start of adapter l's pairs in `order` (the -1 pairs sort first)
-    counts = counts[1:]
-    tables = dict(tokens=(order // k).to(torch.int32), pairs=order.to(torch.int32), pair_scale=pair_scale,
-                  n_pairs=flat.numel(), reduce_tile=reduce_tile)
-    tables["tiles"] = _tiles(starts, counts, flat.numel(), _ROUTED_BM)
-    tables["reduce_tiles"] = _tiles(starts, counts, flat.numel(), reduce_tile)
-    return tables
-
-
-def _tiles(starts, counts, n_pairs, tile):
-    n_adapters = counts.shape[0]
-    per = (counts + tile - 1) // tile
-    last = torch.cumsum(per, 0)
-    t = torch.arange(triton.cdiv(n_pairs, tile) + n_adapters, device=counts.device)
-    adapter = torch.searchsorted(last, t, right=True)
-    valid = adapter < n_adapters
-    adapter = adapter.clamp(max=n_adapters - 1)
-    start = starts[adapter] + (t - (last[adapter] - per[adapter])) * tile
-    end = torch.minimum(start + tile, starts[adapter] + counts[adapter])
-    return (torch.where(valid, adapter, -1).to(torch.int32), start.to(torch.int32), end.to(torch.int32))
-
-
-def routed_forward(x, lora_a, lora_b, routing):
+def routed_forward(x, lora_a, lora_b, routing: RoutingPlan):
     """(Δy (N, d_out) in x's dtype, h (N·k, r) fp32 per pair, zero for unrouted pairs)."""
     n_adapters, rank, d_in = lora_a.shape
     d_out = lora_b.shape[1]
@@ -353,22 +338,31 @@ def routed_forward(x, lora_a, lora_b, routing):
     return _routed_expand(h, lora_b, lora_b.stride(), d_out, x.shape[0], x.dtype, routing), h
 
 
-def _routed_expand(h, e, e_strides, n_out, n_tokens, dtype, routing):
-    """Σ over a token's pairs of h[pair] E[l]ᵀ; E[l, n, j] at ``e_strides`` = (l, n, j)."""
-    atomic = routing["n_pairs"] != n_tokens  # k > 1: several programs may add to one token row
-    out = torch.zeros(n_tokens, n_out, device=h.device, dtype=torch.float32 if atomic else dtype)
+def _routed_expand(h, e, e_strides, n_out, n_tokens, dtype, routing: RoutingPlan):
+    """Σ over a token's pairs of h[pair] E[l]ᵀ; E[l, n, j] at ``e_strides`` = (l, n, j).
+
+    k > 1 slots: several programs may add to one token row, atomically into an fp32 buffer; in deterministic mode
+    each pair writes its own row of a (N·k, n_out) buffer instead, and the k slots are summed in order."""
+    n_pairs = routing.pairs.shape[0]
+    atomic = n_pairs != n_tokens and not deterministic()
+    by_pair = n_pairs != n_tokens and not atomic
+    out = torch.zeros(n_pairs if by_pair else n_tokens, n_out, device=h.device,
+                      dtype=torch.float32 if n_pairs != n_tokens else dtype)
     if n_tokens == 0 or n_out == 0:
-        return out.to(dtype)
+        return torch.zeros(n_tokens, n_out, device=h.device, dtype=dtype)
     bn = _ROUTED_BN
-    grid = (routing["tiles"][0].shape[0], triton.cdiv(n_out, bn))
-    _routed_expand_kernel[grid](h, e, out, routing["tokens"], routing["pairs"], *routing["tiles"], n_out,
-                                h.shape[1], h.stride(0), *e_strides, out.stride(0), out.stride(1), ATOMIC=atomic,
+    grid = (routing.tile_adapter.shape[0], triton.cdiv(n_out, bn))
+    _routed_expand_kernel[grid](h, e, out, routing.pairs if by_pair else routing.tokens, routing.pairs,
+                                routing.tile_adapter, routing.tile_start, routing.tile_end, n_out, h.shape[1],
+                                h.stride(0), *e_strides, out.stride(0), out.stride(1), ATOMIC=atomic,
                                 DOT=tl.float32, PREC=_rank_precision(dtype), BM=_ROUTED_BM, BN=bn,
                                 BR=_rank_block(h.shape[1]))
+    if by_pair:
+        out = out.view(n_tokens, -1, n_out).sum(1)
     return out.to(dtype)
 
 
-def routed_backward(dy, x, h, lora_a, lora_b, routing, need_x: bool):
+def routed_backward(dy, x, h, lora_a, lora_b, routing: RoutingPlan, need_x: bool):
     """(dx or None, dA (L, r, d_in), dB (L, d_out, r)) with g[pair] = s_pair · dy[tok] B[l]."""
     n_adapters, rank, d_in = lora_a.shape
     b_t = (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1))  # Bᵀ[l] as (r, d_out)

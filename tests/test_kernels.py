@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from visadapt import kernels
 from visadapt.kernels import backend as kernel_backend
+from visadapt.kernels.routed import routing_plan
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 D_IN, D_OUT = 30, 7
@@ -458,7 +459,8 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.visadapt.lora_fwd.default, (x, t["weight"], t["bias"], a, b, 3, SCALE))
     la, lb = (p.requires_grad_(True) for p in make_routed())
     index = torch.randint(-1, N_ADAPTERS, (6, 2))
-    torch.library.opcheck(torch.ops.visadapt.routed_fwd.default, (x, la, lb, torch.rand(3), index, torch.rand(6, 2)))
+    plan = routing_plan(index, torch.rand(3), torch.rand(6, 2), N_ADAPTERS)
+    torch.library.opcheck(torch.ops.visadapt.routed_fwd.default, (x, la, lb, index, list(plan)))
 
 
 def test_torch_compile_traces_the_ops_fullgraph():
@@ -687,4 +689,4 @@ def test_triton_kernels_compile_for_h100_without_a_gpu():
     lower(tk._routed_expand_kernel, dict(H="*fp32", E="*fp32", Y="*fp32", **tables),
           dict(ATOMIC=True, BM=64, BN=128, BR=16, **rank_side))
     lower(tk._reduce_kernel, dict(U="*bf16", V="*fp32", O="*fp32", **tables),
-          dict(ROUTED=False, TILE=1024, BM=32, BP=128, BQ=16, **rank_side))
+          dict(ROUTED=False, ATOMIC=True, TILE=1024, BM=32, BP=128, BQ=16, **rank_side))
