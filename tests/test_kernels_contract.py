@@ -338,7 +338,7 @@ def test_contract_under_the_interpreter():
     assert int(summary.split(" passed")[0].split()[-1]) >= MIN_TRITON_CASES, tail
 
 
-MIN_TRITON_CASES = 12  # the triton-parametrised cases above
+MIN_TRITON_CASES = 10  # the triton-parametrised cases above: opcheck 1, peft 2, fp16 2, deterministic 3, sync 2
 
 
 # --- 1c. fp16: no overflow in h or g where the fp32 formulas have none --------------------------------------------
