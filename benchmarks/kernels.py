@@ -3,6 +3,7 @@
 For each (d, r, tokens) it times, in a fresh process per configuration and with the same inputs:
   base      frozen F.linear fwd + dx                      (the floor: what the layer costs without an adapter)
   fused     visadapt.kernels.lora_linear fwd + dx, dA, dB
+  fused-s   the same with the experimental shrink-in-the-GEMM fusion (kernels.backend.set_fuse_shrink)
   addmm     eager LoRA on cuBLAS: addmm(addmm(b, x, Wᵀ), x Aᵀ, Bᵀ, alpha=s), autograd (the delta add rides in
             the second GEMM's beta·C)
   peft      a real peft LoraModel over an nn.Linear (eager LoRA), same grads
@@ -31,6 +32,7 @@ Triton launch as one; with TRITON_INTERPRET=1 VISADAPT_KERNELS=triton the Triton
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -165,6 +167,17 @@ def _addmm_lora(x, weight, bias, a, b, scale):
     return torch.addmm(torch.addmm(bias, x, weight.T), h, b.to(x.dtype).T, alpha=scale)
 
 
+def _fused_shrink(fn):
+    """fn with the experimental shrink-in-the-GEMM fusion switched on (see kernels.backend.set_fuse_shrink)."""
+    def run():
+        kernels.backend.set_fuse_shrink(True)
+        try:
+            return fn()
+        finally:
+            kernels.backend.set_fuse_shrink(False)
+    return run
+
+
 def bench_one(d, r, n_tokens, args, device, dtype) -> dict:
     timer = _Timer(device, args.reps, args.warmup)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -192,6 +205,8 @@ def bench_one(d, r, n_tokens, args, device, dtype) -> dict:
         "routed": run(lambda: F.linear(x, weight, bias) + kernels.routed_lora(x, stack_a, stack_b, scales, index),
                       [x, stack_a, stack_b]),
     }
+    if hasattr(kernels.backend, "set_fuse_shrink"):
+        fns["fused-s"] = _fused_shrink(fns["fused"])
     if args.compile:
         compiled = torch.compile(model)
         fns["peft-c"] = run(lambda: compiled(x), [x, a, b])
@@ -214,7 +229,8 @@ def flops(d_in: int, d_out: int, r: int, n_tokens: int) -> int:
     return 4 * n_tokens * d_in * d_out + 6 * n_tokens * r * (d_in + d_out)
 
 
-def kernel_bytes(op: str, d_in: int, d_out: int, r: int, act: int, n_blocks: int = 4, k: int = 1):
+def kernel_bytes(op: str, d_in: int, d_out: int, r: int, act: int, n_blocks: int = 4, k: int = 1,
+                 fused_shrink: bool = False):
     """[(kernel, bytes moved per token)] of one fwd+bwd on the Triton path: activations ``act`` bytes each, h and g
     fp32; weights are not per-token and left out. Read off triton_kernels.py (predicted, not measured)."""
     h = 4 * r
@@ -227,6 +243,10 @@ def kernel_bytes(op: str, d_in: int, d_out: int, r: int, act: int, n_blocks: int
         return _routed_bytes(d_in, d_out, r, act, k)
     c = d_in if op == "lora" else d_in // n_blocks
     rows = [("chunk sum x̃", act * d_in + act * c)] if op == "block" else []
+    if fused_shrink:  # h and g come out of the GEMMs' main loops: only their fp32 writes remain
+        return rows + [("base GEMM + shrink + expand", act * (d_in + d_out) + h),
+                       ("dx GEMM + shrink + g Ã", act * (d_out + d_in) + h),
+                       ("reduce dB = dyᵀ h", act * d_out + h), ("reduce dA = gᵀ x̃", act * c + h)]
     return rows + [("shrink h = s x̃ Aᵀ", act * c + h), ("base GEMM + expand", act * (d_in + d_out) + h),
                    ("shrink g = s dy B", act * d_out + h), ("dx GEMM + g Ã", act * (d_out + d_in) + h),
                    ("reduce dB = dyᵀ h", act * d_out + h), ("reduce dA = gᵀ x̃", act * c + h)]
@@ -323,6 +343,9 @@ def print_model(args):
         "routed": (lambda: kernels.routed_lora(x, la, lb, scales, index), [x, la, lb]),
         "routed k=2": (lambda: kernels.routed_lora(x, la, lb, scales, index2), [x, la, lb]),
     }
+    if hasattr(kernels.backend, "set_fuse_shrink"):
+        calls["lora, fused shrink"] = calls["lora"]
+        calls["block, fused shrink"] = calls["block"]
     path = "Triton (interpreted)" if os.environ.get("TRITON_INTERPRET") == "1" and kernels.get_backend() == "triton" \
         else "eager"
     exact = getattr(kernels, "deterministic", bool)()  # (absent before the deterministic mode existed)
@@ -332,9 +355,11 @@ def print_model(args):
     print("|---|---|---|---|---|")
     base_bytes = sum(v for _, v in kernel_bytes("base", d, d, r, act))
     for name, (fwd, inputs) in calls.items():
-        launches = count_launches(lambda fwd=fwd, inputs=inputs: torch.autograd.grad(fwd(), inputs, dy))
-        key = "routed" if name.startswith("routed") else name
-        parts = kernel_bytes(key, d, d, r, act, args.n_blocks, k=2 if name.endswith("k=2") else 1)
+        step = functools.partial(lambda f, i: torch.autograd.grad(f(), i, dy), fwd, inputs)
+        launches = count_launches(_fused_shrink(step) if name.endswith("fused shrink") else step)
+        key = name.split(",")[0].split(" ")[0]
+        parts = kernel_bytes(key, d, d, r, act, args.n_blocks, k=2 if name.endswith("k=2") else 1,
+                             fused_shrink=name.endswith("fused shrink"))
         total = sum(v for _, v in parts)
         detail = "; ".join(f"{k} {v}" for k, v in parts)
         print(f"| {name} | {launches} | {total} | {total / base_bytes:.2f} | {detail} |")
@@ -349,16 +374,17 @@ def print_model(args):
 
 def _row(res: dict, args) -> str:
     ms, mem = res["ms"], res["mem"]
-    fused_s = ms["fused"] / 1e3
+    seconds = ms["fused"] / 1e3
     act = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
     moved = res["tokens"] * sum(v for _, v in kernel_bytes("lora", res["d"], res["d"], res["r"], act))
-    tflops = flops(res["d"], res["d"], res["r"], res["tokens"]) / fused_s / 1e12
-    compiled = ms.get("peft-c", float("nan"))
-    return (f"| {res['d']} | {res['r']} | {res['tokens']} | {ms['base']:.3f} | {ms['fused']:.3f} | "
-            f"{ms['fused'] / ms['base']:.2f} | {ms['addmm']:.3f} | {ms['peft']:.3f} | {compiled:.3f} | "
-            f"{ms['fused'] / ms['peft']:.2f} | {ms['fused'] / compiled:.2f} | {ms['block'] / ms['fused']:.2f} | "
-            f"{ms['routed'] / ms['fused']:.2f} | {tflops:.1f} | {moved / fused_s / 1e9:.0f} | {mem['fused']:.0f} | "
-            f"{mem['peft']:.0f} | {res['err']:.2g} |")
+    tflops = flops(res["d"], res["d"], res["r"], res["tokens"]) / seconds / 1e12
+    compiled, fused_s = ms.get("peft-c", float("nan")), ms.get("fused-s", float("nan"))
+    cells = [res["d"], res["r"], res["tokens"], f"{ms['base']:.3f}", f"{ms['fused']:.3f}",
+             f"{ms['fused'] / ms['base']:.2f}", f"{fused_s:.3f}", f"{fused_s / ms['base']:.2f}", f"{ms['addmm']:.3f}",
+             f"{ms['peft']:.3f}", f"{compiled:.3f}", f"{ms['fused'] / ms['peft']:.2f}", f"{ms['fused'] / compiled:.2f}",
+             f"{ms['block'] / ms['fused']:.2f}", f"{ms['routed'] / ms['fused']:.2f}", f"{tflops:.1f}",
+             f"{moved / seconds / 1e9:.0f}", f"{mem['fused']:.0f}", f"{mem['peft']:.0f}", f"{res['err']:.2g}"]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def main():
@@ -385,10 +411,10 @@ def main():
           f"adapters | fwd+bwd, median of {args.reps} ({args.warmup} warm-up), one process per row | Block-LoRA "
           f"n_blocks={args.n_blocks} | routed: {N_ROUTED} adapters on 4 contiguous token regions, base linear "
           f"included | TFLOP/s and GB/s of the fused op (FLOPs and byte model of this script)\n")
-    print("| d | r | tokens | base ms | fused ms | fused/base | addmm ms | peft ms | peft-c ms | fused/peft "
-          "| fused/peft-c | block/fused | routed4/fused | fused TFLOP/s | fused GB/s | peak MiB fused "
-          "| peak MiB peft | max abs diff fused vs peft |")
-    print("|" + "---|" * 18)
+    print("| d | r | tokens | base ms | fused ms | fused/base | fused-s ms | fused-s/base | addmm ms | peft ms "
+          "| peft-c ms | fused/peft | fused/peft-c | block/fused | routed4/fused | fused TFLOP/s | fused GB/s "
+          "| peak MiB fused | peak MiB peft | max abs diff fused vs peft |")
+    print("|" + "---|" * 20)
     for d in args.d:
         for r in args.r:
             for n_tokens in args.tokens:

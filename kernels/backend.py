@@ -25,6 +25,7 @@ BACKENDS = ("auto", "eager", "triton")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _backend = "auto"
 _deterministic = False
+_fuse_shrink = False
 
 
 def set_backend(name: str) -> None:
@@ -39,6 +40,18 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     return _backend
+
+
+def set_fuse_shrink(flag: bool) -> None:
+    """Experimental, off by default until measured on a GPU: compute h = s·x Aᵀ inside the base GEMM's main loop
+    and g = s·dy B inside the dx GEMM's (no separate shrink kernels, x and dy read once less each, r / BN redundant
+    FLOPs). Also ``VISADAPT_KERNELS_FUSE_SHRINK=1``."""
+    global _fuse_shrink
+    _fuse_shrink = bool(flag)
+
+
+def fuse_shrink() -> bool:
+    return _fuse_shrink
 
 
 def set_deterministic(flag: bool) -> None:
@@ -80,3 +93,4 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 set_backend(os.environ.get("VISADAPT_KERNELS", "auto"))
 set_deterministic(os.environ.get("VISADAPT_KERNELS_DETERMINISTIC", "0") == "1")
+set_fuse_shrink(os.environ.get("VISADAPT_KERNELS_FUSE_SHRINK", "0") == "1")

@@ -9,6 +9,10 @@ Four kernels serve the forward and backward of all three ops; each takes strides
 - ``_routed_expand_kernel``  Y[t_p, :] (+)= H[p, :] · E[l]ᵀ      up-projection of routed rows, scattered back
 - ``_reduce_kernel``         O[l] += U[t_p, :]ᵀ · V[p, :]         dA and dB: reductions over tokens, fp32 atomics
 
+Experimental (``backend.set_fuse_shrink(True)``, off until measured on a GPU): the linear-expand kernel also
+computes the shrink in its main loop (h from the x tiles of the base GEMM, g from the dy tiles of the dx GEMM),
+so the two ``_shrink_kernel`` launches and one read each of x and dy go away, for r / BN redundant FLOPs.
+
 Rows are processed in *tiles*. Dense ops (LoRA, Block-LoRA) tile 0..N-1 in order, one adapter, s_p = scale.
 Routed ops sort the (token, slot) pairs by adapter (the routing plan of ``routed.py``); each tile then holds rows
 of a single adapter l (SGMV), gathered through ``tokens``/``pairs``, and tiles past the end (adapter -1) exit at once.
@@ -29,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import deterministic, interpreting
+from .backend import deterministic, fuse_shrink, interpreting
 from .routed import REDUCE_TILE, ROW_TILE, RoutingPlan
 
 _DOT_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -130,16 +134,19 @@ def _shrink_kernel(X, A, H, TOKENS, PAIRS, PAIR_SCALE, TILE_ADAPTER, TILE_START,
     tl.store(H + pair[:, None] * shm + rj[None, :], acc, mask=rmask[:, None] & (rj[None, :] < R))
 
 
-@triton.autotune(configs=_LINEAR_CONFIGS, key=["N", "K", "R", "HAS_W"])
+@triton.autotune(configs=_LINEAR_CONFIGS, key=["N", "K", "R", "HAS_W", "FUSE_SHRINK"])
 @triton.jit
-def _linear_expand_kernel(X, W, BIAS, H, E, Y, M, N, K, R, C, sxm, sxk, swn, swk, shm, sen, sej, sym, syn,
-                          HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                          PREC_BASE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                          BR: tl.constexpr, GROUP_M: tl.constexpr = 8):
+def _linear_expand_kernel(X, W, BIAS, H, E, Y, S, M, N, K, R, C, SC, scale, sxm, sxk, swn, swk, shm, sen, sej, ssj,
+                          ssk, sym, syn, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr,
+                          DOT: tl.constexpr, PREC: tl.constexpr, SDOT: tl.constexpr, PREC_BASE: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                          GROUP_M: tl.constexpr = 8):
     """Y[m, n] = Σ_k X[m, k] W[n, k] + bias[n] + Σ_j H[m, j] E[n % C, j]   (M×N output tiles, fp32 accumulator).
 
     The up-projection rides in the epilogue of the base GEMM, so the (N, d_out) delta is never written or
-    re-read; HAS_W=False leaves the delta alone."""
+    re-read; HAS_W=False leaves the delta alone. FUSE_SHRINK (needs HAS_W): H is not read but computed in the
+    main loop from the X tiles it already loads, H[m, j] = scale · Σ_k X[m, k] S[j, k % SC], and stored by the
+    programs of the first column tile (the others recompute it: r / BN extra FLOPs, one read of X saved)."""
     # grouped program order: GROUP_M row-tiles share each W column-tile while it is in L2
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
@@ -150,8 +157,10 @@ def _linear_expand_kernel(X, W, BIAS, H, E, Y, M, N, K, R, C, sxm, sxk, swn, swk
     pid_n = (pid % (GROUP_M * n_n)) // size_m
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = pid_n * BN + tl.arange(0, BN)
+    rj = tl.arange(0, BR)
     mmask, nmask = rm < M, rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    h = tl.zeros((BM, BR), dtype=tl.float32)
     if HAS_W:
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
@@ -160,10 +169,18 @@ def _linear_expand_kernel(X, W, BIAS, H, E, Y, M, N, K, R, C, sxm, sxk, swn, swk
             w = tl.load(W + rn[None, :] * swn + rk[:, None] * swk, mask=nmask[None, :] & (rk[:, None] < K),
                         other=0.0)
             acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PREC_BASE)
+            if FUSE_SHRINK:
+                s = tl.load(S + rj[None, :] * ssj + (rk[:, None] % SC) * ssk,
+                            mask=(rj[None, :] < R) & (rk[:, None] < K), other=0.0)
+                h = tl.dot(x.to(SDOT), s.to(SDOT), h, input_precision=PREC_BASE)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    rj = tl.arange(0, BR)
-    h = tl.load(H + rm[:, None] * shm + rj[None, :], mask=mmask[:, None] & (rj[None, :] < R), other=0.0)
+    hmask = mmask[:, None] & (rj[None, :] < R)
+    if FUSE_SHRINK:
+        h = h * scale
+        tl.store(H + rm[:, None] * shm + rj[None, :], h, mask=hmask & (pid_n == 0))
+    else:
+        h = tl.load(H + rm[:, None] * shm + rj[None, :], mask=hmask, other=0.0)
     e = tl.load(E + (rn[None, :] % C) * sen + rj[:, None] * sej, mask=nmask[None, :] & (rj[:, None] < R),
                 other=0.0)
     acc = tl.dot(h.to(DOT), e.to(DOT), acc, input_precision=PREC)
@@ -251,18 +268,24 @@ def _shrink(x: torch.Tensor, a: torch.Tensor, rank: int, scale: float, a_strides
     return h
 
 
-def _linear_expand(x, w, w_strides, bias, h, e, e_strides, e_rows, n_out, out_dtype) -> torch.Tensor:
-    """x Mᵀ + b + h Ẽᵀ as (rows, n_out); M[n, k] at ``w_strides`` = (n, k) strides, Ẽ[n, j] at ``e_strides``."""
+def _linear_expand(x, w, w_strides, bias, h, e, e_strides, e_rows, n_out, out_dtype,
+                   shrink: Optional[tuple] = None) -> torch.Tensor:
+    """x Mᵀ + b + h Ẽᵀ as (rows, n_out); M[n, k] at ``w_strides`` = (n, k) strides, Ẽ[n, j] at ``e_strides``.
+
+    ``shrink`` = (S, (j, k) strides of S, SC, scale): h (an empty fp32 (rows, r)) is not read but filled by the
+    kernel's main loop with scale · x S̃ᵀ, S̃[j, k] = S[j, k % SC] (needs w)."""
     m, k = x.shape
     y = torch.empty(m, n_out, device=x.device, dtype=out_dtype)
     if m == 0 or n_out == 0:
         return y
+    s, s_strides, s_cols, scale = shrink or (h, (0, 0), 1, 0.0)
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n_out, meta["BN"]),)  # noqa: E731
     _linear_expand_kernel[grid](
-        x, y if w is None else w, y if bias is None else bias, h, e, y, m, n_out, k, h.shape[1], e_rows,
-        x.stride(0), x.stride(1), *(w_strides if w is not None else (0, 0)), h.stride(0), *e_strides,
-        y.stride(0), y.stride(1), HAS_W=w is not None, HAS_BIAS=bias is not None, DOT=tl.float32,
-        PREC=_rank_precision(x.dtype), PREC_BASE=_precision(x.dtype), BR=_rank_block(h.shape[1]))
+        x, y if w is None else w, y if bias is None else bias, h, e, y, s, m, n_out, k, h.shape[1], e_rows, s_cols,
+        scale, x.stride(0), x.stride(1), *(w_strides if w is not None else (0, 0)), h.stride(0), *e_strides,
+        *s_strides, y.stride(0), y.stride(1), HAS_W=w is not None, HAS_BIAS=bias is not None,
+        FUSE_SHRINK=shrink is not None, DOT=tl.float32, PREC=_rank_precision(x.dtype), SDOT=_DOT_DTYPE[x.dtype],
+        PREC_BASE=_precision(x.dtype), BR=_rank_block(h.shape[1]))
     return y
 
 
@@ -305,10 +328,17 @@ def lora_forward(x, weight, bias, lora_a, lora_b, n_blocks: int, scale: float):
 
     Block-LoRA's chunk sum x̃ is one memory-bound torch reduction: it is the tensor the backward keeps (n times
     smaller than x), and the shrink then reads c instead of d_in columns."""
+    rank, a_cols = lora_a.shape
     x_lora = x if n_blocks == 1 else x.unflatten(-1, (n_blocks, -1)).sum(-2)
-    h = _shrink(x_lora, lora_a, lora_a.shape[0], scale, (0, lora_a.stride(0), lora_a.stride(1)))
+    fuse = fuse_shrink() and weight is not None
+    if fuse:  # h accumulates in the base GEMM's main loop (Block-LoRA: A_s read at column k mod c)
+        h = torch.empty(x.shape[0], rank, device=x.device, dtype=torch.float32)
+        shrink = (lora_a, (lora_a.stride(0), lora_a.stride(1)), a_cols, scale)
+    else:
+        h, shrink = _shrink(x_lora, lora_a, rank, scale, (0, lora_a.stride(0), lora_a.stride(1))), None
     y = _linear_expand(x, weight, None if weight is None else (weight.stride(0), weight.stride(1)), bias, h,
-                       lora_b, (lora_b.stride(0), lora_b.stride(1)), lora_b.shape[0], lora_b.shape[0], x.dtype)
+                       lora_b, (lora_b.stride(0), lora_b.stride(1)), lora_b.shape[0], lora_b.shape[0], x.dtype,
+                       shrink)
     return y, h, x_lora
 
 
@@ -316,11 +346,18 @@ def lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks: int, scale: f
     """(dx or None, dA (r, c), dB (d_out, r)) with g = s · dy B (N, r):
     dx = dy W + g Ã (one fused GEMM; Ã = A_s tiled n times, read at column k mod c), dB = dyᵀ h, dA = gᵀ x̃."""
     rank, a_cols = lora_a.shape
-    g = _shrink(dy, lora_b, rank, scale, (0, lora_b.stride(1), lora_b.stride(0)))  # Bᵀ as (r, d_out)
+    b_t = (lora_b.stride(1), lora_b.stride(0))  # Bᵀ as (r, d_out)
+    fuse = fuse_shrink() and weight is not None and need_x
+    if fuse:  # g accumulates in the dx GEMM's main loop over d_out, from the dy tiles it loads anyway
+        g, shrink = torch.empty(dy.shape[0], rank, device=dy.device, dtype=torch.float32), \
+            (lora_b, b_t, lora_b.shape[0], scale)
+    else:
+        g, shrink = _shrink(dy, lora_b, rank, scale, (0, *b_t)), None
     dx = None
     if need_x:
         dx = _linear_expand(dy, weight, None if weight is None else (weight.stride(1), weight.stride(0)), None, g,
-                            lora_a, (lora_a.stride(1), lora_a.stride(0)), a_cols, a_cols * n_blocks, x_lora.dtype)
+                            lora_a, (lora_a.stride(1), lora_a.stride(0)), a_cols, a_cols * n_blocks, x_lora.dtype,
+                            shrink)
     d_b = _reduce(dy, h)[0]
     d_a = _reduce(x_lora, g, transpose=True)[0]  # (r, c)
     return dx, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)

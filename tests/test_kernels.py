@@ -561,6 +561,20 @@ def test_triton_lora_matches_reference(triton_backend, n_blocks, r, dtype):
 
 @triton_only
 @pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("n_blocks,r", [(None, 3), (None, 16), (3, 3)], ids=["lora-r3", "lora-r16", "block3-r3"])
+def test_triton_fused_shrink_matches_reference(triton_backend, n_blocks, r, dtype):
+    """The experimental fusion (h in the base GEMM's main loop, g in the dx GEMM's): same results, and no
+    separate shrink kernel runs. 37 rows, d_in 45, d_out 70: several column tiles recompute h and g."""
+    kernel_backend.set_fuse_shrink(True)
+    try:
+        check_lora(lora_case(n_blocks, r, dtype, (37,), 45, 70), n_blocks, TOL[dtype])
+    finally:
+        kernel_backend.set_fuse_shrink(False)
+    assert "_shrink_kernel" not in triton_backend and "_linear_expand_kernel" in triton_backend
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
 def test_triton_lora_variants(triton_backend, dtype):
     """Several tiles in every direction with r = 64, delta only (W None), no bias, 3-D strided x."""
     tol = TOL[dtype]
@@ -685,7 +699,12 @@ def test_triton_kernels_compile_for_h100_without_a_gpu():
     lower(tk._shrink_kernel, dict(X="*bf16", A="*fp32", H="*fp32", PAIR_SCALE="*fp32", scale="fp32", **tables),
           dict(ROUTED=True, BM=64, BK=64, BR=16, **bf16))
     lower(tk._linear_expand_kernel, dict(X="*bf16", W="*bf16", BIAS="*bf16", H="*fp32", E="*fp32", Y="*bf16"),
-          dict(HAS_W=True, HAS_BIAS=True, PREC_BASE=None, BM=128, BN=128, BK=64, BR=16, GROUP_M=8, **rank_side))
+          dict(HAS_W=True, HAS_BIAS=True, FUSE_SHRINK=False, SDOT=tl.bfloat16, PREC_BASE=None, BM=128, BN=128,
+               BK=64, BR=16, GROUP_M=8, **rank_side))
+    lower(tk._linear_expand_kernel, dict(X="*bf16", W="*bf16", BIAS="*bf16", H="*fp32", E="*fp32", Y="*bf16",
+                                         S="*fp32", scale="fp32"),
+          dict(HAS_W=True, HAS_BIAS=True, FUSE_SHRINK=True, SDOT=tl.bfloat16, PREC_BASE=None, BM=128, BN=128,
+               BK=64, BR=16, GROUP_M=8, **rank_side))
     lower(tk._routed_expand_kernel, dict(H="*fp32", E="*fp32", Y="*fp32", **tables),
           dict(ATOMIC=True, BM=64, BN=128, BR=16, **rank_side))
     lower(tk._reduce_kernel, dict(U="*bf16", V="*fp32", O="*fp32", **tables),
