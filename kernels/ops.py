@@ -119,6 +119,7 @@ class _TileRows(NamedTuple):
 
 
 def _tile_rows(plan: RoutingPlan) -> _TileRows:
+    """Gather the plan's tile tables into padded row blocks (needs P ≥ 1 pairs)."""
     n_pairs = plan.pairs.shape[0]
     rows = plan.tile_start.long()[:, None] + torch.arange(ROW_TILE, device=plan.pairs.device)
     valid = (rows < plan.tile_end.long()[:, None]) & (plan.tile_adapter[:, None] >= 0)
@@ -145,6 +146,8 @@ def _eager_routed_fwd(x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: RoutingPl
     projection over the plan's tiles; no host sync, no atomics."""
     hd = _hidden_dtype(lora_a)
     n_pairs = plan.pairs.shape[0]
+    if n_pairs == 0:  # no tokens: nothing to gather
+        return x.new_zeros(0, lora_b.shape[1]), x.new_zeros(0, lora_a.shape[1], dtype=hd)
     rows = _tile_rows(plan)
     h_t = torch.bmm(_gather(x, rows, hd), lora_a.to(hd)[rows.adapter].transpose(1, 2)) * rows.factor[..., None]
     h = _scatter_rows(h_t, rows.target, n_pairs)
@@ -157,6 +160,8 @@ def _eager_routed_bwd(dy: Tensor, x: Tensor, h: Tensor, lora_a: Tensor, lora_b: 
     """(dx (N, d_in) or None, dA (L, r, d_in), dB (L, d_out, r)) with g[pair] = w · s · dy[tok] B[l]."""
     hd = _hidden_dtype(lora_a)
     n_adapters, n_pairs = lora_a.shape[0], plan.pairs.shape[0]
+    if n_pairs == 0:  # no tokens: zero gradients
+        return x.new_zeros(x.shape) if need_x else None, torch.zeros_like(lora_a), torch.zeros_like(lora_b)
     rows = _tile_rows(plan)
     dy_t = _gather(dy, rows, hd)
     g_t = torch.bmm(dy_t, lora_b.to(hd)[rows.adapter]) * rows.factor[..., None]

@@ -290,6 +290,20 @@ def test_routed_lora_makes_no_host_sync(backend, monkeypatch, k):
         torch.testing.assert_close(got.grad.double().cpu(), ref.grad, atol=1e-4, rtol=1e-5)
 
 
+def test_routed_lora_with_no_tokens(backend):
+    """An empty batch gives an empty delta and zero gradients (the plan then has no rows to gather)."""
+    a, b = torch.randn(3, 4, D_IN, requires_grad=True), torch.randn(3, D_OUT, 4, requires_grad=True)
+    x = torch.randn(0, D_IN, device=DEVICE, requires_grad=True)
+    y = kernels.routed_lora(x, a.to(DEVICE), b.to(DEVICE), [1.0, 1.0, 1.0], torch.zeros(0, dtype=torch.long,
+                                                                                        device=DEVICE))
+    assert y.shape == (0, D_OUT)
+    y.sum().backward()
+    assert a.grad.abs().max() == 0 and b.grad.abs().max() == 0
+    if backend == "triton":
+        kernels.lora_linear(randn(2, D_IN, gen=torch.Generator()), None, None, torch.randn(2, D_IN),
+                            torch.randn(D_OUT, 2), SCALE)  # a launch, for the fixture's Triton check
+
+
 def _marked(run):
     def launch(*args, **kwargs):
         with torch.profiler.record_function("triton kernel"):
@@ -338,7 +352,7 @@ def test_contract_under_the_interpreter():
     assert int(summary.split(" passed")[0].split()[-1]) >= MIN_TRITON_CASES, tail
 
 
-MIN_TRITON_CASES = 10  # the triton-parametrised cases above: opcheck 1, peft 2, fp16 2, deterministic 3, sync 2
+MIN_TRITON_CASES = 11  # the triton cases above: opcheck 1, peft 2, fp16 2, deterministic 3, sync 2, empty 1
 
 
 # --- 1c. fp16: no overflow in h or g where the fp32 formulas have none --------------------------------------------
