@@ -68,7 +68,17 @@ def lora_op_cases(gen):
     ]
 
 
-def test_every_op_passes_opcheck(backend):
+@pytest.fixture(params=["default", "deterministic", "fused-shrink"])
+def mode(request):
+    """The kernels' switches, each of which takes other code paths (partials, per-slot buffers, fused shrink)."""
+    kernels.set_deterministic(request.param == "deterministic")
+    kernel_backend.set_fuse_shrink(request.param == "fused-shrink")
+    yield request.param
+    kernels.set_deterministic(False)
+    kernel_backend.set_fuse_shrink(False)
+
+
+def test_every_op_passes_opcheck(backend, mode):
     """torch.library.opcheck on lora_fwd, lora_bwd, routed_fwd and routed_bwd: schema, fake vs real metadata
     (a fake promising contiguous dA while the kernel returns a transposed view fails here), autograd."""
     gen = torch.Generator().manual_seed(0)
@@ -152,6 +162,28 @@ def test_gradients_match_peft(backend, n_blocks):
     torch.testing.assert_close(b.grad, peft_b.grad, **tol)
     torch.testing.assert_close(a.grad, peft_a.grad.unflatten(1, (n_blocks, -1)).sum(1), **tol)
     assert a.grad.abs().max() > 1e-2 and b.grad.abs().max() > 1e-2
+
+
+def test_fp16_large_hidden_in_routed_lora(backend):
+    """routed_lora with fp16 x whose h passes 65504 (k = 2 slots, so the fp32 accumulation path too): finite, and
+    equal to the float64 reference."""
+    gen = torch.Generator().manual_seed(5)
+    x = randn(37, 45, gen=gen, scale=100.0, dtype=torch.float16).requires_grad_(True)
+    a = randn(3, 5, 45, gen=gen, scale=100.0).requires_grad_(True)
+    b = randn(3, 29, 5, gen=gen, scale=1e-3).requires_grad_(True)
+    index = torch.randint(0, 3, (37, 2), generator=gen).to(DEVICE)
+    dy = randn(37, 29, gen=gen, dtype=torch.float16)
+    y = kernels.routed_lora(x, a, b, [2.0, 1.0, 0.5], index)
+    y.backward(dy)
+    ref = [t.detach().double().cpu().requires_grad_(True) for t in (x, a, b)]
+    assert (ref[0] @ ref[1][0].T).abs().max() > 65504
+    expected = kernels.routed_lora_reference(*ref, [2.0, 1.0, 0.5], index.cpu())
+    expected.backward(dy.double().cpu())
+    for name, got, want in [("y", y, expected), ("dx", x.grad, ref[0].grad), ("dA", a.grad, ref[1].grad),
+                            ("dB", b.grad, ref[2].grad)]:
+        assert torch.isfinite(got).all(), f"{name} overflowed"
+        torch.testing.assert_close(got.double().cpu(), want.detach(), atol=3e-3 * want.abs().max().item(),
+                                   rtol=3e-3, msg=name)
 
 
 # --- 1d. deterministic mode ----------------------------------------------------------------------------------
@@ -352,7 +384,7 @@ def test_contract_under_the_interpreter():
     assert int(summary.split(" passed")[0].split()[-1]) >= MIN_TRITON_CASES, tail
 
 
-MIN_TRITON_CASES = 11  # the triton cases above: opcheck 1, peft 2, fp16 2, deterministic 3, sync 2, empty 1
+MIN_TRITON_CASES = 14  # the triton cases above: opcheck 3, peft 2, fp16 3, deterministic 3, sync 2, empty 1
 
 
 # --- 1c. fp16: no overflow in h or g where the fp32 formulas have none --------------------------------------------
