@@ -16,8 +16,9 @@ largest difference between fused and peft outputs. Adapters fp32 (peft's default
 
 CUDA: CUDA events; before each timed run the L2 is flushed and the device synchronised, so the GPU is idle when
 the start event is recorded and the CPU cannot queue the timed launches during the flush (launch overhead counts);
-median of --reps. A CUDA run asserts that the fused op really launched Triton kernels. The routed row's index,
-scales and plan inputs are on the device before timing; routed_lora itself reads nothing back to the host.
+median of --reps. A CUDA run asserts that the fused op really launched Triton kernels, and that the routed row
+reads nothing back to the host (profiler: no .item(), nonzero, bincount, ...); its index and scales are device
+tensors made before timing.
 CPU (or --device cpu): no Triton path, "fused" times the eager ops; the table says so. ``--quick``: tiny sizes.
 
 ``--model`` prints the cost model instead (no GPU needed): per op, the bytes each kernel moves per token and the
@@ -141,6 +142,20 @@ def _count_triton_launches(fn) -> int:
     return launches[0]
 
 
+# aten ops that read a device value back to the host, directly or to size their output: a sync on CUDA
+_SYNC_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero",
+             "aten::masked_select", "aten::bincount", "aten::_unique2", "aten::unique_consecutive"}
+
+
+def _host_reads(fn) -> list[str]:
+    """Names of the sync ops fn() runs (none may run in a timed region that claims to have no sync)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [event.name for event in prof.events() if event.name in _SYNC_OPS]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the contenders
 
@@ -215,6 +230,9 @@ def bench_one(d, r, n_tokens, args, device, dtype) -> dict:
     launches = _count_triton_launches(fns["fused"])
     if device.type == "cuda" and kernels.get_backend() != "eager":
         assert launches > 0, "the fused op ran no Triton kernel on CUDA: the timings would be the eager path's"
+    if device.type == "cuda":  # on CPU the index check reads its result directly, which is no sync there
+        reads = _host_reads(fns["routed"])
+        assert not reads, f"the routed row reads device values back to the host (a sync per call): {reads}"
     ms = {name: timer(fn) for name, fn in fns.items()}
     mem = {name: _peak_mib(device, fns[name]) for name in ("fused", "peft")}
     return dict(d=d, r=r, tokens=n_tokens, ms=ms, mem=mem, err=err, triton_launches=launches)
