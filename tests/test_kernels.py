@@ -707,5 +707,6 @@ def test_triton_kernels_compile_for_h100_without_a_gpu():
                BK=64, BR=16, GROUP_M=8, **rank_side))
     lower(tk._routed_expand_kernel, dict(H="*fp32", E="*fp32", Y="*fp32", **tables),
           dict(ATOMIC=True, BM=64, BN=128, BR=16, **rank_side))
-    lower(tk._reduce_kernel, dict(U="*bf16", V="*fp32", O="*fp32", **tables),
-          dict(ROUTED=False, ATOMIC=True, TILE=1024, BM=32, BP=128, BQ=16, **rank_side))
+    for routed, atomic in [(False, True), (False, False), (True, False)]:  # atomic=False: deterministic mode
+        lower(tk._reduce_kernel, dict(U="*bf16", V="*fp32", O="*fp32", **tables),
+              dict(ROUTED=routed, ATOMIC=atomic, TILE=1024, BM=32, BP=128, BQ=16, **rank_side))
