@@ -9,18 +9,20 @@ the eager PyTorch formulas here without any change to the adapters that call the
 
 They are torch custom ops with their own backward, so ``torch.compile`` traces them. The backend is chosen per
 call: Triton for CUDA tensors when triton imports, eager PyTorch otherwise; :func:`set_backend` or the environment
-variable ``VISADAPT_KERNELS`` (``auto`` | ``eager`` | ``triton``) forces one. The plain-autograd ``*_reference``
-functions are the specification: every backend must match them within dtype tolerance.
+variable ``VISADAPT_KERNELS`` (``auto`` | ``eager`` | ``triton``) forces one. :func:`set_deterministic` (or
+``VISADAPT_KERNELS_DETERMINISTIC=1``, or torch's ``use_deterministic_algorithms``) makes them run-to-run exact.
+The plain-autograd ``*_reference`` functions are the specification: every backend must match them within dtype
+tolerance.
 """
 
 if __name__ == "visadapt.kernels":
-    from .backend import get_backend, set_backend
+    from .backend import deterministic, get_backend, set_backend, set_deterministic
     from .lora import block_lora_linear_reference, lora_linear_reference
     from .ops import block_lora_linear, lora_linear, routed_lora
     from .routed import routed_lora_reference
 
-    __all__ = ["lora_linear", "block_lora_linear", "routed_lora", "set_backend", "get_backend",
-               "lora_linear_reference", "block_lora_linear_reference", "routed_lora_reference"]
+    __all__ = ["lora_linear", "block_lora_linear", "routed_lora", "set_backend", "get_backend", "set_deterministic",
+               "deterministic", "lora_linear_reference", "block_lora_linear_reference", "routed_lora_reference"]
 else:
     # With the repository root on sys.path (``python -c`` there), this folder is also importable as a top-level
     # ``kernels``, a name transformers probes for the Hugging Face hub package. Loading the ops a second time under

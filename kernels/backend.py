@@ -5,6 +5,12 @@ formulas everywhere. "triton" forces the Triton kernels, also for CPU tensors; o
 Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before ``visadapt.kernels`` is first
 imported, because ``@triton.jit`` reads it when the kernels are defined. Set it per process with
 ``VISADAPT_KERNELS=eager|triton|auto`` or at run time with :func:`set_backend`.
+
+Deterministic mode (:func:`deterministic`): on with ``VISADAPT_KERNELS_DETERMINISTIC=1``, with
+:func:`set_deterministic(True) <set_deterministic>`, or whenever ``torch.use_deterministic_algorithms(True)`` is in
+force. The kernels then use no floating-point atomics: the dA/dB reductions write one partial per program and sum
+them in a fixed order, and a routed token's k slots are summed from a per-slot buffer, so two runs give
+bit-identical results. It costs memory (the partials, k × the routed output) and some parallelism.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ BACKENDS = ("auto", "eager", "triton")
 # dtypes the Triton kernels take; anything else (float64, ...) runs the eager formulas under every backend
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _backend = "auto"
+_deterministic = False
+_fuse_shrink = False
 
 
 def set_backend(name: str) -> None:
@@ -32,6 +40,29 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     return _backend
+
+
+def set_fuse_shrink(flag: bool) -> None:
+    """Experimental, off by default until measured on a GPU: compute h = s·x Aᵀ inside the base GEMM's main loop
+    and g = s·dy B inside the dx GEMM's (no separate shrink kernels, x and dy read once less each, r / BN redundant
+    FLOPs). Also ``VISADAPT_KERNELS_FUSE_SHRINK=1``."""
+    global _fuse_shrink
+    _fuse_shrink = bool(flag)
+
+
+def fuse_shrink() -> bool:
+    return _fuse_shrink
+
+
+def set_deterministic(flag: bool) -> None:
+    """Force deterministic kernels (no atomics) on or off; torch's own deterministic switch also turns them on."""
+    global _deterministic
+    _deterministic = bool(flag)
+
+
+def deterministic() -> bool:
+    """True if the kernels must give bit-identical results run to run (see the module docstring)."""
+    return _deterministic or torch.are_deterministic_algorithms_enabled()
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,3 +92,5 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 set_backend(os.environ.get("VISADAPT_KERNELS", "auto"))
+set_deterministic(os.environ.get("VISADAPT_KERNELS_DETERMINISTIC", "0") == "1")
+set_fuse_shrink(os.environ.get("VISADAPT_KERNELS_FUSE_SHRINK", "0") == "1")

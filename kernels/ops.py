@@ -12,6 +12,13 @@ always; W and b too when they require grad (plain matmuls: W is frozen in every 
 Under autocast, x, W and b are cast to autocast's dtype first (as F.linear would); the op bodies run with
 autocast off, so the adapter math keeps its fp32 accumulation.
 
+``routed_lora`` builds its routing plan (pairs sorted by adapter, per-tile tables, per-pair scales; see
+:func:`.routed.routing_plan`) once per call, on the device and without reading anything back to the host, and
+hands it to both ops: the forward and the backward (Triton kernels, or the eager batched SGMV below) reuse it.
+
+All outputs are dense (contiguous) tensors, as the fakes promise. In deterministic mode
+(:func:`.backend.deterministic`) no floating-point atomics run; the eager formulas have none anyway.
+
 Dropout (p > 0 while training) takes the documented eager fallback: the plain-autograd reference function with
 ``torch.nn.functional.dropout``, so the masks come from torch's RNG exactly as in eager PyTorch (one per row group
 of A with ``dropout_groups``: the q, k, v parts of a fused projection draw their own).
@@ -20,7 +27,7 @@ of A with ``dropout_groups``: the q, k, v parts of a fused projection draw their
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +35,7 @@ from torch import Tensor
 
 from . import backend
 from .lora import block_lora_linear_reference, check_block_lora, check_dropout_groups, check_lora, lora_linear_reference
-from .routed import check_index_range, routing_shapes, segments
+from .routed import ROW_TILE, RoutingPlan, check_index_range, routing_plan, routing_shapes
 
 _EMPTY = (0,)  # shape of the placeholder returned for a gradient nobody asked for (ops must return tensors)
 
@@ -100,47 +107,84 @@ def _eager_lora_bwd(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need
     return dx, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
 
 
-def _pair_scale(scales: Tensor, index: Tensor, weights: Optional[Tensor]) -> Tensor:
-    """(N·k,) fp32 factor of each (token, slot) pair: w · s_index (0 for unrouted pairs)."""
-    flat = index.reshape(-1)
-    out = scales[flat.clamp_min(0)] * (flat >= 0)
-    return out if weights is None else out * weights.reshape(-1)
+class _TileRows(NamedTuple):
+    """The plan's tiles as padded (T, ROW_TILE) row blocks for the eager SGMV."""
+
+    adapter: Tensor  # (T,) int64, surplus tiles clamped to adapter 0 (their rows are all invalid)
+    tokens: Tensor  # (T, ROW_TILE) token of each row
+    pairs: Tensor  # (T, ROW_TILE) pair of each row (padding: some valid pair, masked out by `valid`)
+    target: Tensor  # (T, ROW_TILE) pair, or the scratch row P for padding
+    valid: Tensor  # (T, ROW_TILE) bool
+    factor: Tensor  # (T, ROW_TILE) fp32: w · s of the pair, 0 on padding
 
 
-def _eager_routed_fwd(x, lora_a, lora_b, pair_scale, index):
+def _tile_rows(plan: RoutingPlan) -> _TileRows:
+    """Gather the plan's tile tables into padded row blocks (needs P ≥ 1 pairs)."""
+    n_pairs = plan.pairs.shape[0]
+    rows = plan.tile_start.long()[:, None] + torch.arange(ROW_TILE, device=plan.pairs.device)
+    valid = (rows < plan.tile_end.long()[:, None]) & (plan.tile_adapter[:, None] >= 0)
+    rows = rows.clamp(0, max(n_pairs - 1, 0))
+    tok, pair = plan.tokens.long()[rows], plan.pairs.long()[rows]
+    return _TileRows(plan.tile_adapter.long().clamp_min(0), tok, pair, torch.where(valid, pair, n_pairs), valid,
+                     plan.pair_scale[pair] * valid)
+
+
+def _gather(t: Tensor, rows: _TileRows, dtype: torch.dtype) -> Tensor:
+    """t[token of each row] as (T, ROW_TILE, d) in dtype, zero on padding rows (even where t is not finite)."""
+    return torch.where(rows.valid[..., None], t[rows.tokens].to(dtype), 0)
+
+
+def _per_adapter(per_tile: Tensor, plan: RoutingPlan, n_adapters: int) -> Tensor:
+    """Σ over each adapter's tiles of per_tile (T, ...) → (L, ...), as a one-hot matmul: a fixed summation order
+    (no atomics, so deterministic) and no data-dependent shapes."""
+    one_hot = plan.tile_adapter.long()[None, :] == torch.arange(n_adapters, device=per_tile.device)[:, None]
+    return (one_hot.to(per_tile.dtype) @ per_tile.flatten(1)).unflatten(1, per_tile.shape[1:])
+
+
+def _eager_routed_fwd(x: Tensor, lora_a: Tensor, lora_b: Tensor, plan: RoutingPlan) -> tuple[Tensor, Tensor]:
+    """SGMV in plain torch: (Δy (N, d_out) in x's dtype, h (P, r) fp32 per pair), one batched matmul per
+    projection over the plan's tiles; no host sync, no atomics."""
     hd = _hidden_dtype(lora_a)
-    tokens, pairs, counts = segments(index, lora_a.shape[0])
-    h = x.new_zeros(index.numel(), lora_a.shape[1], dtype=hd)
-    out = x.new_zeros(x.shape[0], lora_b.shape[1], dtype=hd)
-    for adapter, tok, pair in _segment_rows(tokens, pairs, counts):
-        h_l = (x[tok].to(hd) @ lora_a[adapter].to(hd).T) * pair_scale[pair, None].to(hd)
-        h[pair] = h_l
-        out.index_add_(0, tok, h_l @ lora_b[adapter].to(hd).T)
-    return out.to(x.dtype), h
+    n_pairs = plan.pairs.shape[0]
+    if n_pairs == 0:  # no tokens: nothing to gather
+        return x.new_zeros(0, lora_b.shape[1]), x.new_zeros(0, lora_a.shape[1], dtype=hd)
+    rows = _tile_rows(plan)
+    h_t = torch.bmm(_gather(x, rows, hd), lora_a.to(hd)[rows.adapter].transpose(1, 2)) * rows.factor[..., None]
+    h = _scatter_rows(h_t, rows.target, n_pairs)
+    delta = _scatter_rows(torch.bmm(h_t, lora_b.to(hd)[rows.adapter].transpose(1, 2)), rows.target, n_pairs)
+    return _slot_sum(delta, x.shape[0]).to(x.dtype), h
 
 
-def _eager_routed_bwd(dy, x, h, lora_a, lora_b, pair_scale, index, need_x):
+def _eager_routed_bwd(dy: Tensor, x: Tensor, h: Tensor, lora_a: Tensor, lora_b: Tensor, plan: RoutingPlan,
+                      need_x: bool) -> tuple[Optional[Tensor], Tensor, Tensor]:
+    """(dx (N, d_in) or None, dA (L, r, d_in), dB (L, d_out, r)) with g[pair] = w · s · dy[tok] B[l]."""
     hd = _hidden_dtype(lora_a)
-    tokens, pairs, counts = segments(index, lora_a.shape[0])
-    d_a, d_b = torch.zeros_like(lora_a, dtype=hd), torch.zeros_like(lora_b, dtype=hd)
-    dx = torch.zeros_like(x, dtype=hd) if need_x else None
-    for adapter, tok, pair in _segment_rows(tokens, pairs, counts):
-        dy_l = dy[tok].to(hd)
-        g = (dy_l @ lora_b[adapter].to(hd)) * pair_scale[pair, None].to(hd)
-        d_b[adapter] = dy_l.T @ h[pair]
-        d_a[adapter] = g.T @ x[tok].to(hd)
-        if need_x:
-            dx.index_add_(0, tok, g @ lora_a[adapter].to(hd))
-    return (None if dx is None else dx.to(x.dtype)), d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
+    n_adapters, n_pairs = lora_a.shape[0], plan.pairs.shape[0]
+    if n_pairs == 0:  # no tokens: zero gradients
+        return x.new_zeros(x.shape) if need_x else None, torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+    rows = _tile_rows(plan)
+    dy_t = _gather(dy, rows, hd)
+    g_t = torch.bmm(dy_t, lora_b.to(hd)[rows.adapter]) * rows.factor[..., None]
+    d_b = _per_adapter(dy_t.transpose(1, 2) @ h[rows.pairs], plan, n_adapters)
+    d_a = _per_adapter(g_t.transpose(1, 2) @ _gather(x, rows, hd), plan, n_adapters)
+    dx = None
+    if need_x:
+        dx = _slot_sum(_scatter_rows(torch.bmm(g_t, lora_a.to(hd)[rows.adapter]), rows.target, n_pairs),
+                       x.shape[0]).to(x.dtype)
+    return dx, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
 
 
-def _segment_rows(tokens, pairs, counts):
-    """(adapter, token ids, pair ids) per adapter that has pairs (one host sync for the counts)."""
-    start = 0
-    for adapter, count in enumerate(counts.tolist()):
-        if count:
-            yield adapter, tokens[start:start + count], pairs[start:start + count]
-        start += count
+def _scatter_rows(per_row: Tensor, target: Tensor, n_pairs: int) -> Tensor:
+    """(P, d) with row p = per_row's row of pair p (zero for unrouted pairs): each pair sits in one tile row, and
+    the padding rows, all zero, go to a scratch row P that is dropped."""
+    out = per_row.new_zeros(n_pairs + 1, per_row.shape[-1])
+    out[target.reshape(-1)] = per_row.reshape(-1, per_row.shape[-1])
+    return out[:n_pairs]
+
+
+def _slot_sum(per_pair: Tensor, n_tokens: int) -> Tensor:
+    """(N, d): each token's k slots (pairs p = token · k + slot) summed in slot order."""
+    return per_pair.view(n_tokens, -1, per_pair.shape[-1]).sum(1)
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -183,7 +227,7 @@ def _lora_bwd(dy: Tensor, x_lora: Tensor, h: Tensor, weight: Optional[Tensor], l
 @_lora_bwd.register_fake
 def _(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x):
     dx = x_lora.new_empty(dy.shape[0], x_lora.shape[1] * n_blocks) if need_x else x_lora.new_empty(_EMPTY)
-    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b)
+    return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
 def _lora_setup(ctx, inputs, output):
@@ -214,52 +258,53 @@ torch.library.register_autograd("visadapt::lora_fwd", _lora_backward, setup_cont
 
 @torch.library.custom_op("visadapt::routed_fwd", mutates_args=())
 @_no_autocast
-def _routed_fwd(x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor, index: Tensor,
-                weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """(Δy (N, d_out) in x's dtype, h (N·k, r) per (token, slot) pair); index (N, k) int64."""
+def _routed_fwd(x: Tensor, lora_a: Tensor, lora_b: Tensor, index: Tensor,
+                plan: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(Δy (N, d_out) in x's dtype, h (N·k, r) per (token, slot) pair); index (N, k) int64 (only checked here: the
+    plan, a :class:`RoutingPlan` as a list, carries the routing)."""
     check_index_range(index, lora_a.shape[0])  # here, not in the wrapper: data-dependent, so not traced
-    pair_scale = _pair_scale(scales, index, weights)
+    plan = RoutingPlan(*plan)
     if backend.use_triton(x, lora_a, lora_b):
-        kern = _kernels()
-        return kern.routed_forward(x, lora_a, lora_b, kern.routing_tables(index, pair_scale, lora_a.shape[0]))
-    return _eager_routed_fwd(x, lora_a, lora_b, pair_scale, index)
+        return _kernels().routed_forward(x, lora_a, lora_b, plan)
+    return _eager_routed_fwd(x, lora_a, lora_b, plan)
 
 
 @_routed_fwd.register_fake
-def _(x, lora_a, lora_b, scales, index, weights):
+def _(x, lora_a, lora_b, index, plan):
     return (x.new_empty(x.shape[0], lora_b.shape[1]),
             x.new_empty(index.numel(), lora_a.shape[1], dtype=_hidden_dtype(lora_a)))
 
 
 @torch.library.custom_op("visadapt::routed_bwd", mutates_args=())
 @_no_autocast
-def _routed_bwd(dy: Tensor, x: Tensor, h: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Tensor,
-                index: Tensor, weights: Optional[Tensor], need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
-    pair_scale = _pair_scale(scales, index, weights)
+def _routed_bwd(dy: Tensor, x: Tensor, h: Tensor, lora_a: Tensor, lora_b: Tensor, plan: list[Tensor],
+                need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx (N, d_in) or an empty placeholder, dA (L, r, d_in), dB (L, d_out, r)), reusing the forward's plan."""
+    plan = RoutingPlan(*plan)
     if backend.use_triton(dy, x, lora_a, lora_b):
-        kern = _kernels()
-        routing = kern.routing_tables(index, pair_scale, lora_a.shape[0])
-        dx, d_a, d_b = kern.routed_backward(dy, x, h, lora_a, lora_b, routing, need_x)
+        dx, d_a, d_b = _kernels().routed_backward(dy, x, h, lora_a, lora_b, plan, need_x)
     else:
-        dx, d_a, d_b = _eager_routed_bwd(dy, x, h, lora_a, lora_b, pair_scale, index, need_x)
+        dx, d_a, d_b = _eager_routed_bwd(dy, x, h, lora_a, lora_b, plan, need_x)
     return _or_empty(dx, x), d_a, d_b
 
 
 @_routed_bwd.register_fake
-def _(dy, x, h, lora_a, lora_b, scales, index, weights, need_x):
-    return (torch.empty_like(x) if need_x else x.new_empty(_EMPTY)), torch.empty_like(lora_a), torch.empty_like(lora_b)
+def _(dy, x, h, lora_a, lora_b, plan, need_x):
+    return (x.new_empty(x.shape) if need_x else x.new_empty(_EMPTY)), lora_a.new_empty(lora_a.shape), \
+        lora_b.new_empty(lora_b.shape)
 
 
 def _routed_setup(ctx, inputs, output):
-    x, lora_a, lora_b, scales, index, weights = inputs
-    ctx.save_for_backward(x, lora_a, lora_b, scales, index, weights, output[1])
+    x, lora_a, lora_b, _, plan = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, output[1], *plan)
 
 
 def _routed_backward(ctx, dy, _dh):
-    x, lora_a, lora_b, scales, index, weights, h = ctx.saved_tensors
+    x, lora_a, lora_b, h, *plan = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, d_a, d_b = torch.ops.visadapt.routed_bwd(dy, x, h, lora_a, lora_b, scales, index, weights, need[0])
-    return (dx if need[0] else None), (d_a if need[1] else None), (d_b if need[2] else None), None, None, None
+    dx, d_a, d_b = torch.ops.visadapt.routed_bwd(dy, x, h, lora_a, lora_b, plan, need[0])
+    no_grad_plan = [None] * len(plan)  # autograd wants the inputs' structure back: one entry per plan tensor
+    return (dx if need[0] else None), (d_a if need[1] else None), (d_b if need[2] else None), None, no_grad_plan
 
 
 torch.library.register_autograd("visadapt::routed_fwd", _routed_backward, setup_context=_routed_setup)
@@ -321,5 +366,7 @@ def routed_lora(x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Union[Tensor,
     """
     scales, index, weights = routing_shapes(x, lora_a, lora_b, scales, index, weights)
     (x,) = _autocast(x)
-    delta, _ = torch.ops.visadapt.routed_fwd(x.reshape(-1, x.shape[-1]), lora_a, lora_b, scales, index, weights)
+    # one plan per call, on the device, shared by the forward and backward ops
+    plan = routing_plan(index, scales, weights, lora_a.shape[0], one_reduce_tile_per_adapter=backend.deterministic())
+    delta, _ = torch.ops.visadapt.routed_fwd(x.reshape(-1, x.shape[-1]), lora_a, lora_b, index, list(plan))
     return delta.reshape(*x.shape[:-1], delta.shape[-1])

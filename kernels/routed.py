@@ -19,9 +19,17 @@ Gradients flow to x, lora_a and lora_b; ``scales``, ``index`` and ``weights`` ar
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import functools
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
+
+from .backend import interpreting
+
+# Rows per tile of the routing plan (the routed shrink/expand and the eager SGMV), and per dA/dB reduction tile.
+# Small under the interpreter, so that tests with tens of tokens cross tile boundaries.
+ROW_TILE = 32 if interpreting() else 64
+REDUCE_TILE = 64 if interpreting() else 1024
 
 
 def routing_shapes(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales, index: torch.Tensor,
@@ -37,7 +45,7 @@ def routing_shapes(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
     if lora_b.shape[0] != n_adapters or lora_b.shape[2] != rank:
         raise ValueError(f"routed_lora: lora_b {tuple(lora_b.shape)} does not fit lora_a {tuple(lora_a.shape)}: "
                          f"expected (L, d_out, r) = ({n_adapters}, d_out, {rank}).")
-    scales = torch.as_tensor(scales, dtype=torch.float32, device=x.device).reshape(-1)
+    scales = device_scales(scales, x.device)
     if scales.shape[0] != n_adapters:
         raise ValueError(f"routed_lora: {scales.shape[0]} scales for {n_adapters} adapters.")
     lead = x.shape[:-1]
@@ -56,20 +64,96 @@ def routing_shapes(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, 
     return scales, index.reshape(-1, index.shape[-1]).long(), weights
 
 
+def device_scales(scales: Union[torch.Tensor, Sequence[float]], device: torch.device) -> torch.Tensor:
+    """scales as an fp32 (L,) tensor on ``device``. A sequence of floats is copied to the device once per distinct
+    value and then reused, so a layer called every step with the same Python floats makes no host-to-device copy."""
+    if isinstance(scales, torch.Tensor):
+        return scales.to(device, torch.float32).reshape(-1)
+    values = tuple(float(s) for s in scales)
+    if torch.compiler.is_compiling():  # traced as a constant; the cache is for eager calls
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    return _cached_scales(values, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_scales(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _asynchronous(index: torch.Tensor) -> bool:
+    """Whether the index check must not read its result back (any accelerator: that read is a host sync)."""
+    return index.device.type != "cpu"
+
+
 def check_index_range(index: torch.Tensor, n_adapters: int) -> None:
-    """Out-of-range indices (≥ L or < -1) would read another adapter's memory: refuse them. On CUDA the check
-    is asynchronous (no host sync per layer); a bad index then fails at the next synchronisation."""
+    """Refuse indices ≥ L or < -1 (the routing plan would skip them silently). Off the CPU the check is
+    asynchronous (no host sync per layer): a bad index then fails at the next synchronisation."""
     if index.numel() == 0:
         return
     ok = (index >= -1).all() & (index < n_adapters).all()
-    if index.is_cuda:
-        torch._assert_async(ok)
+    if _asynchronous(index):
+        torch._assert_async(ok, f"routed_lora: index values must lie in [-1, {n_adapters - 1}].")
     elif not bool(ok):
         raise ValueError(f"routed_lora: index values must lie in [-1, {n_adapters - 1}].")
 
 
+class RoutingPlan(NamedTuple):
+    """The (token, slot) pairs sorted by adapter and cut into tiles of one adapter each, all on x's device.
+
+    P = N·k pairs; pair p is (token p // k, slot p % k). Row i of the sorted order is pair ``pairs[i]`` of token
+    ``tokens[i]``; unrouted (-1) pairs are not in any tile. Tile t covers sorted rows ``[tile_start[t],
+    tile_end[t])`` of adapter ``tile_adapter[t]`` (-1: a surplus tile, skipped). The grid is sized for the worst
+    case, cdiv(P, tile) + L tiles, so building the plan never reads a count back to the host.
+    """
+
+    tokens: torch.Tensor  # (P,) int32
+    pairs: torch.Tensor  # (P,) int32
+    pair_scale: torch.Tensor  # (P,) fp32 by pair id: w · s_index, 0 for unrouted pairs
+    tile_adapter: torch.Tensor  # (cdiv(P, ROW_TILE) + L,) int32
+    tile_start: torch.Tensor
+    tile_end: torch.Tensor
+    reduce_adapter: torch.Tensor  # the same cut into tiles of the reduction's size (dA, dB)
+    reduce_start: torch.Tensor
+    reduce_end: torch.Tensor
+
+
+def routing_plan(index: torch.Tensor, scales: torch.Tensor, weights: Optional[torch.Tensor], n_adapters: int,
+                 one_reduce_tile_per_adapter: bool = False) -> RoutingPlan:
+    """Build the plan with tensor ops only (no host sync): a stable sort, and a binary search for each adapter's
+    segment instead of a bincount (whose output size depends on the data). index (N, k) int64; scales (L,) fp32;
+    weights (N, k) fp32 or None. ``one_reduce_tile_per_adapter``: the deterministic mode's reduction, where one
+    program per adapter sums its rows in order."""
+    flat = index.reshape(-1)
+    n_pairs = flat.numel()
+    order = torch.argsort(flat, stable=True)
+    bounds = torch.searchsorted(flat[order], torch.arange(n_adapters + 1, device=flat.device, dtype=flat.dtype))
+    starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]  # adapter l's sorted rows: [starts[l], bounds[l + 1])
+    pair_scale = scales[flat.clamp(0, max(n_adapters - 1, 0))] * (flat >= 0)
+    if weights is not None:
+        pair_scale = pair_scale * weights.reshape(-1)
+    reduce_tile = max(n_pairs, 1) if one_reduce_tile_per_adapter else REDUCE_TILE
+    return RoutingPlan((order // index.shape[-1]).to(torch.int32), order.to(torch.int32), pair_scale,
+                       *_tiles(starts, counts, n_pairs, ROW_TILE), *_tiles(starts, counts, n_pairs, reduce_tile))
+
+
+def _tiles(starts: torch.Tensor, counts: torch.Tensor, n_pairs: int, tile: int) -> tuple[torch.Tensor, ...]:
+    """(adapter, start, end) int32 per tile of at most ``tile`` sorted rows of one adapter; surplus tiles -1."""
+    n_adapters = counts.shape[0]
+    per = (counts + tile - 1) // tile
+    last = torch.cumsum(per, 0)
+    t = torch.arange(-(-n_pairs // tile) + n_adapters, device=counts.device)
+    adapter = torch.searchsorted(last, t, right=True)
+    valid = adapter < n_adapters
+    adapter = adapter.clamp(max=n_adapters - 1)
+    start = starts[adapter] + (t - (last[adapter] - per[adapter])) * tile
+    end = torch.minimum(start + tile, starts[adapter] + counts[adapter])
+    return torch.where(valid, adapter, -1).to(torch.int32), start.to(torch.int32), end.to(torch.int32)
+
+
 def segments(index: torch.Tensor, n_adapters: int):
     """Sort the (token, slot) pairs by adapter: (token ids, pair ids, count per adapter) with -1 pairs dropped.
+
+    For the reference only: it reads the -1 count back to the host (the ops use :func:`routing_plan`).
 
     Pairs of adapter l are ``token[start_l : start_l + count_l]`` with start_l = Σ_{j<l} count_j; pair p is
     (token p // k, slot p % k).

@@ -9,14 +9,20 @@ Four kernels serve the forward and backward of all three ops; each takes strides
 - ``_routed_expand_kernel``  Y[t_p, :] (+)= H[p, :] · E[l]ᵀ      up-projection of routed rows, scattered back
 - ``_reduce_kernel``         O[l] += U[t_p, :]ᵀ · V[p, :]         dA and dB: reductions over tokens, fp32 atomics
 
+Experimental (``backend.set_fuse_shrink(True)``, off until measured on a GPU): the linear-expand kernel also
+computes the shrink in its main loop (h from the x tiles of the base GEMM, g from the dy tiles of the dx GEMM),
+so the two ``_shrink_kernel`` launches and one read each of x and dy go away, for r / BN redundant FLOPs.
+
 Rows are processed in *tiles*. Dense ops (LoRA, Block-LoRA) tile 0..N-1 in order, one adapter, s_p = scale.
-Routed ops sort the (token, slot) pairs by adapter (``routing_tables``); each tile then holds rows of a single
-adapter l (SGMV), gathered through ``tokens``/``pairs``, and tiles past the end (adapter -1) exit at once.
+Routed ops sort the (token, slot) pairs by adapter (the routing plan of ``routed.py``); each tile then holds rows
+of a single adapter l (SGMV), gathered through ``tokens``/``pairs``, and tiles past the end (adapter -1) exit at once.
 Ẽ reads its row ``n % C``: in Block-LoRA's dx = dy W + g [A_s | … | A_s], the shared A_s (r, C) acts as the
 tiled matrix without materialising it.
 
-The adapter math (shrink, expand, reductions) runs its dots in x's dtype when x is 16-bit (tensor cores, fp32
-accumulation) and in fp32 otherwise; the saved hidden h and the gradients accumulate in fp32.
+The shrinks (x Aᵀ, dy B) run their dots in x's dtype when x is 16-bit (tensor cores, fp32 accumulation) and
+in fp32 otherwise. Every dot that takes the rank-side h or g (the expand epilogues, the dA/dB reductions) keeps
+that operand in fp32 (TF32 dots for 16-bit x), so a large g cannot overflow fp16 where the eager fp32 formulas
+do not; h, g and the gradients accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreting
+from .backend import deterministic, fuse_shrink, interpreting
+from .routed import REDUCE_TILE, ROW_TILE, RoutingPlan
 
 _DOT_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -46,10 +53,10 @@ else:
                        [(128, 128, 64), (128, 64, 64), (64, 128, 64), (128, 256, 64), (64, 64, 64)]]
 _SMALL = interpreting()
 _SHRINK_BM, _SHRINK_BK = (32, 32) if _SMALL else (64, 64)
-_ROUTED_BM = 32 if _SMALL else 64  # row tile of the routed shrink/expand (fixed: the tables are built for it)
+_ROUTED_BM = ROW_TILE  # row tile of the routed shrink/expand: the routing plan's tiles
 _ROUTED_BN = 32 if _SMALL else 128
 _REDUCE_BM, _REDUCE_BP = 32, (32 if _SMALL else 128)
-_ROUTED_REDUCE_TILE = 64 if _SMALL else 1024  # small under the interpreter so tests cross tile boundaries
+_DETERMINISTIC_PARTIALS = 32  # dense dA/dB in deterministic mode: at most this many per-program partial sums
 
 
 def _precision(dtype: torch.dtype) -> Optional[str]:
@@ -58,6 +65,15 @@ def _precision(dtype: torch.dtype) -> Optional[str]:
     if dtype != torch.float32:
         return None
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _rank_precision(dtype: torch.dtype) -> Optional[str]:
+    """Precision of the dots that take the fp32 rank-side operand h or g (expand epilogues, dA/dB reductions).
+
+    Those operands stay fp32: cast to fp16 they overflow (|g| = |s · dy B| passes 65504 under a loss scale long
+    before dy itself does) where the eager fp32 formulas do not. With 16-bit activations the dot runs as TF32:
+    fp32's range, the 10-bit mantissa of fp16, tensor cores; fp32 activations follow torch's switch."""
+    return _precision(dtype) if dtype == torch.float32 else "tf32"
 
 
 def _rank_block(r: int) -> int:
@@ -118,16 +134,19 @@ def _shrink_kernel(X, A, H, TOKENS, PAIRS, PAIR_SCALE, TILE_ADAPTER, TILE_START,
     tl.store(H + pair[:, None] * shm + rj[None, :], acc, mask=rmask[:, None] & (rj[None, :] < R))
 
 
-@triton.autotune(configs=_LINEAR_CONFIGS, key=["N", "K", "R", "HAS_W"])
+@triton.autotune(configs=_LINEAR_CONFIGS, key=["N", "K", "R", "HAS_W", "FUSE_SHRINK"])
 @triton.jit
-def _linear_expand_kernel(X, W, BIAS, H, E, Y, M, N, K, R, C, sxm, sxk, swn, swk, shm, sen, sej, sym, syn,
-                          HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                          PREC_BASE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                          BR: tl.constexpr, GROUP_M: tl.constexpr = 8):
+def _linear_expand_kernel(X, W, BIAS, H, E, Y, S, M, N, K, R, C, SC, scale, sxm, sxk, swn, swk, shm, sen, sej, ssj,
+                          ssk, sym, syn, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr,
+                          DOT: tl.constexpr, PREC: tl.constexpr, SDOT: tl.constexpr, PREC_BASE: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                          GROUP_M: tl.constexpr = 8):
     """Y[m, n] = Σ_k X[m, k] W[n, k] + bias[n] + Σ_j H[m, j] E[n % C, j]   (M×N output tiles, fp32 accumulator).
 
     The up-projection rides in the epilogue of the base GEMM, so the (N, d_out) delta is never written or
-    re-read; HAS_W=False leaves the delta alone."""
+    re-read; HAS_W=False leaves the delta alone. FUSE_SHRINK (needs HAS_W): H is not read but computed in the
+    main loop from the X tiles it already loads, H[m, j] = scale · Σ_k X[m, k] S[j, k % SC], and stored by the
+    programs of the first column tile (the others recompute it: r / BN extra FLOPs, one read of X saved)."""
     # grouped program order: GROUP_M row-tiles share each W column-tile while it is in L2
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
@@ -138,8 +157,10 @@ def _linear_expand_kernel(X, W, BIAS, H, E, Y, M, N, K, R, C, sxm, sxk, swn, swk
     pid_n = (pid % (GROUP_M * n_n)) // size_m
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = pid_n * BN + tl.arange(0, BN)
+    rj = tl.arange(0, BR)
     mmask, nmask = rm < M, rn < N
     acc = tl.zeros((BM, BN), dtype=tl.float32)
+    h = tl.zeros((BM, BR), dtype=tl.float32)
     if HAS_W:
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
@@ -148,10 +169,18 @@ def _linear_expand_kernel(X, W, BIAS, H, E, Y, M, N, K, R, C, sxm, sxk, swn, swk
             w = tl.load(W + rn[None, :] * swn + rk[:, None] * swk, mask=nmask[None, :] & (rk[:, None] < K),
                         other=0.0)
             acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PREC_BASE)
+            if FUSE_SHRINK:
+                s = tl.load(S + rj[None, :] * ssj + (rk[:, None] % SC) * ssk,
+                            mask=(rj[None, :] < R) & (rk[:, None] < K), other=0.0)
+                h = tl.dot(x.to(SDOT), s.to(SDOT), h, input_precision=PREC_BASE)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    rj = tl.arange(0, BR)
-    h = tl.load(H + rm[:, None] * shm + rj[None, :], mask=mmask[:, None] & (rj[None, :] < R), other=0.0)
+    hmask = mmask[:, None] & (rj[None, :] < R)
+    if FUSE_SHRINK:
+        h = h * scale
+        tl.store(H + rm[:, None] * shm + rj[None, :], h, mask=hmask & (pid_n == 0))
+    else:
+        h = tl.load(H + rm[:, None] * shm + rj[None, :], mask=hmask, other=0.0)
     e = tl.load(E + (rn[None, :] % C) * sen + rj[:, None] * sej, mask=nmask[None, :] & (rj[:, None] < R),
                 other=0.0)
     acc = tl.dot(h.to(DOT), e.to(DOT), acc, input_precision=PREC)
@@ -187,11 +216,13 @@ def _routed_expand_kernel(H, E, Y, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE
 
 @triton.jit
 def _reduce_kernel(U, V, O, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE_END, M, P, Q, sum_, sup, svm, sol, sop,
-                   soq, ROUTED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, TILE: tl.constexpr,
-                   BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
+                   soq, ROUTED: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                   TILE: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
     """O[l, p, q] += Σ_rows U[tok, p] V[pair, q] over one tile of rows (dB: U = dy, V = h; dAᵀ: U = x, V = g).
 
-    Each program streams its rows once and adds its (BP, BQ) partial sum atomically (split over tokens)."""
+    Each program streams its rows once, in order. ATOMIC: it adds its (BP, BQ) partial sum atomically (split over
+    tokens). Otherwise (deterministic mode) it stores it: into slot l when the plan gives each adapter one tile,
+    or, dense, into its own slot t of a partials buffer that the launcher sums in a fixed order."""
     adapter, start, end = _tile(tl.program_id(0), TILE_ADAPTER, TILE_START, TILE_END, M, TILE, ROUTED)
     if adapter < 0:
         return
@@ -205,66 +236,87 @@ def _reduce_kernel(U, V, O, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE_END, M
         u = tl.load(U + tok[:, None] * sum_ + rp[None, :] * sup, mask=rmask[:, None] & (rp[None, :] < P), other=0.0)
         v = tl.load(V + pair[:, None] * svm + rq[None, :], mask=rmask[:, None] & (rq[None, :] < Q), other=0.0)
         acc = tl.dot(tl.trans(u.to(DOT)), v.to(DOT), acc, input_precision=PREC)
-    tl.atomic_add(O + adapter.to(tl.int64) * sol + rp[:, None] * sop + rq[None, :] * soq, acc,
-                  mask=(rp[:, None] < P) & (rq[None, :] < Q))
+    omask = (rp[:, None] < P) & (rq[None, :] < Q)
+    if ATOMIC:
+        tl.atomic_add(O + adapter.to(tl.int64) * sol + rp[:, None] * sop + rq[None, :] * soq, acc, mask=omask)
+    else:
+        slot = adapter if ROUTED else tl.program_id(0)
+        tl.store(O + slot.to(tl.int64) * sol + rp[:, None] * sop + rq[None, :] * soq, acc, mask=omask)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # launchers: shapes in, tensors out; every tensor lives on one device
 
 
-def _shrink(x: torch.Tensor, a: torch.Tensor, rank: int, scale: float, a_strides, routing=None) -> torch.Tensor:
-    """s · x A[l]ᵀ as fp32 (rows, rank), A[l, j, k] at ``a_strides`` = (l, j, k) strides; ``routing`` as from
-    :func:`routing_tables` (then rows are pairs, s per pair, unrouted pairs zero)."""
-    n_rows = routing["n_pairs"] if routing else x.shape[0]
-    h = torch.zeros(n_rows, rank, device=x.device, dtype=torch.float32) if routing else \
+def _shrink(x: torch.Tensor, a: torch.Tensor, rank: int, scale: float, a_strides,
+            routing: Optional[RoutingPlan] = None) -> torch.Tensor:
+    """s · x A[l]ᵀ as fp32 (rows, rank), A[l, j, k] at ``a_strides`` = (l, j, k) strides; with a routing plan
+    the rows are pairs, s per pair, unrouted pairs zero."""
+    routed = routing is not None
+    n_rows = routing.pairs.shape[0] if routed else x.shape[0]
+    h = torch.zeros(n_rows, rank, device=x.device, dtype=torch.float32) if routed else \
         torch.empty(n_rows, rank, device=x.device, dtype=torch.float32)
     if x.shape[0] == 0:
         return h
-    dummy = h
-    tables = (routing["tokens"], routing["pairs"], routing["pair_scale"], *routing["tiles"]) if routing else \
-        (dummy,) * 6
-    bm = _ROUTED_BM if routing else _SHRINK_BM
-    grid = (routing["tiles"][0].shape[0] if routing else triton.cdiv(x.shape[0], bm),)
+    tables = (routing.tokens, routing.pairs, routing.pair_scale, routing.tile_adapter, routing.tile_start,
+              routing.tile_end) if routed else (h,) * 6
+    bm = _ROUTED_BM if routed else _SHRINK_BM
+    grid = (routing.tile_adapter.shape[0] if routed else triton.cdiv(x.shape[0], bm),)
     _shrink_kernel[grid](x, a, h, *tables, x.shape[0], x.shape[1], rank, scale, x.stride(0), x.stride(1),
-                         *a_strides, h.stride(0), ROUTED=routing is not None, DOT=_DOT_DTYPE[x.dtype],
+                         *a_strides, h.stride(0), ROUTED=routed, DOT=_DOT_DTYPE[x.dtype],
                          PREC=_precision(x.dtype), BM=bm, BK=_SHRINK_BK, BR=_rank_block(rank))
     return h
 
 
-def _linear_expand(x, w, w_strides, bias, h, e, e_strides, e_rows, n_out, out_dtype) -> torch.Tensor:
-    """x Mᵀ + b + h Ẽᵀ as (rows, n_out); M[n, k] at ``w_strides`` = (n, k) strides, Ẽ[n, j] at ``e_strides``."""
+def _linear_expand(x, w, w_strides, bias, h, e, e_strides, e_rows, n_out, out_dtype,
+                   shrink: Optional[tuple] = None) -> torch.Tensor:
+    """x Mᵀ + b + h Ẽᵀ as (rows, n_out); M[n, k] at ``w_strides`` = (n, k) strides, Ẽ[n, j] at ``e_strides``.
+
+    ``shrink`` = (S, (j, k) strides of S, SC, scale): h (an empty fp32 (rows, r)) is not read but filled by the
+    kernel's main loop with scale · x S̃ᵀ, S̃[j, k] = S[j, k % SC] (needs w)."""
     m, k = x.shape
     y = torch.empty(m, n_out, device=x.device, dtype=out_dtype)
     if m == 0 or n_out == 0:
         return y
+    s, s_strides, s_cols, scale = shrink or (h, (0, 0), 1, 0.0)
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n_out, meta["BN"]),)  # noqa: E731
     _linear_expand_kernel[grid](
-        x, y if w is None else w, y if bias is None else bias, h, e, y, m, n_out, k, h.shape[1], e_rows,
-        x.stride(0), x.stride(1), *(w_strides if w is not None else (0, 0)), h.stride(0), *e_strides,
-        y.stride(0), y.stride(1), HAS_W=w is not None, HAS_BIAS=bias is not None, DOT=_DOT_DTYPE[x.dtype],
-        PREC=_precision(x.dtype), PREC_BASE=_precision(x.dtype), BR=_rank_block(h.shape[1]))
+        x, y if w is None else w, y if bias is None else bias, h, e, y, s, m, n_out, k, h.shape[1], e_rows, s_cols,
+        scale, x.stride(0), x.stride(1), *(w_strides if w is not None else (0, 0)), h.stride(0), *e_strides,
+        *s_strides, y.stride(0), y.stride(1), HAS_W=w is not None, HAS_BIAS=bias is not None,
+        FUSE_SHRINK=shrink is not None, DOT=tl.float32, PREC=_rank_precision(x.dtype), SDOT=_DOT_DTYPE[x.dtype],
+        PREC_BASE=_precision(x.dtype), BR=_rank_block(h.shape[1]))
     return y
 
 
-def _reduce(u, v, routing=None, n_adapters=1) -> torch.Tensor:
-    """fp32 (L, P, Q) with O[l] = Σ_rows u[tok]ᵀ v[pair]; u (tokens, P), v (rows or pairs, Q) fp32."""
+def _reduce(u, v, routing: Optional[RoutingPlan] = None, n_adapters=1, transpose: bool = False) -> torch.Tensor:
+    """fp32 O[l] = Σ_rows u[tok]ᵀ v[pair], contiguous (L, P, Q), or (L, Q, P) holding Oᵀ when ``transpose`` (dA:
+    the kernel writes through swapped strides, so the result is a dense tensor, not a transposed view);
+    u (tokens, P), v (rows or pairs, Q) fp32. Deterministic mode: no atomics (see :func:`_reduce_kernel`)."""
     p, q = u.shape[1], v.shape[1]
-    out = torch.zeros(n_adapters, p, q, device=u.device, dtype=torch.float32)
-    if u.shape[0] == 0 or p == 0:
-        return out
-    if routing:
-        tables, n_tiles, tile, m = (routing["tokens"], routing["pairs"], *routing["reduce_tiles"]), \
-            routing["reduce_tiles"][0].shape[0], routing["reduce_tile"], 0
+    if routing is not None:
+        tables, n_tiles, tile, m = (routing.tokens, routing.pairs, routing.reduce_adapter, routing.reduce_start,
+                                    routing.reduce_end), routing.reduce_adapter.shape[0], REDUCE_TILE, 0
+        slots = n_adapters
+        # cdiv(P, tile) + L tiles with cdiv = 1: no adapter has two tiles, so each program may store its sum
+        exact = n_tiles <= n_adapters + 1
     else:
-        # split the tokens into ≈ 4 row-tiles per SM-sized unit of work: enough programs, few atomics
-        tile = max(_REDUCE_BM, triton.next_power_of_2(triton.cdiv(u.shape[0], 128)))
-        tables, n_tiles, m = (out,) * 5, triton.cdiv(u.shape[0], tile), u.shape[0]
+        exact = deterministic()
+        # split the tokens into ≈ 128 row-tiles: enough programs, few atomics (deterministic: fewer partials)
+        tiles = _DETERMINISTIC_PARTIALS if exact else 128
+        tile = max(_REDUCE_BM, triton.next_power_of_2(triton.cdiv(u.shape[0], tiles)))
+        n_tiles, m = triton.cdiv(u.shape[0], tile), u.shape[0]
+        slots = n_tiles if exact else 1
+        tables = None
+    out = torch.zeros(slots, *((q, p) if transpose else (p, q)), device=u.device, dtype=torch.float32)
+    if u.shape[0] == 0 or p == 0:
+        return out[:n_adapters] if routing is not None else out.sum(0, keepdim=True)
+    o_strides = (out.stride(0), out.stride(2), out.stride(1)) if transpose else out.stride()
     grid = (n_tiles, triton.cdiv(p, _REDUCE_BP))
-    _reduce_kernel[grid](u, v, out, *tables, m, p, q, u.stride(0), u.stride(1), v.stride(0), out.stride(0),
-                         out.stride(1), out.stride(2), ROUTED=routing is not None, DOT=_DOT_DTYPE[u.dtype],
-                         PREC=_precision(u.dtype), TILE=tile, BM=_REDUCE_BM, BP=_REDUCE_BP, BQ=_rank_block(q))
-    return out
+    _reduce_kernel[grid](u, v, out, *(tables or (out,) * 5), m, p, q, u.stride(0), u.stride(1), v.stride(0),
+                         *o_strides, ROUTED=routing is not None, ATOMIC=not exact, DOT=tl.float32,
+                         PREC=_rank_precision(u.dtype), TILE=tile, BM=_REDUCE_BM, BP=_REDUCE_BP, BQ=_rank_block(q))
+    return out if routing is not None or slots == 1 else out.sum(0, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -276,10 +328,17 @@ def lora_forward(x, weight, bias, lora_a, lora_b, n_blocks: int, scale: float):
 
     Block-LoRA's chunk sum x̃ is one memory-bound torch reduction: it is the tensor the backward keeps (n times
     smaller than x), and the shrink then reads c instead of d_in columns."""
+    rank, a_cols = lora_a.shape
     x_lora = x if n_blocks == 1 else x.unflatten(-1, (n_blocks, -1)).sum(-2)
-    h = _shrink(x_lora, lora_a, lora_a.shape[0], scale, (0, lora_a.stride(0), lora_a.stride(1)))
+    fuse = fuse_shrink() and weight is not None
+    if fuse:  # h accumulates in the base GEMM's main loop (Block-LoRA: A_s read at column k mod c)
+        h = torch.empty(x.shape[0], rank, device=x.device, dtype=torch.float32)
+        shrink = (lora_a, (lora_a.stride(0), lora_a.stride(1)), a_cols, scale)
+    else:
+        h, shrink = _shrink(x_lora, lora_a, rank, scale, (0, lora_a.stride(0), lora_a.stride(1))), None
     y = _linear_expand(x, weight, None if weight is None else (weight.stride(0), weight.stride(1)), bias, h,
-                       lora_b, (lora_b.stride(0), lora_b.stride(1)), lora_b.shape[0], lora_b.shape[0], x.dtype)
+                       lora_b, (lora_b.stride(0), lora_b.stride(1)), lora_b.shape[0], lora_b.shape[0], x.dtype,
+                       shrink)
     return y, h, x_lora
 
 
@@ -287,13 +346,20 @@ def lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks: int, scale: f
     """(dx or None, dA (r, c), dB (d_out, r)) with g = s · dy B (N, r):
     dx = dy W + g Ã (one fused GEMM; Ã = A_s tiled n times, read at column k mod c), dB = dyᵀ h, dA = gᵀ x̃."""
     rank, a_cols = lora_a.shape
-    g = _shrink(dy, lora_b, rank, scale, (0, lora_b.stride(1), lora_b.stride(0)))  # Bᵀ as (r, d_out)
+    b_t = (lora_b.stride(1), lora_b.stride(0))  # Bᵀ as (r, d_out)
+    fuse = fuse_shrink() and weight is not None and need_x
+    if fuse:  # g accumulates in the dx GEMM's main loop over d_out, from the dy tiles it loads anyway
+        g, shrink = torch.empty(dy.shape[0], rank, device=dy.device, dtype=torch.float32), \
+            (lora_b, b_t, lora_b.shape[0], scale)
+    else:
+        g, shrink = _shrink(dy, lora_b, rank, scale, (0, *b_t)), None
     dx = None
     if need_x:
         dx = _linear_expand(dy, weight, None if weight is None else (weight.stride(1), weight.stride(0)), None, g,
-                            lora_a, (lora_a.stride(1), lora_a.stride(0)), a_cols, a_cols * n_blocks, x_lora.dtype)
+                            lora_a, (lora_a.stride(1), lora_a.stride(0)), a_cols, a_cols * n_blocks, x_lora.dtype,
+                            shrink)
     d_b = _reduce(dy, h)[0]
-    d_a = _reduce(x_lora, g)[0].T  # (r, c)
+    d_a = _reduce(x_lora, g, transpose=True)[0]  # (r, c)
     return dx, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
 
 
@@ -301,37 +367,7 @@ def lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks: int, scale: f
 # routed multi-LoRA
 
 
-def routing_tables(index: torch.Tensor, pair_scale: torch.Tensor, n_adapters: int,
-                   reduce_tile: int = _ROUTED_REDUCE_TILE) -> dict:
-    """Pairs sorted by adapter and the per-tile (adapter, start, end) tables, built with tensor ops only (no host
-    sync): the grid is sized for the worst case, cdiv(pairs, tile) + L tiles, and surplus tiles get adapter -1."""
-    k = index.shape[-1]
-    flat = index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat + 1, minlength=n_adapters + 1)
-    starts = torch.cumsum(counts, 0)[:-1]  # start of adapter l's pairs in `order` (the -1 pairs sort first)
-    counts = counts[1:]
-    tables = dict(tokens=(order // k).to(torch.int32), pairs=order.to(torch.int32), pair_scale=pair_scale,
-                  n_pairs=flat.numel(), reduce_tile=reduce_tile)
-    tables["tiles"] = _tiles(starts, counts, flat.numel(), _ROUTED_BM)
-    tables["reduce_tiles"] = _tiles(starts, counts, flat.numel(), reduce_tile)
-    return tables
-
-
-def _tiles(starts, counts, n_pairs, tile):
-    n_adapters = counts.shape[0]
-    per = (counts + tile - 1) // tile
-    last = torch.cumsum(per, 0)
-    t = torch.arange(triton.cdiv(n_pairs, tile) + n_adapters, device=counts.device)
-    adapter = torch.searchsorted(last, t, right=True)
-    valid = adapter < n_adapters
-    adapter = adapter.clamp(max=n_adapters - 1)
-    start = starts[adapter] + (t - (last[adapter] - per[adapter])) * tile
-    end = torch.minimum(start + tile, starts[adapter] + counts[adapter])
-    return (torch.where(valid, adapter, -1).to(torch.int32), start.to(torch.int32), end.to(torch.int32))
-
-
-def routed_forward(x, lora_a, lora_b, routing):
+def routed_forward(x, lora_a, lora_b, routing: RoutingPlan):
     """(Δy (N, d_out) in x's dtype, h (N·k, r) fp32 per pair, zero for unrouted pairs)."""
     n_adapters, rank, d_in = lora_a.shape
     d_out = lora_b.shape[1]
@@ -339,22 +375,31 @@ def routed_forward(x, lora_a, lora_b, routing):
     return _routed_expand(h, lora_b, lora_b.stride(), d_out, x.shape[0], x.dtype, routing), h
 
 
-def _routed_expand(h, e, e_strides, n_out, n_tokens, dtype, routing):
-    """Σ over a token's pairs of h[pair] E[l]ᵀ; E[l, n, j] at ``e_strides`` = (l, n, j)."""
-    atomic = routing["n_pairs"] != n_tokens  # k > 1: several programs may add to one token row
-    out = torch.zeros(n_tokens, n_out, device=h.device, dtype=torch.float32 if atomic else dtype)
+def _routed_expand(h, e, e_strides, n_out, n_tokens, dtype, routing: RoutingPlan):
+    """Σ over a token's pairs of h[pair] E[l]ᵀ; E[l, n, j] at ``e_strides`` = (l, n, j).
+
+    k > 1 slots: several programs may add to one token row, atomically into an fp32 buffer; in deterministic mode
+    each pair writes its own row of a (N·k, n_out) buffer instead, and the k slots are summed in order."""
+    n_pairs = routing.pairs.shape[0]
+    atomic = n_pairs != n_tokens and not deterministic()
+    by_pair = n_pairs != n_tokens and not atomic
+    out = torch.zeros(n_pairs if by_pair else n_tokens, n_out, device=h.device,
+                      dtype=torch.float32 if n_pairs != n_tokens else dtype)
     if n_tokens == 0 or n_out == 0:
-        return out.to(dtype)
+        return torch.zeros(n_tokens, n_out, device=h.device, dtype=dtype)
     bn = _ROUTED_BN
-    grid = (routing["tiles"][0].shape[0], triton.cdiv(n_out, bn))
-    _routed_expand_kernel[grid](h, e, out, routing["tokens"], routing["pairs"], *routing["tiles"], n_out,
-                                h.shape[1], h.stride(0), *e_strides, out.stride(0), out.stride(1), ATOMIC=atomic,
-                                DOT=_DOT_DTYPE[dtype], PREC=_precision(dtype), BM=_ROUTED_BM, BN=bn,
+    grid = (routing.tile_adapter.shape[0], triton.cdiv(n_out, bn))
+    _routed_expand_kernel[grid](h, e, out, routing.pairs if by_pair else routing.tokens, routing.pairs,
+                                routing.tile_adapter, routing.tile_start, routing.tile_end, n_out, h.shape[1],
+                                h.stride(0), *e_strides, out.stride(0), out.stride(1), ATOMIC=atomic,
+                                DOT=tl.float32, PREC=_rank_precision(dtype), BM=_ROUTED_BM, BN=bn,
                                 BR=_rank_block(h.shape[1]))
+    if by_pair:
+        out = out.view(n_tokens, -1, n_out).sum(1)
     return out.to(dtype)
 
 
-def routed_backward(dy, x, h, lora_a, lora_b, routing, need_x: bool):
+def routed_backward(dy, x, h, lora_a, lora_b, routing: RoutingPlan, need_x: bool):
     """(dx or None, dA (L, r, d_in), dB (L, d_out, r)) with g[pair] = s_pair · dy[tok] B[l]."""
     n_adapters, rank, d_in = lora_a.shape
     b_t = (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1))  # Bᵀ[l] as (r, d_out)
@@ -364,5 +409,5 @@ def routed_backward(dy, x, h, lora_a, lora_b, routing, need_x: bool):
         a_t = (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1))  # A[l]ᵀ as (d_in, r)
         dx = _routed_expand(g, lora_a, a_t, d_in, x.shape[0], x.dtype, routing)
     d_b = _reduce(dy, h, routing, n_adapters)
-    d_a = _reduce(x, g, routing, n_adapters).transpose(1, 2)
+    d_a = _reduce(x, g, routing, n_adapters, transpose=True)
     return dx, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from visadapt import kernels
 from visadapt.kernels import backend as kernel_backend
+from visadapt.kernels.routed import routing_plan
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 D_IN, D_OUT = 30, 7
@@ -458,7 +459,8 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.visadapt.lora_fwd.default, (x, t["weight"], t["bias"], a, b, 3, SCALE))
     la, lb = (p.requires_grad_(True) for p in make_routed())
     index = torch.randint(-1, N_ADAPTERS, (6, 2))
-    torch.library.opcheck(torch.ops.visadapt.routed_fwd.default, (x, la, lb, torch.rand(3), index, torch.rand(6, 2)))
+    plan = routing_plan(index, torch.rand(3), torch.rand(6, 2), N_ADAPTERS)
+    torch.library.opcheck(torch.ops.visadapt.routed_fwd.default, (x, la, lb, index, list(plan)))
 
 
 def test_torch_compile_traces_the_ops_fullgraph():
@@ -555,6 +557,20 @@ def test_triton_lora_matches_reference(triton_backend, n_blocks, r, dtype):
     # 37 rows, d_in 45, d_out 29: none a multiple of the tiles (32 interpreted, 64/128 on GPU)
     check_lora(lora_case(n_blocks, r, dtype, (37,), 45, 29), n_blocks, TOL[dtype])
     assert {"_shrink_kernel", "_linear_expand_kernel", "_reduce_kernel"} <= set(triton_backend)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("n_blocks,r", [(None, 3), (None, 16), (3, 3)], ids=["lora-r3", "lora-r16", "block3-r3"])
+def test_triton_fused_shrink_matches_reference(triton_backend, n_blocks, r, dtype):
+    """The experimental fusion (h in the base GEMM's main loop, g in the dx GEMM's): same results, and no
+    separate shrink kernel runs. 37 rows, d_in 45, d_out 70: several column tiles recompute h and g."""
+    kernel_backend.set_fuse_shrink(True)
+    try:
+        check_lora(lora_case(n_blocks, r, dtype, (37,), 45, 70), n_blocks, TOL[dtype])
+    finally:
+        kernel_backend.set_fuse_shrink(False)
+    assert "_shrink_kernel" not in triton_backend and "_linear_expand_kernel" in triton_backend
 
 
 @triton_only
@@ -679,11 +695,18 @@ def test_triton_kernels_compile_for_h100_without_a_gpu():
 
     tables = dict(TOKENS="*i32", PAIRS="*i32", TILE_ADAPTER="*i32", TILE_START="*i32", TILE_END="*i32")
     bf16 = dict(DOT=tl.bfloat16, PREC=None)
+    rank_side = dict(DOT=tl.float32, PREC="tf32")  # the fp32 h / g operand of 16-bit activations, as launched
     lower(tk._shrink_kernel, dict(X="*bf16", A="*fp32", H="*fp32", PAIR_SCALE="*fp32", scale="fp32", **tables),
           dict(ROUTED=True, BM=64, BK=64, BR=16, **bf16))
     lower(tk._linear_expand_kernel, dict(X="*bf16", W="*bf16", BIAS="*bf16", H="*fp32", E="*fp32", Y="*bf16"),
-          dict(HAS_W=True, HAS_BIAS=True, PREC_BASE=None, BM=128, BN=128, BK=64, BR=16, GROUP_M=8, **bf16))
+          dict(HAS_W=True, HAS_BIAS=True, FUSE_SHRINK=False, SDOT=tl.bfloat16, PREC_BASE=None, BM=128, BN=128,
+               BK=64, BR=16, GROUP_M=8, **rank_side))
+    lower(tk._linear_expand_kernel, dict(X="*bf16", W="*bf16", BIAS="*bf16", H="*fp32", E="*fp32", Y="*bf16",
+                                         S="*fp32", scale="fp32"),
+          dict(HAS_W=True, HAS_BIAS=True, FUSE_SHRINK=True, SDOT=tl.bfloat16, PREC_BASE=None, BM=128, BN=128,
+               BK=64, BR=16, GROUP_M=8, **rank_side))
     lower(tk._routed_expand_kernel, dict(H="*fp32", E="*fp32", Y="*fp32", **tables),
-          dict(ATOMIC=True, BM=64, BN=128, BR=16, **bf16))
-    lower(tk._reduce_kernel, dict(U="*bf16", V="*fp32", O="*fp32", **tables),
-          dict(ROUTED=False, TILE=1024, BM=32, BP=128, BQ=16, **bf16))
+          dict(ATOMIC=True, BM=64, BN=128, BR=16, **rank_side))
+    for routed, atomic in [(False, True), (False, False), (True, False)]:  # atomic=False: deterministic mode
+        lower(tk._reduce_kernel, dict(U="*bf16", V="*fp32", O="*fp32", **tables),
+              dict(ROUTED=routed, ATOMIC=atomic, TILE=1024, BM=32, BP=128, BQ=16, **rank_side))
