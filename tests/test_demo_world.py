@@ -1,4 +1,4 @@
-"""The procedural world of the few-shot demo and the tiny CLIP pretrained on it (visadapt.fewshot.world,
+"""The procedural world of the few-shot demo and the tiny CLIP pretrained on it (visadapt.utils.world,
 visadapt.fewshot.demo_pretrain)."""
 
 import json
@@ -10,7 +10,8 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from visadapt.fewshot import demo_pretrain, world
+from visadapt.fewshot import demo_pretrain
+from visadapt.utils import world
 from visadapt.fewshot.model import DEMO_MODEL, resolve_model_name
 
 
