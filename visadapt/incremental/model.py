@@ -240,7 +240,8 @@ class CoactModel(nn.Module):
         if adapter is not None:
             trunk = peft.get_peft_model(trunk, adapter)
         self.student = Encoder(trunk, copy.deepcopy(backbone.pooler))
-        self.adapter_names = sorted(f"student.{n}" for n, p in self.student.named_parameters()
+        # peft leaves exactly the adapter's weights trainable in the trunk it wraps
+        self.adapter_names = sorted(f"student.trunk.{n}" for n, p in trunk.named_parameters()
                                     if p.requires_grad and adapter is not None)
         self.classifier = nn.Linear(backbone.dim, num_classes, bias=False)
         self.classifier_kind, self.cosine_scale = classifier, cosine_scale
