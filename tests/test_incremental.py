@@ -238,3 +238,18 @@ def test_hf_vit_checkpoint_loads_into_timm_with_its_pooler(tmp_path):
     with pytest.raises(ValueError, match="--no-pooler"):
         save_file({k: v for k, v in state.items() if "pooler" not in k}, tmp_path / "model.safetensors")
         load_hf_vit(str(tmp_path))
+
+
+def test_cec_session_folder_becomes_the_run_pools(tmp_path):
+    from visadapt.incremental.data import IncrementalData, array_source
+    from visadapt.incremental.train import _cec_pools
+
+    labels = np.repeat(np.arange(4), 3)
+    source = array_source(np.zeros((12, 2, 2, 3), np.uint8), labels, "train")
+    data = IncrementalData("cifar100", source, source, list("abcd"))
+    (tmp_path / "session_2.txt").write_text("7\n6\n")
+    (tmp_path / "session_10.txt").write_text("11\n")
+    (tmp_path / "session_1.txt").write_text("0\n3\n")
+    assert _cec_pools(tmp_path, data) == {0: [0], 1: [3], 2: [7, 6], 3: [11]}
+    with pytest.raises(FileNotFoundError, match="session_<s>.txt"):
+        _cec_pools(tmp_path / "nothing", data)

@@ -15,8 +15,8 @@ from visadapt.utils.cli import HelpFormatter, add_config_arguments, config_from_
 from .config import IncrementalConfig
 
 # What --demo chooses itself: its world's data, schedule and backbone.
-_DEMO_FIXED = ("dataset", "root", "index_list", "backbone", "pretrained", "base_classes", "way", "sessions",
-               "setting", "recipe")
+_DEMO_FIXED = ("dataset", "root", "index_list", "cec_sessions", "backbone", "pretrained", "base_classes", "way",
+               "sessions", "setting", "recipe")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -105,8 +105,11 @@ def _eval(args: argparse.Namespace) -> int:
     rows = np.flatnonzero(data.test.labels < plan.seen(session))
     feats, labels = embed_all(pipe.model.student, data.test.subset(rows), pipe.transform,
                               saved["eval_batch_size"], desc="test")
+    # as training scored it: over every classifier row unless the run masked the unseen classes' rows
+    weight = pipe.rows if saved.get("mask_unseen") else torch.cat([pipe.rows, pipe.model.classifier.weight[
+        len(pipe.rows):]])
     with torch.no_grad():
-        logits = pipe.model.logits(feats, pipe.rows)
+        logits = pipe.model.logits(feats, weight)
     r = session_accuracy(logits.argmax(1).numpy(), labels.numpy(), plan, session)
     novel = f", novel {r['novel']:.2f}%" if r["novel"] is not None else ""
     print(f"session {session} ({r['classes_seen']} classes, {r['num_test']} test images): all {r['all']:.2f}%, "

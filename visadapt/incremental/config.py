@@ -67,6 +67,9 @@ class IncrementalConfig:
     index_list: Optional[str] = option(None, "few-shot pools in the official `class_id sample_index` format (the "
                                        "first --shots lines of a class are used); none: drawn with --split-seed "
                                        "and saved as index_list.txt", group="data")
+    cec_sessions: Optional[str] = option(None, "folder of CEC's session_<s>.txt files (training rows, or image "
+                                         "paths for CUB/miniImageNet): their samples become the pools",
+                                         group="data")
     split_seed: int = option(1, "seed of the few-shot pools when no --index-list is given", group="data")
     base_classes: Optional[int] = option(None, "classes of session 0 (none: the spec table's)", group="data")
     way: Optional[int] = option(None, "new classes per session (none: the table's)", group="data")

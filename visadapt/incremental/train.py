@@ -48,7 +48,15 @@ from .data import (
 from .losses import consistency, ema_update, normalized, supcon
 from .metrics import plot_group_heatmap, plot_sessions, session_accuracy, summarize
 from .model import Backbone, CoactModel, Encoder, adapter_config, load_backbone
-from .sessions import SessionPlan, draw_pools, plan_for, read_index_list, session_rows, write_index_list
+from .sessions import (
+    SessionPlan,
+    cec_session_to_pools,
+    draw_pools,
+    plan_for,
+    read_index_list,
+    session_rows,
+    write_index_list,
+)
 
 WEIGHTS = "model.safetensors"
 RESUME_FREE = frozenset({"checkpoint_every", "workers", "eval_batch_size", "precision"})
@@ -180,6 +188,10 @@ class SessionTrainer(Trainer):
     # ---------------------------------------------------------------------------------------------- training
     def before_training(self, state: dict) -> None:
         self.step = state["step"]
+        device = self.accelerator.device  # the trainer moved the student; the frozen models follow it
+        self.stream.pretrained.to(device)
+        if self.stream.base is not None:
+            self.stream.base.to(device)
 
     def _stage(self, epoch: int) -> None:
         """Controlled fine-tuning: the stage-2 weights train from ``ft_start_epoch`` on."""
@@ -305,9 +317,46 @@ def _pools(cfg: IncrementalConfig, data: IncrementalData, out: Path) -> dict:
     saved = out / "index_list.txt"
     if saved.exists():
         return read_index_list(saved)
-    pools = read_index_list(cfg.index_list) if cfg.index_list else draw_pools(data.train.labels, cfg.split_seed)
+    if cfg.index_list and cfg.cec_sessions:
+        raise ValueError("Pass --index-list or --cec-sessions, not both.")
+    if cfg.index_list:
+        pools = read_index_list(cfg.index_list)
+    elif cfg.cec_sessions:
+        pools = _cec_pools(Path(cfg.cec_sessions), data)
+    else:
+        pools = draw_pools(data.train.labels, cfg.split_seed)
     write_index_list(pools, saved)
     return pools
+
+
+def _cec_pools(folder: Path, data: IncrementalData) -> dict:
+    files = sorted(folder.glob("session_*.txt"), key=lambda p: int(p.stem.split("_")[1]))
+    if not files:
+        raise FileNotFoundError(f"--cec-sessions {folder}: no session_<s>.txt files there (CEC's data/index_list/"
+                                "<dataset>/ folder holds them).")
+    pools: dict = {}
+    for path in files:
+        for label, rows in cec_session_to_pools(path.read_text().splitlines(), data.train.names,
+                                                data.train.labels).items():
+            pools.setdefault(label, []).extend(rows)
+    return pools
+
+
+def validate(cfg: IncrementalConfig, has_data: bool) -> None:
+    """Reject settings that cannot run, before anything is written (the message names the fix)."""
+    if not has_data and not cfg.dataset:
+        raise ValueError("Pass --dataset and --root (or --demo).")
+    if cfg.shots < 1 or cfg.batch_size < 1:
+        raise ValueError("--shots and --batch-size must be >= 1.")
+    if cfg.epochs_base < 0 or cfg.epochs_incremental < 0:
+        raise ValueError("--epochs-base and --epochs-incremental must be >= 0.")
+    unknown = set(cfg.incremental_layers) - {"classifier", "pet"}
+    if unknown:
+        raise ValueError(f"--incremental-layers {sorted(unknown)}: choose among classifier, pet.")
+    for name in ("index_list", "peft_config"):
+        value = getattr(cfg, name)
+        if value and not Path(value).is_file():
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {value}: no such file.")
 
 
 def build_stream(cfg: IncrementalConfig, out: Path, data: Optional[IncrementalData] = None,
@@ -334,6 +383,7 @@ def train(cfg: IncrementalConfig, out_dir: str | Path, resume: bool = False, dat
     """Run (or resume) every session into ``out_dir``; returns what ``results.json`` holds. ``stop_after=s`` stops
     once session ``s`` is done (the run stays resumable)."""
     out, started = Path(out_dir), time.perf_counter()
+    validate(cfg, data is not None)
     _check_run(out, cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
     save_json_atomic(cfg.to_json(), out / RUN_CONFIG)
