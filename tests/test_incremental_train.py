@@ -66,6 +66,13 @@ def test_resume_inside_and_across_sessions_is_bit_exact(tmp_path, data):
     w0 = _weights(tmp_path / "full")[0]
     assert any("resblocks.3" in k and k.startswith("teacher.") for k in w0)
     assert not any("resblocks.0." in k and "lora" not in k for k in w0)
+    from visadapt.incremental.model import load_backbone
+
+    pretrained = load_backbone(cfg).trunk.state_dict()["transformer.resblocks.3.attn.in_proj_weight"]
+    teacher = w0["teacher.trunk.transformer.resblocks.3.attn.in_proj_weight"]
+    student = w0["student.trunk.base_model.model.transformer.resblocks.3.attn.base_layer.in_proj_weight"]
+    assert (teacher - pretrained).abs().max() > 0  # the EMA moved the teacher ...
+    assert (teacher - pretrained).abs().max() < (student - pretrained).abs().max() / 50  # ... by about 1 − 0.999^4
     with pytest.raises(FileExistsError, match="finished run"):
         train(cfg, tmp_path / "full", resume=True, data=data)
 
