@@ -134,6 +134,9 @@ def test_session_schedule_examples_and_errors():
         plan_for("fscil", "dtd", 47)
     with pytest.raises(ValueError, match="200 classes"):
         plan_for("fscil", "cub200", 100)
+    # another release of a table's dataset (CoOp's Caltech101 has 100 classes, the table's 102) with explicit counts
+    assert plan_for("fscit", "caltech101", 100, base=10, way=10).to_json() == {
+        "num_classes": 100, "base": 10, "way": 10, "sessions": 10}
     with pytest.raises(ValueError, match="Lower --sessions"):
         SessionPlan(10, 4, 3, 4)
 

@@ -99,3 +99,18 @@ def test_image_folders_and_layout_errors(tmp_path):
         load_dataset("mini_imagenet", str(tmp_path))
     with pytest.raises(ValueError, match="needs --root"):
         load_dataset("cifar100", None)
+
+
+def test_coop_split_files(tmp_path):
+    import json
+
+    dtd = tmp_path / "dtd"
+    entries = {"train": [["banded/a.jpg", 0, "banded"], ["woven/b.jpg", 1, "woven"]],
+               "val": [], "test": [["woven/c.jpg", 1, "woven"]]}
+    for split in entries.values():
+        for rel, _, _ in split:
+            _image(dtd / "images" / rel, 9)
+    (dtd / "split_zhou_DescribableTextures.json").write_text(json.dumps(entries))
+    data = load_dataset("dtd", str(tmp_path))  # found in a child folder of --root
+    assert data.class_names == ["banded", "woven"] and list(data.train.labels) == [0, 1]
+    assert data.test.names == ["images/woven/c.jpg"] and np.asarray(data.test.load(0)).shape == (8, 8, 3)

@@ -8,8 +8,10 @@
   ``images/``; the training split keeps ``images.txt`` order (index-list rows count in it); label = class id − 1.
 - **miniImageNet** (CEC's release): ``split/train.csv`` and ``split/test.csv`` (``filename,label``) and ``images/``;
   labels = position of the wnid in the sorted wnids of ``train.csv`` (as CoACT).
-- **image folders** (FSCIT datasets other than these three, and ``imagefolder``): ``root/{train,test}/<class>/*``,
-  classes in sorted folder order.
+- **CoOp layouts** (FSCIT datasets that CoOp ships, found by their ``split_zhou_*.json`` in ``root`` or in a child
+  of it): the JSON's train and test lists, labels as in the JSON, images under the dataset's image folder.
+- **image folders** (any other FSCIT dataset, and ``imagefolder``): ``root/{train,test}/<class>/*``, classes in
+  sorted folder order.
 """
 
 from __future__ import annotations
@@ -192,6 +194,50 @@ def load_imagefolder(root: Path, name: str = "imagefolder") -> IncrementalData:
     return IncrementalData(name, source("train"), source("test"), classes)
 
 
+# FSCIT dataset → (CoOp's split file, image folder relative to the dataset folder)
+COOP_SPLITS = {
+    "caltech101": ("split_zhou_Caltech101.json", "101_ObjectCategories"),
+    "dtd": ("split_zhou_DescribableTextures.json", "images"),
+    "eurosat": ("split_zhou_EuroSAT.json", "2750"),
+    "food101": ("split_zhou_Food101.json", "images"),
+    "oxford_flowers": ("split_zhou_OxfordFlowers.json", "jpg"),
+    "oxford_pets": ("split_zhou_OxfordPets.json", "images"),
+    "stanford_cars": ("split_zhou_StanfordCars.json", ""),
+    "sun397": ("split_zhou_SUN397.json", "SUN397"),
+}
+
+
+def _coop_split_file(name: str, root: Path) -> Optional[Path]:
+    if name not in COOP_SPLITS:
+        return None
+    split = COOP_SPLITS[name][0]
+    found = [root / split, *(c / split for c in sorted(root.iterdir()) if c.is_dir())]
+    return next((f for f in found if f.is_file()), None)
+
+
+def load_coop(name: str, split_file: Path) -> IncrementalData:
+    """A CoOp dataset from its ``split_zhou`` JSON: ``{"train": [[image path, label, class name], ...], "test":
+    ...}``; image paths are relative to the dataset's image folder beside the JSON."""
+    import json
+
+    folder = split_file.parent
+    images = folder / COOP_SPLITS[name][1]
+    splits = json.loads(split_file.read_text())
+    names: dict[int, str] = {}
+    sources = {}
+    for split in ("train", "test"):
+        entries = splits.get(split)
+        if not entries:
+            raise DatasetLayoutError(f"{split_file}: no {split!r} list (CoOp's split_zhou files hold train, val, "
+                                     "test).")
+        for _, label, classname in entries:
+            names[int(label)] = classname
+        sources[split] = files_source([images / e[0] for e in entries], [int(e[1]) for e in entries], folder)
+    if sorted(names) != list(range(len(names))):
+        raise DatasetLayoutError(f"{split_file}: labels are not 0..{len(names) - 1}.")
+    return IncrementalData(name, sources["train"], sources["test"], [names[i] for i in range(len(names))])
+
+
 def load_dataset(name: str, root: Optional[str]) -> IncrementalData:
     """The dataset ``name`` from ``root`` (see the module docstring for the layouts)."""
     if not root:
@@ -200,7 +246,10 @@ def load_dataset(name: str, root: Optional[str]) -> IncrementalData:
     if not path.is_dir():
         raise FileNotFoundError(f"--root {path}: no such folder.")
     loaders = {"cifar100": load_cifar100, "cub200": load_cub200, "mini_imagenet": load_mini_imagenet}
-    return loaders[name](path) if name in loaders else load_imagefolder(path, name)
+    if name in loaders:
+        return loaders[name](path)
+    coop = _coop_split_file(name, path)
+    return load_coop(name, coop) if coop else load_imagefolder(path, name)
 
 
 # ------------------------------------------------------------------------------------------------- transforms

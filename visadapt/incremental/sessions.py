@@ -62,7 +62,9 @@ def plan_for(setting: str, dataset: str | None, num_classes: int, base: int | No
     table = FSCIL_TABLE if setting == "fscil" else FSCIT_TABLE
     if dataset in table:
         total, b, w, s = table[dataset]
-        if total != num_classes:
+        if total != num_classes and None not in (base, way):
+            b, w, s = base, way, 0  # another release of the dataset (e.g. CoOp's 100-class Caltech101)
+        elif total != num_classes:
             raise ValueError(f"{dataset} has {total} classes in the {setting} protocol; the files hold "
                              f"{num_classes}. Check --root, or pass --base-classes, --way and --sessions.")
     elif None in (base, way):
