@@ -256,3 +256,18 @@ def test_cec_session_folder_becomes_the_run_pools(tmp_path):
     assert _cec_pools(tmp_path, data) == {0: [0], 1: [3], 2: [7, 6], 3: [11]}
     with pytest.raises(FileNotFoundError, match="session_<s>.txt"):
         _cec_pools(tmp_path / "nothing", data)
+
+
+def test_official_recipe_fills_only_what_the_user_did_not_type():
+    from visadapt.cli import build_parser
+    from visadapt.incremental.cli import _config
+
+    parse = build_parser().parse_args
+    cfg = _config(parse(["incremental", "train", "--out", "x", "--official-recipe", "--setting", "fscit", "--dataset",
+                         "dtd", "--lr", "0.25"]))
+    assert (cfg.lr, cfg.epochs_base, cfg.ft_start_layer, cfg.ft_start_epoch, cfg.shots) == (0.25, 30, -1, 10, 10)
+    assert cfg.incremental_layers == ["classifier", "pet"] and cfg.inc_lr_factor == 0.001
+    plain = _config(parse(["incremental", "train", "--out", "x", "--dataset", "dtd"]))
+    assert (plain.lr, plain.epochs_base, plain.ft_start_layer) == (0.1, 25, 500)
+    with pytest.raises(ValueError, match="no fscil settings"):
+        _config(parse(["incremental", "train", "--out", "x", "--official-recipe", "--dataset", "dtd"]))

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from visadapt.utils.cli import HelpFormatter, add_config_arguments, config_from_args, typed_by_user
 
-from .config import IncrementalConfig
+from .config import IncrementalConfig, official_recipe
 
 # What --demo chooses itself: its world's data, schedule and backbone.
-_DEMO_FIXED = ("dataset", "root", "index_list", "cec_sessions", "backbone", "pretrained", "base_classes", "way",
-               "sessions", "setting", "recipe")
+_DEMO_FIXED = ("official_recipe", "dataset", "root", "index_list", "cec_sessions", "backbone", "pretrained",
+               "base_classes", "way", "sessions", "setting", "recipe")
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -73,10 +73,23 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from .train import train
 
-    r = train(config_from_args(IncrementalConfig, args), args.out, resume=args.resume)
+    r = train(_config(args), args.out, resume=args.resume)
     print(f"{r['dataset']} {r['setting']}: average {r['average_accuracy']:.2f}%, last {r['last_accuracy']:.2f}%, "
           f"base forgetting {r['base_forgetting']:.2f}; results in {args.out}")
     return 0
+
+
+def _config(args: argparse.Namespace) -> IncrementalConfig:
+    """The config of the command line; with --official-recipe, the code's per-dataset values fill every option the
+    user did not type (the code itself lets them override the command line)."""
+    config = config_from_args(IncrementalConfig, args)
+    if not config.official_recipe:
+        return config
+    recipe = official_recipe(config.setting, config.dataset or "")
+    if not recipe:
+        raise ValueError(f"--official-recipe: the CoACT code has no {config.setting} settings for "
+                         f"{config.dataset!r}; drop the flag and pass the options.")
+    return config_from_args(IncrementalConfig, args, **{k: v for k, v in recipe.items() if not typed_by_user(args, k)})
 
 
 def _eval(args: argparse.Namespace) -> int:

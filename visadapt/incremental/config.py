@@ -44,6 +44,46 @@ FSCIT_TABLE = {
     "stanford_cars": (196, 28, 21, 9), "sun397": (397, 45, 44, 9), "voc2007": (20, 2, 2, 10),
 }
 DATASET_NAMES = tuple(sorted({*FSCIL_TABLE, *FSCIT_TABLE, "imagefolder"}))
+# The official per-dataset settings (utils/constants.py of the CoACT code), FSCIT:
+# lr, epochs_base, ft_start_layer, ft_start_epoch, encoder_lr_factor, incremental layers, epochs_incremental,
+# inc_lr_factor (None: the code's value is not set for the dataset, keep ours).
+_FSCIT_RECIPES = {
+    "caltech101": (0.1, 50, 6, 0, 0.1, "pet", 1, 0.01), "cifar100": (0.1, 50, 9, 0, 0.001, "classifier", 1, 0.001),
+    "country211": (0.5, 50, 6, 10, 0.01, "classifier", 0, None),
+    "cub200": (0.1, 50, 6, 25, 0.1, "classifier,pet", 0, None),
+    "dtd": (0.5, 30, -1, 10, 0.1, "classifier,pet", 1, 0.001),
+    "eurosat": (0.5, 50, -1, 10, 0.01, "classifier", 1, 0.001),
+    "fgvc_aircraft": (0.1, 50, 11, 0, 0.1, "classifier", 0, None),
+    "food101": (0.5, 50, 11, 10, 1.0, "classifier", 0, None), "gtsrb": (0.1, 30, 6, 0, 0.1, "classifier", 0, None),
+    "mini_imagenet": (0.1, 30, 3, 25, 0.5, "pet", 1, 0.001),
+    "oxford_flowers": (0.5, 50, -1, 0, 0.01, "classifier", 0, None),
+    "oxford_pets": (0.1, 50, 11, 25, 0.5, "classifier,pet", 1, 0.001),
+    "resisc45": (0.1, 50, 3, 0, 0.1, "classifier", 0, None),
+    "stanford_cars": (0.1, 30, -1, 0, 0.01, "classifier", 0, None),
+    "sun397": (0.1, 30, 11, 10, 0.01, "classifier", 1, 0.001),
+    "voc2007": (0.1, 30, 3, 25, 0.1, "classifier", 1, 0.001),
+}
+# FSCIL: lr, epochs_base, adapt_blocks, ft_start_layer, ft_start_epoch, encoder_lr_factor (no incremental tuning).
+_FSCIL_RECIPES = {"cifar100": (0.001, 25, 12, 11, 10, 0.01), "mini_imagenet": (0.001, 25, 12, 11, 10, 0.01),
+                  "cub200": (0.1, 25, 6, -1, 0, 0.01)}
+
+
+def official_recipe(setting: str, dataset: str) -> dict:
+    """The CoACT code's per-dataset settings (README recipe + constants) as config fields; {} if it has none."""
+    if setting == "fscil" and dataset in _FSCIL_RECIPES:
+        lr, epochs, blocks, layer, epoch, enc = _FSCIL_RECIPES[dataset]
+        return dict(lr=lr, epochs_base=epochs, adapt_blocks=blocks, ft_start_layer=layer, ft_start_epoch=epoch,
+                    encoder_lr_factor=enc, shots=5, epochs_incremental=0, incremental_layers=["classifier", "pet"])
+    if setting == "fscit" and dataset in _FSCIT_RECIPES:
+        lr, epochs, layer, epoch, enc, layers, inc_epochs, inc_lr = _FSCIT_RECIPES[dataset]
+        recipe = dict(lr=lr, epochs_base=epochs, adapt_blocks=12, ft_start_layer=layer, ft_start_epoch=epoch,
+                      encoder_lr_factor=enc, shots=10, epochs_incremental=inc_epochs,
+                      incremental_layers=layers.split(","))
+        if inc_lr is not None:
+            recipe["inc_lr_factor"] = inc_lr
+        return recipe
+    return {}
+
 RECIPES = ("coact", "finetune", "prototypes")
 METHODS = ("lora", "block-lora", "comp-lora")
 DEFAULT_BACKBONE = "hf-vit:google/vit-base-patch16-224-in21k"
@@ -58,6 +98,9 @@ def _names(text: str) -> list[str]:
 class IncrementalConfig:
     """Everything that defines an incremental run; see the module docstring for where the defaults come from."""
 
+    official_recipe: bool = option(False, "take the CoACT code's per-dataset settings (lr, epochs, fine-tuned "
+                                   "blocks, incremental tuning, shots) for every option not given on the command "
+                                   "line", group="data")
     setting: str = option("fscil", "fscil: a large base session then N-way K-shot sessions; fscit: every session "
                           "is N-way K-shot", choices=SETTINGS, group="data")
     dataset: Optional[str] = option(None, "cifar100, cub200, mini_imagenet (their standard files), a FSCIT dataset "
