@@ -46,11 +46,11 @@ def test_resume_inside_and_across_sessions_is_bit_exact(tmp_path, data):
     assert [len(s["new_classes"]) for s in full["sessions"]] == [3, 2, 2]
     assert [s["num_test"] for s in full["sessions"]] == [9, 15, 21]  # the test set grows with the classes seen
     # base session: 18 images / 6 = 3 steps an epoch, 6 steps; later sessions: 6 shots / 6 = 1 step an epoch, 2 steps
-    for where, n in (("mid-session-0", 4), ("mid-session-1", 7)):
+    for where, n, session in (("mid-session-0", 4, 0), ("mid-session-1", 7, 1), ("end-of-session-2", 10, 2)):
         run = tmp_path / where
         with pytest.raises(KeyboardInterrupt):
             train(cfg, run, data=data, callbacks=[_interrupt_at(n)])
-        assert (run / f"session_{0 if n < 6 else 1}" / "checkpoint").is_dir()
+        assert (run / f"session_{session}" / "checkpoint").is_dir()
         with pytest.raises(FileExistsError, match="--resume"):
             train(cfg, run, data=data)
         with pytest.raises(ValueError, match="other settings"):
@@ -58,10 +58,21 @@ def test_resume_inside_and_across_sessions_is_bit_exact(tmp_path, data):
         resumed = train(cfg, run, resume=True, data=data)
         assert [s["all"] for s in resumed["sessions"]] == [s["all"] for s in full["sessions"]]
         a, b = _weights(tmp_path / "full"), _weights(run)
-        for s in range(3):
+        b["pipeline"] = load_file(str(run / "model.safetensors"))
+        a["pipeline"] = load_file(str(tmp_path / "full" / "model.safetensors"))
+        for s in a:
             assert a[s].keys() == b[s].keys()
             for name in a[s]:
                 assert torch.equal(a[s][name], b[s][name]), (where, s, name)
+    # a run that stopped after its last session but before its own results: resuming only writes them
+    import shutil
+
+    shutil.copytree(tmp_path / "full", tmp_path / "unfinished")
+    for name in ("results.json", "model.safetensors", "pipeline.json"):
+        (tmp_path / "unfinished" / name).unlink()
+    train(cfg, tmp_path / "unfinished", resume=True, data=data)
+    for name, value in load_file(str(tmp_path / "full" / "model.safetensors")).items():
+        assert torch.equal(load_file(str(tmp_path / "unfinished" / "model.safetensors"))[name], value), name
     # controlled fine-tuning trained block 3 and the teacher followed it by EMA, while block 0 stayed put
     w0 = _weights(tmp_path / "full")[0]
     assert any("resblocks.3" in k and k.startswith("teacher.") for k in w0)

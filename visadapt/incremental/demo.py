@@ -66,7 +66,8 @@ def run_demo(out: str | Path, resume: bool = False, recipes: tuple[str, ...] = R
         if (run / "results.json").exists():
             results[recipe] = json.loads((run / "results.json").read_text())
             continue
-        shown = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items() if k in DEMO_SETTINGS)
+        shown = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config.with_recipe()).items()
+                          if k in DEMO_SETTINGS or k in ("supcon_weight", "consistency_weight"))
         print(f"--- {recipe}: {shown}")
         results[recipe] = train(config, run, resume=resume and (run / "run_config.json").exists(), data=data)
     summary = {name: {k: r[k] for k in ("average_accuracy", "last_accuracy", "performance_drop", "base_forgetting",

@@ -416,6 +416,8 @@ def finish(stream: Stream, wall_s: float) -> dict:
     plot_group_heatmap(sessions, out / "groups.png", title=f"{cfg.recipe}: accuracy per session group")
     write_text_atomic(run_report([results]), out / "report.md")
     last = stream.plan.sessions - 1
+    # a resumed run may have skipped every session: the pipeline takes the last one's weights from its folder
+    stream.model.load_tracked(load_file(str(out / f"session_{last}" / WEIGHTS)))
     pipe = IncrementalClassifierPipeline.from_stream(stream, last)
     pipe.save_pretrained(out, session_weights={s: f"session_{s}/{WEIGHTS}" for s in range(last + 1)})
     return results
