@@ -21,8 +21,10 @@ the choice is an option whose default is the official code's behaviour:
   and what the incremental sessions tune.
 
 Deliberate differences from the official code: the base session keeps its final weights (the code keeps the epoch
-with the best *test* accuracy), runs are seeded (the code never seeds), and the EMA skips shared weights that never
-train (for them it is the identity: teacher and student both hold the pretrained value).
+with the best *test* accuracy), runs are seeded (the code never seeds), the EMA skips shared weights that never
+train (for them it is the identity: teacher and student both hold the pretrained value), and the frozen base-session
+model stays frozen in later sessions (the code's forward also moves that model's teacher toward its student by EMA,
+by about 0.1 % of their difference a step, which would make the base model differ from session to session).
 """
 
 from __future__ import annotations
@@ -159,7 +161,8 @@ class IncrementalConfig:
     inc_lr_factor: float = option(0.001, "lr factor of the later sessions (constant)", group="optimisation")
     temperature: float = option(0.07, "SupCon temperature", group="optimisation")
     ema_momentum: float = option(0.999, "teacher EMA momentum, per step", group="optimisation")
-    ce_weight: float = option(1.0, "cross-entropy weight", group="optimisation")
+    ce_weight: float = option(1.0, "cross-entropy weight of session 0", group="optimisation")
+    inc_ce_weight: float = option(1.0, "cross-entropy weight of the later sessions", group="optimisation")
     supcon_weight: float = option(1.0, "SupCon weight", group="optimisation")
     consistency_weight: float = option(1.0, "MSE logit consistency weight (later sessions)", group="optimisation")
     consistency_logits: str = option("all", "consistency over all logits (official) or the base classes' only",

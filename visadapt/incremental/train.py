@@ -216,7 +216,7 @@ class SessionTrainer(Trainer):
         x1, x2, y = batch
         c, model = self.cfg, self.stream.model
         features, logits = self.model(x1, return_features=True)
-        loss = c.ce_weight * F.cross_entropy(logits.float(), y)
+        loss = (c.ce_weight if self.session == 0 else c.inc_ce_weight) * F.cross_entropy(logits.float(), y)
         if self.session == 0:
             if c.supcon_weight:
                 self._ema()  # before the teacher's forward
