@@ -11,8 +11,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
 from visadapt.fewshot import demo_pretrain
-from visadapt.utils import world
 from visadapt.fewshot.model import DEMO_MODEL, resolve_model_name
+from visadapt.utils import world
 
 
 def _draw(seed: int, n: int = 20) -> tuple[list[np.ndarray], list[str]]:

@@ -26,8 +26,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from visadapt.utils import world
-from visadapt.utils import staged_dir
+from visadapt.utils import staged_dir, world
 
 CONTEXT_LENGTH = 20  # the longest caption is 18 tokens with start and end
 MODEL_CFG = {
