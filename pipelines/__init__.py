@@ -21,6 +21,8 @@ _HOMES = {
     "DecorMixin": "decor",
     "HyperspectralPipeline": "hyperspectral",
     "HyperspectralOutput": "hyperspectral",
+    "IncrementalClassifierPipeline": "incremental",
+    "IncrementalOutput": "incremental",
 }
 
 __all__ = list(_HOMES)

@@ -1,4 +1,4 @@
-"""The procedural world of the few-shot demo and the tiny CLIP pretrained on it (visadapt.fewshot.world,
+"""The procedural world of the few-shot demo and the tiny CLIP pretrained on it (visadapt.utils.world,
 visadapt.fewshot.demo_pretrain)."""
 
 import json
@@ -10,8 +10,9 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from visadapt.fewshot import demo_pretrain, world
+from visadapt.fewshot import demo_pretrain
 from visadapt.fewshot.model import DEMO_MODEL, resolve_model_name
+from visadapt.utils import world
 
 
 def _draw(seed: int, n: int = 20) -> tuple[list[np.ndarray], list[str]]:

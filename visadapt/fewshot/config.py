@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 
 from visadapt.utils.cli import option
 
-DEMO_MODEL = "visadapt-demo-clip"  # the tiny CLIP shipped in visadapt/fewshot/demo_clip (see world.py)
+DEMO_MODEL = "visadapt-demo-clip"  # the tiny CLIP shipped in visadapt/utils/demo_clip (see visadapt.utils.world)
 TEMPLATE = "a photo of a {}."
 LOGIT_SCALE = 100.0
 METHODS = ("lora", "block-lora", "comp-lora")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from visadapt.utils.world import write_task
+
 from .config import DEMO_MODEL, TrainConfig
 from .report import run_summary
 from .train import train
-from .world import write_task
 
 DEMO_SEED = 0  # the world's images; the few-shot draw uses TrainConfig.seed
 # Sized for a 1.8 M-parameter CLIP on a CPU: 500 steps (not 500 × 16), a 10× learning rate, mild crops (the shapes

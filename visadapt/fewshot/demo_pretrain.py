@@ -1,6 +1,6 @@
-"""Pretrain the tiny demo CLIP on the procedural world (:mod:`visadapt.fewshot.world`), seen shapes only.
+"""Pretrain the tiny demo CLIP on the procedural world (:mod:`visadapt.utils.world`), seen shapes only.
 
-    python -m visadapt.fewshot.demo_pretrain --out visadapt/fewshot/demo_clip [--steps N --seed S]
+    python -m visadapt.fewshot.demo_pretrain --out visadapt/utils/demo_clip [--steps N --seed S]
 
 A standard open_clip ``CLIP`` (ViT image tower, CLIP-BPE text tower) shrunk to a few MB, trained with the CLIP
 contrastive loss on freshly rendered (image, caption) batches, and written as an open_clip ``local-dir:`` folder
@@ -26,8 +26,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from visadapt.fewshot import world
-from visadapt.utils import staged_dir
+from visadapt.utils import staged_dir, world
 
 CONTEXT_LENGTH = 20  # the longest caption is 18 tokens with start and end
 MODEL_CFG = {

@@ -1,4 +1,5 @@
-"""A tiny procedurally generated world of captioned images: the embedded default of the few-shot demo.
+"""A tiny procedurally generated world of captioned images: the embedded default of the few-shot and incremental
+demos (shared here so that neither task imports the other).
 
 Every image shows one flat shape on a dark, noisy grey background, ``IMAGE_SIZE`` pixels square. A
 :class:`Scene` has four attributes:

@@ -1,0 +1,116 @@
+"""The dataset readers on tiny fake datasets written in the exact official layouts."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from visadapt.incremental.data import load_dataset
+from visadapt.utils import DatasetLayoutError
+
+
+def _write_cifar(root, n_classes=100, per_class=2):
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        labels = [c for c in range(n_classes) for _ in range(per_class)]
+        data = rng.integers(0, 255, (len(labels), 3072), dtype=np.uint8)
+        with open(folder / split, "wb") as f:  # the official files are Python-2 pickles with bytes keys
+            pickle.dump({b"filenames": [b"x.png"] * len(labels), b"fine_labels": labels, b"coarse_labels": labels,
+                         b"data": data}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"class{i}".encode() for i in range(n_classes)]}, f)
+    return data
+
+
+def test_cifar100_python_files(tmp_path):
+    last = _write_cifar(tmp_path)
+    data = load_dataset("cifar100", str(tmp_path))
+    assert len(data.class_names) == 100 and data.class_names[3] == "class3"
+    assert len(data.train) == 200 and list(data.train.labels[:3]) == [0, 0, 1]
+    image = np.asarray(data.test.load(5))
+    assert image.shape == (32, 32, 3)
+    assert np.array_equal(image, last[5].reshape(3, 32, 32).transpose(1, 2, 0))  # CHW rows → HWC pixels
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+def test_cifar_reader_refuses_code_in_a_pickle(tmp_path):
+    _write_cifar(tmp_path, n_classes=2, per_class=1)
+    with open(tmp_path / "cifar-100-python" / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": _Payload()}, f)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        load_dataset("cifar100", str(tmp_path))
+
+
+def _image(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (value, value, value)).save(path)
+
+
+def test_cub200_files_keep_images_txt_order(tmp_path):
+    cub = tmp_path / "CUB_200_2011"
+    rows = [(1, "001.Black_footed_Albatross/a.jpg", 1, 1), (2, "002.Laysan_Albatross/b.jpg", 2, 0),
+            (3, "001.Black_footed_Albatross/c.jpg", 1, 0), (4, "002.Laysan_Albatross/d.jpg", 2, 1)]
+    for i, rel, _, _ in rows:
+        _image(cub / "images" / rel, i * 10)
+    (cub / "images.txt").write_text("".join(f"{i} {rel}\n" for i, rel, _, _ in rows))
+    (cub / "image_class_labels.txt").write_text("".join(f"{i} {c}\n" for i, _, c, _ in rows))
+    (cub / "train_test_split.txt").write_text("".join(f"{i} {t}\n" for i, _, _, t in rows))
+    (cub / "classes.txt").write_text("1 001.Black_footed_Albatross\n2 002.Laysan_Albatross\n")
+    data = load_dataset("cub200", str(tmp_path))
+    assert data.class_names == ["Black_footed_Albatross", "Laysan_Albatross"]
+    assert data.train.names == ["images/001.Black_footed_Albatross/a.jpg", "images/002.Laysan_Albatross/d.jpg"]
+    assert list(data.train.labels) == [0, 1] and list(data.test.labels) == [1, 0]
+    assert np.asarray(data.train.load(1))[0, 0, 0] == 40
+
+
+def test_mini_imagenet_labels_are_sorted_wnids(tmp_path):
+    mini = tmp_path / "miniimagenet"
+    (mini / "split").mkdir(parents=True)
+    (mini / "split" / "train.csv").write_text("filename,label\nn02.jpg,n02\nn01.jpg,n01\n")
+    (mini / "split" / "test.csv").write_text("filename,label\nt1.jpg,n01\n")
+    for name in ("n02.jpg", "n01.jpg", "t1.jpg"):
+        _image(mini / "images" / name, 5)
+    data = load_dataset("mini_imagenet", str(tmp_path))
+    assert data.class_names == ["n01", "n02"] and list(data.train.labels) == [1, 0] and list(data.test.labels) == [0]
+
+
+def test_image_folders_and_layout_errors(tmp_path):
+    for split in ("train", "test"):
+        for c in ("b", "a"):
+            _image(tmp_path / "dtd" / split / c / "0.png", 1)
+    data = load_dataset("dtd", str(tmp_path / "dtd"))
+    assert data.class_names == ["a", "b"] and len(data.test) == 2
+    with pytest.raises(DatasetLayoutError, match="cifar-100-python"):
+        load_dataset("cifar100", str(tmp_path))
+    with pytest.raises(DatasetLayoutError, match="images.txt"):
+        load_dataset("cub200", str(tmp_path))
+    with pytest.raises(DatasetLayoutError, match="split/train.csv"):
+        load_dataset("mini_imagenet", str(tmp_path))
+    with pytest.raises(ValueError, match="needs --root"):
+        load_dataset("cifar100", None)
+
+
+def test_coop_split_files(tmp_path):
+    import json
+
+    dtd = tmp_path / "dtd"
+    entries = {"train": [["banded/a.jpg", 0, "banded"], ["woven/b.jpg", 1, "woven"]],
+               "val": [], "test": [["woven/c.jpg", 1, "woven"]]}
+    for split in entries.values():
+        for rel, _, _ in split:
+            _image(dtd / "images" / rel, 9)
+    (dtd / "split_zhou_DescribableTextures.json").write_text(json.dumps(entries))
+    data = load_dataset("dtd", str(tmp_path))  # found in a child folder of --root
+    assert data.class_names == ["banded", "woven"] and list(data.train.labels) == [0, 1]
+    assert data.test.names == ["images/woven/c.jpg"] and np.asarray(data.test.load(0)).shape == (8, 8, 3)
