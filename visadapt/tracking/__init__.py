@@ -1,0 +1,22 @@
+"""Visual object tracking with LoRAT (Lin et al., ECCV 2024, arXiv 2403.05231; official code
+github.com/LitingLin/LoRAT): a one-stream DINOv2 tracker with LoRA, as a Python API.
+
+The names below load on first use, so importing the package does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {"LoRAT": ".model", "LoRATVariant": ".model", "VARIANTS": ".model", "build_lorat": ".model",
+          "add_adapter": ".model", "merge": ".model", "lorat_adapter_config": ".model",
+          "parameter_counts": ".model"}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name], __name__), name)
