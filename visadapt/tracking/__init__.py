@@ -11,7 +11,7 @@ from typing import Any
 
 _HOMES = {"LoRAT": ".model", "LoRATVariant": ".model", "VARIANTS": ".model", "build_lorat": ".model",
           "add_adapter": ".model", "merge": ".model", "lorat_adapter_config": ".model",
-          "parameter_counts": ".model"}
+          "parameter_counts": ".model", "load_official": ".checkpoint", "read_state_dict": ".checkpoint"}
 
 __all__ = list(_HOMES)
 
