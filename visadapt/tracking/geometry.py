@@ -1,0 +1,97 @@
+"""SiamFC-style cropping and the template foreground mask of LoRAT (arXiv 2403.05231; official code
+github.com/LitingLin/LoRAT: ``trackit/core/utils/siamfc_cropping.py`` and the ``LoRAT`` data transform).
+
+Boxes are continuous xyxy in pixels (x2 = x + w). A crop is an isotropic scale ``s`` and a translation ``t``:
+crop pixel u = s·x + t per axis, image pixel x = (u − t) / s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class CropParams:
+    """u = scale · x + translation (per axis, x then y); ``size`` is the square output side in pixels."""
+
+    scale: tuple[float, float]
+    translation: tuple[float, float]
+    size: int
+
+
+def crop_params(box: torch.Tensor, area_factor: float, size: int) -> CropParams:
+    """Official ``get_scale_and_translation_factors``: padded size w' = w + (f − 1)(w + h)/2 (same for h),
+    s = sqrt(S² / (w'h')), t = (S/2, S/2) − s·centre. ``box`` (4,) xyxy pixels with positive size."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    w, h = x2 - x1, y2 - y1
+    if w <= 0 or h <= 0:
+        raise ValueError(f"Box {[x1, y1, x2, y2]} has no area; crops need w > 0 and h > 0.")
+    pad = (area_factor - 1) * (w + h) / 2
+    s = math.sqrt(size * size / ((w + pad) * (h + pad)))
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return CropParams((s, s), (size / 2 - s * cx, size / 2 - s * cy), size)
+
+
+def box_to_crop(box: torch.Tensor, p: CropParams) -> torch.Tensor:
+    """(..., 4) xyxy image pixels → crop pixels."""
+    scale = box.new_tensor([p.scale[0], p.scale[1]] * 2)
+    shift = box.new_tensor([p.translation[0], p.translation[1]] * 2)
+    return box * scale + shift
+
+
+def box_from_crop(box: torch.Tensor, p: CropParams) -> torch.Tensor:
+    """(..., 4) xyxy crop pixels → image pixels (exact inverse of :func:`box_to_crop`)."""
+    scale = box.new_tensor([p.scale[0], p.scale[1]] * 2)
+    shift = box.new_tensor([p.translation[0], p.translation[1]] * 2)
+    return (box - shift) / scale
+
+
+def crop_image(image: torch.Tensor, p: CropParams, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Bilinear affine crop (align_corners=False): image (3, H, W) float → (3, S, S); outside pixels get ``fill``
+    (3,), by default the image's per-channel mean, as the official code pads."""
+    _, h, w = image.shape
+    fill = image.mean(dim=(1, 2)) if fill is None else fill.to(image)
+    u = torch.arange(p.size, dtype=torch.float64) + 0.5  # crop pixel centres
+    xs = (u - p.translation[0]) / p.scale[0]
+    ys = (u - p.translation[1]) / p.scale[1]
+    gx, gy = 2 * xs / w - 1, 2 * ys / h - 1
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1).to(image.dtype)
+    shifted = (image - fill.view(3, 1, 1)).unsqueeze(0)
+    out = F.grid_sample(shifted, grid.unsqueeze(0).to(image.device), mode="bilinear", padding_mode="zeros",
+                        align_corners=False)
+    return out[0] + fill.view(3, 1, 1)
+
+
+def normalize(crop: torch.Tensor) -> torch.Tensor:
+    """(…, 3, H, W) in 0–255 → /255 then ImageNet mean/std."""
+    mean = crop.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = crop.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    return (crop / 255 - mean) / std
+
+
+def rasterise(box: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Cells a box touches: box (..., 4) xyxy in grid units → (..., H, W) bool. Start floor(x1), end-exclusive
+    floor(x2 + 1 − 1e-4) (any partly covered cell counts), clipped to the grid (official ``bbox_rasterize``)."""
+    h, w = grid
+    start = torch.floor(box[..., :2])
+    end = torch.floor(box[..., 2:] + 1 - 1e-4)
+    limit = box.new_tensor([w, h])
+    start, end = start.clamp(min=0).minimum(limit), end.clamp(min=0).minimum(limit)
+    cols = torch.arange(w, device=box.device, dtype=box.dtype)
+    rows = torch.arange(h, device=box.device, dtype=box.dtype)
+    in_x = (cols >= start[..., 0:1]) & (cols < end[..., 0:1])  # (..., W)
+    in_y = (rows >= start[..., 1:2]) & (rows < end[..., 1:2])  # (..., H)
+    return in_y.unsqueeze(-1) & in_x.unsqueeze(-2)
+
+
+def template_mask(box_in_crop: torch.Tensor, crop_size: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Template token types (…, Hz, Wz) int64: 1 on cells the template box touches, 0 elsewhere (§4)."""
+    stride = box_in_crop.new_tensor([grid[1] / crop_size, grid[0] / crop_size] * 2)
+    return rasterise(box_in_crop * stride, grid).long()
