@@ -13,7 +13,7 @@ _HOMES = {"LoRAT": ".model", "LoRATVariant": ".model", "VARIANTS": ".model", "bu
           "add_adapter": ".model", "merge": ".model", "lorat_adapter_config": ".model",
           "parameter_counts": ".model", "load_official": ".checkpoint", "read_state_dict": ".checkpoint",
           "ope_sequence": ".metrics", "ope_dataset": ".metrics", "got10k_scores": ".metrics",
-          "plot_success_precision": ".metrics"}
+          "plot_success_precision": ".metrics", "Tracker": ".tracker", "decode_best": ".tracker"}
 
 __all__ = list(_HOMES)
 
