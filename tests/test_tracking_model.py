@@ -78,6 +78,15 @@ def test_template_uses_top_left_window_of_the_shared_table_and_token_types():
     assert model.pos_embed.shape == (1, 16, 32) and not model.pos_embed.requires_grad
 
 
+def test_window_mode_takes_the_top_left_of_the_pretrained_table():
+    vit = tiny_vit()
+    table = vit.pos_embed.data[:, 1:].reshape(6, 6, -1)
+    windowed = LoRAT(vit, (2, 2), (4, 4), pos_embed_mode="window").pos_embed.view(4, 4, -1)
+    torch.testing.assert_close(windowed, table[:4, :4])
+    resized = LoRAT(tiny_vit(), (2, 2), (4, 4)).pos_embed.view(4, 4, -1)
+    assert not torch.allclose(resized, table[:4, :4])
+
+
 def test_forward_shapes_and_boxes_around_cell_centres():
     model = LoRAT(tiny_vit(), (2, 2), (4, 4)).eval()
     out = model(*tiny_inputs())

@@ -124,15 +124,26 @@ class MlpAnchorFreeHead(nn.Module):
         return {"score_map": score, "boxes": boxes}
 
 
-def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(1, N, C) square table without prefix tokens → (1, H·W, C), bicubic, align_corners=False (native
-    DINOv2 path of the official code, explicit output size, no +0.1 offset)."""
+POS_EMBED_MODES = ("resize", "window")
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], mode: str = "resize") -> torch.Tensor:
+    """(1, N, C) square table without prefix tokens → (1, H·W, C).
+
+    ``resize`` (default; the native DINOv2 path that produced the paper's numbers): bicubic, align_corners=False,
+    explicit output size, no +0.1 offset. ``window``: the official timm path (``timm_vit/lorat.py``, June 2025):
+    the top-left H×W window of the table without interpolation, resizing only when the table is smaller.
+    """
+    if mode not in POS_EMBED_MODES:
+        raise ValueError(f"pos_embed_mode must be one of {POS_EMBED_MODES}, got {mode!r}.")
     n, c = pos.shape[1], pos.shape[2]
     side = int(math.isqrt(n))
     if side * side != n:
         raise ValueError(f"Position table with {n} entries is not a square grid; pass it without prefix tokens.")
     if (side, side) == tuple(grid):
         return pos.clone()
+    if mode == "window" and side >= grid[0] and side >= grid[1]:
+        return pos.reshape(1, side, side, c)[:, :grid[0], :grid[1]].reshape(1, grid[0] * grid[1], c).clone()
     table = pos.reshape(1, side, side, c).permute(0, 3, 1, 2)
     table = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False).to(pos.dtype)
     return table.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], c)
@@ -142,11 +153,11 @@ class LoRAT(nn.Module):
     """One-stream tracker: template tokens then search tokens through every ViT block, head on search tokens.
 
     ``vit`` is a timm ``VisionTransformer`` with patch size 14 and one class token (DINOv2 layout); only its
-    ``patch_embed``, ``blocks`` and ``norm`` are kept.
+    ``patch_embed``, ``blocks`` and ``norm`` are kept. ``pos_embed_mode``: see :func:`resize_pos_embed`.
     """
 
     def __init__(self, vit: nn.Module, z_grid: tuple[int, int], x_grid: tuple[int, int],
-                 drop_path: Optional[float] = None) -> None:
+                 drop_path: Optional[float] = None, pos_embed_mode: str = "resize") -> None:
         super().__init__()
         if z_grid[0] > x_grid[0] or z_grid[1] > x_grid[1]:
             raise ValueError(f"The template grid {z_grid} must fit in the search grid {x_grid}.")
@@ -154,7 +165,7 @@ class LoRAT(nn.Module):
         self.patch_embed, self.blocks, self.norm = vit.patch_embed, vit.blocks, vit.norm
         self.embed_dim = vit.embed_dim
         prefix = getattr(vit, "num_prefix_tokens", 1)
-        self.pos_embed = nn.Parameter(resize_pos_embed(vit.pos_embed.data[:, prefix:], self.x_grid),
+        self.pos_embed = nn.Parameter(resize_pos_embed(vit.pos_embed.data[:, prefix:], self.x_grid, pos_embed_mode),
                                       requires_grad=False)
         self.token_type_embed = nn.Parameter(torch.empty(3, self.embed_dim, device=self.pos_embed.device))
         trunc_normal_(self.token_type_embed, std=0.02)
@@ -194,7 +205,11 @@ class LoRAT(nn.Module):
 
 
 def set_uniform_drop_path(model: nn.Module, rate: float) -> None:
-    """Same drop-path rate in every block (DINOv2 ``drop_path_uniform=True``; timm spreads it linearly)."""
+    """Same drop-path rate in every block (DINOv2 ``drop_path_uniform=True``; timm spreads it linearly).
+
+    timm's per-sample ``DropPath`` is used; DINOv2's "batch-subset residual" (rate > 0.1) drops the same expected
+    share of samples but draws them as one subset per batch, so training noise differs slightly.
+    """
     from timm.layers import DropPath
 
     for block in model.blocks:
@@ -277,15 +292,16 @@ def merge(model: LoRAT) -> LoRAT:
 
 
 def build_lorat(variant: str = "B-224", pretrained: bool = False, adapter: Optional[peft.PeftConfig] = None,
-                lora: bool = True, init: str = "bert", **vit_kwargs: Any) -> LoRAT:
+                lora: bool = True, init: str = "bert", pos_embed_mode: str = "resize", **vit_kwargs: Any) -> LoRAT:
     """A paper variant (``B-224``, ``B-378``, ``L-224``, ``L-378``, ``g-224``, ``g-378``).
 
     ``lora=False`` gives the plain (merged-layout) model, e.g. to load an official checkpoint for inference.
+    ``vit_kwargs`` go to ``timm.create_model`` (e.g. ``embed_dim``, ``depth`` for a tiny test model).
     Build under ``torch.device('meta')`` to count parameters without memory.
     """
     spec = get_variant(variant)
     vit = build_vit(spec.timm_name, pretrained=pretrained, **vit_kwargs)
-    model = LoRAT(vit, spec.z_grid, spec.x_grid, drop_path=spec.drop_path)
+    model = LoRAT(vit, spec.z_grid, spec.x_grid, drop_path=spec.drop_path, pos_embed_mode=pos_embed_mode)
     return add_adapter(model, adapter, init) if lora else model
 
 
