@@ -23,6 +23,8 @@ _HOMES = {
     "HyperspectralOutput": "hyperspectral",
     "IncrementalClassifierPipeline": "incremental",
     "IncrementalOutput": "incremental",
+    "TrackingPipeline": "tracking",
+    "TrackingOutput": "tracking",
 }
 
 __all__ = list(_HOMES)
