@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from visadapt.tracking.geometry import (
     box_to_crop,
     crop_image,
     crop_params,
+    jittered_crop_params,
     rasterise,
     template_mask,
 )
@@ -94,3 +96,23 @@ def test_losses_on_a_hand_computed_case():
 def test_giou_of_disjoint_boxes_exceeds_one():
     loss = giou_loss(torch.tensor([0.0, 0.0, 1.0, 1.0]), torch.tensor([2.0, 0.0, 3.0, 1.0]))
     assert loss.item() == pytest.approx(1 + (3 - 2) / 3)  # IoU 0, hull 3, union 2
+
+
+def test_jittered_crop_follows_the_official_draws_and_gives_up_after_twelve():
+    box = torch.tensor([100.0, 80.0, 160.0, 110.0])  # w 60, h 30
+    p = jittered_crop_params(box, 4.0, 224, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    s0 = crop_params(box, 4.0, 224).scale[0]
+    scale = s0 / np.exp(rng.standard_normal(2) * 0.25)
+    shift = 112 - np.array([130.0, 95.0]) * scale + rng.uniform(-1, 1, 2) * (60 * scale[0] + 30 * scale[1]) * 1.5
+    out = box_to_crop(box.double(), p).clamp(0, 224)
+    assert (out[2:] - out[:2]).min() >= 10
+    # With seed 3 the first draw is accepted, so the result is exactly the formula's.
+    assert p.scale == pytest.approx(tuple(scale)) and p.translation == pytest.approx(tuple(shift))
+    assert p.scale[0] != p.scale[1]  # anisotropic
+    rng = np.random.default_rng(0)
+    assert jittered_crop_params(box, 4.0, 224, rng, min_object_size=500) is None
+    consumed = np.random.default_rng(0)
+    for _ in range(12):
+        consumed.standard_normal(2), consumed.uniform(-1, 1, 2)
+    assert rng.random() == consumed.random()  # exactly 12 draws were made

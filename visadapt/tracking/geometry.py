@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,35 @@ def crop_params(box: torch.Tensor, area_factor: float, size: int) -> CropParams:
     s = math.sqrt(size * size / ((w + pad) * (h + pad)))
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     return CropParams((s, s), (size / 2 - s * cx, size / 2 - s * cy), size)
+
+
+def jittered_crop_params(box: torch.Tensor, area_factor: float, size: int, rng: np.random.Generator,
+                         scale_jitter: float = 0.25, translation_jitter: float = 3.0, min_object_size: float = 10.0,
+                         retry_count: int = 10) -> Optional[CropParams]:
+    """Training crop of the search region (official ``prepare_siamfc_cropping_with_augmentation``, LoRAT config
+    ``scale_jitter: 0.25``, ``translation_jitter: 3``, ``min_object_size: 10``).
+
+    Per axis: s_a = s / exp(0.25·ε_a), ε ~ N(0, 1) (the aspect ratio is jittered too), then
+    t_a += U(−1, 1) · 3·(w·s_x + h·s_y)/2. Accepted when the mapped box meets the crop and, clipped to it, is at least
+    ``min_object_size`` px on both sides; after ``retry_count + 2`` draws without success returns None (the official
+    sampler then drops the pair and draws another).
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    base = crop_params(box, area_factor, size)
+    centre = np.array([(x1 + x2) / 2, (y1 + y2) / 2])
+    wh = np.array([x2 - x1, y2 - y1])
+    for _ in range(retry_count + 2):
+        scale = base.scale[0] / np.exp(rng.standard_normal(2) * scale_jitter)
+        translation = size / 2 - centre * scale
+        translation = translation + rng.uniform(-1, 1, 2) * (wh * scale).sum() * 0.5 * translation_jitter
+        p = CropParams((float(scale[0]), float(scale[1])), (float(translation[0]), float(translation[1])), size)
+        out = box_to_crop(torch.tensor([x1, y1, x2, y2], dtype=torch.float64), p)
+        clipped = out.clamp(0, size)
+        if (out[2] <= 0 or out[3] <= 0 or out[0] >= size or out[1] >= size
+                or (clipped[2:] - clipped[:2]).min() < min_object_size):
+            continue
+        return p
+    return None
 
 
 def box_to_crop(box: torch.Tensor, p: CropParams) -> torch.Tensor:
