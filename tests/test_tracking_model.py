@@ -124,3 +124,21 @@ def test_merged_model_equals_adapted_model(config):
 def test_unknown_variant_names_the_choices():
     with pytest.raises(ValueError, match="B-224"):
         build_lorat("B-999")
+
+
+def test_one_training_step_updates_only_adapters_head_and_token_types():
+    from visadapt.tracking.losses import lorat_loss
+    from visadapt.tracking.model import param_groups
+
+    model = add_adapter(LoRAT(tiny_vit(), (2, 2), (4, 4))).train()
+    groups = param_groups(model)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert id(model.token_type_embed) not in decayed and id(model.head.cls_mlp.layers[0].weight) in decayed
+    assert id(model.head.cls_mlp.layers[0].bias) not in decayed
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    out = model(*tiny_inputs())
+    loss = lorat_loss(out, torch.tensor([[0.1, 0.2, 0.6, 0.7], [0.4, 0.4, 0.5, 0.5]]))["loss"]
+    loss.backward()
+    torch.optim.AdamW(groups, lr=1e-3).step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert all(p.grad is not None for g in groups for p in g["params"])

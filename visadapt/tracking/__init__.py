@@ -11,7 +11,8 @@ from typing import Any
 
 _HOMES = {"LoRAT": ".model", "LoRATVariant": ".model", "VARIANTS": ".model", "build_lorat": ".model",
           "add_adapter": ".model", "merge": ".model", "lorat_adapter_config": ".model",
-          "parameter_counts": ".model", "load_official": ".checkpoint", "read_state_dict": ".checkpoint",
+          "parameter_counts": ".model", "param_groups": ".model",
+          "load_official": ".checkpoint", "read_state_dict": ".checkpoint",
           "ope_sequence": ".metrics", "ope_dataset": ".metrics", "got10k_scores": ".metrics",
           "plot_success_precision": ".metrics", "Tracker": ".tracker", "decode_best": ".tracker"}
 

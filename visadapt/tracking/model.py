@@ -316,3 +316,14 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 def adapted_names(model: nn.Module) -> list[str]:
     """Names of the modules carrying adapters (for checks and reports)."""
     return [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and re.search(LORA_TARGETS, n)]
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.1) -> list[dict]:
+    """AdamW groups of the trainable parameters as the official optimiser builds them: no weight decay for 1-D
+    parameters (biases, norms) and for names containing ``embed`` (the token-type table); decay for the rest
+    (LoRA A/B, head weights)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or "embed" in name or "norm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
