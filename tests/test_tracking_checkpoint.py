@@ -111,3 +111,39 @@ def test_files_load_without_unpickling(tmp_path):
     torch.save({"weights": sd, "fn": print}, tmp_path / "evil.bin")
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
         read_state_dict(tmp_path / "evil.bin")
+
+
+@pytest.mark.parametrize("variant, dim, depth, fc1_out, fc2_in", [
+    ("B-224", 768, 12, 3072, 3072),
+    ("g-378", 1536, 40, 8192, 4096),  # DINOv2 giant2: SwiGLUFFNFused w12 (C → 2·4096), w3 (4096 → C)
+])
+def test_official_names_and_shapes_map_onto_the_full_size_variants(variant, dim, depth, fc1_out, fc2_in):
+    from visadapt.tracking.checkpoint import convert_official
+    from visadapt.tracking.model import build_lorat, get_variant
+
+    grid = get_variant(variant).x_grid
+    ffn = ("w12", "w3") if variant.startswith("g") else ("fc1", "fc2")
+    with torch.device("meta"):
+        shapes = {"patch_embed.proj.weight": (dim, 3, 14, 14), "patch_embed.proj.bias": (dim,),
+                  "pos_embed": (1, grid[0] * grid[1], dim), "token_type_embed": (3, dim), "norm.weight": (dim,),
+                  "norm.bias": (dim,)}
+        for i in range(depth):
+            b = f"blocks.{i}."
+            shapes |= {b + n: (dim,) for n in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
+                                               "ls1.gamma", "ls2.gamma")}
+            sites = {f"attn.qkv.{p}": (dim, dim) for p in "qkv"}
+            sites |= {"attn.proj": (dim, dim), f"mlp.{ffn[0]}": (fc1_out, dim), f"mlp.{ffn[1]}": (dim, fc2_in)}
+            for site, (d_out, d_in) in sites.items():
+                shapes |= {f"{b}{site}.linear.weight": (d_out, d_in), f"{b}{site}.linear.bias": (d_out,),
+                           f"{b}{site}.lora.A": (64, d_in), f"{b}{site}.lora.B": (d_out, 64)}
+        for branch, k in (("cls_mlp", 1), ("reg_mlp", 4)):
+            for j, d_out in enumerate((dim, dim, k)):
+                shapes |= {f"head.{branch}.layers.{j}.weight": (d_out, dim), f"head.{branch}.layers.{j}.bias": (d_out,)}
+        state = {k: torch.empty(s) for k, s in shapes.items()}
+        state |= {"lora_alpha": torch.tensor(64.0, device="cpu"), "use_rslora": torch.tensor(False, device="cpu")}
+        plain, lora = convert_official(state)
+        model = build_lorat(variant, lora=False)
+    target = model.state_dict()
+    assert plain.keys() == target.keys()
+    assert all(plain[k].shape == target[k].shape for k in target)
+    assert len(lora) == depth * 6
