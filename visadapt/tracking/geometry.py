@@ -3,6 +3,10 @@ github.com/LitingLin/LoRAT: ``trackit/core/utils/siamfc_cropping.py`` and the ``
 
 Boxes are continuous xyxy in pixels (x2 = x + w). A crop is an isotropic scale ``s`` and a translation ``t``:
 crop pixel u = s·x + t per axis, image pixel x = (u − t) / s.
+
+:func:`crop_image` resamples with ``grid_sample`` at exactly (s, t). The official code instead copies an
+integer-aligned sub-rectangle and returns slightly adjusted (s, t); both keep image and boxes consistent, but pixel
+values of a crop can differ by a fraction of a pixel shift from the official ones.
 """
 
 from __future__ import annotations
