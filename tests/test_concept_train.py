@@ -107,7 +107,7 @@ def test_interrupted_run_resumes_bit_exactly_with_prior_preservation_and_text_en
 
 def test_sdxl_trains_with_time_ids_and_both_text_encoders(images, tmp_path):
     cfg = ConceptTrainConfig(model="tiny-sdxl", images=str(images), steps=4, lr=1e-2, train_text_encoder=True,
-                             method="block-lora", n_blocks=2, sample_every=0, **FAST)
+                             method="block-lora", n_blocks=2, gradient_checkpointing=True, sample_every=0, **FAST)
     r = train_concept(cfg, tmp_path / "xl")
     assert r["sdxl"] and np.isfinite(r["eval_loss_after"]) and r["eval_loss_after"] != r["eval_loss_before"]
     kohya = load_file(str(tmp_path / "xl" / "kohya/sks/sks.safetensors"))
@@ -115,6 +115,28 @@ def test_sdxl_trains_with_time_ids_and_both_text_encoders(images, tmp_path):
     pipe = tiny_pipeline("sdxl", pipeline_class=LoRAComposerXLPipeline)
     concept = Concept(lora=tmp_path / "xl" / "diffusers" / "sks", prompt="a photo of sks toy", box=[0, 0, 1, 1])
     assert (composed(pipe, [concept]) - composed(pipe)).abs().max() > 1e-3
+
+
+def test_v_prediction_pipeline_given_as_object_and_a_peft_config_file(images, tmp_path):
+    """A pipeline object replaces --model; its scheduler's v-prediction sets the target (get_velocity); a visadapt
+    config file (Comp-LoRA here) replaces --method."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    import visadapt
+
+    visadapt.CompLoraConfig(k=2, r=2, lora_alpha=2, target_modules=["to_q"]).save_pretrained(str(tmp_path / "cfg"))
+    cfg = ConceptTrainConfig(images=str(images), steps=2, sample_every=0,
+                             peft_config=str(tmp_path / "cfg" / "adapter_config.json"), **FAST)
+    epsilon = train_concept(cfg, tmp_path / "epsilon", pipe=tiny_pipeline("sd"))
+    pipe = tiny_pipeline("sd")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    r = train_concept(cfg, tmp_path / "run", pipe=pipe)
+    assert epsilon["prediction_type"] == "epsilon"
+    assert abs(r["eval_loss_before"] - epsilon["eval_loss_before"]) > 1e-3  # the same model, another target
+    assert r["prediction_type"] == "v_prediction" and r["method"] == "peft-config"
+    assert r["base_model"] == "StableDiffusionPipeline"
+    assert np.isfinite(r["eval_loss_after"]) and r["eval_loss_after"] != r["eval_loss_before"]
+    assert type(pipe.unet.peft_config["sks"]).__name__ == "CompLoraConfig"
 
 
 def test_images_of_mixed_sizes_are_resized_and_reported(tmp_path):

@@ -57,9 +57,9 @@ def image_files(folder: Union[str, Path], what: str = "--images") -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def check_instance_inputs(cfg: ConceptTrainConfig) -> None:
+def check_instance_inputs(cfg: ConceptTrainConfig, need_model: bool = True) -> None:
     """Reject missing or inconsistent concept inputs before anything is loaded (``ValueError`` naming the fix)."""
-    if not cfg.model:
+    if need_model and not cfg.model:
         raise ValueError("Pass --model: a hub id or a local diffusers folder (SD-1.x/2.x or SDXL), or tiny-sd.")
     if not cfg.images:
         raise ValueError("Pass --images: a folder of 3-20 pictures of the concept.")
@@ -281,9 +281,9 @@ class ConceptTrainer(Trainer):
 
     def validate(self) -> None:
         c = self.cfg
-        if self._pipe is not None and not c.model:
-            c.model = type(self._pipe).__name__
-        check_instance_inputs(c)
+        check_instance_inputs(c, need_model=self._pipe is None)
+        if c.peft_config:
+            peft_config_from_file(c.peft_config)  # a wrong file fails now, not after the pipeline has loaded
         if c.steps < 1 or c.rank < 1 or c.sample_count < 1:
             raise ValueError("--steps, --rank and --sample-count must be >= 1.")
         if c.num_class_images < 1 and c.class_prompt:
@@ -295,6 +295,9 @@ class ConceptTrainer(Trainer):
         pipe = self.pipe = self._pipe if self._pipe is not None else load_pipeline(c.model)
         self.name = adapter_name_for(c.concept_name())
         self.resolution = c.resolution or default_resolution(pipe)
+        if self.resolution % int(pipe.vae_scale_factor):
+            raise ValueError(f"--resolution {self.resolution} is not a multiple of the VAE's factor "
+                             f"{pipe.vae_scale_factor}; use e.g. {default_resolution(pipe)}.")
         for module in (pipe.unet, pipe.vae, *self._encoders()):
             module.requires_grad_(False)
         instance, self.resized = self._encode_folder(image_files(c.images))
@@ -339,7 +342,8 @@ class ConceptTrainer(Trainer):
         if c.gradient_checkpointing:
             self.pipe.unet.enable_gradient_checkpointing()
             for encoder in self._encoders() if c.train_text_encoder else ():
-                encoder.gradient_checkpointing_enable()
+                # transformers 5 renamed it (the old name warns); transformers 4 has only the old one
+                getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
 
     def _training_scheduler(self):
         """DDPM with the pipeline's noise schedule and prediction type, as diffusers' DreamBooth scripts train."""
@@ -447,7 +451,8 @@ class ConceptTrainer(Trainer):
         after = self.eval_loss()
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return {"concept": self.name, "trigger": c.trigger, "instance_prompt": c.instance_prompt,
-                "base_model": c.model, "sdxl": is_sdxl(self.pipe), "resolution": self.resolution,
+                "base_model": c.model or type(self.pipe).__name__, "sdxl": is_sdxl(self.pipe),
+                "resolution": self.resolution,
                 "prediction_type": self.noise_scheduler.config.prediction_type,
                 "num_images": len(self.train_set), "resized_images": self.resized,
                 "prior_preservation": bool(c.class_prompt), "steps": state["step"],
