@@ -293,6 +293,7 @@ class ConceptTrainer(Trainer):
     def setup(self) -> None:
         c = self.cfg
         pipe = self.pipe = self._pipe if self._pipe is not None else load_pipeline(c.model)
+        pipe.to(self.accelerator.device)  # class images and latents are made on the training device
         self.name = adapter_name_for(c.concept_name())
         self.resolution = c.resolution or default_resolution(pipe)
         if self.resolution % int(pipe.vae_scale_factor):
@@ -418,25 +419,26 @@ class ConceptTrainer(Trainer):
     def _sample_callback(self, step: int, record: dict) -> None:
         every = self.cfg.sample_every
         if every and step % every == 0 and step < self.total_steps:
-            self.write_samples(step)
+            if self.accelerator.is_main_process:
+                self.write_samples(step)
+            self.accelerator.wait_for_everyone()
 
     def write_samples(self, step: int) -> Path:
         """A PNG grid of ``sample_count`` images of the sample prompt (image i seeded ``seed + i``) with the concept
-        as trained so far, under ``samples/``. Leaves the global RNG as it was, so sampling never changes training."""
+        as trained so far, under ``samples/`` (main process only). Leaves the global RNG as it was, so sampling never
+        changes training."""
         c = self.cfg
         path = self.out / "samples" / f"step_{step:06d}.png"
-        if self.accelerator.is_main_process:
-            with torch.random.fork_rng(devices=[]):
-                self.model.eval()
-                try:
-                    images = [self._sample(c.sample_prompt or c.instance_prompt, c.seed + i)
-                              for i in range(c.sample_count)]
-                finally:
-                    self.model.train()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                image_grid(images).save(tmp, format="PNG")
-        self.accelerator.wait_for_everyone()
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
+            self.model.eval()
+            try:
+                images = [self._sample(c.sample_prompt or c.instance_prompt, c.seed + i) for i in range(c.sample_count)]
+            finally:
+                self.model.train()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            image_grid(images).save(tmp, format="PNG")
         return path
 
     def _sample(self, prompt: str, seed: int):
