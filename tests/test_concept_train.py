@@ -179,3 +179,16 @@ def test_cli_reports_a_missing_trigger_word(images, tmp_path, capsys):
     code = main(["concept", "train", "--out", str(tmp_path / "run"), "--model", "tiny-sd", "--images", str(images),
                  "--trigger", "sks", "--instance-prompt", "a photo of a toy"])
     assert code == 2 and "does not contain the trigger word" in capsys.readouterr().err
+
+
+def test_help_lists_every_option_with_its_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["concept", "train", "--help"])
+    text = capsys.readouterr().out
+    options = text.split("\n  --")
+    assert len(options) > 30 and all(option.count("(default:") <= 1 for option in options)
+    flat = " ".join(text.split())
+    for flag in ("--trigger", "--instance-prompt", "--class-prompt", "--method {lora,block-lora,comp-lora}",
+                 "--peft-config", "--train-text-encoder", "--gradient-checkpointing", "--sample-every", "--config"):
+        assert flag in flat, flag
+    assert "LoRA rank r (default: 4)" in flat and "(default: None)" not in flat

@@ -57,6 +57,11 @@ def image_files(folder: Union[str, Path], what: str = "--images") -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def has_word(prompt: str, word: str) -> bool:
+    """Whether ``word`` stands in ``prompt`` as a whole word (``sks`` is not in ``asks``; ``<sks>`` works too)."""
+    return re.search(rf"(?<![\w<]){re.escape(word)}(?![\w>])", prompt) is not None
+
+
 def check_instance_inputs(cfg: ConceptTrainConfig, need_model: bool = True) -> None:
     """Reject missing or inconsistent concept inputs before anything is loaded (``ValueError`` naming the fix)."""
     if need_model and not cfg.model:
@@ -66,7 +71,7 @@ def check_instance_inputs(cfg: ConceptTrainConfig, need_model: bool = True) -> N
     if not cfg.trigger or not cfg.instance_prompt:
         raise ValueError("Pass --trigger (a rare word naming the concept, e.g. sks) and --instance-prompt holding "
                          "it (e.g. 'a photo of sks dog').")
-    if not re.search(rf"(?<![\w<]){re.escape(cfg.trigger)}(?![\w>])", cfg.instance_prompt):
+    if not has_word(cfg.instance_prompt, cfg.trigger):
         raise ValueError(f"--instance-prompt {cfg.instance_prompt!r} does not contain the trigger word "
                          f"{cfg.trigger!r}; write it in the prompt, e.g. 'a photo of {cfg.trigger} dog'.")
     files = image_files(cfg.images)
@@ -76,7 +81,7 @@ def check_instance_inputs(cfg: ConceptTrainConfig, need_model: bool = True) -> N
     if len(files) < MIN_IMAGES:
         raise ValueError(f"--images {cfg.images}: {len(files)} image(s); a concept needs at least {MIN_IMAGES} "
                          "(3-20 pictures from different views), add more.")
-    if cfg.class_prompt and cfg.trigger and re.search(rf"\b{re.escape(cfg.trigger)}\b", cfg.class_prompt):
+    if cfg.class_prompt and has_word(cfg.class_prompt, cfg.trigger):
         raise ValueError(f"--class-prompt {cfg.class_prompt!r} contains the trigger word {cfg.trigger!r}; the class "
                          "prompt describes the class without it (e.g. 'a photo of a dog').")
     if cfg.class_images and not cfg.class_prompt:
