@@ -139,6 +139,13 @@ def test_v_prediction_pipeline_given_as_object_and_a_peft_config_file(images, tm
     assert type(pipe.unet.peft_config["sks"]).__name__ == "CompLoraConfig"
 
 
+def test_a_local_diffusers_folder_is_a_base_model(images, tmp_path):
+    tiny_pipeline("sd").save_pretrained(str(tmp_path / "base"))
+    cfg = ConceptTrainConfig(model=str(tmp_path / "base"), images=str(images), steps=1, sample_every=0, **FAST)
+    r = train_concept(cfg, tmp_path / "run")
+    assert r["base_model"] == str(tmp_path / "base") and (tmp_path / "run" / r["lora_files"]["kohya"]).is_file()
+
+
 def test_images_of_mixed_sizes_are_resized_and_reported(tmp_path):
     folder = draw_images(tmp_path / "mixed", count=3, sizes=((32, 32), (48, 40), (40, 64)))
     cfg = ConceptTrainConfig(model="tiny-sd", images=str(folder), steps=1, sample_every=0, **FAST)

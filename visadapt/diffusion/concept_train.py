@@ -119,7 +119,7 @@ def load_pipeline(model: str):
         return tiny_pipeline(model.removeprefix("tiny-"))
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(model).to(dtype=torch.float32)  # fp32 weights; autocast does the rest
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer") if getattr(pipe, c, None) is None]
     if missing:
         raise ValueError(f"--model {model}: a {type(pipe).__name__} without {missing}; concept training needs a "
@@ -140,9 +140,11 @@ def ensure_class_images(pipe, folder: Path, prompt: str, count: int, resolution:
                         steps: int) -> list[Path]:
     """The first ``count`` images of ``folder``, generating the missing ones with the base pipeline (image i with
     seed ``seed + i``, so the same run makes the same class images)."""
+    from tqdm.auto import tqdm
+
     folder.mkdir(parents=True, exist_ok=True)
     files = image_files(folder, "--class-images")
-    for i in range(len(files), count):
+    for i in tqdm(range(len(files), count), desc="class images", unit="image", disable=len(files) >= count):
         generator = torch.Generator().manual_seed(seed + i)
         image = pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution,
                      generator=generator).images[0]
