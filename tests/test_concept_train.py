@@ -81,6 +81,18 @@ def test_diffusers_and_kohya_files_load_as_composer_concepts(trained):
     assert kohya and all(k.startswith("lora_unet_") for k in kohya)
 
 
+def test_the_app_takes_the_trained_file_as_an_upload(trained):
+    from visadapt.apps import composer as app
+
+    out, r = trained
+    pipe = app.load_pipeline(device="cpu")  # the app's tiny pipeline: the base the concept was trained on
+    slot = dict(lora=str(out / r["lora_files"]["kohya"]), name="sks", prompt="a photo of sks toy", xmin=0, ymin=0,
+                xmax=1, ymax=1, weight=1.0)
+    image, settings = app.generate(pipe, prompt="a photo of sks toy", concepts=[slot], steps=2, width=32, height=32)
+    plain, _ = app.generate(pipe, prompt="a photo of sks toy", steps=2, width=32, height=32)
+    assert settings["concepts"][0]["lora"] == "sks.safetensors" and image.tobytes() != plain.tobytes()
+
+
 def test_interrupted_run_resumes_bit_exactly_with_prior_preservation_and_text_encoder(images, tmp_path):
     cfg = dict(model="tiny-sd", images=str(images), steps=6, lr=1e-2, checkpoint_every=2, sample_every=3,
                class_prompt="a photo of a toy", train_text_encoder=True, **FAST)
