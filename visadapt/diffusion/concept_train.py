@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 import visadapt
 from visadapt.training import StepCallback, Trainer
-from visadapt.utils import atomic_path
+from visadapt.utils import atomic_path, write_text_atomic
 
 from .concept_config import MIN_IMAGES, TINY_MODELS, ConceptTrainConfig
 from .concepts import adapter_name_for
@@ -91,12 +91,12 @@ def check_instance_inputs(cfg: ConceptTrainConfig, need_model: bool = True) -> N
 def load_images(files: Sequence[Path], resolution: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Images resized (shorter side) and centre-cropped: ((N, 3, R, R) in [-1, 1], (N, 6) SDXL time ids
     (original h, w, crop top, left, target h, w), names of the images that were not already R×R)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     pixels, time_ids, resized = [], [], []
     for path in files:
         with Image.open(path) as opened:
-            image = opened.convert("RGB")
+            image = ImageOps.exif_transpose(opened).convert("RGB")  # phone photos: upright, as viewers show them
         w, h = image.size
         if (w, h) != (resolution, resolution):
             resized.append(path.name)
@@ -210,6 +210,9 @@ class ConceptModel(nn.Module):
             hidden.append(out.hidden_states[-2])
         return torch.cat(hidden, dim=-1), pooled
 
+    def trains_text(self) -> bool:
+        return any(p.requires_grad for p in self.encoders.parameters())
+
     def token_ids(self, device: torch.device) -> list[torch.Tensor]:
         return [tok(self.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device) for tok in self.tokenizers]
@@ -217,7 +220,9 @@ class ConceptModel(nn.Module):
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, which: torch.Tensor,
                 time_ids: torch.Tensor) -> torch.Tensor:
         """(B, 4, h, w) noisy latents, (B,) timesteps, (B,) prompt index, (B, 6) SDXL time ids → (B, 4, h, w)."""
-        embeds, pooled = self.encode(self.token_ids(noisy.device))
+        # Frozen encoders build no graph: their activations are not kept for the backward pass.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_text()):
+            embeds, pooled = self.encode(self.token_ids(noisy.device))
         kwargs: dict[str, Any] = {}
         if self.sdxl:
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled[which], "time_ids": time_ids.to(embeds.dtype)}
@@ -369,7 +374,7 @@ class ConceptTrainer(Trainer):
 
     def save_inputs(self) -> None:
         if getattr(self, "class_folder", None) is not None:
-            (self.out / "class_images.txt").write_text(str(Path(self.class_folder).resolve()) + "\n")
+            write_text_atomic(str(Path(self.class_folder).resolve()) + "\n", self.out / "class_images.txt")
 
     # ------------------------------------------------------------------------------------------- training
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
