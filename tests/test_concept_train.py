@@ -151,6 +151,14 @@ def test_v_prediction_pipeline_given_as_object_and_a_peft_config_file(images, tm
     assert type(pipe.unet.peft_config["sks"]).__name__ == "CompLoraConfig"
 
 
+def test_bf16_mixed_precision_trains(images, tmp_path):
+    cfg = ConceptTrainConfig(model="tiny-sd", images=str(images), steps=2, lr=1e-2, precision="bf16", sample_every=0,
+                             **FAST)
+    r = train_concept(cfg, tmp_path / "run")
+    assert r["precision"] == "bf16" and np.isfinite(r["eval_loss_after"]) and r["eval_loss_after"] != r[
+        "eval_loss_before"]
+
+
 def test_a_local_diffusers_folder_is_a_base_model(images, tmp_path):
     tiny_pipeline("sd").save_pretrained(str(tmp_path / "base"))
     cfg = ConceptTrainConfig(model=str(tmp_path / "base"), images=str(images), steps=1, sample_every=0, **FAST)
