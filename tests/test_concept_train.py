@@ -151,12 +151,28 @@ def test_v_prediction_pipeline_given_as_object_and_a_peft_config_file(images, tm
     assert type(pipe.unet.peft_config["sks"]).__name__ == "CompLoraConfig"
 
 
-def test_bf16_mixed_precision_trains(images, tmp_path):
-    cfg = ConceptTrainConfig(model="tiny-sd", images=str(images), steps=2, lr=1e-2, precision="bf16", sample_every=0,
-                             **FAST)
-    r = train_concept(cfg, tmp_path / "run")
-    assert r["precision"] == "bf16" and np.isfinite(r["eval_loss_after"]) and r["eval_loss_after"] != r[
-        "eval_loss_before"]
+@pytest.fixture()
+def fresh_accelerator():
+    """accelerate keeps one process-wide state whose precision cannot change: reset it around a bf16 run."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_with_half_frozen_weights(images, trained, tmp_path, fresh_accelerator):
+    pipe = tiny_pipeline("sd")
+    cfg = ConceptTrainConfig(images=str(images), steps=2, lr=1e-2, precision="bf16", half_weights=True,
+                             train_text_encoder=True, **FAST)
+    r = train_concept(cfg, tmp_path / "run", pipe=pipe)
+    assert r["precision"] == "bf16" and (tmp_path / "run" / "samples" / "step_000002.png").is_file()
+    dtypes = {(p.requires_grad, p.dtype) for m in (pipe.unet, pipe.text_encoder, pipe.vae) for p in m.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}  # frozen base halved, adapter fp32
+    assert r["eval_loss_before"] == pytest.approx(trained[1]["eval_loss_before"], abs=0.02)  # the fp32 run's
+    assert r["eval_loss_after"] != r["eval_loss_before"]
+    assert {t.dtype for t in load_file(str(tmp_path / "run" / r["lora_files"]["diffusers"])).values()} == {
+        torch.float32}
 
 
 def test_a_local_diffusers_folder_is_a_base_model(images, tmp_path):

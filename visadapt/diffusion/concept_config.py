@@ -73,6 +73,9 @@ class ConceptTrainConfig:
     weight_decay: float = option(1e-2, "AdamW weight decay", group="optimisation")
     warmup_steps: int = option(0, "linear warm-up, then constant", group="optimisation")
     grad_clip: Optional[float] = option(1.0, "gradient-norm clipping (none: off)", group="optimisation")
+    half_weights: bool = option(False, "keep the frozen base weights in the --precision dtype (fp16/bf16): about "
+                                "half the memory, as diffusers' DreamBooth scripts do; the adapter stays fp32",
+                                group="optimisation")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)",
                                           group="optimisation")
     seed: int = option(0, "LoRA init, noise, timesteps, batch order, class images and samples",

@@ -319,6 +319,7 @@ class ConceptTrainer(Trainer):
                           f"{self.resolution}×{self.resolution}: {', '.join(self.resized[:5])}.", stacklevel=2)
         classes = self._class_latents() if c.class_prompt else None
         self._add_adapters()
+        self._halve_frozen_weights()
         self.noise_scheduler = self._training_scheduler()
         self.model = ConceptModel(pipe, [c.instance_prompt] + ([c.class_prompt] if c.class_prompt else []))
         self.train_set = ConceptItems(instance, classes, self.noise_scheduler.config.num_train_timesteps)
@@ -357,6 +358,17 @@ class ConceptTrainer(Trainer):
             for encoder in self._encoders() if c.train_text_encoder else ():
                 # transformers 5 renamed it (the old name warns); transformers 4 has only the old one
                 getattr(encoder, "activation_checkpointing_enable", encoder.gradient_checkpointing_enable)()
+
+    def _halve_frozen_weights(self) -> None:
+        """With ``half_weights`` under fp16/bf16 autocast, the frozen parameters (not the adapter, not buffers) go to
+        that dtype. After the adapters are built, so Comp-LoRA's SVD of the frozen weights runs in fp32."""
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
+        if not self.cfg.half_weights or dtype is None:
+            return
+        for module in (self.pipe.unet, self.pipe.vae, *self._encoders()):
+            for param in module.parameters():
+                if not param.requires_grad:
+                    param.data = param.data.to(dtype)
 
     def _training_scheduler(self):
         """DDPM with the pipeline's noise schedule and prediction type, as diffusers' DreamBooth scripts train."""
@@ -442,7 +454,7 @@ class ConceptTrainer(Trainer):
         c = self.cfg
         path = self.out / "samples" / f"step_{step:06d}.png"
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=cuda):
+        with torch.random.fork_rng(devices=cuda), self.accelerator.autocast():
             self.model.eval()
             try:
                 images = [self._sample(c.sample_prompt or c.instance_prompt, c.seed + i) for i in range(c.sample_count)]
