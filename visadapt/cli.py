@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     from visadapt.hyperspectral.cli import add_commands as add_hsi
 
     add_hsi(commands)
+    from visadapt.diffusion.concept_cli import add_commands as add_concept
+
+    add_concept(commands)
     from visadapt.incremental.cli import add_commands as add_incremental
 
     add_incremental(commands)

@@ -1,12 +1,28 @@
-"""Multi-concept composition for diffusers pipelines: LoRA-Composer's concepts and attention edits, and DECOR.
+"""Multi-concept composition for diffusers pipelines: LoRA-Composer's concepts and attention edits, and DECOR;
+concept training (``visadapt concept train``, :mod:`visadapt.diffusion.concept_train`).
 
 The pipelines that use these live in :mod:`visadapt.pipelines` (``LoRAComposerPipeline``,
-``LoRAComposerXLPipeline``, ``DecorPipeline``, ``DecorXLPipeline``).
+``LoRAComposerXLPipeline``, ``DecorPipeline``, ``DecorXLPipeline``). The names below load on first use, so that the
+command line (``visadapt concept --help``) imports this package without torch.
 """
 
-from .composer import ComposerConfig
-from .concepts import Concept
-from .decor import Decor, DecorProjector
-from .lora_files import LoraFileError
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .composer import ComposerConfig
+    from .concepts import Concept
+    from .decor import Decor, DecorProjector
+    from .lora_files import LoraFileError
+
+_EXPORTS = {"Concept": "concepts", "ComposerConfig": "composer", "Decor": "decor", "DecorProjector": "decor",
+            "LoraFileError": "lora_files"}
 __all__ = ["Concept", "ComposerConfig", "Decor", "DecorProjector", "LoraFileError"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
