@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 import warnings
@@ -311,7 +312,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                 lr = self.scheduler.get_last_lr()[0]
                 with warnings.catch_warnings():  # the schedule counts micro-batches, so it may step first
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+                    warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"), UserWarning)
                     self.scheduler.step()
                 step += 1
                 record = {"step": step, "loss": acc.reduce(loss, "mean").item(), "lr": lr, **self.step_facts(step)}
