@@ -7,8 +7,7 @@ importing diffusers, and the diffusion pipelines do not pay for open_clip.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from visadapt.utils.lazy import lazy_exports
 
 _HOMES = {
     "FewShotCLIPPipeline": "fewshot_clip",
@@ -29,12 +28,4 @@ _HOMES = {
 
 __all__ = list(_HOMES)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

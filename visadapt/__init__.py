@@ -8,10 +8,8 @@ is imported (at once if they already are; see :mod:`visadapt._registry`), and th
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from . import _registry
+from .utils.lazy import lazy_exports
 from .version import __version__
 
 _registry.install()
@@ -21,12 +19,4 @@ _LAZY = {"BlockLoraConfig": "visadapt.adapters", "CompLoraConfig": "visadapt.ada
 
 __all__ = ["BlockLoraConfig", "CompLoraConfig", "export_lora", "__version__"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'visadapt' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -8,8 +8,9 @@ command line (``visadapt concept --help``) imports this package without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from visadapt.utils.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .composer import ComposerConfig
@@ -21,8 +22,4 @@ _EXPORTS = {"Concept": "concepts", "ComposerConfig": "composer", "Decor": "decor
             "LoraFileError": "lora_files"}
 __all__ = ["Concept", "ComposerConfig", "Decor", "DecorProjector", "LoraFileError"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

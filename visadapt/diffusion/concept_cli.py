@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from visadapt.utils.cli import HelpFormatter, add_config_arguments, config_from_args
+from visadapt.utils.cli import add_train_command, config_from_args
 
 from .concept_config import ConceptTrainConfig
 
@@ -19,12 +19,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                                               "on a few images with a trigger word, exported to diffusers and kohya "
                                               "files that the composer pipelines and the app load as concepts.")
     sub = concept.add_subparsers(dest="concept_command", metavar="COMMAND", required=True)
-    train = sub.add_parser("train", help="train one concept; writes its LoRA files, samples and loss curve",
-                           formatter_class=HelpFormatter)
-    train.add_argument("--out", required=True, help="run folder")
-    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    add_config_arguments(train, ConceptTrainConfig)
-    train.set_defaults(func=_train)
+    add_train_command(sub, ConceptTrainConfig, _train,
+                      help="train one concept; writes its LoRA files, samples and loss curve")
 
 
 def _train(args: argparse.Namespace) -> int:

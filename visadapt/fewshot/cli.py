@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from visadapt.utils.cli import HelpFormatter, add_config_arguments, config_from_args, typed_by_user
+from visadapt.utils.cli import HelpFormatter, add_train_command, config_from_args, typed_by_user
 
 from .config import DATASET_NAMES, DEMO_MODEL, TEMPLATE, TrainConfig
 
@@ -32,15 +32,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                                   description="Few-shot CLIP adaptation under the CLIP-LoRA protocol.")
     sub = fewshot.add_subparsers(dest="fewshot_command", metavar="COMMAND", required=True)
 
-    train = sub.add_parser("train", help="train one few-shot run and write results, adapter and plots",
-                           formatter_class=_HELP)
-    train.add_argument("--demo", action="store_true",
-                       help="run on the embedded demo world and tiny CLIP (no download, about a minute on a laptop "
-                            "CPU); the other options still apply, except data and model")
-    train.add_argument("--out", required=True, help="run folder (results.json, adapter/, lora/, plots)")
-    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    add_config_arguments(train, TrainConfig)
-    train.set_defaults(func=_train)
+    add_train_command(sub, TrainConfig, _train, help="train one few-shot run and write results, adapter and plots",
+                      demo="run on the embedded demo world and tiny CLIP (no download, about a minute on a laptop "
+                           "CPU); the other options still apply, except data and model")
 
     ev = sub.add_parser("eval", help="top-1 of a trained run on a dataset's test split", formatter_class=_HELP)
     ev.add_argument("run", help="run folder written by `visadapt fewshot train`")

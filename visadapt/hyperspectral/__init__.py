@@ -6,16 +6,11 @@ on first use, so the command line does not import torch to answer ``--help``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from visadapt.utils.lazy import lazy_exports
 
 _HOMES = {"GatedLoRALinear": ".lora", "LoRALinear": ".lora", "lola_peft_config": ".lora",
           "set_lora_enabled": ".lora", "LoLASpecViT": ".model", "set_trainable": ".model"}
 
 __all__ = list(_HOMES)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name], __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

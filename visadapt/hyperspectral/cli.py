@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from visadapt.utils.cli import HelpFormatter, add_config_arguments, config_from_args, typed_by_user
+from visadapt.utils.cli import HelpFormatter, add_train_command, config_from_args, typed_by_user
 
 from .config import DATASET_NAMES, HSITrainConfig
 
@@ -35,15 +35,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                                           "LoRA) from .mat/.npy cubes to class maps.")
     sub = hsi.add_subparsers(dest="hsi_command", metavar="COMMAND", required=True)
 
-    train = sub.add_parser("train", help="train one run and write results.json, the model and the class map",
-                           formatter_class=_HELP)
-    train.add_argument("--demo", action="store_true",
-                       help="generate a synthetic ~100-band scene and train a tiny model on it (no download; about "
-                            "a minute on 2 CPU cores); the other options still apply, except the scene's")
-    train.add_argument("--out", required=True, help="run folder")
-    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    add_config_arguments(train, HSITrainConfig)
-    train.set_defaults(func=_train)
+    add_train_command(sub, HSITrainConfig, _train,
+                      help="train one run and write results.json, the model and the class map",
+                      demo="generate a synthetic ~100-band scene and train a tiny model on it (no download; about a "
+                           "minute on 2 CPU cores); the other options still apply, except the scene's")
 
     ev = sub.add_parser("eval", help="OA / AA / κ of a trained run on its test pixels (or on another scene)",
                         formatter_class=_HELP)

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from visadapt.utils.cli import HelpFormatter, add_config_arguments, config_from_args, typed_by_user
+from visadapt.utils.cli import HelpFormatter, add_train_command, config_from_args, typed_by_user
 
 from .config import IncrementalConfig, official_recipe
 
@@ -25,16 +25,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                                           "student, an EMA teacher and prototype sessions.")
     sub = inc.add_subparsers(dest="incremental_command", metavar="COMMAND", required=True)
 
-    train = sub.add_parser("train", help="run every session and write results.json, figures and the pipeline",
-                           formatter_class=HelpFormatter)
-    train.add_argument("--demo", action="store_true",
-                       help="a stream of procedural shapes on the tiny demo CLIP's vision tower (no download, about "
-                            "a minute on 2 CPU cores): CoACT next to naive fine-tuning and prototypes")
-    train.add_argument("--out", required=True, help="run folder")
-    train.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (inside the "
-                                                             "session it stopped in, then the later ones)")
-    add_config_arguments(train, IncrementalConfig)
-    train.set_defaults(func=_train)
+    add_train_command(sub, IncrementalConfig, _train,
+                      help="run every session and write results.json, figures and the pipeline",
+                      demo="a stream of procedural shapes on the tiny demo CLIP's vision tower (no download, about a "
+                           "minute on 2 CPU cores): CoACT next to naive fine-tuning and prototypes",
+                      resume="continue the interrupted run in --out (inside the session it stopped in, then the "
+                             "later ones)")
 
     ev = sub.add_parser("eval", help="score a finished run after a session on its test images",
                         formatter_class=HelpFormatter)

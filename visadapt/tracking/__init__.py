@@ -6,8 +6,7 @@ The names below load on first use, so importing the package does not import torc
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from visadapt.utils.lazy import lazy_exports
 
 _HOMES = {"LoRAT": ".model", "LoRATVariant": ".model", "VARIANTS": ".model", "build_lorat": ".model",
           "add_adapter": ".model", "merge": ".model", "lorat_adapter_config": ".model",
@@ -18,8 +17,4 @@ _HOMES = {"LoRAT": ".model", "LoRATVariant": ".model", "VARIANTS": ".model", "bu
 
 __all__ = list(_HOMES)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name], __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

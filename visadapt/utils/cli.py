@@ -132,6 +132,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type,
                              "given here replace its values")
 
 
+def add_train_command(commands: argparse._SubParsersAction, config_class: type, run: Callable, *, help: str,
+                      demo: Optional[str] = None,
+                      resume: str = "continue the interrupted run in --out") -> argparse.ArgumentParser:
+    """A task's ``train`` command: ``--out``, ``--resume``, ``--demo`` (when the task has one, ``demo`` is its
+    help) and one option per field of ``config_class``; ``run(args)`` carries it out."""
+    train = commands.add_parser("train", help=help, formatter_class=HelpFormatter)
+    if demo:
+        train.add_argument("--demo", action="store_true", help=demo)
+    train.add_argument("--out", required=True, help="run folder")
+    train.add_argument("--resume", action="store_true", help=resume)
+    add_config_arguments(train, config_class)
+    train.set_defaults(func=run)
+    return train
+
+
 def _split_commas(values: Any) -> Any:
     if isinstance(values, list):
         return [part for value in values for part in (value.split(",") if isinstance(value, str) else [value])
