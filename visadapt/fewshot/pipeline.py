@@ -13,7 +13,7 @@ import torchvision.transforms.v2 as T
 from PIL import Image
 
 from visadapt.adapters.checks import check_finite_dir
-from visadapt.utils import staged_dir
+from visadapt.utils import PIPELINE_CONFIG, read_pipeline_config, staged_dir
 
 from .config import LOGIT_SCALE, TEMPLATE
 from .data import Item
@@ -21,7 +21,7 @@ from .evaluate import ClipClassifier, class_features, top1
 from .model import load_clip
 
 ImageInput = Union[Image.Image, Sequence[Image.Image], torch.Tensor]
-CONFIG_NAME = "pipeline.json"
+CONFIG_NAME = PIPELINE_CONFIG
 
 
 @dataclass
@@ -67,10 +67,7 @@ class FewShotCLIPPipeline:
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu"
                         ) -> "FewShotCLIPPipeline":
         path = Path(path)
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: pass a run folder of `visadapt fewshot train` "
-                                    "or a folder written by FewShotCLIPPipeline.save_pretrained.")
-        cfg = json.loads((path / CONFIG_NAME).read_text())
+        cfg = read_pipeline_config(path, "a run of `visadapt fewshot train` or FewShotCLIPPipeline.save_pretrained")
         if cfg.get("adapter"):
             check_finite_dir(path / cfg["adapter"])  # a NaN weight would otherwise make every prediction NaN
         bundle = load_clip(cfg["model"], cfg["pretrained"])

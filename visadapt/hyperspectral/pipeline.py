@@ -14,13 +14,13 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from visadapt.utils import staged_dir
+from visadapt.utils import PIPELINE_CONFIG, read_pipeline_config, staged_dir
 
 from .data import PCA, PatchSet, collate_batch
 from .metrics import confusion_matrix, scores
 from .model import build_model
 
-CONFIG_NAME = "pipeline.json"
+CONFIG_NAME = PIPELINE_CONFIG
 
 
 @torch.no_grad()
@@ -90,10 +90,7 @@ class HyperspectralPipeline:
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu"
                         ) -> "HyperspectralPipeline":
         path = Path(path)
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: pass a run folder of `visadapt hsi train` or a "
-                                    "folder written by HyperspectralPipeline.save_pretrained.")
-        cfg = json.loads((path / CONFIG_NAME).read_text())
+        cfg = read_pipeline_config(path, "a run of `visadapt hsi train` or HyperspectralPipeline.save_pretrained")
         model = build_model(cfg["model"], cfg["in_chans"], cfg["patch_size"], cfg["num_classes"],
                             **cfg.get("model_kwargs", {}))
         missing, unexpected = model.load_state_dict(load_file(str(path / cfg.get("weights", "model.safetensors"))),

@@ -18,13 +18,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torchvision import transforms as T
 
-from visadapt.utils import staged_dir
+from visadapt.utils import PIPELINE_CONFIG, read_pipeline_config, staged_dir
 
 from .config import IncrementalConfig
 from .data import eval_transform
 from .model import CoactModel, adapter_config, load_backbone
 
-CONFIG_NAME = "pipeline.json"
+CONFIG_NAME = PIPELINE_CONFIG
 ROWS = "pipeline.rows"
 
 
@@ -60,10 +60,8 @@ class IncrementalClassifierPipeline:
                         device: Union[str, torch.device] = "cpu") -> "IncrementalClassifierPipeline":
         """Load a run folder (``session``: that session's weights and classes; None: the folder's own weights)."""
         path = Path(path)
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: pass a finished run folder of `visadapt "
-                                    "incremental train` or a folder written by save_pretrained.")
-        meta = json.loads((path / CONFIG_NAME).read_text())
+        meta = read_pipeline_config(path, "a finished run of `visadapt incremental train` or "
+                                          "IncrementalClassifierPipeline.save_pretrained")
         cfg = IncrementalConfig(**meta["config"]).with_recipe()
         backbone = load_backbone(cfg)
         model = CoactModel(backbone, meta["num_classes"], adapter_config(cfg, backbone), cfg.classifier,

@@ -16,13 +16,13 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
-from visadapt.utils import staged_dir
+from visadapt.utils import PIPELINE_CONFIG, read_pipeline_config, staged_dir
 
 from .checkpoint import load_official
 from .model import LoRAT, build_vit, get_variant, merge
 from .tracker import Frame, Tracker
 
-CONFIG_NAME = "pipeline.json"
+CONFIG_NAME = PIPELINE_CONFIG
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -73,9 +73,7 @@ class TrackingPipeline:
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device=None) -> "TrackingPipeline":
         path = Path(path)
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; write one with TrackingPipeline.save_pretrained.")
-        config = json.loads((path / CONFIG_NAME).read_text())
+        config = read_pipeline_config(path, "TrackingPipeline.save_pretrained")
         model = _build(config)
         state = load_file(str(path / WEIGHTS_NAME))
         result = model.load_state_dict(state, strict=False)

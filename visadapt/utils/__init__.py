@@ -2,7 +2,16 @@
 on use: it loads matplotlib), errors shared by the tasks (:mod:`.errors`) and the config-driven CLI (:mod:`.cli`)."""
 
 from .errors import DatasetLayoutError, TrainingDiverged
-from .io import atomic_path, recover_dir, replace_dir, save_json_atomic, staged_dir, write_text_atomic
+from .io import (
+                 PIPELINE_CONFIG,
+                 atomic_path,
+                 read_pipeline_config,
+                 recover_dir,
+                 replace_dir,
+                 save_json_atomic,
+                 staged_dir,
+                 write_text_atomic,
+)
 
-__all__ = ["DatasetLayoutError", "TrainingDiverged", "atomic_path", "recover_dir", "replace_dir",
-           "save_json_atomic", "staged_dir", "write_text_atomic"]
+__all__ = ["DatasetLayoutError", "TrainingDiverged", "PIPELINE_CONFIG", "atomic_path", "read_pipeline_config",
+           "recover_dir", "replace_dir", "save_json_atomic", "staged_dir", "write_text_atomic"]

@@ -59,6 +59,18 @@ def save_json_atomic(obj: Any, path: str | os.PathLike) -> None:
             os.fsync(f.fileno())
 
 
+PIPELINE_CONFIG = "pipeline.json"
+
+
+def read_pipeline_config(path: str | os.PathLike, written_by: str) -> dict:
+    """A saved pipeline's ``pipeline.json``; a folder without one is an error naming what writes it
+    (``written_by``, e.g. "`visadapt hsi train` or HyperspectralPipeline.save_pretrained")."""
+    file = Path(path) / PIPELINE_CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no {PIPELINE_CONFIG}: pass a folder written by {written_by}.")
+    return json.loads(file.read_text())
+
+
 @contextmanager
 def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty staging folder; on success move each file into ``out_dir`` with an atomic rename.
