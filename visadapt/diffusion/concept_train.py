@@ -197,6 +197,10 @@ class ConceptModel(nn.Module):
         self.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
         self.sdxl = is_sdxl(pipe)
         self.prompts = list(prompts)
+        # The prompts never change: tokenise once, and encode once while the encoders are frozen.
+        self._ids = [tok(self.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids for tok in self.tokenizers]
+        self._frozen_text: dict[tuple, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
 
     def encode(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Token ids (P, 77) per encoder → ((P, 77, D) embeddings, (P, D_pool) SDXL pooled embeddings or None).
@@ -214,15 +218,23 @@ class ConceptModel(nn.Module):
         return any(p.requires_grad for p in self.encoders.parameters())
 
     def token_ids(self, device: torch.device) -> list[torch.Tensor]:
-        return [tok(self.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device) for tok in self.tokenizers]
+        return [ids.to(device) for ids in self._ids]
+
+    def text(self, device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The prompts' embeddings: encoded every call while an encoder trains, else once per device and
+        autocast state (frozen encoders build no graph and always give the same embeddings)."""
+        if self.trains_text():
+            return self.encode(self.token_ids(device))
+        key = (device, torch.is_autocast_enabled(device.type))
+        if key not in self._frozen_text:
+            with torch.no_grad():
+                self._frozen_text[key] = self.encode(self.token_ids(device))
+        return self._frozen_text[key]
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, which: torch.Tensor,
                 time_ids: torch.Tensor) -> torch.Tensor:
         """(B, 4, h, w) noisy latents, (B,) timesteps, (B,) prompt index, (B, 6) SDXL time ids → (B, 4, h, w)."""
-        # Frozen encoders build no graph: their activations are not kept for the backward pass.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_text()):
-            embeds, pooled = self.encode(self.token_ids(noisy.device))
+        embeds, pooled = self.text(noisy.device)
         kwargs: dict[str, Any] = {}
         if self.sdxl:
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled[which], "time_ids": time_ids.to(embeds.dtype)}

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from visadapt.utils.cli import HelpFormatter, add_train_command, config_from_args, typed_by_user
+from visadapt.utils.cli import HelpFormatter, add_train_command, config_from_args, demo_overrides, typed_by_user
 
 from .config import DATASET_NAMES, DEMO_MODEL, TEMPLATE, TrainConfig
 
@@ -89,19 +89,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_demo(args: argparse.Namespace) -> int:
-    fixed = [name for name in _DEMO_FIXED if typed_by_user(args, name)]
-    if fixed or args.config:
-        given = ", ".join("--" + n.replace("_", "-") for n in fixed) or "--config"
-        print(f"visadapt fewshot train: --demo brings its own data and model; drop {given}, or train without "
-              "--demo.", file=sys.stderr)
-        return 2
-    from dataclasses import fields
-
     from .demo import run_demo
 
-    config = config_from_args(TrainConfig, args)
-    typed = {f.name: getattr(config, f.name) for f in fields(TrainConfig) if typed_by_user(args, f.name)}
-    return run_demo(args.out, resume=args.resume, **typed)
+    return run_demo(args.out, resume=args.resume,
+                    **demo_overrides(args, TrainConfig, _DEMO_FIXED, "data and model"))
 
 
 def _eval(args: argparse.Namespace) -> int:

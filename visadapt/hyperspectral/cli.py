@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from visadapt.utils.cli import HelpFormatter, add_train_command, config_from_args, typed_by_user
+from visadapt.utils.cli import HelpFormatter, add_train_command, config_from_args, demo_overrides
 
 from .config import DATASET_NAMES, HSITrainConfig
 
@@ -63,18 +63,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
     if args.demo:
-        fixed = [name for name in _DEMO_FIXED if typed_by_user(args, name)]
-        if fixed or args.config:
-            given = ", ".join("--" + n.replace("_", "-") for n in fixed) or "--config"
-            raise ValueError(f"--demo brings its own scene; drop {given}, or train without --demo.")
         from .demo import run_demo
 
-        config = config_from_args(HSITrainConfig, args)
-        typed = {f.name: getattr(config, f.name) for f in fields(HSITrainConfig) if typed_by_user(args, f.name)}
-        r = run_demo(args.out, resume=args.resume, **typed)
+        r = run_demo(args.out, resume=args.resume, **demo_overrides(args, HSITrainConfig, _DEMO_FIXED, "scene"))
         print(f"demo: OA {r['OA']:.2f}%  AA {r['AA']:.2f}%  κ {r['kappa']:.2f}")
         return 0
     from .train import train

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from visadapt.utils.cli import HelpFormatter, add_train_command, config_from_args, typed_by_user
+from visadapt.utils.cli import HelpFormatter, add_train_command, config_from_args, demo_overrides, typed_by_user
 
 from .config import IncrementalConfig, official_recipe
 
@@ -49,17 +49,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     if args.demo:
-        fixed = [name for name in _DEMO_FIXED if typed_by_user(args, name)]
-        if fixed or args.config:
-            given = ", ".join("--" + n.replace("_", "-") for n in fixed) or "--config"
-            raise ValueError(f"--demo brings its own data, schedule and backbone and runs every recipe; drop {given}, "
-                             "or train without --demo.")
-        from dataclasses import fields
-
         from .demo import run_demo
 
-        config = config_from_args(IncrementalConfig, args)
-        typed = {f.name: getattr(config, f.name) for f in fields(IncrementalConfig) if typed_by_user(args, f.name)}
+        typed = demo_overrides(args, IncrementalConfig, _DEMO_FIXED,
+                               "data, schedule and backbone and runs every recipe")
         summary = run_demo(args.out, resume=args.resume, overrides=typed)
         print("\nrecipe       avg acc  last acc  base forgetting  time")
         for name, r in summary.items():

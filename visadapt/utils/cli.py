@@ -147,6 +147,17 @@ def add_train_command(commands: argparse._SubParsersAction, config_class: type, 
     return train
 
 
+def demo_overrides(args: argparse.Namespace, config_class: type, fixed: Sequence[str], brings: str) -> dict:
+    """The options the user typed next to ``--demo``, as config values; the demo's own choices (``fixed``: data,
+    model, …, described by ``brings``) and ``--config`` are refused with a message naming the fix."""
+    given = [name for name in fixed if typed_by_user(args, name)]
+    if given or getattr(args, "config", None):
+        flags = ", ".join("--" + n.replace("_", "-") for n in given) or "--config"
+        raise ValueError(f"--demo brings its own {brings}; drop {flags}, or train without --demo.")
+    config = config_from_args(config_class, args)
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config_class) if typed_by_user(args, f.name)}
+
+
 def _split_commas(values: Any) -> Any:
     if isinstance(values, list):
         return [part for value in values for part in (value.split(",") if isinstance(value, str) else [value])
