@@ -306,10 +306,20 @@ def _base(linear: nn.Module) -> nn.Module:
     return getattr(linear, "base_layer", linear)
 
 
-def is_easyref_installed(unet) -> bool:
+def _decoupled_processors(unet) -> list:
+    """The UNet's IP-Adapter processors, also when a wrapping processor holds one as ``.base`` (the composer's)."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-    return any(isinstance(p, IPAdapterAttnProcessor2_0) for p in unet.attn_processors.values())
+    found = []
+    for processor in unet.attn_processors.values():
+        processor = processor if isinstance(processor, IPAdapterAttnProcessor2_0) else getattr(processor, "base", None)
+        if isinstance(processor, IPAdapterAttnProcessor2_0):
+            found.append(processor)
+    return found
+
+
+def is_easyref_installed(unet) -> bool:
+    return bool(_decoupled_processors(unet))
 
 
 def install_easyref(unet, num_tokens: int = 64, scale: float = 1.0, lora_rank: int = 128) -> None:
@@ -368,9 +378,7 @@ def remove_easyref(unet) -> None:
 
 def set_easyref_scale(unet, scale: float) -> None:
     """λ of every decoupled cross-attention layer (0 skips the reference branch; the LoRA is not touched)."""
-    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
-
-    found = [p for p in unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
+    found = _decoupled_processors(unet)
     if not found:
         raise ValueError("This UNet has no EasyRef layers; call install_easyref(unet) first.")
     for processor in found:
