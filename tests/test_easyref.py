@@ -409,8 +409,9 @@ def test_controlnet_sees_text_tokens_only(files):
 
 
 def test_saved_official_file_loads_the_way_the_released_code_loads_it(ref_pipe, files, tmp_path):
-    """save_easyref(official=True) gives back the official file it was loaded from, and a fresh interpreter without
-    visadapt loads it the released way: prefixes split, the projector and the one-layer MLLM copy (strict)."""
+    """save_easyref(official=True) gives back the official file it was loaded from (names and shapes), and a fresh
+    interpreter without visadapt loads it the released way: prefixes split, the projector and the one-layer MLLM
+    copy strictly, the UNet part by processor names."""
     from conftest import run_python
     from safetensors.torch import load_file
 
@@ -421,9 +422,10 @@ def test_saved_official_file_loads_the_way_the_released_code_loads_it(ref_pipe, 
     ours = ref_pipe.save_easyref(tmp_path / "ours.safetensors")
     assert convert_official(saved).keys() == load_file(str(ours)).keys()
     run_python(f"""
+import re
+
 import torch
 from safetensors import safe_open
-from diffusers import UNet2DConditionModel
 from transformers import Qwen2VLTextConfig, Qwen2VLTextModel
 
 parts = {{"image_proj_model": {{}}, "mllm_final_layer": {{}}, "unet": {{}}, "multimodal_llm": {{}}}}
@@ -441,14 +443,42 @@ final = Qwen2VLTextModel(config)
 final.embed_tokens = torch.nn.Identity()
 final.reference_tokens = torch.nn.Parameter(torch.zeros({TOKENS}, 32))
 final.load_state_dict(parts["mllm_final_layer"], strict=True)
-unet = UNet2DConditionModel.from_pretrained({str(files["sdxl"] / "unet")!r})
-for key, value in parts["unet"].items():
-    path, kind = key.split(".processor.")
-    attn = unet.get_submodule(path)
-    if kind.startswith("to_k_ip") or kind.startswith("to_v_ip"):
-        assert value.shape == attn.to_k.weight.shape, key
-    else:
-        layer = attn.to_out[0] if kind.startswith("to_out") else getattr(attn, kind.split("_lora")[0])
-        assert value.shape == ((4, layer.in_features) if ".down." in kind else (layer.out_features, 4)), key
+pattern = re.compile(r"[a-z_.0-9]+attn[12]\\.processor\\.(to_[kv]_ip|to_(q|k|v|out)_lora\\.(down|up))\\.weight")
+assert all(pattern.fullmatch(key) for key in parts["unet"]), sorted(parts["unet"])[:3]
 assert parts["unet"] and not parts["multimodal_llm"]
 """, tmp_path)
+
+
+# -- the app ---------------------------------------------------------------------------------------------------------
+
+def _labels(app) -> set:
+    return {c.get("props", {}).get("label") for c in app.config["components"]}
+
+
+def test_app_shows_reference_images_for_sdxl_and_generates_with_them(ref_pipe, tmp_path):
+    from visadapt.apps import composer
+    from visadapt.pipelines import LoRAComposerXLPipeline
+
+    pipe = LoRAComposerXLPipeline.from_pipe(ref_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    assert "Reference images" in _labels(composer.build_app(pipe, output_dir=tmp_path))
+    assert "Reference images" not in _labels(composer.build_app(tiny_pipeline("sd", pipeline_class=composer_sd()),
+                                                                output_dir=tmp_path))
+    paths = []
+    for i, image in enumerate(refs(2)):
+        paths.append(tmp_path / f"ref{i}.png")
+        image.save(paths[-1])
+    fast = dict(prompt="a cat", steps=2, width=32, height=32, latent_optimization=False, latent_reinit=False)
+    image, settings = composer.generate(pipe, reference_images=[str(p) for p in paths], reference_scale=0.8, **fast)
+    assert settings["references"] == {"images": ["ref0.png", "ref1.png"], "scale": 0.8}
+    plain, _ = composer.generate(pipe, **fast)
+    assert image.tobytes() != plain.tobytes()
+    with pytest.raises(ValueError, match="--easyref"):
+        composer.generate(LoRAComposerXLPipeline.from_pipe(tiny_pipeline("sdxl")), reference_images=[str(paths[0])],
+                          **fast)
+
+
+def composer_sd():
+    from visadapt.pipelines import LoRAComposerPipeline
+
+    return LoRAComposerPipeline
