@@ -326,6 +326,10 @@ def test_pipeline_bad_inputs_name_the_fix(ref_pipe, files, tmp_path):
         run(ref_pipe, reference_images=[broken])
     with pytest.raises(EasyRefInputError, match="load_easyref"):
         run(_composer(), reference_images=refs(1))
+    with pytest.raises(ValueError, match="Not an EasyRef checkpoint.*not a LoRA"):
+        _composer().load_easyref(files["user"], encoder=ref_pipe.easyref_encoder)
+    with pytest.raises(ValueError, match="already lost its last layer"):
+        EasyRefEncoder(ref_pipe.easyref_encoder.mllm, ref_pipe.easyref_encoder.processor, WIDTH)
 
 
 def _composer():
