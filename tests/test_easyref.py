@@ -87,9 +87,11 @@ def _official(encoder: EasyRefEncoder, inputs: dict) -> torch.Tensor:
 
 
 def test_encoder_matches_the_official_computation(encoder):
-    inputs = encoder.prepare([refs(2)], ["two shapes"])
-    with torch.no_grad():
-        torch.testing.assert_close(encoder(**inputs), _official(encoder, inputs), atol=1e-5, rtol=1e-4)
+    """Unpadded (inference) and a padded batch (training): transformers builds the same causal + padding mask."""
+    for inputs in (encoder.prepare([refs(2)], ["two shapes"]),
+                   encoder.prepare([refs(1), refs(3)], ["a", "three shapes on a table"])):
+        with torch.no_grad():
+            torch.testing.assert_close(encoder(**inputs), _official(encoder, inputs), atol=1e-5, rtol=1e-4)
 
 
 def test_final_layer_is_causal_unless_clean(encoder):
