@@ -459,11 +459,10 @@ def read_coco(root: PathLike, split: str = "train", year: int = 2017) -> list[Tr
         data = json.loads(annotation_file.read_text())
         images = {im["id"]: im for im in data["images"]}
         categories = {c["id"]: c["name"] for c in data.get("categories", [])}
-        annotations = data["annotations"]
+        return list(_coco_tracks(data["annotations"], images, categories, image_dir))
     except (ValueError, KeyError, TypeError) as error:
         raise layout_error("coco", f"{annotation_file} is not a COCO instances file ({error!r})",
                            "use the official instances_*.json.") from None
-    return list(_coco_tracks(annotations, images, categories, image_dir))
 
 
 def _coco_tracks(annotations: Iterable[dict], images: dict, categories: dict, image_dir: Path
