@@ -8,8 +8,8 @@ Random weights (no download); ``--backbone S`` keeps the variant's crop sizes (t
 ViT-S/14 (384 wide, 12 blocks, 6 heads) so that the CPU run stays within minutes; ``--backbone variant`` uses the
 variant's own DINOv2 backbone.
 
-Inference (batch 1, eval, no grad, models cast to ``--dtype``), one child process, rounds interleaved so that
-shared cores slow every model alike; the median time per forward of:
+Inference (batch 1, eval, no grad, models cast to ``--dtype``), one child process, the models taking turns
+forward by forward so that shared cores slow every model alike; median (and fastest) time per forward of:
   * plain ViT: timm's patch embedding, blocks and final norm on the same template + search tokens (no head);
   * merged tracker: the LoRAT network after ``merge`` (adapters folded in: the deployed model), head included;
   * unmerged tracker: the same network with the LoRA layers still separate.
@@ -84,15 +84,14 @@ def inference_worker(args: argparse.Namespace) -> dict:
         for _ in range(args.warmup):
             for run in runs.values():
                 run()
-        for _ in range(args.rounds):
+        for _ in range(args.iters):
             for name, run in runs.items():
-                for _ in range(args.iters):
-                    _sync(device)
-                    start = time.perf_counter()
-                    run()
-                    _sync(device)
-                    times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+                _sync(device)
+                start = time.perf_counter()
+                run()
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+    return {name: {"median": statistics.median(t), "min": min(t)} for name, t in times.items()}
 
 
 def training_worker(recipe: str, args: argparse.Namespace) -> dict:
@@ -136,8 +135,7 @@ def main() -> None:
                         help="S: ViT-S/14 dimensions at the variant's crop sizes; variant: the variant's backbone")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    parser.add_argument("--iters", type=int, default=5, help="timed forwards per model per round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=15, help="timed forwards per model (models take turns)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2, help="training batch size")
     parser.add_argument("--train-steps", type=int, default=3, help="timed training steps (after one untimed)")
@@ -161,14 +159,17 @@ def report(args: argparse.Namespace, fps: dict, train: dict) -> None:
     print(f"command: python benchmarks/tracking.py {' '.join(sys.argv[1:])}")
     print(f"device: {device_name(args.device)}; dtype {args.dtype}; {args.variant} crops on {backbone}, random "
           "weights")
-    print(f"inference, batch 1, median of {args.rounds}×{args.iters} forwards per model (interleaved rounds):")
-    print("model              ms/frame  frames/s  ratio to plain ViT")
+    print(f"inference, batch 1, {args.iters} forwards per model, models taking turns:")
+    print("model              median ms  frames/s  ratio to plain  fastest ms  ratio to plain")
+    plain = fps["plain"]
     for name in ("plain", "merged", "unmerged"):
         t = fps[name]
-        print(f"{name + (' ViT' if name == 'plain' else ' tracker'):17s}  {t * 1e3:8.1f}  {1 / t:8.2f}  "
-              f"{t / fps['plain']:18.3f}")
-    print(f"merged / plain = {fps['merged'] / fps['plain']:.3f} (goal ≤ 1.05); "
-          f"unmerged / merged = {fps['unmerged'] / fps['merged']:.3f}")
+        print(f"{name + (' ViT' if name == 'plain' else ' tracker'):17s}  {t['median'] * 1e3:9.1f}  "
+              f"{1 / t['median']:8.2f}  {t['median'] / plain['median']:14.3f}  {t['min'] * 1e3:10.1f}  "
+              f"{t['min'] / plain['min']:14.3f}")
+    merged, unmerged = fps["merged"]["median"], fps["unmerged"]["median"]
+    print(f"merged / plain (medians) = {merged / plain['median']:.3f} (goal ≤ 1.05); "
+          f"unmerged / merged = {unmerged / merged:.3f}")
     memory = "CUDA allocator peak" if cuda else "peak RSS (process high-water mark)"
     print(f"training step, batch {args.batch}, median of {args.train_steps} steps; memory: {memory}")
     print("recipe  trainable M  total M  s/step  peak MiB  above start MiB")
