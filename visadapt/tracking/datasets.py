@@ -267,7 +267,7 @@ def read_got10k(root: PathLike, split: str = "train", split_file: Optional[PathL
                 ) -> list[TrackingSequence]:
     """GOT-10k ``train`` / ``val`` / ``test`` (``root`` holds the split folders).
 
-    ``vottrain`` / ``votval`` (the 7086 / 1249-sequence halves of train that the full LoRAT protocol and pytracking
+    ``vottrain`` / ``votval`` (7086 / 1249 of the 9335 train sequences, as the full LoRAT protocol and pytracking
     use) are ``train`` restricted by ``split_file``, which we do not ship: pass pytracking's
     ``got10k_vot_train_split.txt`` (0-based indices into ``train/list.txt``) or any file of sequence names.
     ``split_file`` restricts the other splits the same way.
