@@ -157,8 +157,12 @@ def test_tnl2k_frames_boxes_language(tmp_path):
             _image(tmp_path / name / "imgs" / f"{i + 1:05d}.png")
         (tmp_path / name / "groundtruth.txt").write_text("".join(f"{i},1,4,4\n" for i in range(n)))
         (tmp_path / name / "language.txt").write_text(f"the {name}\n")
+    for i in range(11):  # unpadded names: img10 comes after img9
+        _image(tmp_path / "Seq_C" / "imgs" / f"img{i}.jpg")
+    (tmp_path / "Seq_C" / "groundtruth.txt").write_text("1,1,4,4\n" * 11)
     sequences = read_tnl2k(tmp_path)
-    assert [s.name for s in sequences] == ["Seq_A", "Seq_B"]
+    assert [s.name for s in sequences] == ["Seq_A", "Seq_B", "Seq_C"]
+    assert [p.name for p in sequences[2].frames][-3:] == ["img8.jpg", "img9.jpg", "img10.jpg"]
     assert sequences[0].meta["language"] == "the Seq_A" and sequences[0].boxes[2].tolist() == [2, 1, 4, 4]
     assert [p.name for p in sequences[0].frames] == ["00001.png", "00002.png", "00003.png"]
     (tmp_path / "Seq_B" / "groundtruth.txt").write_text("0,1,4,4\n")

@@ -129,7 +129,7 @@ LAYOUTS = {
     "tnl2k": (
         "TNL2K/ (the test set: one folder per sequence)\n"
         "  <sequence>/\n"
-        "    imgs/00001.jpg …              (.jpg or .png, sorted by name; one per groundtruth line)\n"
+        "    imgs/00001.jpg …              (.jpg or .png, in natural name order; one per groundtruth line)\n"
         "    groundtruth.txt               (x,y,w,h per frame, comma separated)\n"
         "    language.txt                  (language description)"),
     "coco": (
@@ -201,10 +201,12 @@ def _pad_boxes(boxes: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([boxes, np.full((n - len(boxes), 4), np.nan)])
 
 
-def _frames(folder: Path, kind: str) -> list[Path]:
+def _frames(folder: Path, kind: str, natural: bool = False) -> list[Path]:
+    """The image files of ``folder`` sorted by name (``natural``: ``img2`` before ``img10``)."""
     if not folder.is_dir():
         raise layout_error(kind, f"missing frame folder {folder}", "put the sequence's frames there.")
-    frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    key = (lambda p: _natural_key(p.name)) if natural else None
+    frames = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=key)
     if not frames:
         raise layout_error(kind, f"no image files in {folder}", "put the frames (.jpg/.png/.bmp) there.")
     return frames
@@ -438,7 +440,7 @@ def read_tnl2k(root: PathLike, split: Optional[str] = None) -> list[TrackingSequ
                            "pass the folder that holds the sequence folders.")
     sequences = []
     for folder in folders:
-        frames = _frames(folder / "imgs", "tnl2k")
+        frames = _frames(folder / "imgs", "tnl2k", natural=True)  # = name order for zero-padded names
         boxes = read_boxes(folder / "groundtruth.txt", "tnl2k")
         if len(boxes) != len(frames):
             raise layout_error("tnl2k", f"{folder}: {len(boxes)} boxes for {len(frames)} frames in imgs/",
