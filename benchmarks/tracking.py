@@ -12,7 +12,9 @@ Inference (batch 1, eval, no grad, models cast to ``--dtype``), one child proces
 forward by forward so that shared cores slow every model alike; median (and fastest) time per forward of:
   * plain ViT: timm's patch embedding, blocks and final norm on the same template + search tokens (no head);
   * merged tracker: the LoRAT network after ``merge`` (adapters folded in: the deployed model), head included;
-  * unmerged tracker: the same network with the LoRA layers still separate.
+  * unmerged tracker: the same network with the LoRA layers still separate;
+  * Tracker.track: the merged network in the tracking loop on a 640×480 frame (search crop, normalisation, network,
+    window and decode; under autocast for fp16/bf16, since the Tracker feeds float32 crops).
 Goal: merged / plain ≤ 1.05 (LoRA costs nothing at inference once merged).
 
 Training: one step = forward, LoRAT loss, backward, AdamW step on random crops and boxes, at ``--batch``; LoRA
@@ -69,7 +71,10 @@ def plain_vit_forward(vit: torch.nn.Module, z: torch.Tensor, x: torch.Tensor) ->
 
 
 def inference_worker(args: argparse.Namespace) -> dict:
+    import numpy as np
+
     from visadapt.tracking.model import build_lorat, build_vit, get_variant, merge
+    from visadapt.tracking.tracker import Tracker
 
     device, dtype, spec = torch.device(args.device), DTYPES[args.dtype], get_variant(args.variant)
     torch.manual_seed(0)
@@ -77,8 +82,18 @@ def inference_worker(args: argparse.Namespace) -> dict:
     unmerged = build_lorat(args.variant, **_vit_kwargs(args)).to(device, dtype).eval()
     merged = merge(copy.deepcopy(unmerged)).eval()
     z, x, z_mask, _ = _inputs(spec, 1, device, dtype)
+    frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    tracker = Tracker.for_variant(merged, spec, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with autocast:
+        tracker.init(frame, (280.0, 200.0, 80.0, 60.0))
+
+    def track() -> None:
+        with autocast:
+            tracker.track(frame)
+
     runs = {"plain": lambda: plain_vit_forward(plain, z, x), "merged": lambda: merged(z, x, z_mask),
-            "unmerged": lambda: unmerged(z, x, z_mask)}
+            "unmerged": lambda: unmerged(z, x, z_mask), "track": track}
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
         for _ in range(args.warmup):
@@ -162,9 +177,11 @@ def report(args: argparse.Namespace, fps: dict, train: dict) -> None:
     print(f"inference, batch 1, {args.iters} forwards per model, models taking turns:")
     print("model              median ms  frames/s  ratio to plain  fastest ms  ratio to plain")
     plain = fps["plain"]
-    for name in ("plain", "merged", "unmerged"):
+    labels = {"plain": "plain ViT", "merged": "merged tracker", "unmerged": "unmerged tracker",
+              "track": "Tracker.track"}
+    for name, label in labels.items():
         t = fps[name]
-        print(f"{name + (' ViT' if name == 'plain' else ' tracker'):17s}  {t['median'] * 1e3:9.1f}  "
+        print(f"{label:17s}  {t['median'] * 1e3:9.1f}  "
               f"{1 / t['median']:8.2f}  {t['median'] / plain['median']:14.3f}  {t['min'] * 1e3:10.1f}  "
               f"{t['min'] / plain['min']:14.3f}")
     merged, unmerged = fps["merged"]["median"], fps["unmerged"]["median"]
