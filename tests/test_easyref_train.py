@@ -1,0 +1,120 @@
+"""EasyRef training: the image-group data (layout errors, stage splits, augmentations) and the three stages on the
+tiny SDXL + tiny Qwen2-VL stack (loss goes down, resume is exact, adapter files in both layouts)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from visadapt.diffusion.easyref_config import STAGE_DEFAULTS, EasyRefTrainConfig
+from visadapt.diffusion.easyref_data import EasyRefItems, collate_items, holdout_split, scan_groups, write_demo_groups
+from visadapt.utils import DatasetLayoutError
+
+
+@pytest.fixture(scope="module")
+def groups_dir(tmp_path_factory):
+    return write_demo_groups(tmp_path_factory.mktemp("groups"), n_groups=3, per_group=5, size=40)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def test_scan_reads_names_and_captions(groups_dir):
+    groups = scan_groups(groups_dir)
+    assert [len(g) for g in groups] == [5, 5, 5]
+    assert groups[0].images[0].name == "00.png" and len(groups[0].captions[0]) == 2
+    train, targets = holdout_split(groups)
+    assert [len(g) for g in train] == [4, 4, 4]
+    assert [(g.name, i) for g, i in targets] == [(g.name, 4) for g in groups]
+    assert all(groups[k].images[4] not in train[k].images for k in range(3))
+
+
+@pytest.mark.parametrize("case", ["empty_group", "no_caption", "empty_caption", "flat", "missing"])
+def test_layout_errors_show_the_expected_tree(tmp_path, case):
+    root = tmp_path / "groups"
+    (root / "dog").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "dog" / "a.png")
+    (root / "dog" / "a.txt").write_text("a dog\n")
+    expected = {"empty_group": "holds no image", "no_caption": "no caption file", "empty_caption": "is empty",
+                "flat": "no group folder", "missing": "no such folder"}[case]
+    if case == "empty_group":
+        (root / "cat").mkdir()
+    elif case == "no_caption":
+        Image.new("RGB", (8, 8)).save(root / "dog" / "b.png")
+    elif case == "empty_caption":
+        (root / "dog" / "a.txt").write_text("\n  \n")
+    elif case == "flat":
+        root = tmp_path / "flat"
+        root.mkdir()
+        Image.new("RGB", (8, 8)).save(root / "x.png")
+    else:
+        root = tmp_path / "nowhere"
+    with pytest.raises(DatasetLayoutError, match=expected) as err:
+        scan_groups(root)
+    assert "<subject>/" in str(err.value) and "01.txt" in str(err.value)
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    root = tmp_path / "groups"
+    (root / "dog").mkdir(parents=True)
+    (root / "dog" / "a.png").write_bytes(b"not an image")
+    (root / "dog" / "a.txt").write_text("a dog")
+    items = EasyRefItems(scan_groups(root), stage=1, resolution=16)
+    with pytest.raises(DatasetLayoutError, match="a.png: cannot read the image"):
+        items[(0, 0)]
+
+
+def test_stage_one_and_two_reference_the_target_itself(groups_dir):
+    items = EasyRefItems(scan_groups(groups_dir), stage=2, resolution=32, ref_drop=0, text_drop=0, both_drop=0)
+    assert len(items) == 15
+    x = items[(3, 7)]
+    assert x["pixels"].shape == (3, 32, 32) and x["time_ids"].tolist() == [40, 40, 0, 0, 32, 32]
+    (ref,) = x["references"]
+    back = torch.frombuffer(bytearray(ref.tobytes()), dtype=torch.uint8).view(32, 32, 3).permute(2, 0, 1)
+    assert torch.equal(back.float() / 127.5 - 1, x["pixels"])  # the same crop as the target
+    assert x["caption"] in scan_groups(groups_dir)[0].captions[3]
+
+
+def test_stage_three_references_are_the_other_images_truncated(groups_dir):
+    groups = scan_groups(groups_dir)
+    items = EasyRefItems(groups, stage=3, resolution=16, ref_drop=0, text_drop=0, both_drop=0, truncate_rate=0.4)
+    counts = Counter()
+    for seed in range(300):
+        x = items[(6, seed)]  # group 1, image 1
+        refs = [r.tobytes() for r in x["references"]]
+        others = {Image.open(p).convert("RGB").tobytes() for j, p in enumerate(groups[1].images) if j != 1}
+        assert set(refs) <= others and len(set(refs)) == len(refs)
+        counts[len(refs)] += 1
+    assert set(counts) == {2, 3, 4}  # truncation keeps 2..n-1 of the n = 4 others
+    assert 0.3 < (counts[2] + counts[3]) / 300 < 0.5  # p = 0.4
+    capped = EasyRefItems(groups, stage=3, resolution=16, ref_drop=0, text_drop=0, both_drop=0, max_refs=2)
+    assert len(capped[(0, 1)]["references"]) == 2
+    with pytest.raises(DatasetLayoutError, match="two images or more"):
+        single = groups[0].without(0).without(0).without(0).without(0)
+        EasyRefItems([single], stage=3, resolution=16)
+
+
+def test_drops_follow_their_rates_and_are_seeded(groups_dir):
+    items = EasyRefItems(scan_groups(groups_dir), stage=1, resolution=16, ref_drop=0.2, text_drop=0.2, both_drop=0.2)
+    kinds = Counter()
+    for seed in range(500):
+        x = items[(0, seed)]
+        kinds[(x["refs_dropped"], x["caption"] == "")] += 1
+        if x["refs_dropped"]:
+            (black,) = x["references"]
+            assert black.size == (512, 512) and black.getextrema() == ((0, 0),) * 3
+    for kind in [(True, False), (False, True), (True, True)]:
+        assert 60 < kinds[kind] < 140  # 0.2 of 500
+    a, b = items[(2, 11)], items[(2, 11)]
+    assert a["caption"] == b["caption"] and torch.equal(a["pixels"], b["pixels"])
+    batch = collate_items([a, b])
+    assert batch["pixels"].shape == (2, 3, 16, 16) and batch["captions"] == [a["caption"]] * 2
+
+
+def test_stage_defaults_follow_the_official_scripts():
+    one, three = EasyRefTrainConfig(stage=1).resolved(), EasyRefTrainConfig(stage=3, lr=1e-3).resolved()
+    assert (one.lr, one.batch_size, one.grad_accum, one.lora_rank, one.train_mllm) == (1e-4, 8, 1, 0, False)
+    assert (three.lr, three.batch_size, three.grad_accum, three.truncate_rate, three.max_seq_len) == \
+        (1e-3, 1, 4, 0.4, 0)
+    assert STAGE_DEFAULTS[2]["lr"] == 4e-5 and STAGE_DEFAULTS[2]["lora_rank"] == 128
