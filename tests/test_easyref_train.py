@@ -118,3 +118,115 @@ def test_stage_defaults_follow_the_official_scripts():
     assert (three.lr, three.batch_size, three.grad_accum, three.truncate_rate, three.max_seq_len) == \
         (1e-3, 1, 4, 0.4, 0)
     assert STAGE_DEFAULTS[2]["lr"] == 4e-5 and STAGE_DEFAULTS[2]["lora_rank"] == 128
+
+
+# ------------------------------------------------------------------------------------------------ training
+TINY = dict(model="tiny-sdxl", mllm="tiny", steps=8, lr=3e-2, precision="no", batch_size=2, grad_accum=1,
+            resolution=32, holdout=False, ref_drop=0.0, text_drop=0.0, both_drop=0.0)
+
+
+@pytest.fixture(scope="module")
+def overfit_dir(tmp_path_factory):
+    return write_demo_groups(tmp_path_factory.mktemp("overfit"), n_groups=1, per_group=3, size=32)
+
+
+@pytest.fixture(scope="module")
+def stages(overfit_dir, tmp_path_factory):
+    """Stages 1 → 2 → 3, each started from the previous one's run folder (LoRA rank 4 to stay tiny)."""
+    from visadapt.diffusion.easyref_train import train_easyref
+
+    root, runs = tmp_path_factory.mktemp("stages"), {}
+    for stage in (1, 2, 3):
+        extra = {"lora_rank": 4, "init": str(root / f"stage{stage - 1}")} if stage > 1 else {}
+        cfg = EasyRefTrainConfig(stage=stage, data=str(overfit_dir), **TINY, **extra)
+        runs[stage] = (root / f"stage{stage}", train_easyref(cfg, root / f"stage{stage}"))
+    return runs
+
+
+def test_each_stage_lowers_the_loss_and_starts_where_the_last_ended(stages):
+    for stage, (_, r) in stages.items():
+        assert r["eval_loss_after"] < r["eval_loss_before"], (stage, r)
+    # stages 1 and 2 draw the same evaluation batch: stage 2 starts from exactly stage 1's weights (+ a zero LoRA)
+    assert stages[2][1]["eval_loss_before"] == pytest.approx(stages[1][1]["eval_loss_after"], rel=1e-5)
+    assert stages[1][1]["trainable_params"] < stages[2][1]["trainable_params"] == stages[3][1]["trainable_params"]
+
+
+def test_what_each_stage_trains_and_writes(stages):
+    from safetensors.torch import load_file
+
+    from visadapt.diffusion.easyref import convert_official
+
+    one, two = (load_file(str(stages[s][0] / "easyref.safetensors")) for s in (1, 2))
+    assert not any(".lora_" in k or k.startswith("encoder.mllm.") for k in one)  # stage 1: adapter only
+    assert any(".to_k_ip." in k for k in one) and "encoder.reference_tokens" in one
+    assert any(".lora_A." in k for k in two) and any(k.startswith("encoder.mllm.") for k in two)
+    frozen = load_file(str(stages[1][0] / "easyref.safetensors"))
+    changed = [k for k in two if k in frozen and not torch.equal(two[k], frozen[k])]
+    assert any(".to_k_ip." in k for k in changed) and "encoder.reference_tokens" in changed
+    official = load_file(str(stages[2][0] / "official" / "model.safetensors"))
+    assert convert_official(official).keys() == two.keys()
+    for run, _ in stages.values():
+        assert {"results.json", "run_config.json", "training_curve.png", "report.md"} <= {p.name for p in run.iterdir()}
+        assert not (run / "checkpoint").exists()
+
+
+def test_official_file_has_the_official_layout_without_visadapt(stages, tmp_path):
+    """What the official training script's loader reads: four key groups, the projector as MLPProjModel's."""
+    from conftest import run_python
+
+    path = stages[2][0] / "official" / "model.safetensors"
+    code = f'''
+import sys
+from safetensors.torch import load_file
+state = load_file({str(path)!r})
+groups = {{p: [k for k in state if k.startswith(p + ".")] for p in
+          ("image_proj_model", "mllm_final_layer", "multimodal_llm", "unet")}}
+assert sum(map(len, groups.values())) == len(state), set(state) - set(sum(groups.values(), []))
+assert {{k.split(".", 1)[1] for k in groups["image_proj_model"]}} == {{f"proj.{{i}}.{{w}}" for i in (0, 2, 3)
+                                                                   for w in ("weight", "bias")}}
+assert state["mllm_final_layer.reference_tokens"].shape[0] == 64
+assert any(k.startswith("mllm_final_layer.layers.0.self_attn.") for k in state)
+assert any(k.endswith(".processor.to_k_ip.weight") for k in groups["unet"])
+assert any(k.endswith(".processor.to_q_lora.down.weight") for k in groups["unet"])
+assert "visadapt" not in sys.modules
+'''
+    run_python(code, tmp_path)
+
+
+def test_interrupted_stage_resumes_bit_exactly(overfit_dir, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from visadapt.cli import main
+    from visadapt.diffusion.easyref_train import train_easyref
+
+    cfg = EasyRefTrainConfig(stage=2, data=str(overfit_dir), lora_rank=4, checkpoint_every=2,
+                             **{**TINY, "steps": 4, "lr": 1e-3, "ref_drop": 0.2, "text_drop": 0.2, "both_drop": 0.2})
+    full = train_easyref(cfg, tmp_path / "full")
+
+    def stop(step: int, record: dict) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_easyref(cfg, tmp_path / "cut", callbacks=[stop])
+    assert (tmp_path / "cut" / "checkpoint" / "state.safetensors").is_file()
+    argv = ["easyref", "train", "--out", str(tmp_path / "cut"), "--config", str(tmp_path / "full" / "run_config.json")]
+    assert main(argv) == 2  # the run exists: refused without --resume
+    assert main([*argv, "--resume"]) == 0
+    a, b = (load_file(str(tmp_path / run / "easyref.safetensors")) for run in ("full", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "cut" / "results.json").read_text())["eval_loss_after"] == full["eval_loss_after"]
+
+
+def test_bad_settings_name_the_fix(overfit_dir, tmp_path):
+    from visadapt.diffusion.easyref_train import train_easyref
+
+    with pytest.raises(ValueError, match="Pass --data"):
+        train_easyref(EasyRefTrainConfig(**TINY), tmp_path / "a")
+    with pytest.raises(ValueError, match="must not exceed 1"):
+        train_easyref(EasyRefTrainConfig(data=str(overfit_dir), **{**TINY, "ref_drop": 0.5, "text_drop": 0.6}),
+                      tmp_path / "b")
+    with pytest.raises(FileNotFoundError, match="no easyref.safetensors"):
+        train_easyref(EasyRefTrainConfig(stage=2, data=str(overfit_dir), init=str(tmp_path), **TINY), tmp_path / "c")
