@@ -1,0 +1,219 @@
+"""EasyRef on a tiny random Qwen2-VL and the tiny SDXL pipeline (offline).
+
+Checks: encoder shapes for 1 and 5 references; the encoder equals the official computation re-run through
+transformers' own model forward (truncated MLLM normalised, final layer causal with plain positions); the causal
+quirk (a reference token never sees later ones) and its clean switch; the UNet install (decoupled cross-attention
+equals its formula on a layer); official checkpoint layout ↔ ours round-trips and loads; bad inputs name the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+
+from visadapt.diffusion.easyref import (
+    INSTRUCTION,
+    EasyRefEncoder,
+    EasyRefInputError,
+    convert_official,
+    easyref_state_dict,
+    install_easyref,
+    load_easyref_state,
+    set_easyref_scale,
+    to_official,
+    unet_image_embeds,
+)
+from visadapt.diffusion.tiny import tiny_pipeline
+from visadapt.diffusion.tiny_mllm import tiny_qwen2vl
+
+TOKENS = 8  # reference tokens in the tests (64 as released)
+WIDTH = 64  # the tiny SDXL's cross-attention width
+
+
+def refs(n: int, seed: int = 0) -> list[Image.Image]:
+    gen = torch.Generator().manual_seed(seed)
+    return [Image.fromarray((torch.rand(50 + 6 * i, 60, 3, generator=gen) * 255).byte().numpy()) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    model, processor = tiny_qwen2vl(seed=0)
+    return EasyRefEncoder(model, processor, cross_attention_dim=WIDTH, num_queries=TOKENS, image_size=56).eval()
+
+
+def test_encoder_shapes_one_and_five_references(encoder):
+    with torch.no_grad():
+        one = encoder.encode([refs(1)], ["a cat"])
+        five = encoder.encode([refs(5)], ["a cat"])
+        batch = encoder.encode([refs(1), refs(5)], ["a cat", "a dog on the grass"])
+    assert one.shape == five.shape == (1, TOKENS, WIDTH)
+    assert batch.shape == (2, TOKENS, WIDTH)
+    assert torch.isfinite(batch).all() and not torch.allclose(one, five)
+    # encode runs prompts one at a time: a batch gives each prompt its own unpadded result
+    torch.testing.assert_close(batch[0:1], one, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(batch[1:2], encoder.encode([refs(5)], ["a dog on the grass"]))
+
+
+def test_prepare_feeds_references_then_instruction(encoder):
+    inputs = encoder.prepare([refs(3)], ["a red car"])
+    text = encoder.processor.tokenizer.decode(inputs["input_ids"][0])
+    user = text.split("<|im_start|>user\n", 1)[1]
+    assert user.startswith("<|vision_start|>") and user.count("<|vision_start|>") == 3
+    assert user.endswith(INSTRUCTION + "a red car<|im_end|>\n<|im_start|>assistant\n")
+    assert inputs["image_grid_thw"].shape == (3, 3)
+
+
+def _official(encoder: EasyRefEncoder, inputs: dict) -> torch.Tensor:
+    """The released computation, re-run through transformers' model forward (its own causal mask, no position ids
+    → positions 0..L-1): truncated MLLM output after its norm, then a one-layer model on [H; R], last Q rows, MLP."""
+    model = encoder.mllm.model
+    language = model.language_model
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    embeds = language.embed_tokens(ids)
+    feats = torch.cat(list(model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output))
+    embeds = embeds.masked_scatter((ids == encoder.mllm.config.image_token_id)[..., None], feats)
+    states = language(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    final = copy.deepcopy(language)
+    final.layers = torch.nn.ModuleList([encoder.final_layer])
+    final.norm = encoder.final_norm
+    tokens = encoder.reference_tokens[None].expand(ids.shape[0], -1, -1)
+    out = final(inputs_embeds=torch.cat([states, tokens], 1),
+                attention_mask=torch.cat([mask, torch.ones_like(mask[:, :TOKENS])], 1)).last_hidden_state
+    return encoder.proj(out[:, -TOKENS:])
+
+
+def test_encoder_matches_the_official_computation(encoder):
+    inputs = encoder.prepare([refs(2)], ["two shapes"])
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(**inputs), _official(encoder, inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_final_layer_is_causal_unless_clean(encoder):
+    """Faithful: reference token 0 cannot see reference token Q-1; the clean variant attends both ways."""
+    inputs = encoder.prepare([refs(1)], ["x"])
+    clean = copy.copy(encoder)
+    clean.faithful = False
+    with torch.no_grad():
+        before, before_clean = encoder(**inputs), clean(**inputs)
+        saved = encoder.reference_tokens.data.clone()
+        encoder.reference_tokens.data[-1] += 1.0
+        try:
+            after, after_clean = encoder(**inputs), clean(**inputs)
+        finally:
+            encoder.reference_tokens.data.copy_(saved)
+    torch.testing.assert_close(after[:, :-1], before[:, :-1])
+    assert not torch.allclose(after[:, -1], before[:, -1])
+    assert not torch.allclose(after_clean[:, 0], before_clean[:, 0])
+    assert not torch.allclose(before, before_clean)
+
+
+def test_bad_references_name_the_fix(encoder, tmp_path):
+    with pytest.raises(EasyRefInputError, match="reference_images="):
+        encoder.prepare([], ["a cat"])
+    with pytest.raises(EasyRefInputError, match="no reference images"):
+        encoder.prepare([[], refs(1)], ["a", "b"])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(EasyRefInputError, match="broken.png.*not a readable image"):
+        encoder.prepare([[broken]], ["a cat"])
+    with pytest.raises(EasyRefInputError, match="no file at"):
+        encoder.prepare([[tmp_path / "missing.jpg"]], ["a cat"])
+    with pytest.raises(EasyRefInputError, match="2 reference lists for 1 prompts"):
+        encoder.prepare([refs(1), refs(1)], ["a cat"])
+
+
+@pytest.fixture(scope="module")
+def installed():
+    pipe = tiny_pipeline("sdxl")
+    install_easyref(pipe.unet, num_tokens=TOKENS, lora_rank=4)
+    return pipe.unet
+
+
+def test_decoupled_cross_attention_formula(installed):
+    """One cross-attention layer: softmax(QKᵀ)V on text + λ·softmax(Q K_ipᵀ)V_ip on the reference tokens."""
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    attn = installed.get_submodule(name)
+    proc = installed.attn_processors[name + ".processor"]
+    x, text, c = torch.randn(2, 16, attn.to_q.in_features), torch.randn(2, 77, WIDTH), torch.randn(2, TOKENS, WIDTH)
+
+    def heads(t):
+        return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+    def attend(q, k, v):
+        return ((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+
+    q = heads(attn.to_q(x))
+    base = attend(q, heads(attn.to_k(text)), heads(attn.to_v(text)))
+    ref = attend(q, heads(proc.to_k_ip[0](c)), heads(proc.to_v_ip[0](c)))
+    with torch.no_grad():
+        for scale in (0.0, 0.7):
+            set_easyref_scale(installed, scale)
+            want = attn.to_out[0]((base + scale * ref).transpose(1, 2).flatten(2))
+            got = attn(x, encoder_hidden_states=(text, [c[:, None]]))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    set_easyref_scale(installed, 1.0)
+    # initialised from the layer's own K/V, as the official training does
+    torch.testing.assert_close(proc.to_k_ip[0].weight, attn.to_k.base_layer.weight)
+
+
+def _official_state(unet, hidden: int = 32) -> dict[str, torch.Tensor]:
+    """A synthetic checkpoint with the official names and shapes (processor LoRA down/up, to_k_ip without index,
+    the one-layer MLLM copy, the MLP projector), plus the duplicates and frozen weights the training wrapper saves."""
+    gen = torch.Generator().manual_seed(1)
+    state: dict[str, torch.Tensor] = {}
+    for name in unet.attn_processors:
+        attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
+        inner, ctx = attn.to_q.base_layer.out_features, attn.to_k.base_layer.in_features
+        for proj, d_in in (("q", inner), ("k", ctx), ("v", ctx), ("out", inner)):
+            state[f"unet.{name}.to_{proj}_lora.down.weight"] = torch.randn(4, d_in, generator=gen)
+            state[f"unet.{name}.to_{proj}_lora.up.weight"] = torch.randn(inner, 4, generator=gen)
+        if attn.is_cross_attention:
+            for kind in ("k", "v"):
+                state[f"unet.{name}.to_{kind}_ip.weight"] = torch.randn(inner, ctx, generator=gen)
+    state["unet.conv_in.weight"] = torch.randn(4, 4, generator=gen)  # frozen SDXL weight: skipped
+    state["adapter_modules.0.to_k_ip.weight"] = torch.randn(2, 2, generator=gen)  # duplicate: skipped
+    state["image_proj_model.proj.0.weight"] = torch.randn(hidden, hidden, generator=gen)
+    state["image_proj_model.proj.0.bias"] = torch.randn(hidden, generator=gen)
+    state["image_proj_model.proj.2.weight"] = torch.randn(WIDTH, hidden, generator=gen)
+    state["image_proj_model.proj.2.bias"] = torch.randn(WIDTH, generator=gen)
+    state["image_proj_model.proj.3.weight"] = torch.randn(WIDTH, generator=gen)
+    state["image_proj_model.proj.3.bias"] = torch.randn(WIDTH, generator=gen)
+    state["mllm_final_layer.reference_tokens"] = torch.randn(TOKENS, hidden, generator=gen)
+    state["mllm_final_layer.norm.weight"] = torch.randn(hidden, generator=gen)
+    for key, value in tiny_qwen2vl()[0].model.language_model.layers[-1].state_dict().items():
+        state[f"mllm_final_layer.layers.0.{key}"] = torch.randn(value.shape, generator=gen)
+    return state
+
+
+def test_official_checkpoint_converts_loads_and_round_trips(installed, encoder):
+    official = _official_state(installed)
+    ours = convert_official(official)
+    assert not any(k.startswith(("adapter_modules", "unet.conv_in")) for k in ours)
+    assert to_official(ours) == {k: v for k, v in official.items()
+                                 if not k.startswith(("adapter_modules", "unet.conv_in"))}
+    load_easyref_state(installed, encoder, official)
+    saved = easyref_state_dict(installed, encoder)
+    assert set(saved) == set(ours)
+    for key in ours:
+        torch.testing.assert_close(saved[key], ours[key], msg=key)
+    # the official processor LoRA (q + lora_scale·up(down(x))) equals the peft layer on the same input
+    name = "mid_block.attentions.0.transformer_blocks.0.attn1"
+    layer = installed.get_submodule(name + ".to_q")
+    x = torch.randn(3, layer.in_features)
+    want = layer.base_layer(x) + x @ official[f"unet.{name}.processor.to_q_lora.down.weight"].T @ \
+        official[f"unet.{name}.processor.to_q_lora.up.weight"].T
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_unet_takes_the_tokens_as_ip_adapter_embeds(installed):
+    lat, text = torch.randn(1, 4, 16, 16), torch.randn(1, 77, WIDTH)
+    added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.zeros(1, 6)}
+    with torch.no_grad():
+        outs = [installed(lat, 10, text, added_cond_kwargs={**added, "image_embeds": unet_image_embeds(c)}).sample
+                for c in (torch.randn(1, TOKENS, WIDTH), torch.randn(1, TOKENS, WIDTH))]
+    assert not torch.allclose(*outs)
