@@ -52,6 +52,7 @@ from visadapt.diffusion.lora_files import (
 )
 
 from .decor import DecorMixin
+from .easyref import EasyRefMixin
 
 
 @dataclass
@@ -122,10 +123,13 @@ class LoRAComposerMixin(DecorMixin):
     # -- one composed call ---------------------------------------------------------------------------------------
 
     def _call_arguments(self, args, kwargs) -> dict[str, Any]:
-        signature = inspect.signature(super(DecorMixin, self).__call__)
-        bound = signature.bind_partial(*args, **kwargs)
+        """The diffusers pipeline's call arguments (mixins' own arguments, such as ``reference_images``, left out)."""
+        base = next(c for c in type(self).__mro__ if c.__module__.startswith("diffusers."))
+        signature = inspect.signature(base.__call__)
+        known = {k: v for k, v in kwargs.items() if k in signature.parameters}
+        bound = signature.bind_partial(self, *args, **known)
         bound.apply_defaults()
-        return dict(bound.arguments)
+        return {k: v for k, v in bound.arguments.items() if k != "self"}
 
     @contextmanager
     def _composing(self, concepts: list[Concept], config: ComposerConfig, call: dict) -> Iterator[_Run]:
@@ -152,7 +156,8 @@ class LoRAComposerMixin(DecorMixin):
                 loss_downsample=loss_downsample_for(self.unet, config.loss_downsample))
             run = _Run(composition, config, positions, call, refining=config.latent_optimization)
             saved_processors = self.unet.attn_processors
-            self.unet.set_attn_processor({name: ComposerAttnProcessor(name) for name in saved_processors})
+            self.unet.set_attn_processor({name: ComposerAttnProcessor(name, processor)
+                                          for name, processor in saved_processors.items()})
             self._run = run
             try:
                 yield run
@@ -275,8 +280,13 @@ class LoRAComposerPipeline(LoRAComposerMixin, StableDiffusionPipeline):
     """LoRA-Composer on a Stable Diffusion 1.x/2.x pipeline (``from_pretrained`` / ``from_pipe`` as diffusers)."""
 
 
-class LoRAComposerXLPipeline(LoRAComposerMixin, StableDiffusionXLPipeline):
-    """LoRA-Composer on a Stable Diffusion XL pipeline. Regional prompts go through both text encoders."""
+class LoRAComposerXLPipeline(LoRAComposerMixin, EasyRefMixin, StableDiffusionXLPipeline):
+    """LoRA-Composer on a Stable Diffusion XL pipeline. Regional prompts go through both text encoders.
+
+    With EasyRef loaded (``pipe.load_easyref(...)``), ``reference_images=`` and ``scale=`` work as in
+    :class:`~visadapt.pipelines.EasyRefPipeline`: the references condition the global path, the concept LoRAs
+    their boxes.
+    """
 
     def _extra_unet_inputs(self, batch: int) -> dict:
         """SDXL's added conditions for the conditional refinement pass, built as the pipeline builds them."""
@@ -289,7 +299,8 @@ class LoRAComposerXLPipeline(LoRAComposerMixin, StableDiffusionXLPipeline):
                                           call.get("target_size") or (height, width),
                                           dtype=run.prompt_embeds.dtype, text_encoder_projection_dim=projection)
         return {"added_cond_kwargs": {"text_embeds": run.pooled_embeds,
-                                      "time_ids": time_ids.to(run.pooled_embeds.device).repeat(batch, 1)}}
+                                      "time_ids": time_ids.to(run.pooled_embeds.device).repeat(batch, 1),
+                                      **self.easyref_unet_inputs(batch)}}
 
 
 def _loss_words(concept: Concept, tokens: dict[str, list[str]]) -> Optional[list[str]]:

@@ -167,7 +167,8 @@ def _official_state(unet, hidden: int = 32) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name in unet.attn_processors:
         attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
-        inner, ctx = attn.to_q.base_layer.out_features, attn.to_k.base_layer.in_features
+        to_q, to_k = getattr(attn.to_q, "base_layer", attn.to_q), getattr(attn.to_k, "base_layer", attn.to_k)
+        inner, ctx = to_q.out_features, to_k.in_features
         for proj, d_in in (("q", inner), ("k", ctx), ("v", ctx), ("out", inner)):
             state[f"unet.{name}.to_{proj}_lora.down.weight"] = torch.randn(4, d_in, generator=gen)
             state[f"unet.{name}.to_{proj}_lora.up.weight"] = torch.randn(inner, 4, generator=gen)
@@ -217,3 +218,118 @@ def test_unet_takes_the_tokens_as_ip_adapter_embeds(installed):
         outs = [installed(lat, 10, text, added_cond_kwargs={**added, "image_embeds": unet_image_embeds(c)}).sample
                 for c in (torch.randn(1, TOKENS, WIDTH), torch.randn(1, TOKENS, WIDTH))]
     assert not torch.allclose(*outs)
+
+
+# -- pipelines -------------------------------------------------------------------------------------------------------
+
+STEPS = dict(height=32, width=32, num_inference_steps=2, output_type="latent")
+
+
+def run(pipe, prompt="a cat", **kwargs):
+    return pipe(prompt, generator=torch.Generator().manual_seed(0), **STEPS, **kwargs).images
+
+
+def fresh_encoder(seed: int = 0) -> EasyRefEncoder:
+    model, processor = tiny_qwen2vl(seed=seed)
+    return EasyRefEncoder(model, processor, cross_attention_dim=WIDTH, num_queries=TOKENS, image_size=56).eval()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny SDXL folder, an official-layout EasyRef file with non-zero LoRA, a user LoRA, plain SDXL latents."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    from visadapt.diffusion.tiny import save_random_lora
+
+    folder = tmp_path_factory.mktemp("easyref")
+    plain = tiny_pipeline("sdxl")
+    plain.save_pretrained(folder / "sdxl")
+    official = _official_state(plain.unet)
+    save_file(official, str(folder / "official.safetensors"))
+    save_random_lora(plain, folder / "user.safetensors", seed=3)
+    loaded = StableDiffusionXLPipeline.from_pretrained(folder / "sdxl")  # reloading alone changes the last digits
+    loaded.set_progress_bar_config(disable=True)
+    return {"sdxl": folder / "sdxl", "official": folder / "official.safetensors", "state": official,
+            "user": folder / "user.safetensors", "plain": run(loaded)}
+
+
+@pytest.fixture(scope="module")
+def ref_pipe(files):
+    from visadapt.pipelines import EasyRefPipeline
+
+    pipe = EasyRefPipeline.from_pretrained(files["sdxl"], easyref=files["official"], encoder=fresh_encoder())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pipeline_loads_the_official_file(ref_pipe, files):
+    attn = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    proc = ref_pipe.unet.attn_processors[attn + ".processor"]
+    torch.testing.assert_close(proc.to_k_ip[0].weight, files["state"][f"unet.{attn}.processor.to_k_ip.weight"])
+    lora_b = ref_pipe.unet.get_submodule(attn + ".to_out.0").lora_B["easyref"].weight
+    torch.testing.assert_close(lora_b, files["state"][f"unet.{attn}.processor.to_out_lora.up.weight"])
+    torch.testing.assert_close(ref_pipe.easyref_encoder.reference_tokens,
+                               files["state"]["mllm_final_layer.reference_tokens"])
+
+
+def test_scale_zero_is_plain_sdxl_and_references_change_the_image(ref_pipe, files):
+    assert torch.equal(run(ref_pipe, scale=0), files["plain"])
+    with_refs = run(ref_pipe, reference_images=refs(2))
+    assert torch.isfinite(with_refs).all() and not torch.allclose(with_refs, files["plain"])
+    half = run(ref_pipe, reference_images=refs(2), scale=0.5)
+    assert not torch.allclose(half, with_refs)
+    assert ref_pipe.unet.active_adapters() == ["easyref"]  # the call restores the LoRA it switched off at λ=0
+
+
+def test_reference_tokens_line_up_with_prompt_embeddings(ref_pipe):
+    """Prompt-major order (p0, p0, p1, p1 for 2 images per prompt), negatives first, as diffusers orders prompts."""
+    uncond = torch.arange(2.0)[:, None, None].expand(2, 3, 4)
+    cond = 10 + uncond
+    ref_pipe._easyref_tokens = (uncond, cond)
+    try:
+        (embeds,) = ref_pipe.prepare_ip_adapter_image_embeds(None, None, "cpu", 2, True)
+    finally:
+        ref_pipe._easyref_tokens = None
+    assert embeds.shape == (8, 1, 3, 4)
+    assert embeds[:, 0, 0, 0].tolist() == [0, 0, 1, 1, 10, 10, 11, 11]
+    out = run(ref_pipe, ["a cat", "a dog"], reference_images=[refs(1), refs(2)], num_images_per_prompt=2)
+    assert out.shape == (4, 4, 16, 16)
+
+
+def test_user_lora_coexists_with_the_easyref_lora(ref_pipe, files):
+    ref_pipe.load_lora_weights(str(files["user"]), adapter_name="user")
+    try:
+        ref_pipe.set_adapters(["easyref", "user"], [1.0, 0.5])
+        assert sorted(ref_pipe.unet.active_adapters()) == ["easyref", "user"]
+        layer = ref_pipe.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_q")
+        assert layer.scaling["user"] == pytest.approx(0.5) and layer.scaling["easyref"] == pytest.approx(1.0)
+        both = run(ref_pipe, reference_images=refs(1))
+        ref_pipe.set_adapters(["easyref", "user"], [1.0, 0.0])
+        user_off = run(ref_pipe, reference_images=refs(1))
+        ref_pipe.set_adapters(["easyref"], [1.0])
+        only = run(ref_pipe, reference_images=refs(1))
+    finally:
+        ref_pipe.delete_adapters("user")
+        ref_pipe.set_adapters(["easyref"], [1.0])
+    torch.testing.assert_close(user_off, only)
+    assert not torch.allclose(both, only)
+
+
+def test_pipeline_bad_inputs_name_the_fix(ref_pipe, files, tmp_path):
+    with pytest.raises(EasyRefInputError, match="reference_images=.*scale=0"):
+        run(ref_pipe)
+    broken = tmp_path / "ref.jpg"
+    broken.write_text("text")
+    with pytest.raises(EasyRefInputError, match="ref.jpg.*not a readable image"):
+        run(ref_pipe, reference_images=[broken])
+    with pytest.raises(EasyRefInputError, match="load_easyref"):
+        run(_composer(), reference_images=refs(1))
+
+
+def _composer():
+    from visadapt.pipelines import LoRAComposerXLPipeline
+
+    pipe = LoRAComposerXLPipeline.from_pipe(tiny_pipeline("sdxl"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -16,10 +16,12 @@ if TYPE_CHECKING:
     from .composer import ComposerConfig
     from .concepts import Concept
     from .decor import Decor, DecorProjector
+    from .easyref import EasyRefEncoder, EasyRefInputError
     from .lora_files import LoraFileError
 
 _EXPORTS = {"Concept": "concepts", "ComposerConfig": "composer", "Decor": "decor", "DecorProjector": "decor",
-            "LoraFileError": "lora_files"}
-__all__ = ["Concept", "ComposerConfig", "Decor", "DecorProjector", "LoraFileError"]
+            "LoraFileError": "lora_files", "EasyRefEncoder": "easyref", "EasyRefInputError": "easyref"}
+__all__ = ["Concept", "ComposerConfig", "Decor", "DecorProjector", "LoraFileError", "EasyRefEncoder",
+           "EasyRefInputError"]
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -236,11 +236,16 @@ class ComposerAttnProcessor:
 
     Without one (or on layers it does not handle: 4-D inputs, group or spatial norms, q/k norms, attention masks)
     it is exactly ``AttnProcessor2_0``, so a pipeline with these processors and no concepts is the base pipeline.
+
+    ``base``: the layer's IP-Adapter processor when it has one (diffusers' ``IPAdapterAttnProcessor2_0``, as EasyRef
+    installs). The image tokens then arrive with the text (``encoder_hidden_states = (text, [tokens])``) and go
+    through its decoupled branch in the global path: out_global = softmax(Q K_txtᵀ) V_txt + Σ λ·softmax(Q K_ipᵀ) V_ip;
+    concept boxes keep their regional text only.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, base: Optional[torch.nn.Module] = None) -> None:
         self.name = name
-        self.base = AttnProcessor2_0()
+        self.base = base if base is not None and hasattr(base, "to_k_ip") else AttnProcessor2_0()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  composition: Optional[Composition] = None) -> torch.Tensor:
@@ -278,11 +283,15 @@ class ComposerAttnProcessor:
 
     def _cross_attention(self, attn, hidden_states, context, composition: Composition) -> torch.Tensor:
         batch, n_tokens, _ = hidden_states.shape
+        context, image_tokens = context if isinstance(context, tuple) else (context, None)
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         q = _heads(attn.to_q(hidden_states), attn.heads)
         k0, v0 = _heads(attn.to_k(context), attn.heads), _heads(attn.to_v(context), attn.heads)
-        out = attn.to_out[0](_merge(F.scaled_dot_product_attention(q, k0, v0)))  # global prompt everywhere
+        glob = F.scaled_dot_product_attention(q, k0, v0)
+        if image_tokens is not None:
+            glob = glob + self._image_branch(attn, q, image_tokens)
+        out = attn.to_out[0](_merge(glob))  # global prompt (and image tokens) everywhere
 
         route = composition.routing(n_tokens, hidden_states.device)
         keys, values = composition.region_kv(self.name, attn, batch, hidden_states)
@@ -309,3 +318,20 @@ class ComposerAttnProcessor:
         regional = torch.zeros_like(out).index_add(1, route.positions, projected * share)
         out = torch.where(route.covered[None, :, None], regional, out)
         return attn.to_out[1](out)
+
+    def _image_branch(self, attn, q: torch.Tensor, image_tokens: list) -> torch.Tensor:
+        """Σ λ_i · softmax(Q K_ipᵀ/√d) V_ip over the IP-Adapters of ``base``: (B, H, N, d)."""
+        base = self.base
+        if not hasattr(base, "to_k_ip"):
+            raise ValueError(f"Layer {self.name} got image tokens but has no IP-Adapter (decoupled) projections.")
+        out = torch.zeros_like(q)
+        for tokens, scale, to_k, to_v in zip(image_tokens, base.scale, base.to_k_ip, base.to_v_ip):
+            if (all(s == 0 for s in scale) if isinstance(scale, list) else scale == 0):
+                continue
+            if isinstance(scale, list) and len(set(scale)) > 1:
+                raise ValueError("Per-image IP-Adapter scales are not supported inside a composition.")
+            weight = scale[0] if isinstance(scale, list) else scale
+            k = to_k(tokens).reshape(q.shape[0], -1, to_k.out_features)
+            v = to_v(tokens).reshape(q.shape[0], -1, to_v.out_features)
+            out = out + weight * F.scaled_dot_product_attention(q, _heads(k, attn.heads), _heads(v, attn.heads))
+        return out
