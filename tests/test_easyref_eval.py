@@ -92,3 +92,59 @@ def test_result_grid_lays_out_refs_target_and_generated():
     assert grid.size == (9 * 10, 2 * 10)  # 4 refs, a gap, the target, a gap, 2 generated
     assert grid.getpixel((5 * 10 + 5, 5)) == (0, 128, 0)  # the target of row 0
     assert grid.getpixel((4 * 10 + 5, 5)) == (255, 255, 255)  # the gap
+
+
+# ---------------------------------------------------------------------------------------------- the command
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A stage-2 run (adapter, LoRA rank 4, MLLM tuned) on the tiny stack, and its groups."""
+    from visadapt.diffusion.easyref_config import EasyRefTrainConfig
+    from visadapt.diffusion.easyref_data import write_demo_groups
+    from visadapt.diffusion.easyref_train import train_easyref
+
+    root = tmp_path_factory.mktemp("eval")
+    data = write_demo_groups(root / "groups", n_groups=2, per_group=3, size=32)
+    cfg = EasyRefTrainConfig(stage=2, data=str(data), model="tiny-sdxl", mllm="tiny", steps=2, lr=1e-3, lora_rank=4,
+                             precision="no", batch_size=2, grad_accum=1, resolution=32)
+    with pytest.warns(UserWarning, match="without --init starts from random"):
+        train_easyref(cfg, root / "run")
+    return data, root / "run"
+
+
+def test_eval_writes_scores_per_group_and_a_grid(trained_run, clip, dino, tmp_path):
+    import json
+
+    from visadapt.diffusion.easyref_config import EasyRefEvalConfig
+    from visadapt.diffusion.easyref_eval import evaluate_easyref
+
+    data, run = trained_run
+    cfg = EasyRefEvalConfig(data=str(data), adapter=str(run), model="tiny-sdxl", mllm="tiny", steps=2, size=32,
+                            images_per_group=2)
+    r = evaluate_easyref(cfg, tmp_path / "eval", clip=clip, dino=dino)
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["metrics"] == r["metrics"] and len(r["groups"]) == 2
+    for group in r["groups"]:
+        assert group["target"] == "02.png" and group["references"] == 2
+        assert all(-1 <= group[k] <= 1 for k in ("clip_i", "clip_t", "dino_i"))
+    assert r["metrics"]["clip_i"] == pytest.approx(sum(g["clip_i"] for g in r["groups"]) / 2)
+    assert Image.open(tmp_path / "eval" / "grid.png").size == (7 * 128, 2 * 128)  # 2 refs, gap, target, gap, 2
+
+
+def test_eval_sampler_matches_the_easyref_pipeline(trained_run):
+    """The evaluation's sampler (stock SDXL pipeline + encoder) and EasyRefPipeline give the same image."""
+    from visadapt.diffusion.easyref_config import EasyRefEvalConfig
+    from visadapt.diffusion.easyref_eval import EasyRefSampler, generate
+    from visadapt.diffusion.easyref_train import load_mllm
+    from visadapt.diffusion.tiny import tiny_pipeline
+    from visadapt.pipelines import EasyRefPipeline
+
+    data, run = trained_run
+    cfg = EasyRefEvalConfig(data=str(data), adapter=str(run), model="tiny-sdxl", mllm="tiny", steps=2, size=32)
+    refs = [Image.open(p).convert("RGB") for p in sorted((data / next(iter(sorted(p.name for p in data.iterdir()))))
+                                                         .glob("0[01].png"))]
+    ours = generate(EasyRefSampler.from_config(cfg), cfg, refs, "a red circle", seed=3)
+    pipe = EasyRefPipeline.from_pipe(tiny_pipeline("sdxl"))
+    pipe.load_easyref(run / "easyref.safetensors", mllm=load_mllm("tiny"))
+    theirs = generate(pipe, cfg, refs, "a red circle", seed=3)
+    a, b = (np.asarray(x, dtype=np.int16) for x in (ours, theirs))
+    assert np.abs(a - b).max() <= 1

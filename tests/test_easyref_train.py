@@ -203,13 +203,14 @@ def test_interrupted_stage_resumes_bit_exactly(overfit_dir, tmp_path):
 
     cfg = EasyRefTrainConfig(stage=2, data=str(overfit_dir), lora_rank=4, checkpoint_every=2,
                              **{**TINY, "steps": 4, "lr": 1e-3, "ref_drop": 0.2, "text_drop": 0.2, "both_drop": 0.2})
-    full = train_easyref(cfg, tmp_path / "full")
+    with pytest.warns(UserWarning, match="without --init"):
+        full = train_easyref(cfg, tmp_path / "full")
 
     def stop(step: int, record: dict) -> None:
         if step == 3:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="without --init"):
         train_easyref(cfg, tmp_path / "cut", callbacks=[stop])
     assert (tmp_path / "cut" / "checkpoint" / "state.safetensors").is_file()
     argv = ["easyref", "train", "--out", str(tmp_path / "cut"), "--config", str(tmp_path / "full" / "run_config.json")]

@@ -123,8 +123,8 @@ def _mean(values: Sequence[float]) -> Optional[float]:
 def evaluate_easyref(config: EasyRefEvalConfig, out_dir: Union[str, Path], pipe=None, clip=None,
                      dino=None) -> dict:
     """Generate for every held-back target of ``config.data`` and score it; writes ``results.json`` and
-    ``grid.png`` into ``out_dir``. ``pipe`` (an EasyRef pipeline), ``clip`` ((model, preprocess, tokenizer)) and
-    ``dino`` ((model, transform)) replace the ones the config names."""
+    ``grid.png`` into ``out_dir``. ``pipe`` (an EasyRef pipeline, called with ``reference_images=`` and ``scale=``),
+    ``clip`` ((model, preprocess, tokenizer)) and ``dino`` ((model, transform)) replace the ones the config names."""
     from tqdm.auto import tqdm
 
     c = config
@@ -134,20 +134,15 @@ def evaluate_easyref(config: EasyRefEvalConfig, out_dir: Union[str, Path], pipe=
     if not targets:
         raise ValueError(f"--data {c.data}: no group holds two images; evaluation needs references and a target.")
     targets = targets[:c.max_groups] if c.max_groups else targets
-    if pipe is None:
-        if not c.adapter:
-            raise ValueError("Pass --adapter: the training run folder (or adapter file) to evaluate.")
-        from .easyref_train import load_easyref_pipeline
-
-        pipe = load_easyref_pipeline(c.model, c.mllm, c.adapter, c.precision)
-    device = getattr(pipe, "device", torch.device("cpu"))
+    sampler = EasyRefSampler.from_config(c) if pipe is None else pipe
+    device = getattr(sampler, "device", torch.device("cpu"))
     clip = clip or load_clip(c.clip_model, c.clip_pretrained, device)
     dino = dino or load_dino(c.dino_model, device)
     per_group, rows = [], []
     for group, index in tqdm(targets, desc="eval", unit="group"):
         refs = [open_image(p) for i, p in enumerate(group.images) if i != index]
         target, prompt = open_image(group.images[index]), group.captions[index][0]
-        generated = [generate(pipe, c, refs, prompt, c.seed + k) for k in range(c.images_per_group)]
+        generated = [generate(sampler, c, refs, prompt, c.seed + k) for k in range(c.images_per_group)]
         n = len(generated)
         scores = {"clip_i": clip_image_scores(clip[0], clip[1], generated, [target] * n).mean().item(),
                   "clip_t": clip_text_scores(*clip, generated, [prompt] * n).mean().item(),
@@ -165,8 +160,58 @@ def evaluate_easyref(config: EasyRefEvalConfig, out_dir: Union[str, Path], pipe=
     return results
 
 
+class EasyRefSampler:
+    """Diffusers' stock SDXL pipeline with EasyRef installed in its UNet and the encoder beside it: the tokens enter
+    as IP-Adapter embeddings, the conditional ones (references + caption) beside the prompt and the unconditional
+    ones (one black 512² image, empty text) beside the negative prompt, as EasyRef samples. Called like an EasyRef
+    pipeline: ``sampler(prompt=..., reference_images=[...], scale=..., **sdxl_kwargs)``."""
+
+    def __init__(self, pipe, encoder: torch.nn.Module) -> None:
+        self.pipe, self.encoder = pipe, encoder
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @classmethod
+    def from_config(cls, c: EasyRefEvalConfig) -> "EasyRefSampler":
+        from visadapt.training import mixed_precision
+
+        from .easyref import EasyRefEncoder, checkpoint_sizes, install_easyref, load_easyref_state, read_easyref_file
+        from .easyref_train import adapter_file, load_mllm, load_sdxl
+
+        if not c.adapter:
+            raise ValueError("Pass --adapter: the training run folder (or adapter file) to evaluate.")
+        state = read_easyref_file(adapter_file(c.adapter))
+        sizes = checkpoint_sizes(state)
+        pipe = load_sdxl(c.model)
+        model, processor = load_mllm(c.mllm)
+        encoder = EasyRefEncoder(model, processor, pipe.unet.config.cross_attention_dim, sizes["num_tokens"])
+        install_easyref(pipe.unet, num_tokens=sizes["num_tokens"], lora_rank=sizes["lora_rank"])
+        load_easyref_state(pipe.unet, encoder, state)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision(c.precision), torch.float32)
+        pipe.to(device)
+        encoder.to(device).eval()
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+            encoder.to(dtype)
+        return cls(pipe, encoder)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, reference_images: Images, scale: float = 1.0, **kwargs):
+        from .easyref import set_easyref_scale
+        from .easyref_data import black_image
+
+        cond = self.encoder.encode([list(reference_images)], [prompt])
+        uncond = self.encoder.encode([[black_image()]], [""])
+        embeds = torch.cat([uncond, cond]).to(self.pipe.unet.device, self.pipe.unet.dtype)
+        set_easyref_scale(self.pipe.unet, scale)
+        return self.pipe(prompt=prompt, ip_adapter_image_embeds=[embeds[:, None]], **kwargs)
+
+
 def generate(pipe, config: EasyRefEvalConfig, references: Images, prompt: str, seed: int):
-    """One image of ``prompt`` conditioned on ``references`` (seeded)."""
+    """One image of ``prompt`` conditioned on ``references`` (seeded), from an EasyRef pipeline or sampler."""
     kwargs: dict[str, Any] = {}
     if config.size:
         kwargs.update(height=config.size, width=config.size)
