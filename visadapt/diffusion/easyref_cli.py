@@ -2,9 +2,12 @@
 
 The options are the fields of :class:`~visadapt.diffusion.easyref_config.EasyRefTrainConfig` and
 :class:`~visadapt.diffusion.easyref_config.EasyRefEvalConfig`. torch, diffusers and transformers are imported when a
-command runs, so ``--help`` answers at once. Stages 2 and 3 are meant for several GPUs with DeepSpeed ZeRO-2::
+command runs, so ``--help`` answers at once. Several GPUs train with data parallelism::
 
-    accelerate launch --config_file configs/accelerate_easyref_zero2.yaml -m visadapt easyref train --stage 2 ...
+    accelerate launch --multi_gpu --num_processes 8 -m visadapt.cli easyref train --stage 2 ...
+
+(``configs/accelerate_easyref_zero2.yaml`` holds the official runs' DeepSpeed ZeRO-2 settings; the shared trainer
+does not support DeepSpeed yet, and the run says so when launched with it.)
 """
 
 from __future__ import annotations

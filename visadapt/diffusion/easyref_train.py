@@ -170,6 +170,7 @@ class EasyRefTrainer(Trainer):
         from .easyref import EasyRefEncoder, install_easyref, load_easyref_state, read_easyref_file
 
         c, acc = self.cfg, self.accelerator
+        self._refuse_deepspeed()
         groups = scan_groups(c.data)
         train_groups = holdout_split(groups)[0] if c.holdout else groups
         self.data_summary = {**group_summary(train_groups), "held_out": len(groups) != len(train_groups) and c.holdout}
@@ -197,7 +198,6 @@ class EasyRefTrainer(Trainer):
         self.train_set = self._items(train_groups, c.ref_drop, c.text_drop, c.both_drop, c.truncate_rate)
         self.eval_set = self._items(train_groups, 0.0, 0.0, 0.0, 0.0)
         self.collate_fn, self.total_steps = self.collate, c.steps
-        self._use_deepspeed_batch_size()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)  # constant, no warm-up
@@ -237,13 +237,15 @@ class EasyRefTrainer(Trainer):
 
         return DDPMScheduler.from_config(self.pipe.scheduler.config)
 
-    def _use_deepspeed_batch_size(self) -> None:
-        """Under DeepSpeed (``accelerate launch --config_file`` with ZeRO), its micro-batch is ours per process: our
-        loader has a batch sampler, so DeepSpeed cannot read the size from it."""
-        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if plugin is not None:
-            per_process = max(1, self.cfg.batch_size // self.accelerator.num_processes)
-            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = per_process
+    def _refuse_deepspeed(self) -> None:
+        """The shared trainer prepares the model and the optimizer in two calls and checkpoints the optimizer from the
+        main process alone; DeepSpeed ZeRO needs one call and a checkpoint of every rank's shard. Refuse it rather
+        than train without sharding or resume wrongly."""
+        if getattr(self.accelerator.state, "deepspeed_plugin", None) is not None:
+            raise ValueError("This run was launched with DeepSpeed, which the shared visadapt trainer does not "
+                             "support yet (it prepares the model and optimizer separately and checkpoints one rank). "
+                             "Launch with plain data parallelism instead: accelerate launch --multi_gpu -m "
+                             "visadapt.cli easyref train ... (with --gradient-checkpointing).")
 
     def collate(self, items: list[dict]) -> dict:
         """Stack the examples and build the MLLM's inputs (in the loader's workers)."""
