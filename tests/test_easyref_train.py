@@ -76,6 +76,32 @@ def test_stage_one_and_two_reference_the_target_itself(groups_dir):
     assert x["caption"] in scan_groups(groups_dir)[0].captions[3]
 
 
+def test_stage_two_references_the_face_crop_when_a_box_is_given(tmp_path):
+    root = tmp_path / "groups"
+    (root / "alice").mkdir(parents=True)
+    image = Image.new("RGB", (100, 60), "white")
+    image.paste(Image.new("RGB", (20, 10), "red"), (40, 20))  # the "face": x 40..60, y 20..30
+    image.save(root / "alice" / "a.png")
+    (root / "alice" / "a.txt").write_text("alice")
+    (root / "alice" / "a.face.txt").write_text("40 20 60 30\n")
+    groups = scan_groups(root)
+    assert groups[0].faces == ((40.0, 20.0, 60.0, 30.0),)
+    two = EasyRefItems(groups, stage=2, resolution=32, ref_drop=0, text_drop=0, both_drop=0)
+    sides = set()
+    for seed in range(40):
+        (ref,) = two[(0, seed)]["references"]
+        assert ref.width == ref.height and 20 <= ref.width <= 40  # square, 0-49 % larger on each side
+        red = sum(1 for p in ref.getdata() if p == (255, 0, 0))
+        assert red == 200  # the whole face is inside the crop
+        sides.add(ref.width)
+    assert len(sides) > 5
+    one = EasyRefItems(groups, stage=1, resolution=32, ref_drop=0, text_drop=0, both_drop=0)
+    assert one[(0, 0)]["references"][0].size == (32, 32)  # stage 1 keeps the target crop
+    (root / "alice" / "a.face.txt").write_text("40 20 x")
+    with pytest.raises(DatasetLayoutError, match="four numbers"):
+        scan_groups(root)
+
+
 def test_stage_three_references_are_the_other_images_truncated(groups_dir):
     groups = scan_groups(groups_dir)
     items = EasyRefItems(groups, stage=3, resolution=16, ref_drop=0, text_drop=0, both_drop=0, truncate_rate=0.4)

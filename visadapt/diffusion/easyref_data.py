@@ -11,13 +11,16 @@ The layout (:data:`LAYOUT`)::
       <other subject>/
         ...
 
-Captions sit beside their image as ``<image stem>.txt`` (UTF-8), the layout most captioning tools write. Only the
-file names and captions are read when the folder is scanned; the images are opened when an item is drawn.
+Captions sit beside their image as ``<image stem>.txt`` (UTF-8), the layout most captioning tools write. An optional
+``<image stem>.face.txt`` holds a face box ``x1 y1 x2 y2`` (pixels of the image): stage 2 then takes the face crop as
+the reference, as the official identity data does. Only the file names, captions and boxes are read when the folder
+is scanned; the images are opened when an item is drawn.
 
 What an item holds depends on the training stage (the official recipe):
 
 - stages 1 and 2 (alignment pre-training, single-reference fine-tuning): every image is a target, and its single
-  reference is the target itself, cropped the same way;
+  reference is the target itself, cropped the same way; in stage 2 an image with a face box is referenced by its face
+  instead (a square around the box, enlarged by a random 0-50 %, kept inside the image, flipped half of the time);
 - stage 3 (multi-reference fine-tuning): every image of a group with at least two images is a target, and its
   references are the group's *other* images, shuffled, at most ``max_refs``; with probability ``truncate_rate`` only
   the first k of them are kept, k drawn from 2..n-1 (the truncation augmentation).
@@ -55,6 +58,7 @@ LAYOUT = """Expected layout (one folder per subject, a caption file beside each 
       01.txt      its caption (one per line; one is drawn per step)
       02.png
       02.txt
+      02.face.txt optional face box "x1 y1 x2 y2" (stage 2 references the face)
     <other subject>/
       ..."""
 
@@ -66,13 +70,18 @@ class ImageGroup:
     name: str
     images: tuple[Path, ...]
     captions: tuple[tuple[str, ...], ...]
+    faces: tuple[Optional[tuple[float, float, float, float]], ...] = ()
 
     def __len__(self) -> int:
         return len(self.images)
 
     def without(self, index: int) -> "ImageGroup":
         keep = [i for i in range(len(self)) if i != index]
-        return ImageGroup(self.name, tuple(self.images[i] for i in keep), tuple(self.captions[i] for i in keep))
+        return ImageGroup(self.name, tuple(self.images[i] for i in keep), tuple(self.captions[i] for i in keep),
+                          tuple(self.faces[i] for i in keep) if self.faces else ())
+
+    def face(self, index: int) -> Optional[tuple[float, float, float, float]]:
+        return self.faces[index] if self.faces else None
 
 
 def _layout_error(message: str) -> DatasetLayoutError:
@@ -87,6 +96,36 @@ def _read_captions(image: Path) -> tuple[str, ...]:
     if not lines:
         raise _layout_error(f"{path}: the caption file is empty; write at least one caption line into it.")
     return lines
+
+
+def _read_face(image: Path) -> Optional[tuple[float, float, float, float]]:
+    path = image.with_suffix(".face.txt")
+    if not path.is_file():
+        return None
+    try:
+        x1, y1, x2, y2 = (float(v) for v in path.read_text(encoding="utf-8").split())
+    except ValueError:
+        raise _layout_error(f"{path}: a face box is four numbers, x1 y1 x2 y2 in pixels; fix or remove the file.") \
+            from None
+    if x2 <= x1 or y2 <= y1:
+        raise _layout_error(f"{path}: the face box {x1:g} {y1:g} {x2:g} {y2:g} is empty (x2 > x1 and y2 > y1 needed).")
+    return x1, y1, x2, y2
+
+
+def face_crop(image, box: tuple[float, float, float, float], rng: random.Random):
+    """The official face reference: a square around ``box`` (side = its longer side), each side pushed out by a
+    random 0-49 % of the box (as far as the image allows), shifted back inside the image, flipped with p = 0.5."""
+    from PIL import ImageOps
+
+    width, height = image.size
+    x1, y1, x2, y2 = box
+    cx, cy, side = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1)
+    side = min(side * (1 + 2 * min(rng.randrange(50) / 100, (width / side - 1) / 2, (height / side - 1) / 2)),
+               width, height)
+    left = min(max(cx - side / 2, 0), width - side)
+    top = min(max(cy - side / 2, 0), height - side)
+    crop = image.crop((round(left), round(top), round(left + side), round(top + side)))
+    return ImageOps.mirror(crop) if rng.random() < 0.5 else crop
 
 
 def scan_groups(root: Union[str, Path], min_images: int = 1) -> list[ImageGroup]:
@@ -110,7 +149,9 @@ def scan_groups(root: Union[str, Path], min_images: int = 1) -> list[ImageGroup]
         if len(images) < min_images:
             raise _layout_error(f"{folder}: {len(images)} image(s); this needs at least {min_images} per group "
                                 "(references plus a target); add images or remove the folder.")
-        groups.append(ImageGroup(folder.name, images, tuple(_read_captions(p) for p in images)))
+        faces = tuple(_read_face(p) for p in images)
+        groups.append(ImageGroup(folder.name, images, tuple(_read_captions(p) for p in images),
+                                 faces if any(faces) else ()))
     return groups
 
 
@@ -196,8 +237,14 @@ class EasyRefItems(Dataset):
         g, i = self.index[index]
         group = self.groups[g]
         caption = rng.choice(group.captions[i])
-        pixels, time_ids, crop = load_target(open_image(group.images[i]), self.resolution)
-        refs = [crop] if self.stage < 3 else [open_image(p) for p in self.reference_files(group, i, rng)]
+        image = open_image(group.images[i])
+        pixels, time_ids, crop = load_target(image, self.resolution)
+        if self.stage == 3:
+            refs = [open_image(p) for p in self.reference_files(group, i, rng)]
+        elif self.stage == 2 and group.face(i) is not None:
+            refs = [face_crop(image, group.face(i), rng)]
+        else:
+            refs = [crop]
         draw, dropped = rng.random(), False
         if draw < self.ref_drop:
             dropped = True
