@@ -157,12 +157,14 @@ def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_promp
              decor_words: str = "", decor_strength: float = 0.0, region_injection: bool = True,
              concept_isolation: bool = True, latent_optimization: bool = True, latent_reinit: bool = True,
              max_lora_bytes: int = int(DEFAULT_MAX_LORA_MB * 2**20),
-             progress: Optional[Callable[[int, int], None]] = None) -> tuple[Any, dict]:
+             progress: Optional[Callable[[int, int], None]] = None, reference_images: Sequence = (),
+             reference_scale: float = 1.0) -> tuple[Any, dict]:
     """One composed image and the settings that made it. Bad input raises ValueError (LoraFileError included).
 
     ``concepts``: dicts with the :data:`SLOT_FIELDS` keys (``lora`` a file path). ``decor_words``: comma-separated
     undesired words; DECOR is off when empty or ``decor_strength`` is 0. ``progress(step, total)`` is called after
-    every sampling step.
+    every sampling step. ``reference_images``: image paths for EasyRef (SDXL with EasyRef loaded), used at
+    ``reference_scale``.
     """
     import torch
 
@@ -188,21 +190,36 @@ def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_promp
             progress(step + 1, steps)
         return callback_kwargs
 
+    references = _references(pipe, reference_images, reference_scale)
     image = pipe(prompt=prompt or "", negative_prompt=negative_prompt or None, concepts=built, composer=config,
                  decor=decor, num_inference_steps=steps, guidance_scale=float(guidance), height=height, width=width,
-                 generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_end).images[0]
+                 generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_end,
+                 **references).images[0]
     settings = {
         "prompt": prompt or "", "negative_prompt": negative_prompt or "", "seed": seed, "steps": steps,
         "guidance": float(guidance), "width": width, "height": height,
         "concepts": [{"name": c.adapter_name, "lora": Path(c.lora).name, "prompt": c.prompt,
                       "box": [round(v, 4) for v in c.box], "weight": c.weight} for c in built],
         "decor": {"words": words, "strength": float(decor_strength)} if decor else None,
+        "references": ({"images": [Path(str(p)).name for p in references["reference_images"]],
+                        "scale": references["scale"]} if "reference_images" in references else None),
         "composer": {k: getattr(config, k) for k in ("region_injection", "concept_isolation", "latent_optimization",
                                                      "latent_reinit")},
         "model": getattr(pipe, "name_or_path", None) or "tiny (random)",
         "pipeline": type(pipe).__name__, "visadapt": __version__,
     }
     return image, settings
+
+
+def _references(pipe, images: Optional[Sequence], scale: float) -> dict:
+    """The pipeline's EasyRef arguments for uploaded reference images (none: EasyRef off for the call, if loaded)."""
+    images = [str(getattr(i, "name", i)) for i in (images or []) if i]
+    if not images:
+        return {"scale": 0.0} if getattr(pipe, "easyref_encoder", None) is not None else {}
+    if getattr(pipe, "easyref_encoder", None) is None:
+        raise ValueError("Reference images need EasyRef on an SDXL model: start the app with --model <SDXL> "
+                         "--easyref <checkpoint> --mllm Qwen/Qwen2-VL-2B-Instruct, or clear the reference images.")
+    return {"reference_images": images, "scale": float(scale)}
 
 
 def _drop_stale_adapters(pipe, keep: set[str]) -> None:
@@ -324,6 +341,13 @@ def build_app(pipe, *, max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Opt
                     use_decor = gr.Checkbox(value=False, label="DECOR on")
                     decor_words = gr.Textbox(value="", label="Undesired words (comma-separated)")
                     decor_strength = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="DECOR strength")
+                references = {}
+                if hasattr(pipe, "easyref_encoder"):  # an SDXL model: EasyRef references condition the whole image
+                    with gr.Accordion("Reference images (EasyRef)", open=False):
+                        references["reference_images"] = gr.File(
+                            label="Reference images", file_count="multiple", file_types=["image"], type="filepath")
+                        references["reference_scale"] = gr.Slider(0.0, 1.5, value=1.0, step=0.05,
+                                                                  label="Reference scale")
                 with gr.Accordion("Advanced", open=False):
                     region_injection = gr.Checkbox(value=True, label="Region injection (concept K/V/O in boxes)")
                     concept_isolation = gr.Checkbox(value=True, label="Concept isolation (boxes don't attend "
@@ -399,7 +423,7 @@ def build_app(pipe, *, max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Opt
                       guidance=guidance, width=width, height=height, use_decor=use_decor, decor_words=decor_words,
                       decor_strength=decor_strength, region_injection=region_injection,
                       concept_isolation=concept_isolation, latent_optimization=latent_optimization,
-                      latent_reinit=latent_reinit)
+                      latent_reinit=latent_reinit, **references)
         for i, slot in enumerate(slots, start=1):
             kwargs.update({f"{k}_{i}": slot[k] for k in SLOT_FIELDS})
 
@@ -463,6 +487,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-lora-mb", type=float, default=DEFAULT_MAX_LORA_MB,
                         help="largest LoRA upload in MiB (default: %(default)s)")
     parser.add_argument("--outputs", help="folder for the generated PNGs (default: a temporary folder)")
+    parser.add_argument("--easyref", help="SDXL only: an EasyRef checkpoint (file, folder or hub id), for "
+                                          "reference images")
+    parser.add_argument("--mllm", default="Qwen/Qwen2-VL-2B-Instruct",
+                        help="EasyRef's Qwen2-VL, a hub id or folder (default: %(default)s)")
     parser.set_defaults(func=run_app)
 
 
@@ -479,6 +507,10 @@ def run_app(args: argparse.Namespace) -> int:
     if args.model is None:
         print("No --model: serving the embedded tiny random pipeline (images are noise; use --model for real ones).")
     pipe = load_pipeline(args.model, args.device)
+    if getattr(args, "easyref", None):
+        if not hasattr(pipe, "load_easyref"):
+            raise SystemExit("--easyref needs an SDXL --model (EasyRef conditions SDXL).")
+        pipe.load_easyref(args.easyref, mllm=args.mllm, torch_dtype=pipe.unet.dtype)
     app = build_app(pipe, max_lora_mb=args.max_lora_mb, output_dir=args.outputs)
     # Gradio's own start-up lines would tell a command-line user to "set `share=True` in `launch()`".
     _, url, share_url = launch(app, host=args.host, port=args.port, share=args.share, max_lora_mb=args.max_lora_mb,

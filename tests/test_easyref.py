@@ -248,10 +248,11 @@ def files(tmp_path_factory):
     official = _official_state(plain.unet)
     save_file(official, str(folder / "official.safetensors"))
     save_random_lora(plain, folder / "user.safetensors", seed=3)
+    save_random_lora(plain, folder / "cat.safetensors", seed=4)
     loaded = StableDiffusionXLPipeline.from_pretrained(folder / "sdxl")  # reloading alone changes the last digits
     loaded.set_progress_bar_config(disable=True)
     return {"sdxl": folder / "sdxl", "official": folder / "official.safetensors", "state": official,
-            "user": folder / "user.safetensors", "plain": run(loaded)}
+            "user": folder / "user.safetensors", "cat": folder / "cat.safetensors", "plain": run(loaded)}
 
 
 @pytest.fixture(scope="module")
@@ -325,6 +326,10 @@ def test_pipeline_bad_inputs_name_the_fix(ref_pipe, files, tmp_path):
         run(ref_pipe, reference_images=[broken])
     with pytest.raises(EasyRefInputError, match="load_easyref"):
         run(_composer(), reference_images=refs(1))
+    with pytest.raises(ValueError, match="Not an EasyRef checkpoint.*not a LoRA"):
+        _composer().load_easyref(files["user"], encoder=ref_pipe.easyref_encoder)
+    with pytest.raises(ValueError, match="already lost its last layer"):
+        EasyRefEncoder(ref_pipe.easyref_encoder.mllm, ref_pipe.easyref_encoder.processor, WIDTH)
 
 
 def _composer():
@@ -333,3 +338,151 @@ def _composer():
     pipe = LoRAComposerXLPipeline.from_pipe(tiny_pipeline("sdxl"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# -- composition -----------------------------------------------------------------------------------------------------
+
+def test_composer_processor_sends_image_tokens_through_the_global_path_only(installed):
+    """Outside the concept's box the composed layer is the IP-Adapter layer (text + λ·image branch); inside the box
+    it is the concept's regional text, whatever λ is."""
+    from visadapt.diffusion.attention import ComposerAttnProcessor, Composition
+
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
+    attn, ip = installed.get_submodule(name.rsplit(".processor", 1)[0]), installed.attn_processors[name]
+    composer = ComposerAttnProcessor(name, ip)
+    box = [0.0, 0.0, 0.5, 1.0]
+    x, text, c = torch.randn(1, 64, attn.to_q.in_features), torch.randn(1, 77, WIDTH), torch.randn(1, TOKENS, WIDTH)
+    outs = {}
+    with torch.no_grad():
+        for scale in (0.0, 1.0):
+            set_easyref_scale(installed, scale)
+            composition = Composition(adapter_names=["nobody"], weights=[1.0], boxes=[box],
+                                      text_cond=torch.randn(1, 77, WIDTH, generator=torch.Generator().manual_seed(2)),
+                                      isolate=False, latent_size=(16, 16))
+            outs[scale] = (composer(attn, x, (text, [c[:, None]]), composition=composition),
+                           ip(attn, x, (text, [c[:, None]])))
+    set_easyref_scale(installed, 1.0)
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    inside[:, :4] = True  # the 8x8 grid of this layer; the box is the left half
+    inside = inside.flatten()
+    composed, plain = outs[1.0]
+    torch.testing.assert_close(composed[:, ~inside], plain[:, ~inside], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(composed[:, inside], outs[0.0][0][:, inside], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain, outs[0.0][1])  # λ does act on this layer
+
+
+def test_composer_pipeline_takes_reference_images(ref_pipe, files):
+    from visadapt.diffusion import ComposerConfig, Concept
+    from visadapt.pipelines import LoRAComposerXLPipeline
+
+    pipe = LoRAComposerXLPipeline.from_pipe(ref_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.easyref_encoder is ref_pipe.easyref_encoder
+    concepts = [Concept(lora=files["cat"], prompt="a cat", box=[0, 0, 0.5, 1])]
+    try:
+        with_refs = run(pipe, "a cat in a park", concepts=concepts, reference_images=refs(2),
+                        composer=ComposerConfig(max_refine_step=1))
+        assert all(g > 0 for g in pipe.composition_log["grad_norms"])
+        without = run(pipe, "a cat in a park", concepts=concepts, scale=0,
+                      composer=ComposerConfig(max_refine_step=1))
+    finally:
+        pipe.delete_adapters("cat")
+    assert torch.isfinite(with_refs).all() and not torch.allclose(with_refs, without)
+    assert ref_pipe.unet.active_adapters() == ["easyref"]
+
+
+def test_controlnet_sees_text_tokens_only(files):
+    from diffusers import ControlNetModel
+
+    from visadapt.pipelines import EasyRefControlNetPipeline
+
+    base = tiny_pipeline("sdxl")
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(16, 32))  # 2x, as the VAE
+    pipe = EasyRefControlNetPipeline(**base.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_easyref(files["official"], encoder=fresh_encoder())
+    seen = []
+    hook = controlnet.register_forward_pre_hook(lambda m, a, k: seen.append(k["encoder_hidden_states"]),
+                                                with_kwargs=True)
+    try:
+        run(pipe, reference_images=refs(1), image=Image.new("RGB", (32, 32)))
+    finally:
+        hook.remove()
+    assert seen and all(isinstance(e, torch.Tensor) and e.shape == (2, 77, WIDTH) for e in seen)
+    assert not any(hasattr(p, "to_k_ip") for p in controlnet.attn_processors.values())
+
+
+def test_saved_official_file_loads_the_way_the_released_code_loads_it(ref_pipe, files, tmp_path):
+    """save_easyref(official=True) gives back the official file it was loaded from (names and shapes), and a fresh
+    interpreter without visadapt loads it the released way: prefixes split, the projector and the one-layer MLLM
+    copy strictly, the UNet part by processor names."""
+    from conftest import run_python
+    from safetensors.torch import load_file
+
+    path = ref_pipe.save_easyref(tmp_path / "easyref.safetensors", official=True)
+    saved = load_file(str(path))
+    expected = {k: v for k, v in files["state"].items() if not k.startswith(("adapter_modules", "unet.conv_in"))}
+    assert set(saved) == set(expected) and all(torch.equal(saved[k], expected[k]) for k in saved)
+    ours = ref_pipe.save_easyref(tmp_path / "ours.safetensors")
+    assert convert_official(saved).keys() == load_file(str(ours)).keys()
+    run_python(f"""
+import re
+
+import torch
+from safetensors import safe_open
+from transformers import Qwen2VLTextConfig, Qwen2VLTextModel
+
+parts = {{"image_proj_model": {{}}, "mllm_final_layer": {{}}, "unet": {{}}, "multimodal_llm": {{}}}}
+with safe_open({str(path)!r}, framework="pt", device="cpu") as f:
+    for key in f.keys():
+        prefix, rest = key.split(".", 1)
+        parts[prefix][rest] = f.get_tensor(key)
+proj = torch.nn.Module()
+proj.proj = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, {WIDTH}),
+                                torch.nn.LayerNorm({WIDTH}))
+proj.load_state_dict(parts["image_proj_model"], strict=True)
+config = Qwen2VLTextConfig(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1)
+final = Qwen2VLTextModel(config)
+final.embed_tokens = torch.nn.Identity()
+final.reference_tokens = torch.nn.Parameter(torch.zeros({TOKENS}, 32))
+final.load_state_dict(parts["mllm_final_layer"], strict=True)
+pattern = re.compile(r"[a-z_.0-9]+attn[12]\\.processor\\.(to_[kv]_ip|to_(q|k|v|out)_lora\\.(down|up))\\.weight")
+assert all(pattern.fullmatch(key) for key in parts["unet"]), sorted(parts["unet"])[:3]
+assert parts["unet"] and not parts["multimodal_llm"]
+""", tmp_path)
+
+
+# -- the app ---------------------------------------------------------------------------------------------------------
+
+def _labels(app) -> set:
+    return {c.get("props", {}).get("label") for c in app.config["components"]}
+
+
+def test_app_shows_reference_images_for_sdxl_and_generates_with_them(ref_pipe, tmp_path):
+    from visadapt.apps import composer
+    from visadapt.pipelines import LoRAComposerXLPipeline
+
+    pipe = LoRAComposerXLPipeline.from_pipe(ref_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    assert "Reference images" in _labels(composer.build_app(pipe, output_dir=tmp_path))
+    assert "Reference images" not in _labels(composer.build_app(tiny_pipeline("sd", pipeline_class=composer_sd()),
+                                                                output_dir=tmp_path))
+    paths = []
+    for i, image in enumerate(refs(2)):
+        paths.append(tmp_path / f"ref{i}.png")
+        image.save(paths[-1])
+    fast = dict(prompt="a cat", steps=2, width=32, height=32, latent_optimization=False, latent_reinit=False)
+    image, settings = composer.generate(pipe, reference_images=[str(p) for p in paths], reference_scale=0.8, **fast)
+    assert settings["references"] == {"images": ["ref0.png", "ref1.png"], "scale": 0.8}
+    plain, _ = composer.generate(pipe, **fast)
+    assert image.tobytes() != plain.tobytes()
+    with pytest.raises(ValueError, match="--easyref"):
+        composer.generate(LoRAComposerXLPipeline.from_pipe(tiny_pipeline("sdxl")), reference_images=[str(paths[0])],
+                          **fast)
+
+
+def composer_sd():
+    from visadapt.pipelines import LoRAComposerPipeline
+
+    return LoRAComposerPipeline

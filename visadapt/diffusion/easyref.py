@@ -139,11 +139,14 @@ class EasyRefEncoder(nn.Module):
                  faithful: bool = True, image_size: int = 336, instruction: str = INSTRUCTION) -> None:
         super().__init__()
         language = mllm.model.language_model
+        if getattr(mllm, "_easyref_truncated", False):
+            raise ValueError("This Qwen2-VL already lost its last layer to another EasyRefEncoder; load a fresh one.")
         if len(language.layers) < 2:
             raise ValueError("EasyRef splits off the MLLM's last decoder layer: the model needs at least 2 layers.")
         hidden = language.config.hidden_size
         self.final_layer = language.layers[-1]
         language.layers = nn.ModuleList(list(language.layers)[:-1])
+        mllm._easyref_truncated = True
         self.mllm = mllm
         self.final_norm = copy.deepcopy(language.norm)
         self.reference_tokens = nn.Parameter(0.1 * torch.randn(num_queries, hidden))
@@ -306,10 +309,20 @@ def _base(linear: nn.Module) -> nn.Module:
     return getattr(linear, "base_layer", linear)
 
 
-def is_easyref_installed(unet) -> bool:
+def _decoupled_processors(unet) -> list:
+    """The UNet's IP-Adapter processors, also when a wrapping processor holds one as ``.base`` (the composer's)."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-    return any(isinstance(p, IPAdapterAttnProcessor2_0) for p in unet.attn_processors.values())
+    found = []
+    for processor in unet.attn_processors.values():
+        processor = processor if isinstance(processor, IPAdapterAttnProcessor2_0) else getattr(processor, "base", None)
+        if isinstance(processor, IPAdapterAttnProcessor2_0):
+            found.append(processor)
+    return found
+
+
+def is_easyref_installed(unet) -> bool:
+    return bool(_decoupled_processors(unet))
 
 
 def install_easyref(unet, num_tokens: int = 64, scale: float = 1.0, lora_rank: int = 128) -> None:
@@ -368,9 +381,7 @@ def remove_easyref(unet) -> None:
 
 def set_easyref_scale(unet, scale: float) -> None:
     """λ of every decoupled cross-attention layer (0 skips the reference branch; the LoRA is not touched)."""
-    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
-
-    found = [p for p in unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
+    found = _decoupled_processors(unet)
     if not found:
         raise ValueError("This UNet has no EasyRef layers; call install_easyref(unet) first.")
     for processor in found:
@@ -545,6 +556,8 @@ def read_easyref_file(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
 def checkpoint_sizes(state: dict[str, torch.Tensor]) -> dict[str, int]:
     """``num_tokens`` and ``lora_rank`` (0 without a LoRA) of a checkpoint in our layout."""
     if "encoder.reference_tokens" not in state:
-        raise ValueError("The EasyRef file has no reference tokens (encoder.reference_tokens).")
+        raise ValueError("Not an EasyRef checkpoint: it has no reference tokens (encoder.reference_tokens, or "
+                         "mllm_final_layer.reference_tokens in the released layout). Pass the EasyRef file, not a "
+                         "LoRA or a base model.")
     ranks = [v.shape[0] for k, v in state.items() if k.endswith(".lora_A.weight")]
     return {"num_tokens": int(state["encoder.reference_tokens"].shape[0]), "lora_rank": int(ranks[0]) if ranks else 0}
