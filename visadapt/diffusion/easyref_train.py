@@ -172,8 +172,8 @@ class EasyRefTrainer(Trainer):
         c, acc = self.cfg, self.accelerator
         self._refuse_deepspeed()
         groups = scan_groups(c.data)
-        train_groups = holdout_split(groups)[0] if c.holdout else groups
-        self.data_summary = {**group_summary(train_groups), "held_out": len(groups) != len(train_groups) and c.holdout}
+        train_groups, held = holdout_split(groups) if c.holdout else (groups, [])
+        self.data_summary = {**group_summary(train_groups), "held_out_images": len(held)}
         pipe = self.pipe = self._pipe if self._pipe is not None else load_sdxl(c.model)
         mllm, processor = self._mllm if self._mllm is not None else load_mllm(c.mllm, c.seed)
         self.resolution = c.resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
