@@ -248,6 +248,26 @@ def test_interrupted_stage_resumes_bit_exactly(overfit_dir, tmp_path):
     assert json.loads((tmp_path / "cut" / "results.json").read_text())["eval_loss_after"] == full["eval_loss_after"]
 
 
+def test_a_tied_mllm_is_written_under_both_names(overfit_dir, tmp_path):
+    """Qwen2-VL-2B ties its lm_head to its embedding; the official layout keeps both keys (its loader is strict)."""
+    from safetensors.torch import load_file
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from visadapt.diffusion.easyref_train import train_easyref
+    from visadapt.diffusion.tiny_mllm import tiny_qwen2vl_config, tiny_qwen2vl_processor
+
+    processor = tiny_qwen2vl_processor()
+    config = tiny_qwen2vl_config(processor.tokenizer)
+    config.tie_word_embeddings = True
+    model = Qwen2VLForConditionalGeneration(config)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    cfg = EasyRefTrainConfig(stage=2, data=str(overfit_dir), lora_rank=2, init=None, **{**TINY, "steps": 1})
+    with pytest.warns(UserWarning, match="without --init"):
+        train_easyref(cfg, tmp_path / "tied", mllm=(model, processor))
+    official = load_file(str(tmp_path / "tied" / "official" / "model.safetensors"))
+    assert torch.equal(official["multimodal_llm.lm_head.weight"], official["multimodal_llm.model.embed_tokens.weight"])
+
+
 def test_bad_settings_name_the_fix(overfit_dir, tmp_path):
     from visadapt.diffusion.easyref_train import train_easyref
 

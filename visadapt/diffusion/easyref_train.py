@@ -330,7 +330,13 @@ class EasyRefTrainer(Trainer):
         from .easyref import easyref_state_dict
 
         state = easyref_state_dict(self.pipe.unet, self.encoder, include_mllm=self.cfg.train_mllm)
-        return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+        out, seen = {}, set()
+        for key, value in state.items():
+            value = value.detach().float().cpu().contiguous()
+            # tied weights (Qwen2-VL-2B's lm_head is its embedding) appear under both names: safetensors wants copies
+            out[key] = value.clone() if value.data_ptr() in seen else value
+            seen.add(value.data_ptr())
+        return out
 
     def write_outputs(self, results: dict, state: dict) -> None:
         from safetensors.torch import save_file
