@@ -148,3 +148,21 @@ def test_eval_sampler_matches_the_easyref_pipeline(trained_run):
     theirs = generate(pipe, cfg, refs, "a red circle", seed=3)
     a, b = (np.asarray(x, dtype=np.int16) for x in (ours, theirs))
     assert np.abs(a - b).max() <= 1
+
+
+def test_eval_command_prints_the_means(trained_run, clip, dino, tmp_path, monkeypatch, capsys):
+    """``visadapt easyref eval`` end to end; the metric models by name are the small ones here (no download)."""
+    import json
+
+    import visadapt.diffusion.easyref_eval as easyref_eval
+    from visadapt.cli import main
+
+    monkeypatch.setattr(easyref_eval, "load_clip", lambda name, pretrained, device: clip)
+    monkeypatch.setattr(easyref_eval, "load_dino", lambda name, device: dino)
+    data, run = trained_run
+    argv = ["easyref", "eval", "--data", str(data), "--adapter", str(run), "--model", "tiny-sdxl", "--mllm", "tiny",
+            "--steps", "2", "--size", "32", "--max-groups", "1", "--out", str(tmp_path / "e")]
+    assert main(argv) == 0
+    r = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert len(r["groups"]) == 1 and f"{r['metrics']['clip_i']:.4f}"[:5] in capsys.readouterr().out
+    assert main([*argv[:-1], str(tmp_path / "f"), "--adapter", str(tmp_path)]) == 2  # no adapter there: exit 2
