@@ -134,6 +134,14 @@ class EasyRefMixin:
             save_file({k: v.cpu() for k, v in state.items()}, str(tmp), metadata={"format": "pt", "method": "easyref"})
         return path
 
+    def save_pretrained(self, save_directory: PathLike, *args, **kwargs):
+        """diffusers' ``save_pretrained``, refused while EasyRef is installed: the UNet would be written with the
+        reference layers in its config and weights, which a plain SDXL loader cannot read."""
+        if is_easyref_installed(self.unet):
+            raise ValueError("This pipeline's UNet carries EasyRef: save the adapter with pipe.save_easyref(path), "
+                             "and the SDXL pipeline before load_easyref() or after pipe.unload_easyref().")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def to(self, *args, **kwargs):
         pipe = super().to(*args, **kwargs)
         if self.easyref_encoder is not None:

@@ -87,9 +87,11 @@ def _official(encoder: EasyRefEncoder, inputs: dict) -> torch.Tensor:
 
 
 def test_encoder_matches_the_official_computation(encoder):
-    inputs = encoder.prepare([refs(2)], ["two shapes"])
-    with torch.no_grad():
-        torch.testing.assert_close(encoder(**inputs), _official(encoder, inputs), atol=1e-5, rtol=1e-4)
+    """Unpadded (inference) and a padded batch (training): transformers builds the same causal + padding mask."""
+    for inputs in (encoder.prepare([refs(2)], ["two shapes"]),
+                   encoder.prepare([refs(1), refs(3)], ["a", "three shapes on a table"])):
+        with torch.no_grad():
+            torch.testing.assert_close(encoder(**inputs), _official(encoder, inputs), atol=1e-5, rtol=1e-4)
 
 
 def test_final_layer_is_causal_unless_clean(encoder):
@@ -131,6 +133,20 @@ def installed():
     pipe = tiny_pipeline("sdxl")
     install_easyref(pipe.unet, num_tokens=TOKENS, lora_rank=4)
     return pipe.unet
+
+
+def test_remove_easyref_restores_the_plain_unet():
+    from visadapt.diffusion.easyref import is_easyref_installed, remove_easyref
+
+    unet = tiny_pipeline("sdxl").unet
+    plain = dict(unet.state_dict())
+    install_easyref(unet, num_tokens=TOKENS, lora_rank=4)
+    with pytest.raises(ValueError, match="remove_easyref"):
+        install_easyref(unet)
+    remove_easyref(unet)
+    assert not is_easyref_installed(unet) and unet.config.encoder_hid_dim_type is None
+    after = unet.state_dict()
+    assert after.keys() == plain.keys() and all(torch.equal(after[k], plain[k]) for k in plain)
 
 
 def test_decoupled_cross_attention_formula(installed):
@@ -328,6 +344,8 @@ def test_pipeline_bad_inputs_name_the_fix(ref_pipe, files, tmp_path):
         run(_composer(), reference_images=refs(1))
     with pytest.raises(ValueError, match="Not an EasyRef checkpoint.*not a LoRA"):
         _composer().load_easyref(files["user"], encoder=ref_pipe.easyref_encoder)
+    with pytest.raises(ValueError, match="save_easyref"):
+        ref_pipe.save_pretrained(tmp_path / "folder")
     with pytest.raises(ValueError, match="already lost its last layer"):
         EasyRefEncoder(ref_pipe.easyref_encoder.mllm, ref_pipe.easyref_encoder.processor, WIDTH)
 

@@ -1,5 +1,7 @@
 """Multi-concept composition for diffusers pipelines: LoRA-Composer's concepts and attention edits, and DECOR;
-concept training (``visadapt concept train``, :mod:`visadapt.diffusion.concept_train`).
+concept training (``visadapt concept train``, :mod:`visadapt.diffusion.concept_train`); EasyRef's multi-reference
+encoder and UNet install (:mod:`visadapt.diffusion.easyref`, pipelines ``EasyRefPipeline`` and
+``EasyRefControlNetPipeline``).
 
 The pipelines that use these live in :mod:`visadapt.pipelines` (``LoRAComposerPipeline``,
 ``LoRAComposerXLPipeline``, ``DecorPipeline``, ``DecorXLPipeline``). The names below load on first use, so that the

@@ -375,8 +375,12 @@ def remove_easyref(unet) -> None:
     unet.set_attn_processor(processors)
     unet.encoder_hid_proj = None
     unet.register_to_config(encoder_hid_dim_type=None)
-    if ADAPTER_NAME in (getattr(unet, "peft_config", None) or {}):
-        unet.delete_adapters(ADAPTER_NAME)
+    adapters = getattr(unet, "peft_config", None) or {}
+    if ADAPTER_NAME in adapters:
+        if len(adapters) == 1:
+            unet.unload_lora()  # the last adapter: unwrap the layers too, so the UNet saves as plain SDXL again
+        else:
+            unet.delete_adapters(ADAPTER_NAME)
 
 
 def set_easyref_scale(unet, scale: float) -> None:
