@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     from visadapt.incremental.cli import add_commands as add_incremental
 
     add_incremental(commands)
+    from visadapt.diffusion.easyref_cli import add_commands as add_easyref
+
+    add_easyref(commands)
     from visadapt.apps.composer import add_command as add_app  # light: gradio loads when the app starts
 
     add_app(commands)
