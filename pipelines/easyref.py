@@ -41,11 +41,10 @@ from visadapt.diffusion.easyref import (
     is_easyref_installed,
     load_easyref_state,
     read_easyref_file,
+    save_easyref_file,
     set_easyref_scale,
-    to_official,
 )
 from visadapt.diffusion.lora_files import active_adapters, set_active_adapters
-from visadapt.utils.io import atomic_path
 
 PathLike = Union[str, os.PathLike]
 
@@ -125,14 +124,8 @@ class EasyRefMixin:
         """Write the adapter (decoupled K/V, UNet LoRA, final layer, reference tokens, projector; the MLLM too with
         ``include_mllm``) to one ``.safetensors`` file, atomically: in our layout, or with ``official`` in the
         released code's layout (its ``load_ip_adapter`` reads it)."""
-        from safetensors.torch import save_file
-
         state = easyref_state_dict(self.unet, self.easyref_encoder, include_mllm=include_mllm)
-        state = to_official(state) if official else state
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file({k: v.cpu() for k, v in state.items()}, str(tmp), metadata={"format": "pt", "method": "easyref"})
-        return path
+        return save_easyref_file(state, path, official=official)
 
     def save_pretrained(self, save_directory: PathLike, *args, **kwargs):
         """diffusers' ``save_pretrained``, refused while EasyRef is installed: the UNet would be written with the

@@ -504,3 +504,18 @@ def composer_sd():
     from visadapt.pipelines import LoRAComposerPipeline
 
     return LoRAComposerPipeline
+
+
+def test_easyref_file_writes_tied_weights_as_copies(tmp_path):
+    """Qwen2-VL-2B ties lm_head to the embedding: the one writer of EasyRef files must still write both names."""
+    from safetensors.torch import load_file
+
+    from visadapt.diffusion.easyref import save_easyref_file
+
+    shared = torch.randn(4, 3)
+    state = {"encoder.mllm.lm_head.weight": shared, "encoder.mllm.model.embed_tokens.weight": shared,
+             "encoder.reference_tokens": torch.randn(2, 3)}
+    path = save_easyref_file(state, tmp_path / "e.safetensors")
+    loaded = load_file(str(path))
+    assert set(loaded) == set(state)
+    assert torch.equal(loaded["encoder.mllm.lm_head.weight"], shared)

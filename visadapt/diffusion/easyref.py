@@ -539,6 +539,30 @@ def _load_exact(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
             own[key].copy_(value)
 
 
+def save_easyref_file(state: dict[str, torch.Tensor], path: Union[str, os.PathLike], official: bool = False,
+                      metadata: Optional[dict[str, str]] = None) -> Path:
+    """Write a state dict in our layout (:func:`easyref_state_dict`) to one ``.safetensors`` file, atomically: as is,
+    or with ``official`` in the released code's layout (:func:`to_official`). The only writer of EasyRef files.
+
+    Tied weights (Qwen2-VL-2B's ``lm_head`` is its embedding) are written as copies: safetensors refuses shared
+    storage."""
+    from safetensors.torch import save_file
+
+    from visadapt.utils.io import atomic_path
+
+    state = to_official(state) if official else state
+    tensors, seen = {}, set()
+    for key, value in state.items():
+        value = value.detach().cpu().contiguous()
+        tensors[key] = value.clone() if value.data_ptr() in seen else value
+        seen.add(value.data_ptr())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "method": "easyref", **(metadata or {})})
+    return path
+
+
 def read_easyref_file(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     """A checkpoint file in our layout or the official one (converted): ``.safetensors``, or a ``.bin``/``.pt`` read
     with ``weights_only`` (DeepSpeed's ``{"module": ...}`` wrapper unwrapped)."""

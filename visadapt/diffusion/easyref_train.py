@@ -36,7 +36,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from visadapt.training import StepCallback, Trainer
-from visadapt.utils import atomic_path
 
 from .easyref_config import TINY_MLLM, TINY_MODEL, EasyRefTrainConfig
 from .easyref_data import EasyRefItems, collate_items, group_summary, holdout_split, scan_groups
@@ -330,27 +329,17 @@ class EasyRefTrainer(Trainer):
         from .easyref import easyref_state_dict
 
         state = easyref_state_dict(self.pipe.unet, self.encoder, include_mllm=self.cfg.train_mllm)
-        out, seen = {}, set()
-        for key, value in state.items():
-            value = value.detach().float().cpu().contiguous()
-            # tied weights (Qwen2-VL-2B's lm_head is its embedding) appear under both names: safetensors wants copies
-            out[key] = value.clone() if value.data_ptr() in seen else value
-            seen.add(value.data_ptr())
-        return out
+        return {key: value.detach().float() for key, value in state.items()}
 
     def write_outputs(self, results: dict, state: dict) -> None:
-        from safetensors.torch import save_file
-
-        from .easyref import to_official
+        from .easyref import save_easyref_file
 
         ours = self.adapter_state()
         meta = {"format": "visadapt-easyref", "stage": str(self.cfg.stage), "num_tokens": str(self.cfg.num_tokens),
                 "lora_rank": str(self.cfg.lora_rank)}
         files = {"ours": ADAPTER_FILE, "official": OFFICIAL_FILE}
-        (self.out / OFFICIAL_FILE).parent.mkdir(parents=True, exist_ok=True)
-        for kind, tensors in (("ours", ours), ("official", to_official(ours))):
-            with atomic_path(self.out / files[kind]) as tmp:
-                save_file(tensors, str(tmp), metadata=meta)
+        for kind, official in (("ours", False), ("official", True)):
+            save_easyref_file(ours, self.out / files[kind], official=official, metadata=meta)
         results["adapter_files"] = files
 
     def report(self, results: dict) -> str:
