@@ -238,7 +238,20 @@ def save(out: Path, unet, vae, text_encoder, tok) -> None:
     with staged_dir(out) as stage:
         pipe.save_pretrained(stage, safe_serialization=True)
         write_slow_tokenizer(stage / "tokenizer")
+        load_text_encoder_in_fp32(stage / "text_encoder")
     pipe.to(torch.float32)
+
+
+def load_text_encoder_in_fp32(folder: Path) -> None:
+    """Record float32 as the text encoder's dtype. transformers 5 loads a model in the dtype its config names
+    (``dtype="auto"``) while diffusers loads the UNet and VAE in float32, so a plain
+    ``StableDiffusionPipeline.from_pretrained(folder)`` would mix fp16 and fp32 and fail; the fp16 weights are upcast
+    on load instead."""
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "float32"
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_slow_tokenizer(folder: Path) -> None:
