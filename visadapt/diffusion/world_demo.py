@@ -36,7 +36,7 @@ def load_world_model(path: Union[str, Path] = WORLD_MODEL_DIR, pipeline_class=No
         raise FileNotFoundError(f"{path}: no world model here (no model_index.json); reinstall visadapt or rebuild it "
                                 "with `python -m visadapt.diffusion.world_pretrain --out <folder>`.")
     cls = pipeline_class or StableDiffusionPipeline
-    pipe = cls.from_pretrained(path, dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
+    pipe = cls.from_pretrained(str(path), dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
                                local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
