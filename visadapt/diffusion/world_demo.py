@@ -175,7 +175,7 @@ def train_demo_concept(concept: DemoConcept, out: Union[str, Path], steps: int =
     """
     from .concept_train import train_concept
 
-    out = Path(out)
+    out = Path(out).resolve()  # the cache key holds the images' path: the same folder from any working directory
     images = write_concept_images(concept, out / "images" / concept.name, seed=seed)
     config = concept_config(concept, images, steps, seed)
     run = out / concept.name
