@@ -136,6 +136,24 @@ def score(judge: DemoCLIPJudge, probe: tuple, image, boxes) -> list[dict]:
     return out
 
 
+def concept_alone(pipe, judge: DemoCLIPJudge, probe: tuple, n_seeds: int, steps: int, guidance: float) -> str:
+    """Each LoRA alone on the whole canvas ("a sks hexagon", seeds 0..n-1), the drawn shape cropped: does the model
+    draw the concept at all, before any composition?"""
+    lines = []
+    for concept in DEMO_CONCEPTS:
+        pipe.enable_lora()
+        pipe.set_adapters([f"merged_{DEMO_CONCEPTS.index(concept)}"])
+        images = pipe([concept.prompt] * n_seeds, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=[torch.Generator().manual_seed(i) for i in range(n_seeds)]).images
+        crops = [object_crop(image) for image in images]
+        shapes = [PROBE_CLASSES[i] for i in (judge.features(crops) @ probe[0] + probe[1]).argmax(-1).tolist()]
+        colours = judge.classify(crops)[1]
+        lines.append(f"{concept.prompt!r} alone: shape {np.mean([s == concept.shape for s in shapes]):.1%}, colour "
+                     f"{np.mean([c == concept.colour for c in colours]):.1%} of {n_seeds} (most drawn: "
+                     f"{max(set(shapes), key=shapes.count)})")
+    return "\n".join(lines)
+
+
 def table(rows: dict[str, list[list[dict]]]) -> str:
     head = f"{'method':<20} {'boxes':>5} {'in box':>7} {'confused':>9} {'missing':>8} {'colour':>7} {'both in':>8}"
     lines = [head]
@@ -208,13 +226,15 @@ def main() -> int:
         seconds[method] = time.perf_counter() - t0
         print(f"{method}: {len(jobs)} images in {seconds[method]:.0f} s", flush=True)
 
+    alone = concept_alone(pipes["plain"], judge, probe, 4 * n_seeds, args.steps, args.guidance)
     text = table(rows)
-    print(f"\n{n_seeds} seeds x {len(LAYOUTS)} layouts, {args.steps} steps, guidance {args.guidance}\n{text}")
+    print(f"\n{alone}\n\n{n_seeds} seeds x {len(LAYOUTS)} layouts, {args.steps} steps, guidance {args.guidance}")
+    print(text)
     save_grid(images, [boxes for _, boxes, _ in jobs], args.grid, cols=min(8, len(jobs)))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(
         {"seeds": n_seeds, "layouts": list(LAYOUTS), "steps": args.steps, "guidance": args.guidance,
-         "probe_accuracy": probe[2], "seconds": seconds, "table": text,
+         "probe_accuracy": probe[2], "seconds": seconds, "table": text, "alone": alone,
          "boxes": {m: [[{k: v for k, v in b.items()} for b in image] for image in rows[m]] for m in METHODS}},
         indent=1))
     print(f"grid: {args.grid}; total {(time.perf_counter() - start) / 60:.1f} min")
