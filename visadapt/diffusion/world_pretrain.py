@@ -1,6 +1,12 @@
 """Pretrain the embedded world model: a tiny Stable Diffusion pipeline that draws the shapes world's canvases.
 
-    OMP_NUM_THREADS=2 python -m visadapt.diffusion.world_pretrain --out visadapt/diffusion/world_model
+    OMP_NUM_THREADS=1 python -m visadapt.diffusion.world_pretrain --out visadapt/diffusion/world_model
+
+Each stage has a step count and a time budget (``--vae-minutes`` 5, ``--unet-minutes`` 25) and its learning rate
+follows a cosine over whichever runs out first, so the run ends in about 33 minutes however busy the machine is. The
+shipped weights came from this command with the defaults (seed 0) on two CPU cores shared with other jobs: 355 VAE
+steps and 2152 UNet steps (batch 16) in 32.6 minutes; the final check printed shape 22.5 % (chance 10 %) and colour
+47.5 % (chance 12.5 %).
 
 The pipeline is diffusers' ``StableDiffusionPipeline`` layout, small enough to ship (a few MB of fp16 safetensors):
 
