@@ -112,3 +112,12 @@ def test_demo_loras_are_trained_concepts_that_change_the_output(tmp_path):
     plain, composed = (app_pipe(prompt, concepts=cs, num_inference_steps=3,
                                 generator=torch.Generator().manual_seed(0)).images[0] for cs in ([], placed))
     assert np.abs(np.asarray(plain, float) - np.asarray(composed, float)).mean() > 1.0
+
+
+def test_pretraining_data_holds_no_held_out_shape():
+    from visadapt.diffusion.world_pretrain import canvases
+
+    images, objects = canvases(np.random.default_rng(0), 300)
+    assert images.shape == (300, 3, 64, 64) and -1 <= float(images.min()) and float(images.max()) <= 1
+    drawn = {o.shape for objs in objects for o in objs}
+    assert drawn == set(world.SEEN_SHAPES) and not drawn & set(world.HELDOUT_SHAPES)
