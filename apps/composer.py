@@ -1,7 +1,7 @@
 """Compose several concept LoRAs in the browser: a Gradio app over :class:`~visadapt.pipelines.LoRAComposerPipeline`.
 
 ```bash
-visadapt app                                     # embedded tiny pipeline: works offline, images are noise
+visadapt app                                     # embedded world model: offline, draws the shapes world
 visadapt app --model stable-diffusion-v1-5/stable-diffusion-v1-5   # or an SDXL id, or a local diffusers folder
 python -m visadapt.apps.composer --port 7861
 ```
@@ -47,6 +47,8 @@ SLOT_FIELDS = ("lora", "name", "prompt", "xmin", "ymin", "xmax", "ymax", "weight
 DEMO_CONCEPTS = [dict(name="cat", prompt="a photo of a cat", box=(0.0, 0.0, 0.5, 1.0), weight=1.0),
                  dict(name="dog", prompt="a photo of a dog", box=(0.5, 0.0, 1.0, 1.0), weight=1.0)]
 DEMO_PROMPT = "a cat and a dog in a park"
+# On the embedded world model the demo concepts are two held-out shapes, trained for real (side by side squares).
+WORLD_DEMO_BOXES = [(0.0, 0.25, 0.5, 0.75), (0.5, 0.25, 1.0, 0.75)]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ log = logging.getLogger(__name__)
 # -- the pipeline ----------------------------------------------------------------------------------------------
 
 def load_pipeline(model: Optional[str] = None, device: Optional[str] = None):
-    """A LoRA-Composer pipeline: ``model`` is a hub id or a local diffusers folder (SD or SDXL); None → tiny.
+    """A LoRA-Composer pipeline: ``model`` is a hub id or a local diffusers folder (SD or SDXL); None → the
+    embedded world model (:mod:`visadapt.diffusion.world_demo`).
 
     The class follows the checkpoint's ``model_index.json`` (``StableDiffusionXLPipeline`` → the XL composer).
     A folder is loaded with ``local_files_only``. float16 on CUDA, float32 on the CPU.
@@ -65,9 +68,9 @@ def load_pipeline(model: Optional[str] = None, device: Optional[str] = None):
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
-        from visadapt.diffusion.tiny import tiny_pipeline
+        from visadapt.diffusion.world_demo import load_world_model
 
-        return tiny_pipeline("sd", pipeline_class=LoRAComposerPipeline).to(device)
+        return load_world_model(pipeline_class=LoRAComposerPipeline, device=device)
     from diffusers import DiffusionPipeline
 
     local = Path(model).is_dir()
@@ -278,8 +281,35 @@ def draw_boxes(width: int, height: int, boxes: Sequence[tuple[str, Sequence[Opti
     return image
 
 
-def make_demo_loras(pipe, folder: Path) -> list[Path]:
-    """Two random LoRA files that fit ``pipe`` (the demo's cat and dog): enough to try the app at once."""
+def is_world_model(pipe) -> bool:
+    from visadapt.diffusion.world_demo import WORLD_MODEL_DIR
+
+    name = getattr(pipe, "name_or_path", None)
+    return bool(name) and Path(name).resolve() == WORLD_MODEL_DIR.resolve()
+
+
+def demo_concepts(pipe) -> tuple[list[dict], str]:
+    """The demo's concepts (name, prompt, box, weight) and global prompt for ``pipe``."""
+    if not is_world_model(pipe):
+        return DEMO_CONCEPTS, DEMO_PROMPT
+    from visadapt.diffusion.world_demo import DEMO_CONCEPTS as WORLD
+
+    concepts = [dict(name=c.name, prompt=c.prompt, box=box, weight=1.0) for c, box in zip(WORLD, WORLD_DEMO_BOXES)]
+    return concepts, " and ".join(c.prompt for c in WORLD)
+
+
+def make_demo_loras(pipe, folder: Path, steps: Optional[int] = None) -> list[Path]:
+    """Two LoRA files that fit ``pipe``, one per :func:`demo_concepts` entry.
+
+    On the embedded world model: two held-out shapes trained with the concept trainer on canvases rendered on the
+    fly (``steps`` each, default :data:`~visadapt.diffusion.world_demo.DEMO_STEPS`), cached in ``folder`` so a second
+    call is instant. On any other model: two random LoRAs, enough to try the app.
+    """
+    if is_world_model(pipe):
+        from visadapt.diffusion.world_demo import DEMO_CONCEPTS as WORLD
+        from visadapt.diffusion.world_demo import DEMO_STEPS, train_demo_concept
+
+        return [train_demo_concept(c, folder, steps=steps or DEMO_STEPS) for c in WORLD]
     from visadapt.diffusion.tiny import save_random_lora
 
     return [save_random_lora(pipe, folder / f"demo_{c['name']}.safetensors", seed=i + 1)
@@ -296,7 +326,7 @@ def build_app(pipe, *, max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Opt
     max_bytes = int(max_lora_mb * 2**20)
     output_dir = Path(output_dir) if output_dir else Path(tempfile.gettempdir()) / "visadapt-composer"
     multiple, size = size_multiple(pipe), default_size(pipe)
-    tiny = pipe.unet.config.sample_size <= 32
+    tiny = pipe.unet.config.sample_size <= 32 and not is_world_model(pipe)
 
     with gr.Blocks(title="visadapt · compose concept LoRAs") as app:
         gr.Markdown("## Compose concept LoRAs\nUpload one LoRA per concept, give it a regional prompt and a box "
@@ -406,14 +436,18 @@ def build_app(pipe, *, max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Opt
                        (s["lora"], s["name"], s["prompt"], s["xmin"], s["ymin"], s["xmax"], s["ymax"], s["weight"])]
 
         def fill_demo(n, current_prompt):
-            folder = Path(tempfile.mkdtemp(prefix="demo-loras-", dir=_ensure(output_dir)))
+            world = is_world_model(pipe)  # real concepts, cached in one folder; else random LoRAs, a new folder
+            folder = (_ensure(output_dir) / "demo-loras" if world
+                      else Path(tempfile.mkdtemp(prefix="demo-loras-", dir=_ensure(output_dir))))
             files = make_demo_loras(pipe, folder)
+            concepts, demo_prompt = demo_concepts(pipe)
             values: list[Any] = []
-            for path, c in zip(files, DEMO_CONCEPTS):
+            for path, c in zip(files, concepts):
                 values += [str(path), c["name"], c["prompt"], *c["box"], c["weight"]]
-            count = set_count(max(int(n or 0), len(DEMO_CONCEPTS)))
-            gr.Info(f"Wrote {len(files)} random LoRA files to {folder}.")
-            return count + values + [current_prompt or DEMO_PROMPT]
+            count = set_count(max(int(n or 0), len(concepts)))
+            gr.Info(f"Trained {len(files)} concept LoRAs in {folder}." if world
+                    else f"Wrote {len(files)} random LoRA files to {folder}.")
+            return count + values + [current_prompt or demo_prompt]
 
         demo_button.click(fill_demo, [n_concepts, prompt], [n_concepts, *groups, *demo_fields, prompt],
                           api_visibility="private")
@@ -479,7 +513,7 @@ def launch(app, *, host: str = "127.0.0.1", port: Optional[int] = None, share: b
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model: a hub id or a local diffusers folder, SD 1.x/2.x or SDXL "
-                                        "(default: an embedded tiny random SD pipeline, no download)")
+                                        "(default: the embedded world model that draws the shapes world, offline)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
@@ -505,7 +539,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
 def run_app(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if args.model is None:
-        print("No --model: serving the embedded tiny random pipeline (images are noise; use --model for real ones).")
+        print("No --model: serving the embedded world model (64×64 shapes; use --model for real images).")
     pipe = load_pipeline(args.model, args.device)
     if getattr(args, "easyref", None):
         if not hasattr(pipe, "load_easyref"):

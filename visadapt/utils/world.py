@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -312,3 +312,80 @@ def _read_marker(folder: Path) -> dict | None:
         return json.loads((folder / "world.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+# --- canvases: one or two shapes at free positions (the world model's images) -------------------------------------
+# Added beside the single-shape world above, which they leave as it is. A canvas is CANVAS_SIZE pixels square; each
+# shape keeps the proportions of a single-shape image of IMAGE_SIZE (its radius drawn as render_array draws it,
+# relative to IMAGE_SIZE), so a IMAGE_SIZE crop around a shape looks like the images the demo CLIP was trained on.
+
+CANVAS_SIZE = 64
+_CANVAS_GAP = 2.0  # pixels between the outlines' bounding circles of two shapes on one canvas
+
+
+@dataclass(frozen=True)
+class CanvasObject:
+    """One shape on a canvas: ``centre`` (x, y) and ``radius`` in canvas pixels."""
+
+    shape: str
+    colour: str
+    centre: tuple[float, float]
+    radius: float
+
+
+def canvas_phrase(shape: str, colour: Optional[str]) -> str:
+    """"a red star", "an orange circle", or "a star" when ``colour`` is None."""
+    words = f"{colour} {shape}" if colour else shape
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
+
+
+def sample_canvas(rng: np.random.Generator, n_objects: int, shapes: tuple[str, ...] = SEEN_SHAPES,
+                  canvas_size: int = CANVAS_SIZE) -> list[CanvasObject]:
+    """``n_objects`` (1 or 2) shapes of random shape, colour, size and position; two shapes never overlap."""
+    objects: list[CanvasObject] = []
+    while len(objects) < n_objects:
+        scene = sample_scene(rng, shapes)
+        radius = rng.uniform(*_RADIUS[scene.size]) * IMAGE_SIZE
+        centre = tuple(rng.uniform(0.9 * radius, canvas_size - 0.9 * radius, size=2))
+        if all(np.hypot(centre[0] - o.centre[0], centre[1] - o.centre[1]) > radius + o.radius + _CANVAS_GAP
+               for o in objects):
+            objects.append(CanvasObject(scene.shape, scene.colour, centre, radius))
+    return objects
+
+
+def canvas_caption(objects: list[CanvasObject], rng: np.random.Generator, p_colour: float = 0.9) -> str:
+    """"a red star" / "a red star and a blue circle" (objects in random order; colours sometimes left out)."""
+    order = rng.permutation(len(objects))
+    return " and ".join(canvas_phrase(objects[i].shape, objects[i].colour if rng.random() < p_colour else None)
+                        for i in order)
+
+
+def render_canvas_array(objects: list[CanvasObject], rng: np.random.Generator,
+                        canvas_size: int = CANVAS_SIZE) -> np.ndarray:
+    """Draw flat (solid) shapes on a dark grey background with light pixel noise: ``(S, S, 3)`` uint8 RGB.
+
+    Rotation, colour jitter and the background level are drawn from ``rng`` as in :func:`render_array`.
+    """
+    s = _SUPERSAMPLE
+    side = canvas_size * s
+    image = np.full((side, side, 3), rng.uniform(0, 70), dtype=np.float32)
+    for obj in objects:
+        theta = np.deg2rad(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
+        rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+        mask_img = Image.new("L", (side, side), 0)
+        draw = ImageDraw.Draw(mask_img)
+        for polygon, fill in _OUTLINES[obj.shape]:
+            points = polygon @ rot.T * obj.radius * s + np.asarray(obj.centre) * s
+            draw.polygon([tuple(p) for p in points], fill=fill)
+        mask = np.asarray(mask_img, dtype=np.float32)[..., None] / 255.0
+        colour = np.clip(np.array(_RGB[obj.colour]) * rng.uniform(0.85, 1.05) + rng.normal(0, 8, 3), 0, 255)
+        image += mask * (colour - image)
+    image = image.reshape(canvas_size, s, canvas_size, s, 3).mean(axis=(1, 3))
+    image += rng.normal(0, rng.uniform(1, 4), image.shape)
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8)
+
+
+def render_canvas(objects: list[CanvasObject], rng: np.random.Generator,
+                  canvas_size: int = CANVAS_SIZE) -> Image.Image:
+    """:func:`render_canvas_array` as a PIL image."""
+    return Image.fromarray(render_canvas_array(objects, rng, canvas_size))
