@@ -1,0 +1,123 @@
+"""Pretrain the tiny demo ViT of ``visadapt track train --demo`` as a whole tracker on the procedural world.
+
+    python -m visadapt.tracking.demo_pretrain --out visadapt/tracking/demo_vit [--steps N --seed S]
+
+A DINOv2-layout timm ViT (patch 8, 96 wide, 4 deep; :data:`~visadapt.tracking.demo_backbone.DEMO_ARCH`) inside a
+:class:`~visadapt.tracking.model.LoRAT` is trained from random weights, every parameter (backbone, position table,
+token types, head), with the LoRAT loss on (template, search) pairs of the world's ``pretrain`` kind (shapes and
+textures the demo never shows). Only the backbone is written (timm names, ``model.safetensors`` + ``config.json``
+with the settings and the held-out AO it reached), so the demo starts from features, not from a tracker head.
+A one-off: about half an hour on 2 CPU cores; tests and CI never run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from visadapt.utils import staged_dir
+
+from .datasets import load_sequences
+from .demo_backbone import DEMO_ARCH
+from .losses import lorat_loss
+from .metrics import got10k_scores
+from .model import LoRAT, build_vit
+from .sampling import PairSettings, TrainingPairs, collate_pairs, load_frame
+from .tracker import Tracker
+from .world import write_world
+
+
+def pair_settings(arch: dict = DEMO_ARCH, augment: bool = True) -> PairSettings:
+    return PairSettings(arch["template_size"], arch["search_size"], tuple(arch["z_grid"]),
+                        arch["search_area_factor"], arch["template_area_factor"], augment=augment)
+
+
+@torch.no_grad()
+def quick_ao(model: LoRAT, sequences, arch: dict = DEMO_ARCH) -> float:
+    """GOT-10k AO of ``model`` on ``sequences``, tracked one at a time."""
+    tracker = Tracker(model, arch["template_size"], arch["search_size"], arch["search_area_factor"],
+                      arch["template_area_factor"], arch["window_influence"])
+    triples = []
+    for seq in sequences:
+        frames = [load_frame(p) for p in seq.frames]
+        tracker.init(frames[0], seq.boxes[0])
+        boxes = [seq.boxes[0]] + [tracker.track(f)[0] for f in frames[1:]]
+        triples.append((np.asarray(boxes), seq.boxes, seq.visible))
+    return got10k_scores(triples)["ao"]
+
+
+def pretrain(out: Path, steps: int, seed: int, batch_size: int, lr: float, workers: int, n_sequences: int,
+             data_dir: Path) -> dict:
+    torch.manual_seed(seed)
+    write_world(data_dir, "train", n_sequences, 50, seed, "pretrain")
+    write_world(data_dir, "val", 20, 60, seed, "pretrain")
+    train = load_sequences("got10k", data_dir, "train")
+    val = load_sequences("got10k", data_dir, "val")
+    vit = build_vit(DEMO_ARCH["timm_name"], **DEMO_ARCH["vit_kwargs"])
+    model = LoRAT(vit, tuple(DEMO_ARCH["z_grid"]), tuple(DEMO_ARCH["x_grid"]))
+    model.pos_embed.requires_grad_(True)  # from scratch: the position table learns too
+    pairs = TrainingPairs({"world": train}, pair_settings(), steps * batch_size, seed)
+    loader = DataLoader(pairs, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_pairs)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / steps)) * 0.99 + 0.01)
+    model.train()
+    start, losses = time.perf_counter(), []
+    for step, batch in enumerate(tqdm(loader, total=steps, desc="pretrain demo ViT", dynamic_ncols=True), 1):
+        loss = lorat_loss(model(batch["z"], batch["x"], batch["z_mask"]), batch["box"])["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 500 == 0 or step == steps:
+            tqdm.write(f"step {step}: loss {np.mean(losses[-500:]):.4f}")
+    model.eval()
+    ao = quick_ao(model, val)
+    print(f"held-out AO of the pretraining tracker: {ao:.3f} ({time.perf_counter() - start:.0f} s)")
+    prefix = vit.num_prefix_tokens
+    with torch.no_grad():
+        vit.pos_embed[:, prefix:] = model.pos_embed  # the learned table back into timm's layout
+    config = {**DEMO_ARCH, "pretraining": {"world_kind": "pretrain", "steps": steps, "batch_size": batch_size,
+                                           "lr": lr, "seed": seed, "train_sequences": n_sequences,
+                                           "final_loss": float(np.mean(losses[-200:])), "val_ao": ao,
+                                           "wall_time_s": time.perf_counter() - start}}
+    with staged_dir(out) as stage:
+        save_file({k: v.detach().contiguous() for k, v in vit.state_dict().items()}, stage / "model.safetensors")
+        (stage / "config.json").write_text(json.dumps(config, indent=1))
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "demo_vit"))
+    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--sequences", type=int, default=300, help="training sequences of the world")
+    parser.add_argument("--data", default=None, help="where to write the world (default: a temporary folder)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = pretrain(Path(args.out), args.steps, args.seed, args.batch_size, args.lr, args.workers,
+                          args.sequences, Path(args.data or tmp))
+    print(json.dumps(config["pretraining"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
