@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     from visadapt.incremental.cli import add_commands as add_incremental
 
     add_incremental(commands)
+    from visadapt.tracking.cli import add_commands as add_track
+
+    add_track(commands)
     from visadapt.apps.composer import add_command as add_app  # light: gradio loads when the app starts
 
     add_app(commands)

@@ -2,12 +2,12 @@
 
     python -m visadapt.tracking.demo_pretrain --out visadapt/tracking/demo_vit [--steps N --seed S]
 
-A DINOv2-layout timm ViT (patch 8, 96 wide, 4 deep; :data:`~visadapt.tracking.demo_backbone.DEMO_ARCH`) inside a
+A DINOv2-layout timm ViT (patch 8, 64 wide, 4 deep; :data:`~visadapt.tracking.demo_backbone.DEMO_ARCH`) inside a
 :class:`~visadapt.tracking.model.LoRAT` is trained from random weights, every parameter (backbone, position table,
 token types, head), with the LoRAT loss on (template, search) pairs of the world's ``pretrain`` kind (shapes and
 textures the demo never shows). Only the backbone is written (timm names, ``model.safetensors`` + ``config.json``
 with the settings and the held-out AO it reached), so the demo starts from features, not from a tracker head.
-A one-off: about half an hour on 2 CPU cores; tests and CI never run it.
+A one-off: half an hour on 2 shared CPU cores (``--minutes``); tests and CI never run it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .demo_backbone import DEMO_ARCH
 from .losses import lorat_loss
 from .metrics import got10k_scores
 from .model import LoRAT, build_vit
-from .sampling import PairSettings, TrainingPairs, collate_pairs, load_frame
+from .sampling import PairSettings, TrainingPairs, collate_pairs
 from .tracker import Tracker
 from .world import write_world
 
@@ -47,20 +47,18 @@ def quick_ao(model: LoRAT, sequences, arch: dict = DEMO_ARCH) -> float:
     """GOT-10k AO of ``model`` on ``sequences``, tracked one at a time."""
     tracker = Tracker(model, arch["template_size"], arch["search_size"], arch["search_area_factor"],
                       arch["template_area_factor"], arch["window_influence"])
-    triples = []
-    for seq in sequences:
-        frames = [load_frame(p) for p in seq.frames]
-        tracker.init(frames[0], seq.boxes[0])
-        boxes = [seq.boxes[0]] + [tracker.track(f)[0] for f in frames[1:]]
-        triples.append((np.asarray(boxes), seq.boxes, seq.visible))
+    tracks = tracker.track_many([s.frames for s in sequences], [s.boxes[0] for s in sequences])
+    triples = [(boxes, s.boxes, s.visible) for (boxes, _), s in zip(tracks, sequences)]
     return got10k_scores(triples)["ao"]
 
 
 def pretrain(out: Path, steps: int, seed: int, batch_size: int, lr: float, workers: int, n_sequences: int,
-             data_dir: Path) -> dict:
+             data_dir: Path, minutes: float = 30.0) -> dict:
+    """Train for ``steps`` steps or ``minutes`` of training, whichever ends first (the cosine schedule follows
+    the larger of the two fractions done), then write the backbone to ``out``."""
     torch.manual_seed(seed)
     write_world(data_dir, "train", n_sequences, 50, seed, "pretrain")
-    write_world(data_dir, "val", 20, 60, seed, "pretrain")
+    write_world(data_dir, "val", 8, 60, seed, "pretrain")
     train = load_sequences("got10k", data_dir, "train")
     val = load_sequences("got10k", data_dir, "val")
     vit = build_vit(DEMO_ARCH["timm_name"], **DEMO_ARCH["vit_kwargs"])
@@ -72,30 +70,33 @@ def pretrain(out: Path, steps: int, seed: int, batch_size: int, lr: float, worke
     rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=lr)
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, steps) / steps)) * 0.99 + 0.01)
     model.train()
     start, losses = time.perf_counter(), []
     for step, batch in enumerate(tqdm(loader, total=steps, desc="pretrain demo ViT", dynamic_ncols=True), 1):
+        done = max(step / steps, (time.perf_counter() - start) / (60 * minutes))
+        if done > 1:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, step / warmup) * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * done)))
         loss = lorat_loss(model(batch["z"], batch["x"], batch["z_mask"]), batch["box"])["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         losses.append(loss.item())
-        if step % 500 == 0 or step == steps:
-            tqdm.write(f"step {step}: loss {np.mean(losses[-500:]):.4f}")
+        if step % 100 == 0:
+            tqdm.write(f"step {step}: loss {np.mean(losses[-100:]):.4f} lr {opt.param_groups[0]['lr']:.2e}")
     model.eval()
     ao = quick_ao(model, val)
+    train_time = time.perf_counter() - start
     print(f"held-out AO of the pretraining tracker: {ao:.3f} ({time.perf_counter() - start:.0f} s)")
     prefix = vit.num_prefix_tokens
     with torch.no_grad():
         vit.pos_embed[:, prefix:] = model.pos_embed  # the learned table back into timm's layout
-    config = {**DEMO_ARCH, "pretraining": {"world_kind": "pretrain", "steps": steps, "batch_size": batch_size,
+    config = {**DEMO_ARCH, "pretraining": {"world_kind": "pretrain", "steps": len(losses), "batch_size": batch_size,
                                            "lr": lr, "seed": seed, "train_sequences": n_sequences,
                                            "final_loss": float(np.mean(losses[-200:])), "val_ao": ao,
-                                           "wall_time_s": time.perf_counter() - start}}
+                                           "wall_time_s": train_time}}
     with staged_dir(out) as stage:
         save_file({k: v.detach().contiguous() for k, v in vit.state_dict().items()}, stage / "model.safetensors")
         (stage / "config.json").write_text(json.dumps(config, indent=1))
@@ -105,9 +106,10 @@ def pretrain(out: Path, steps: int, seed: int, batch_size: int, lr: float, worke
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "demo_vit"))
-    parser.add_argument("--steps", type=int, default=6000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--minutes", type=float, default=30.0, help="training time limit")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--sequences", type=int, default=300, help="training sequences of the world")
@@ -115,7 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         config = pretrain(Path(args.out), args.steps, args.seed, args.batch_size, args.lr, args.workers,
-                          args.sequences, Path(args.data or tmp))
+                          args.sequences, Path(args.data or tmp), args.minutes)
     print(json.dumps(config["pretraining"], indent=1))
 
 

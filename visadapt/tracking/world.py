@@ -95,18 +95,31 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return tint + (base - 0.5) * rng.uniform(40, 90) + rng.normal(0, 6, (FRAME_H, FRAME_W, 1))
 
 
-def _mask(obj: _Object, theta: float) -> np.ndarray:
-    """(H, W) float coverage of ``obj`` in [0, 1] (anti-aliased)."""
+def _window(obj: _Object, theta: float) -> tuple[slice, slice]:
+    """The frame rows and columns the object may cover (its box plus a pixel), clipped to the frame."""
+    x1, y1, x2, y2 = _extent(obj, theta)
+    cols = slice(int(np.clip(np.floor(x1) - 1, 0, FRAME_W)), int(np.clip(np.ceil(x2) + 1, 0, FRAME_W)))
+    rows = slice(int(np.clip(np.floor(y1) - 1, 0, FRAME_H)), int(np.clip(np.ceil(y2) + 1, 0, FRAME_H)))
+    return rows, cols
+
+
+def _mask(obj: _Object, theta: float, window: tuple[slice, slice]) -> np.ndarray:
+    """Coverage of ``obj`` in [0, 1] (anti-aliased) over ``window`` of the frame."""
+    rows, cols = window
+    h, w = rows.stop - rows.start, cols.stop - cols.start
+    if h <= 0 or w <= 0:
+        return np.zeros((max(h, 0), max(w, 0)))
     s = _SUPERSAMPLE
-    canvas = Image.new("L", (FRAME_W * s, FRAME_H * s), 0)
+    canvas = Image.new("L", (w * s, h * s), 0)
     draw = ImageDraw.Draw(canvas)
     half = obj.size * np.exp(obj.log_scale) * np.array([1.0, obj.aspect])
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    offset = np.array([cols.start, rows.start])
     for poly, fill in SHAPES[obj.shape]:
-        pts = ((poly * half) @ rot.T + obj.pos) * s
+        pts = ((poly * half) @ rot.T + obj.pos - offset) * s
         draw.polygon([tuple(p) for p in pts], fill=fill)
     m = np.asarray(canvas, dtype=np.float64) / 255
-    return m.reshape(FRAME_H, s, FRAME_W, s).mean(axis=(1, 3))
+    return m.reshape(h, s, w, s).mean(axis=(1, 3))
 
 
 def _extent(obj: _Object, theta: float) -> np.ndarray:
@@ -118,13 +131,14 @@ def _extent(obj: _Object, theta: float) -> np.ndarray:
 
 
 _GRID_Y, _GRID_X = np.mgrid[0:FRAME_H, 0:FRAME_W].astype(np.float64)
+_BAR_STRIPES = (0.8 + 0.2 * (np.arange(FRAME_H) // 4 % 2))[:, None, None]
 
 
-def _paint(obj: _Object) -> np.ndarray:
-    """(H, W, 3) the object's colour with its texture (in its own frame, so it moves with it)."""
+def _paint(obj: _Object, window: tuple[slice, slice]) -> np.ndarray:
+    """The object's colour with its texture (in its own frame, so it moves with it) over ``window``."""
     scale = np.exp(obj.log_scale)
-    u = (_GRID_X - obj.pos[0]) / scale + obj.phase[0]
-    v = (_GRID_Y - obj.pos[1]) / scale + obj.phase[1]
+    u = (_GRID_X[window] - obj.pos[0]) / scale + obj.phase[0]
+    v = (_GRID_Y[window] - obj.pos[1]) / scale + obj.phase[1]
     p = obj.period
     if obj.texture == "stripes":
         pattern = np.floor(v / (p / 2)) % 2
@@ -193,17 +207,19 @@ def generate_sequence(seed: int, index: int, n_frames: int = 60, kind: str = "de
         image = background.copy()
         target_mask = None
         for obj in order:
-            m = _mask(obj, thetas[id(obj)])
+            window = _window(obj, thetas[id(obj)])
+            m = _mask(obj, thetas[id(obj)], window)
             if obj is target:
-                target_mask = m.copy()
+                target_mask = np.zeros((FRAME_H, FRAME_W))
+                target_mask[window] = m
             elif target_mask is not None:
-                target_mask *= 1 - m
-            image += m[..., None] * (_paint(obj) - image)
+                target_mask[window] *= 1 - m
+            image[window] += m[..., None] * (_paint(obj, window) - image[window])
         if bar is not None:
-            m = ((_GRID_X >= bar["x"]) & (_GRID_X < bar["x"] + bar["w"])).astype(np.float64)
-            stripes = 0.8 + 0.2 * (np.floor(_GRID_Y / 4) % 2)
-            image += m[..., None] * (bar["shade"] * stripes[..., None] - image)
-            target_mask *= 1 - m
+            cols = slice(int(np.clip(np.ceil(bar["x"]), 0, FRAME_W)), int(np.clip(np.ceil(bar["x"] + bar["w"]), 0,
+                                                                                   FRAME_W)))
+            image[:, cols] = bar["shade"] * _BAR_STRIPES
+            target_mask[:, cols] = 0
         image += rng.normal(0, 3, image.shape)
         frames[t] = np.clip(image + 0.5, 0, 255).astype(np.uint8)
         full = _extent(target, thetas[id(target)])
