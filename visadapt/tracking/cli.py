@@ -111,8 +111,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import STATIC, evaluate_tracker
 
     spec = DataSpec.parse(args.data)
-    sequences = load_sequences(spec.name, spec.root, spec.split)
     pipe = _pipeline(args.model, args.variant, args.weights, _device(args.device))
+    sequences = load_sequences(spec.name, spec.root, spec.split)
     out = Path(args.out)
     results = evaluate_tracker(pipe.tracker, sequences, out, args.batch_size, title=str(spec))
     results = {"model": args.model or f"{args.variant}:{args.weights}", "eval_data": str(spec), **results}
@@ -137,6 +137,10 @@ def _parse_box(text: str) -> tuple[float, float, float, float]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from visadapt.utils import atomic_path
+
     from .video import read_frames, write_annotated
 
     box = _parse_box(args.box)
@@ -146,10 +150,6 @@ def _run(args: argparse.Namespace) -> int:
     output = pipe(frames, box)
     out = Path(args.out)
     written = write_annotated(frames, output.boxes, out, fps, as_video=source.is_file())
-    import numpy as np
-
-    from visadapt.utils import atomic_path
-
     with atomic_path(out / "boxes.txt") as tmp:
         np.savetxt(tmp, np.column_stack([output.boxes, output.scores]), fmt="%.2f,%.2f,%.2f,%.2f,%.4f",
                    header="x,y,w,h,score")

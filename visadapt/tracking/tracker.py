@@ -43,7 +43,7 @@ def _as_chw(frame: Frame) -> torch.Tensor:
     if isinstance(frame, np.ndarray):
         if frame.ndim != 3 or frame.shape[2] != 3:
             raise ValueError(f"Expected an (H, W, 3) RGB array, got shape {frame.shape}.")
-        frame = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)
+        frame = torch.from_numpy(np.array(frame, copy=not frame.flags.writeable, order="C")).permute(2, 0, 1)
     if frame.ndim != 3 or frame.shape[0] != 3:
         raise ValueError(f"Expected a (3, H, W) tensor, got shape {tuple(frame.shape)}.")
     return frame.float()
@@ -177,4 +177,4 @@ def _read(frame) -> Frame:
     from PIL import Image
 
     with Image.open(frame) as img:
-        return np.asarray(img.convert("RGB"))
+        return np.array(img.convert("RGB"))
