@@ -16,7 +16,7 @@ from .config import TrackConfig
 from .world import write_world
 
 DEMO_SEED = 0  # the world's sequences
-DEMO_WORLD = {"train": (48, 50), "val": (12, 80)}  # split: (sequences, frames)
+DEMO_WORLD = {"train": (32, 40), "val": (12, 60)}  # split: (sequences, frames)
 # Sized for the 0.5 M-parameter demo ViT on 2 CPU cores.
 DEMO_SETTINGS = dict(variant="demo", rank=8, alpha=16.0, epochs=6, samples_per_epoch=2048, batch_size=32,
                      lr=1e-3, min_lr=1e-5, warmup_epochs=0.5, warmup_lr=1e-5, eval_batch_size=12, seed=1)

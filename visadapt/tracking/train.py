@@ -140,7 +140,7 @@ class TrackTrainer(Trainer):
         self.optimizer = torch.optim.AdamW(param_groups(self.model, c.weight_decay), lr=c.lr, betas=(0.9, 0.999),
                                            eps=1e-8)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(c, self.steps_per_epoch // max(1, c.grad_accum) or 1, self.total_steps))
+            self.optimizer, lr_lambda(c, self.steps_per_epoch, self.total_steps))  # steps counted in micro-batches
 
     def compute_loss(self, batch) -> torch.Tensor:
         out = self.model(batch["z"], batch["x"], batch["z_mask"])
