@@ -56,6 +56,9 @@ class TrackConfig:
                                       group="data")
     samples_per_epoch: int = option(131072, "training pairs per epoch", group="data")
     max_gap: int = option(100, "largest frame distance between template and search frame", group="data")
+    translation_jitter: float = option(3.0, "search-crop shift, in multiples of the target's half size (w + h)/2",
+                                       group="data")
+    scale_jitter: float = option(0.25, "search-crop scale jitter: s / exp(N(0, 1) · this), per axis", group="data")
 
     variant: str = option("B-224", "paper variant (DINOv2 ViT and crop sizes), or demo: the tiny shipped ViT",
                           choices=VARIANT_NAMES, group="model")

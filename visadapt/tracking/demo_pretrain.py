@@ -5,7 +5,10 @@
 A DINOv2-layout timm ViT (patch 8, 64 wide, 4 deep; :data:`~visadapt.tracking.demo_backbone.DEMO_ARCH`) inside a
 :class:`~visadapt.tracking.model.LoRAT` is trained from random weights, every parameter (backbone, position table,
 token types, head), with the LoRAT loss on (template, search) pairs of the world's ``pretrain`` kind (shapes and
-textures the demo never shows). Only the backbone is written (timm names, ``model.safetensors`` + ``config.json``
+textures the demo never shows), with a milder search-crop shift than LoRAT's (translation jitter 1 instead of 3:
+a from-scratch ViT learns to find the object near the centre within the half hour, not yet to search the whole
+crop), on clean crops (no flips, colour jitter or 3-augment unless ``--augment``), and with a head initialised for
+its width. Only the backbone is written (timm names, ``model.safetensors`` + ``config.json``
 with the settings and the held-out AO it reached), so the demo starts from features, not from a tracker head.
 A one-off: half an hour on 2 shared CPU cores (``--minutes``); tests and CI never run it.
 """
@@ -37,9 +40,10 @@ from .tracker import Tracker
 from .world import write_world
 
 
-def pair_settings(arch: dict = DEMO_ARCH, augment: bool = True) -> PairSettings:
+def pair_settings(arch: dict = DEMO_ARCH, augment: bool = True, translation_jitter: float = 3.0) -> PairSettings:
     return PairSettings(arch["template_size"], arch["search_size"], tuple(arch["z_grid"]),
-                        arch["search_area_factor"], arch["template_area_factor"], augment=augment)
+                        arch["search_area_factor"], arch["template_area_factor"],
+                        translation_jitter=translation_jitter, augment=augment)
 
 
 @torch.no_grad()
@@ -53,7 +57,7 @@ def quick_ao(model: LoRAT, sequences, arch: dict = DEMO_ARCH) -> float:
 
 
 def pretrain(out: Path, steps: int, seed: int, batch_size: int, lr: float, workers: int, n_sequences: int,
-             data_dir: Path, minutes: float = 30.0) -> dict:
+             data_dir: Path, minutes: float = 30.0, translation_jitter: float = 1.0, augment: bool = False) -> dict:
     """Train for ``steps`` steps or ``minutes`` of training, whichever ends first (the cosine schedule follows
     the larger of the two fractions done), then write the backbone to ``out``."""
     torch.manual_seed(seed)
@@ -64,7 +68,11 @@ def pretrain(out: Path, steps: int, seed: int, batch_size: int, lr: float, worke
     vit = build_vit(DEMO_ARCH["timm_name"], **DEMO_ARCH["vit_kwargs"])
     model = LoRAT(vit, tuple(DEMO_ARCH["z_grid"]), tuple(DEMO_ARCH["x_grid"]))
     model.pos_embed.requires_grad_(True)  # from scratch: the position table learns too
-    pairs = TrainingPairs({"world": train}, pair_settings(), steps * batch_size, seed)
+    for layer in model.head.modules():  # LoRAT's std-0.02 head init is sized for 768+ wide features, not 64
+        if isinstance(layer, torch.nn.Linear):
+            layer.reset_parameters()
+    pairs = TrainingPairs({"world": train}, pair_settings(augment=augment, translation_jitter=translation_jitter),
+                          steps * batch_size, seed)
     loader = DataLoader(pairs, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_pairs)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n)]
@@ -94,7 +102,9 @@ def pretrain(out: Path, steps: int, seed: int, batch_size: int, lr: float, worke
     with torch.no_grad():
         vit.pos_embed[:, prefix:] = model.pos_embed  # the learned table back into timm's layout
     config = {**DEMO_ARCH, "pretraining": {"world_kind": "pretrain", "steps": len(losses), "batch_size": batch_size,
-                                           "lr": lr, "seed": seed, "train_sequences": n_sequences,
+                                           "lr": lr, "seed": seed,
+                                           "translation_jitter": translation_jitter, "augment": augment,
+                                           "train_sequences": n_sequences,
                                            "final_loss": float(np.mean(losses[-200:])), "val_ao": ao,
                                            "wall_time_s": train_time}}
     with staged_dir(out) as stage:
@@ -112,12 +122,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--augment", action="store_true", help="LoRAT's flips, colour jitter and 3-augment (off: "
+                        "clean crops, which a from-scratch ViT learns from faster)")
+    parser.add_argument("--translation-jitter", type=float, default=1.0,
+                        help="search-crop shift (LoRAT trains with 3; a milder shift learns faster from scratch)")
     parser.add_argument("--sequences", type=int, default=300, help="training sequences of the world")
     parser.add_argument("--data", default=None, help="where to write the world (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         config = pretrain(Path(args.out), args.steps, args.seed, args.batch_size, args.lr, args.workers,
-                          args.sequences, Path(args.data or tmp), args.minutes)
+                          args.sequences, Path(args.data or tmp), args.minutes,
+                          args.translation_jitter, args.augment)
     print(json.dumps(config["pretraining"], indent=1))
 
 

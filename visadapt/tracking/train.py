@@ -75,9 +75,10 @@ def adapter_config(cfg: TrackConfig) -> peft.PeftConfig:
     return lorat_adapter_config(cfg.method, r=cfg.rank, alpha=cfg.alpha)
 
 
-def pair_settings(config: dict, max_gap: int = 100) -> PairSettings:
+def pair_settings(config: dict, cfg: TrackConfig) -> PairSettings:
     return PairSettings(config["template_size"], config["search_size"], tuple(config["z_grid"]),
-                        config["search_area_factor"], config["template_area_factor"], max_gap=max_gap)
+                        config["search_area_factor"], config["template_area_factor"], max_gap=cfg.max_gap,
+                        scale_jitter=cfg.scale_jitter, translation_jitter=cfg.translation_jitter)
 
 
 def load_mix(cfg: TrackConfig) -> dict[str, list[TrackingSequence]]:
@@ -129,7 +130,7 @@ class TrackTrainer(Trainer):
     def setup(self) -> None:
         c = self.cfg
         self.model, self.pipeline_config = build_model(c)
-        self.train_set = TrainingPairs(load_mix(c), pair_settings(self.pipeline_config, c.max_gap),
+        self.train_set = TrainingPairs(load_mix(c), pair_settings(self.pipeline_config, c),
                                        c.samples_per_epoch, c.seed)
         spec = c.eval_spec()
         if self.eval_sequences is None and spec is not None:
