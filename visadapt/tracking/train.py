@@ -62,6 +62,10 @@ def build_model(cfg: TrackConfig) -> tuple[LoRAT, dict]:
                 raise ValueError(f"--weights {path} does not fit {config['timm_name']}: missing {missing[:3]}.")
     drop_path = get_variant(cfg.variant).drop_path if cfg.variant != "demo" else None
     model = LoRAT(vit, tuple(config["z_grid"]), tuple(config["x_grid"]), drop_path=drop_path)
+    if cfg.variant == "demo":  # LoRAT's std-0.02 head init is sized for 768+ wide features; the demo ViT is 64 wide
+        for layer in model.head.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.reset_parameters()
     return add_adapter(model, adapter_config(cfg), cfg.init), config
 
 
