@@ -59,6 +59,8 @@ class TrackConfig:
     translation_jitter: float = option(3.0, "search-crop shift, in multiples of the target's half size (w + h)/2",
                                        group="data")
     scale_jitter: float = option(0.25, "search-crop scale jitter: s / exp(N(0, 1) · this), per axis", group="data")
+    augment: bool = option(True, "flips, colour jitter and DeiT-III 3-augment on the crops (official order)",
+                           group="data")
 
     variant: str = option("B-224", "paper variant (DINOv2 ViT and crop sizes), or demo: the tiny shipped ViT",
                           choices=VARIANT_NAMES, group="model")

@@ -82,7 +82,8 @@ def adapter_config(cfg: TrackConfig) -> peft.PeftConfig:
 def pair_settings(config: dict, cfg: TrackConfig) -> PairSettings:
     return PairSettings(config["template_size"], config["search_size"], tuple(config["z_grid"]),
                         config["search_area_factor"], config["template_area_factor"], max_gap=cfg.max_gap,
-                        scale_jitter=cfg.scale_jitter, translation_jitter=cfg.translation_jitter)
+                        scale_jitter=cfg.scale_jitter, translation_jitter=cfg.translation_jitter,
+                        augment=cfg.augment)
 
 
 def load_mix(cfg: TrackConfig) -> dict[str, list[TrackingSequence]]:
