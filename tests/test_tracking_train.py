@@ -163,16 +163,17 @@ def test_lockstep_tracking_equals_one_at_a_time(world):
         np.testing.assert_allclose(scores, alone.scores, atol=1e-4)
 
 
-def test_demo_settings_score_the_tracker_next_to_the_static_box(world, tmp_path):
-    """The demo's path at a small size: shipped backbone, LoRA + head, held-out sequences scored for the tracker and
-    the static box. (Whether the tracker beats the box is what the full demo measures; see README.)"""
+def test_demo_tracker_beats_the_static_box(tmp_path):
+    """The shipped backbone with a short LoRA + head training (the demo's settings, 150 steps) on the demo world,
+    scored on held-out sequences next to the static box."""
     from visadapt.tracking.demo import demo_config
 
-    results = train(demo_config(world, epochs=1, samples_per_epoch=32, eval_batch_size=4), tmp_path / "run")
-    assert results["steps"] == 1 and results["sequences"] == 4
-    for name in ("tracker", "static box"):
-        assert {"auc", "precision", "norm_precision", "ao", "sr50", "sr75"} <= set(results[name])
-        assert 0 <= results[name]["ao"] <= 1
-    assert len(list((tmp_path / "run" / "results").glob("World_Val_*.txt"))) == 4
+    root = tmp_path / "data"
+    write_world(root, "train", n_sequences=16, n_frames=30, seed=0, kind="demo")
+    write_world(root, "val", n_sequences=6, n_frames=40, seed=0, kind="demo")
+    results = train(demo_config(root, epochs=3, samples_per_epoch=1600, eval_batch_size=6), tmp_path / "run")
+    tracker, static = results["tracker"], results["static box"]
+    assert tracker["ao"] > static["ao"] + 0.05, (tracker["ao"], static["ao"])
+    assert tracker["auc"] > static["auc"] + 0.03, (tracker["auc"], static["auc"])
+    assert len(list((tmp_path / "run" / "results").glob("World_Val_*.txt"))) == 6
     assert "static box" in (tmp_path / "run" / "report.md").read_text()
-    assert TrackingPipeline.from_pretrained(tmp_path / "run").config["variant"] == "demo"
