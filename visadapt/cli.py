@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     from visadapt.diffusion.easyref_cli import add_commands as add_easyref
 
     add_easyref(commands)
+    from visadapt.tracking.cli import add_commands as add_track
+
+    add_track(commands)
     from visadapt.apps.composer import add_command as add_app  # light: gradio loads when the app starts
 
     add_app(commands)

@@ -10,7 +10,7 @@ Boxes at this API are xywh in frame pixels (continuous, x2 = x + w).
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ def _as_chw(frame: Frame) -> torch.Tensor:
     if isinstance(frame, np.ndarray):
         if frame.ndim != 3 or frame.shape[2] != 3:
             raise ValueError(f"Expected an (H, W, 3) RGB array, got shape {frame.shape}.")
-        frame = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)
+        frame = torch.from_numpy(np.array(frame, copy=not frame.flags.writeable, order="C")).permute(2, 0, 1)
     if frame.ndim != 3 or frame.shape[0] != 3:
         raise ValueError(f"Expected a (3, H, W) tensor, got shape {tuple(frame.shape)}.")
     return frame.float()
@@ -78,20 +78,43 @@ class Tracker:
 
     def init(self, frame: Frame, box: tuple[float, float, float, float]) -> None:
         """Cache the template crop, its foreground mask and frame 0's mean colour; ``box`` xywh."""
+        self._z, self._z_mask, self._fill, self._state = self.template(frame, box)
+
+    def template(self, frame: Frame, box) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A sequence's start: template (1, 3, Sz, Sz) and mask (1, Hz, Wz) on the device, frame 0's mean colour
+        (3,) and the state box (4,) xyxy float64."""
         image = _as_chw(frame)
         xyxy = _xywh_to_xyxy(box)
+        if not (xyxy[2] > xyxy[0] and xyxy[3] > xyxy[1]):
+            raise ValueError(f"The initial box {tuple(box)} has no area; give x,y,w,h with w > 0 and h > 0.")
         params = crop_params(xyxy, self.template_factor, self.template_size)
-        self._fill = image.mean(dim=(1, 2))
-        z = normalize(crop_image(image, params, self._fill))
+        fill = image.mean(dim=(1, 2))
+        z = normalize(crop_image(image, params, fill))
         mask = template_mask(box_to_crop(xyxy, params), self.template_size, self.model.z_grid)
-        self._z = z.unsqueeze(0).to(self.device)
-        self._z_mask = mask.unsqueeze(0).to(self.device)
-        self._state = xyxy
+        return z.unsqueeze(0).to(self.device), mask.unsqueeze(0).to(self.device), fill, xyxy
 
-    def _search_box(self) -> torch.Tensor:
-        centre = (self._state[:2] + self._state[2:]) / 2
-        size = (self._state[2:] - self._state[:2]).clamp(min=self.min_box_size)
+    def _search_box(self, state: Optional[torch.Tensor] = None) -> torch.Tensor:
+        state = self._state if state is None else state
+        centre = (state[:2] + state[2:]) / 2
+        size = (state[2:] - state[:2]).clamp(min=self.min_box_size)
         return torch.cat((centre - size / 2, centre + size / 2))
+
+    def search(self, image: torch.Tensor, state: torch.Tensor, fill: torch.Tensor):
+        """Search crop (3, Sx, Sx) around ``state`` (w, h clamped ≥ ``min_box_size``) and its crop parameters."""
+        params = crop_params(self._search_box(state), self.search_factor, self.search_size)
+        return normalize(crop_image(image, params, fill)), params
+
+    def update(self, score_map: torch.Tensor, boxes: torch.Tensor, params, state: torch.Tensor,
+               image_hw: tuple[int, int]) -> tuple[torch.Tensor, float]:
+        """One sample's outputs → (new state xyxy, confidence); the state stays when the box leaves the image."""
+        box, score, _ = decode_best(score_map, boxes, self.window_influence)
+        frame_box = box_from_crop(box.double().cpu() * self.search_size, params)
+        h, w = image_hw
+        clipped = torch.stack((frame_box[0].clamp(0, w), frame_box[1].clamp(0, h),
+                               frame_box[2].clamp(0, w), frame_box[3].clamp(0, h)))
+        if clipped[2] > clipped[0] and clipped[3] > clipped[1]:
+            state = clipped
+        return state, score
 
     @torch.no_grad()
     def track(self, frame: Frame) -> tuple[tuple[float, float, float, float], float]:
@@ -99,15 +122,59 @@ class Tracker:
         if self._z is None:
             raise RuntimeError("Call Tracker.init(frame, box) with the first frame before track().")
         image = _as_chw(frame)
-        params = crop_params(self._search_box(), self.search_factor, self.search_size)
-        x = normalize(crop_image(image, params, self._fill)).unsqueeze(0).to(self.device)
-        out = self.model(self._z, x.to(self._z.dtype), self._z_mask)
-        box, score, _ = decode_best(out["score_map"][0], out["boxes"][0], self.window_influence)
-        frame_box = box_from_crop(box.double().cpu() * self.search_size, params)
-        h, w = image.shape[1:]
-        clipped = torch.stack((frame_box[0].clamp(0, w), frame_box[1].clamp(0, h),
-                               frame_box[2].clamp(0, w), frame_box[3].clamp(0, h)))
-        if clipped[2] > clipped[0] and clipped[3] > clipped[1]:
-            self._state = clipped
-        x1, y1, x2, y2 = (float(v) for v in self._state)
-        return (x1, y1, x2 - x1, y2 - y1), score
+        x, params = self.search(image, self._state, self._fill)
+        out = self.model(self._z, x.unsqueeze(0).to(self.device, self._z.dtype), self._z_mask)
+        self._state, score = self.update(out["score_map"][0], out["boxes"][0], params, self._state,
+                                         tuple(image.shape[1:]))
+        return _xywh(self._state), score
+
+    @torch.no_grad()
+    def track_many(self, videos: Sequence[Sequence[Frame]], boxes: Sequence, batch_size: int = 16,
+                   progress: Optional[Callable[[int], None]] = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Track several videos in lockstep: one forward per frame index for up to ``batch_size`` videos.
+
+        ``videos``: sequences of frames (arrays, tensors, or anything :func:`load` turns into one, e.g. paths,
+        read when needed); ``boxes``: the first-frame box (xywh) of each. Returns per video (boxes (N, 4) xywh with
+        row 0 the given box, scores (N,) with 1.0 first), the same results as :meth:`init` + :meth:`track` one
+        video at a time. ``progress(n)`` is called with the number of frames done after each step.
+        """
+        results: list = [None] * len(videos)
+        for begin in range(0, len(videos), batch_size):
+            chunk = list(range(begin, min(begin + batch_size, len(videos))))
+            starts = [self.template(_read(videos[i][0]), boxes[i]) for i in chunk]
+            z = torch.cat([s[0] for s in starts])
+            z_mask = torch.cat([s[1] for s in starts])
+            states = [s[3] for s in starts]
+            tracks = [[_xywh(s)] for s in states]
+            scores = [[1.0] for _ in chunk]
+            for t in range(1, max(len(videos[i]) for i in chunk)):
+                active = [k for k, i in enumerate(chunk) if t < len(videos[i])]
+                images = [_as_chw(_read(videos[chunk[k]][t])) for k in active]
+                crops = [self.search(img, states[k], starts[k][2]) for k, img in zip(active, images)]
+                x = torch.stack([c[0] for c in crops]).to(self.device, z.dtype)
+                out = self.model(z[active], x, z_mask[active])
+                for j, k in enumerate(active):
+                    states[k], score = self.update(out["score_map"][j], out["boxes"][j], crops[j][1], states[k],
+                                                   tuple(images[j].shape[1:]))
+                    tracks[k].append(_xywh(states[k]))
+                    scores[k].append(score)
+                if progress is not None:
+                    progress(len(active))
+            for k, i in enumerate(chunk):
+                results[i] = (np.asarray(tracks[k], dtype=np.float64), np.asarray(scores[k], dtype=np.float64))
+        return results
+
+
+def _xywh(state: torch.Tensor) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = (float(v) for v in state)
+    return (x1, y1, x2 - x1, y2 - y1)
+
+
+def _read(frame) -> Frame:
+    """A frame, or a path to an image file read now (as an (H, W, 3) uint8 array)."""
+    if isinstance(frame, (np.ndarray, torch.Tensor)):
+        return frame
+    from PIL import Image
+
+    with Image.open(frame) as img:
+        return np.array(img.convert("RGB"))
