@@ -14,7 +14,7 @@ forward by forward so that shared cores slow every model alike; median (and fast
   * merged tracker: the LoRAT network after ``merge`` (adapters folded in: the deployed model), head included;
   * unmerged tracker: the same network with the LoRA layers still separate;
   * Tracker.track: the merged network in the tracking loop on a 640×480 frame (search crop, normalisation, network,
-    window and decode; under autocast for fp16/bf16, since the Tracker feeds float32 crops).
+    window and decode; the crops take the model's dtype).
 Goal: merged / plain ≤ 1.05 (LoRA costs nothing at inference once merged).
 
 Training: one step = forward, LoRAT loss, backward, AdamW step on random crops and boxes, at ``--batch``; LoRA
@@ -84,16 +84,9 @@ def inference_worker(args: argparse.Namespace) -> dict:
     z, x, z_mask, _ = _inputs(spec, 1, device, dtype)
     frame = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     tracker = Tracker.for_variant(merged, spec, device=device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    with autocast:
-        tracker.init(frame, (280.0, 200.0, 80.0, 60.0))
-
-    def track() -> None:
-        with autocast:
-            tracker.track(frame)
-
+    tracker.init(frame, (280.0, 200.0, 80.0, 60.0))
     runs = {"plain": lambda: plain_vit_forward(plain, z, x), "merged": lambda: merged(z, x, z_mask),
-            "unmerged": lambda: unmerged(z, x, z_mask), "track": track}
+            "unmerged": lambda: unmerged(z, x, z_mask), "track": lambda: tracker.track(frame)}
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
         for _ in range(args.warmup):

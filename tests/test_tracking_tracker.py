@@ -42,3 +42,17 @@ def test_tracker_runs_on_a_synthetic_sequence_and_stays_in_the_frame():
         assert 0 < score < 1
     with pytest.raises(ValueError, match="for_variant"):
         Tracker(tracker.model, 28, 70, 4.0)
+
+
+def test_tracker_runs_a_bfloat16_model_on_float_frames():
+    """Crops are float32; a half-precision model must get its own dtype (it used to fail in the patch embedding)."""
+    torch.manual_seed(0)
+    vit = timm.models.VisionTransformer(img_size=84, patch_size=14, embed_dim=32, depth=1, num_heads=2,
+                                        init_values=1e-5, num_classes=0)
+    tracker = Tracker(LoRAT(vit, (2, 2), (4, 4)).to(torch.bfloat16), template_size=28, search_size=56,
+                      search_area_factor=4.0)
+    frame = np.full((90, 120, 3), 40, dtype=np.uint8)
+    frame[30:50, 20:44] = (220, 60, 30)
+    tracker.init(frame, (20, 30, 24, 20))
+    (x, y, w, h), score = tracker.track(frame)
+    assert w > 0 and h > 0 and 0 <= score <= 1

@@ -91,7 +91,8 @@ class Tracker:
         fill = image.mean(dim=(1, 2))
         z = normalize(crop_image(image, params, fill))
         mask = template_mask(box_to_crop(xyxy, params), self.template_size, self.model.z_grid)
-        return z.unsqueeze(0).to(self.device), mask.unsqueeze(0).to(self.device), fill, xyxy
+        dtype = next(self.model.parameters()).dtype  # crops are float32; a bf16/fp16 model takes its own dtype
+        return z.unsqueeze(0).to(self.device, dtype), mask.unsqueeze(0).to(self.device), fill, xyxy
 
     def _search_box(self, state: Optional[torch.Tensor] = None) -> torch.Tensor:
         state = self._state if state is None else state
