@@ -40,6 +40,7 @@ from visadapt.utils import atomic_path, write_text_atomic
 
 from .concept_config import MIN_IMAGES, TINY_MODELS, ConceptTrainConfig
 from .concepts import adapter_name_for
+from .noise import denoising_target
 
 __all__ = ["ConceptTrainConfig", "ConceptTrainer", "train_concept"]
 
@@ -401,14 +402,6 @@ class ConceptTrainer(Trainer):
             write_text_atomic(str(Path(self.class_folder).resolve()) + "\n", self.out / "class_images.txt")
 
     # ------------------------------------------------------------------------------------------- training
-    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "v_prediction":
-            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        raise ValueError(f"The pipeline's scheduler predicts {kind!r}; concept training supports epsilon and "
-                         "v_prediction.")
 
     def losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(instance loss, class loss or None): MSE of the UNet's prediction against the scheduler's target."""
@@ -417,7 +410,8 @@ class ConceptTrainer(Trainer):
         t = batch["timestep"].to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = self.model(noisy, t, batch["which"].to(device), batch["time_ids"].to(device)).float()
-        error = F.mse_loss(pred, self.target(latents, noise, t).float(), reduction="none").mean(dim=(1, 2, 3))
+        target = denoising_target(self.noise_scheduler, latents, noise, t).float()
+        error = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         n = int(batch["n_instance"])
         return error[:n].mean(), (error[n:].mean() if len(error) > n else None)
 

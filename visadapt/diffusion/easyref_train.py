@@ -39,6 +39,7 @@ from visadapt.training import StepCallback, Trainer
 
 from .easyref_config import TINY_MLLM, TINY_MODEL, EasyRefTrainConfig
 from .easyref_data import EasyRefItems, collate_items, group_summary, holdout_split, scan_groups
+from .noise import denoising_target
 
 __all__ = ["EasyRefTrainer", "EasyRefTrainModel", "train_easyref", "load_mllm", "load_sdxl", "adapter_file",
            "ADAPTER_FILE", "OFFICIAL_FILE"]
@@ -254,14 +255,6 @@ class EasyRefTrainer(Trainer):
         return batch
 
     # -------------------------------------------------------------------------------------------- training
-    def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "v_prediction":
-            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        raise ValueError(f"The pipeline's scheduler predicts {kind!r}; EasyRef training supports epsilon and "
-                         "v_prediction.")
 
     @torch.no_grad()
     def latents(self, pixels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -285,7 +278,8 @@ class EasyRefTrainer(Trainer):
         noise, timesteps = noise.to(device), timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         pred = self.model(noisy, timesteps, batch["captions"], batch["mllm"], batch["time_ids"].to(device)).float()
-        return F.mse_loss(pred, self.target(latents, noise, timesteps).float(), reduction="none").mean(dim=(1, 2, 3))
+        target = denoising_target(self.noise_scheduler, latents, noise, timesteps).float()
+        return F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
 
     def compute_loss(self, batch) -> torch.Tensor:
         return self.losses(batch).mean()
