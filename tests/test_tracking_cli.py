@@ -111,3 +111,26 @@ def test_help_does_not_import_torch():
             "p.parse_args(['track', 'train', '--out', 'x']); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_eval_on_a_test_split_writes_the_server_submission_without_scores(tmp_path, pipeline_dir, capsys):
+    """GOT-10k's test split is annotated on frame 1 only: tracked, written in the server's layout and zipped, not
+    scored (there is nothing to score against)."""
+    import zipfile
+
+    write_world(tmp_path / "data", "test", n_sequences=2, n_frames=6, seed=5, kind="demo")
+    for gt in (tmp_path / "data" / "test").glob("*/groundtruth.txt"):
+        gt.write_text(gt.read_text().splitlines()[0] + "\n")
+    out = tmp_path / "sub"
+    assert main(["track", "eval", str(pipeline_dir), "--data", f"got10k:{tmp_path / 'data'}:test", "--out", str(out),
+                 "--server-format", "got10k", "--device", "cpu"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "tracker" not in results and not (out / "success_plot.png").exists()
+    names = sorted(zipfile.ZipFile(out / results["server_zip"]).namelist())
+    seq = sorted(p.name for p in (tmp_path / "data" / "test").iterdir() if p.is_dir())[0]
+    assert f"{seq}/{seq}_001.txt" in names and f"{seq}/{seq}_time.txt" in names and len(names) == 4
+    first = zipfile.ZipFile(out / results["server_zip"]).read(f"{seq}/{seq}_001.txt").decode().splitlines()[0]
+    gt = np.loadtxt(tmp_path / "data" / "test" / seq / "groundtruth.txt", delimiter=",")
+    np.testing.assert_allclose([float(v) for v in first.split(",")], gt, atol=1e-4)
+    assert main(["track", "report", str(out), "--out", str(tmp_path / "cmp")]) == 2
+    assert "only its server" in capsys.readouterr().err

@@ -39,6 +39,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--weights", help="official LoRAT weight file (base.bin, large-378.bin, …)")
     ev.add_argument("--out", required=True, help="folder for results/<seq>.txt, results.json and success_plot.png")
     ev.add_argument("--batch-size", type=int, default=16, help="sequences tracked in lockstep")
+    ev.add_argument("--server-format", choices=("got10k", "trackingnet"), default=None,
+                    help="also write the submission files and zip of that evaluation server under OUT/server "
+                         "(test splits, annotated on the first frame only, are tracked but not scored here)")
     ev.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda when available)")
     ev.set_defaults(func=_eval)
 
@@ -114,14 +117,22 @@ def _eval(args: argparse.Namespace) -> int:
     pipe = _pipeline(args.model, args.variant, args.weights, _device(args.device))
     sequences = load_sequences(spec.name, spec.root, spec.split)
     out = Path(args.out)
-    results = evaluate_tracker(pipe.tracker, sequences, out, args.batch_size, title=str(spec))
+    results = evaluate_tracker(pipe.tracker, sequences, out, args.batch_size, title=str(spec),
+                               server=args.server_format)
     results = {"model": args.model or f"{args.variant}:{args.weights}", "eval_data": str(spec), **results}
     save_json_atomic(results, out / "results.json")
-    table = _table({"LoRAT": results["tracker"], STATIC: results[STATIC]})
-    write_text_atomic(f"# LoRAT evaluation\n\n{results['model']} on {spec} ({results['sequences']} sequences, "
-                      f"{results['frames']} frames)\n\n{table}\n\n![success plot](success_plot.png)\n",
-                      out / "report.md")
-    print(table)
+    header = (f"# LoRAT evaluation\n\n{results['model']} on {spec} ({results['sequences']} sequences, "
+              f"{results['frames']} frames)\n\n")
+    if "tracker" in results:
+        table = _table({"LoRAT": results["tracker"], STATIC: results[STATIC]})
+        write_text_atomic(f"{header}{table}\n\n![success plot](success_plot.png)\n", out / "report.md")
+        print(table)
+    else:
+        note = "Annotated on the first frame only (a test split): tracked, not scored here; the server scores it."
+        write_text_atomic(f"{header}{note}\n", out / "report.md")
+        print(note)
+    if "server_zip" in results:
+        print(f"Submission for the {args.server_format} server: {out / results['server_zip']}")
     print(f"Results in {out}")
     return 0
 
@@ -164,8 +175,8 @@ def _evaluated(folder: Path) -> dict:
                          "--demo) or folders of `track eval`.")
     results = json.loads(path.read_text())
     if "tracker" not in results:
-        raise ValueError(f"{path} holds no evaluation (the run had no --eval-data); score it with `visadapt track "
-                         f"eval {folder} --data …`.")
+        raise ValueError(f"{path} holds no scores (a run without --eval-data, or a test split that only its server "
+                         f"scores); score annotated data with `visadapt track eval {folder} --data …`.")
     return results
 
 

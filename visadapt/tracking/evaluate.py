@@ -1,21 +1,23 @@
 """Score a tracker on annotated sequences and write what benchmarks expect: one ``<seq>.txt`` per sequence
 (``x,y,w,h`` per frame), ``results.json`` (OPE success AUC, precision, normalised precision; GOT-10k AO / SR0.5 /
 SR0.75 for GOT-10k-like data) and the success / precision plots, next to a static-box baseline (the first box kept
-for every frame), which any tracker should beat.
+for every frame), which any tracker should beat; and, for test splits, the GOT-10k and TrackingNet server files.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from visadapt.utils import atomic_path, save_json_atomic
+from visadapt.utils import save_json_atomic
 
 from .datasets import TrackingSequence
 from .metrics import got10k_scores, ope_dataset, ope_sequence, plot_success_precision
+from .results import write_got10k_sequence, write_results, write_trackingnet_sequence, zip_results
 from .tracker import Tracker
 
 STATIC = "static box"
@@ -61,11 +63,35 @@ def score(predictions: Sequence[np.ndarray], sequences: Sequence[TrackingSequenc
 
 def write_predictions(predictions: Sequence[np.ndarray], sequences: Sequence[TrackingSequence], folder: Path
                       ) -> None:
-    """``folder/<seq>.txt``: ``x,y,w,h`` per frame, row 1 the initial box."""
+    """``folder/<seq>.txt``: ``x,y,w,h`` per frame, row 1 the initial box (:func:`results.write_results`)."""
     folder.mkdir(parents=True, exist_ok=True)
     for boxes, seq in zip(predictions, sequences):
-        with atomic_path(folder / f"{seq.name}.txt") as tmp:
-            np.savetxt(tmp, boxes, fmt="%.2f", delimiter=",")
+        write_results(folder, seq.name, boxes, frames=len(seq))
+
+
+def annotated_beyond_first(sequences: Sequence[TrackingSequence]) -> bool:
+    """Whether any sequence has a box after frame 0 (test splits of GOT-10k and TrackingNet have none: their
+    servers score them)."""
+    return any(np.isfinite(s.boxes[1:]).all(1).any() for s in sequences)
+
+
+def write_server_files(predictions: Sequence[np.ndarray], sequences: Sequence[TrackingSequence], folder: Path,
+                       server: str, seconds_per_frame: float, tracker: str = "visadapt_lorat") -> Path:
+    """The submission of ``server`` (``got10k``: ``<folder>/<tracker>/<seq>/<seq>_001.txt`` + ``_time.txt``;
+    ``trackingnet``: ``<folder>/<seq>.txt``) and its zip; returns the zip. Times are the evaluation's mean seconds per
+    frame (sequences are tracked in lockstep, so a frame's own time is not separable)."""
+    names = [s.name for s in sequences]
+    if server == "got10k":
+        root = folder / tracker
+        for boxes, seq in zip(predictions, sequences):
+            write_got10k_sequence(root, seq.name, [boxes], [[seconds_per_frame] * len(boxes)],
+                                  init_box=seq.boxes[0], frames=len(seq))
+        return zip_results(root, expected=names)
+    if server == "trackingnet":
+        for boxes, seq in zip(predictions, sequences):
+            write_trackingnet_sequence(folder, seq.name, boxes, init_box=seq.boxes[0], frames=len(seq))
+        return zip_results(folder, expected=names)
+    raise ValueError(f"unknown server format {server!r}; choose got10k or trackingnet.")
 
 
 def headline(result: dict) -> dict:
@@ -75,17 +101,29 @@ def headline(result: dict) -> dict:
 
 
 def evaluate_tracker(tracker: Tracker, sequences: Sequence[TrackingSequence], out: Optional[Path] = None,
-                     batch_size: int = 16, name: str = "tracker", title: str = "") -> dict:
-    """Track and score ``sequences``; with ``out`` also write ``results/<seq>.txt``, ``success_plot.png`` and
-    ``evaluation.json``. Returns {``name``: scores, ``static box``: scores, ``sequences``, ``frames``}."""
+                     batch_size: int = 16, name: str = "tracker", title: str = "",
+                     server: Optional[str] = None) -> dict:
+    """Track and score ``sequences``; with ``out`` also write ``results/<seq>.txt`` and ``success_plot.png`` (and,
+    with ``server``, the submission files and zip under ``out/server``). Sequences annotated on their first frame
+    only (test splits) are tracked but not scored. Returns {``name``: scores, ``static box``: scores, ``sequences``,
+    ``frames``, ``seconds_per_frame``}."""
     if not sequences:
         raise ValueError("No sequence to evaluate on.")
+    started = time.perf_counter()
     predictions = track_dataset(tracker, sequences, batch_size)
-    results = {name: score(predictions, sequences), STATIC: score(static_boxes(sequences), sequences),
-               "sequences": len(sequences), "frames": int(sum(len(s) for s in sequences))}
+    frames = int(sum(len(s) for s in sequences))
+    results: dict = {"sequences": len(sequences), "frames": frames,
+                     "seconds_per_frame": (time.perf_counter() - started) / max(frames - len(sequences), 1)}
+    scored = annotated_beyond_first(sequences)
+    if scored:
+        results.update({name: score(predictions, sequences), STATIC: score(static_boxes(sequences), sequences)})
     if out is not None:
         write_predictions(predictions, sequences, out / "results")
-        plot_success_precision({k: curves(results[k]) for k in (name, STATIC)}, out / "success_plot.png", title)
+        if scored:
+            plot_success_precision({k: curves(results[k]) for k in (name, STATIC)}, out / "success_plot.png", title)
+        if server:
+            zipped = write_server_files(predictions, sequences, out / "server", server, results["seconds_per_frame"])
+            results["server_zip"] = str(zipped.relative_to(out))
     return results
 
 
