@@ -40,7 +40,7 @@ from visadapt.utils import atomic_path, write_text_atomic
 
 from .concept_config import MIN_IMAGES, TINY_MODELS, ConceptTrainConfig
 from .concepts import adapter_name_for
-from .noise import denoising_target
+from .train_common import centre_crop_pixels, denoising_target
 
 __all__ = ["ConceptTrainConfig", "ConceptTrainer", "train_concept"]
 
@@ -98,18 +98,12 @@ def load_images(files: Sequence[Path], resolution: int) -> tuple[torch.Tensor, t
     for path in files:
         with Image.open(path) as opened:
             image = ImageOps.exif_transpose(opened).convert("RGB")  # phone photos: upright, as viewers show them
-        w, h = image.size
-        if (w, h) != (resolution, resolution):
+        if image.size != (resolution, resolution):
             resized.append(path.name)
-        scale = resolution / min(w, h)
-        new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
-        pixels.append(data.permute(2, 0, 1).float() / 127.5 - 1)
-        time_ids.append([h, w, top, left, resolution, resolution])
-    return torch.stack(pixels), torch.tensor(time_ids, dtype=torch.float32), resized
+        image_pixels, image_time_ids, _ = centre_crop_pixels(image, resolution, Image.Resampling.BICUBIC)
+        pixels.append(image_pixels)
+        time_ids.append(image_time_ids)
+    return torch.stack(pixels), torch.stack(time_ids), resized
 
 
 def load_pipeline(model: str):

@@ -46,6 +46,8 @@ from torch.utils.data import Dataset
 
 from visadapt.utils import DatasetLayoutError
 
+from .train_common import centre_crop_pixels
+
 __all__ = ["LAYOUT", "IMAGE_SUFFIXES", "ImageGroup", "EasyRefItems", "scan_groups", "holdout_split", "open_image",
            "load_target", "collate_items", "DROP_IMAGE_SIZE"]
 
@@ -185,15 +187,7 @@ def load_target(image, resolution: int) -> tuple[torch.Tensor, torch.Tensor, Any
     ((3, R, R) in [-1, 1], (6,) SDXL time ids (original h, w, crop top, left, R, R), the cropped PIL image)."""
     from PIL import Image
 
-    w, h = image.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
-    crop = resized.crop((left, top, left + resolution, top + resolution))
-    data = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
-    pixels = data.permute(2, 0, 1).float() / 127.5 - 1
-    return pixels, torch.tensor([h, w, top, left, resolution, resolution], dtype=torch.float32), crop
+    return centre_crop_pixels(image, resolution, Image.Resampling.BILINEAR)
 
 
 class EasyRefItems(Dataset):

@@ -39,7 +39,7 @@ from visadapt.training import StepCallback, Trainer
 
 from .easyref_config import TINY_MLLM, TINY_MODEL, EasyRefTrainConfig
 from .easyref_data import EasyRefItems, collate_items, group_summary, holdout_split, scan_groups
-from .noise import denoising_target
+from .train_common import denoising_target
 
 __all__ = ["EasyRefTrainer", "EasyRefTrainModel", "train_easyref", "load_mllm", "load_sdxl", "adapter_file",
            "ADAPTER_FILE", "OFFICIAL_FILE"]

@@ -69,6 +69,14 @@ class FrameList(Sequence):
         return f"FrameList({str(self.folder)!r}, {self.pattern!r}, count={self.count}, start={self.start})"
 
 
+def read_frame(path: Union[str, Path]) -> np.ndarray:
+    """An image file → (H, W, 3) uint8 RGB: the one frame reader of training, tracking and ``track run``."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.array(img.convert("RGB"))
+
+
 @dataclass
 class TrackingSequence:
     """One annotated video: frame files in order, (N, 4) xywh boxes (NaN where unknown), (N,) visibility.

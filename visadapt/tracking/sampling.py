@@ -28,10 +28,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torch.utils.data import Dataset
 
-from .datasets import TrackingSequence
+from .datasets import TrackingSequence, read_frame
 from .geometry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -61,9 +60,7 @@ class PairSettings:
 
 def load_frame(path) -> torch.Tensor:
     """An image file → (3, H, W) float32 in 0–255."""
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float()
+    return torch.from_numpy(read_frame(path)).permute(2, 0, 1).float()
 
 
 def _xyxy(box: np.ndarray) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .datasets import read_frame
 from .geometry import box_from_crop, box_to_crop, crop_image, crop_params, normalize, template_mask
 from .model import LoRAT, LoRATVariant
 
@@ -173,9 +174,4 @@ def _xywh(state: torch.Tensor) -> tuple[float, float, float, float]:
 
 def _read(frame) -> Frame:
     """A frame, or a path to an image file read now (as an (H, W, 3) uint8 array)."""
-    if isinstance(frame, (np.ndarray, torch.Tensor)):
-        return frame
-    from PIL import Image
-
-    with Image.open(frame) as img:
-        return np.array(img.convert("RGB"))
+    return frame if isinstance(frame, (np.ndarray, torch.Tensor)) else read_frame(frame)

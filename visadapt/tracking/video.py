@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from visadapt.utils import atomic_path
 
-from .datasets import IMAGE_SUFFIXES
+from .datasets import IMAGE_SUFFIXES, read_frame
 
 BOX_COLOUR = (255, 40, 40)
 
@@ -33,11 +33,7 @@ def read_frames(source: str | Path) -> tuple[list[np.ndarray], float]:
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"{source} holds no frames ({', '.join(IMAGE_SUFFIXES)}).")
-        frames = []
-        for path in files:
-            with Image.open(path) as img:
-                frames.append(np.asarray(img.convert("RGB")))
-        return frames, 25.0
+        return [read_frame(path) for path in files], 25.0
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such video file or frame folder.")
     av = _av()

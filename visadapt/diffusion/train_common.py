@@ -1,0 +1,32 @@
+"""What the diffusion task's trainers (concept LoRAs, EasyRef) share: the UNet's target and the image crop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The regression target of the UNet for ``scheduler``'s ``prediction_type``: the noise (epsilon) or the velocity
+    (v_prediction, ``scheduler.get_velocity``). Shapes as ``latents`` (B, C, H, W); ``timesteps`` (B,)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"The pipeline's scheduler predicts {kind!r}; visadapt trains epsilon and v_prediction models. "
+                     "Load the pipeline with a DDPM/DDIM/Euler scheduler configured for one of them.")
+
+
+def centre_crop_pixels(image: Any, resolution: int, resample: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Shorter side of a PIL RGB ``image`` resized to ``resolution`` with ``resample`` and centre-cropped: the pixels
+    (3, R, R) in [-1, 1], SDXL's (6,) time ids (original h, w, crop top, left, R, R) and the cropped PIL image."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    crop = image.resize((new_w, new_h), resample).crop((left, top, left + resolution, top + resolution))
+    data = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    pixels = data.permute(2, 0, 1).float() / 127.5 - 1
+    return pixels, torch.tensor([h, w, top, left, resolution, resolution], dtype=torch.float32), crop
