@@ -27,7 +27,6 @@ official repository's key layout, :func:`visadapt.diffusion.easyref.to_official`
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -357,11 +356,3 @@ def train_easyref(config: EasyRefTrainConfig, out_dir: Union[str, Path], resume:
     pipeline) and ``mllm`` ((Qwen2-VL model, processor)) replace ``config.model`` / ``config.mllm``; they are
     modified in place (EasyRef installed, weights trained)."""
     return EasyRefTrainer(config, out_dir, resume=resume, callbacks=callbacks, pipe=pipe, mllm=mllm).run()
-
-
-def stage_config(config: EasyRefTrainConfig, **changes: Any) -> EasyRefTrainConfig:
-    """``config`` with ``changes`` and the stage options reset to ``none`` (so a new --stage takes its defaults)."""
-    from .easyref_config import STAGE_DEFAULTS
-
-    reset = {k: None for k in STAGE_DEFAULTS[1]}
-    return dataclasses.replace(config, **{**reset, **changes})

@@ -13,8 +13,6 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from visadapt.utils import save_json_atomic
-
 from .datasets import TrackingSequence
 from .metrics import got10k_scores, ope_dataset, ope_sequence, plot_success_precision
 from .results import write_got10k_sequence, write_results, write_trackingnet_sequence, zip_results
@@ -94,12 +92,6 @@ def write_server_files(predictions: Sequence[np.ndarray], sequences: Sequence[Tr
     raise ValueError(f"unknown server format {server!r}; choose got10k or trackingnet.")
 
 
-def headline(result: dict) -> dict:
-    """The scalar scores of :func:`score`."""
-    keys = ("auc", "precision", "norm_precision", "ao", "sr50", "sr75")
-    return {k: result[k] for k in keys if k in result}
-
-
 def evaluate_tracker(tracker: Tracker, sequences: Sequence[TrackingSequence], out: Optional[Path] = None,
                      batch_size: int = 16, name: str = "tracker", title: str = "",
                      server: Optional[str] = None) -> dict:
@@ -129,7 +121,3 @@ def evaluate_tracker(tracker: Tracker, sequences: Sequence[TrackingSequence], ou
 
 def curves(result: dict) -> dict:
     return {**result, **{k: np.asarray(result[k]) for k in CURVES}}
-
-
-def save_evaluation(results: dict, path: Path) -> None:
-    save_json_atomic(results, path)

@@ -18,7 +18,6 @@ LoRA (r = 64, alpha = 64 on q, k, v, proj, fc1, fc2 of every block) goes through
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -311,11 +310,6 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     head = sum(p.numel() for p in model.head.parameters())
     return {"lora": lora, "head": head, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total": sum(p.numel() for p in model.parameters())}
-
-
-def adapted_names(model: nn.Module) -> list[str]:
-    """Names of the modules carrying adapters (for checks and reports)."""
-    return [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and re.search(LORA_TARGETS, n)]
 
 
 def param_groups(model: nn.Module, weight_decay: float = 0.1) -> list[dict]:
