@@ -142,3 +142,22 @@ def test_one_training_step_updates_only_adapters_head_and_token_types():
     torch.optim.AdamW(groups, lr=1e-3).step()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert all(p.grad is not None for g in groups for p in g["params"])
+
+
+def test_token_type_gradient_is_the_same_on_every_run():
+    """The template's token types were gathered by indexing, whose backward accumulates with atomic adds: on several
+    CPU threads the gradient's last bits (and so a whole demo run) changed from run to run."""
+    model = LoRAT(tiny_vit(depth=1), (2, 2), (4, 4))
+    z, x, _ = tiny_inputs(batch=256)
+    mask = torch.randint(0, 2, (256, 2, 2), generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(4):
+            model.zero_grad()
+            model.z_tokens(z, mask).square().sum().backward()
+            grads.append(model.token_type_embed.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g, grads[0]) for g in grads)

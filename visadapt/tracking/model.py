@@ -184,7 +184,10 @@ class LoRAT(nn.Module):
         hz, wz = self.z_grid
         hx, wx = self.x_grid
         pos = self.pos_embed.view(1, hx, wx, -1)[:, :hz, :wz].reshape(1, hz * wz, -1)
-        return self._tokens(z) + pos + self.token_type_embed[z_mask.flatten(1).long()]
+        # A one-hot product instead of indexing: the same values, and a backward without the atomic adds of indexed
+        # accumulation, whose order (so the gradient's last bits) varied between runs on several CPU threads.
+        one_hot = F.one_hot(z_mask.flatten(1).long(), len(self.token_type_embed)).to(self.token_type_embed.dtype)
+        return self._tokens(z) + pos + one_hot @ self.token_type_embed
 
     def x_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, 14Hx, 14Wx) → (B, Hx·Wx, C)."""
