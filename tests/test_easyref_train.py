@@ -144,6 +144,9 @@ def test_stage_defaults_follow_the_official_scripts():
     assert (three.lr, three.batch_size, three.grad_accum, three.truncate_rate, three.max_seq_len) == \
         (1e-3, 1, 4, 0.4, 0)
     assert STAGE_DEFAULTS[2]["lr"] == 4e-5 and STAGE_DEFAULTS[2]["lora_rank"] == 128
+    # finetune_sdxl.py: stages 1-2 run with --random_crop (square centre crop), stage 3 without (whole target)
+    assert [EasyRefTrainConfig(stage=s).resolved().target_crop for s in (1, 2, 3)] == ["square", "square",
+                                                                                        "keep-aspect"]
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -158,12 +161,13 @@ def overfit_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stages(overfit_dir, tmp_path_factory):
-    """Stages 1 → 2 → 3, each started from the previous one's run folder (LoRA rank 4 to stay tiny)."""
+    """Stages 1 → 2 → 3, each started from the previous one's run folder (LoRA rank 4 to stay tiny); all on square
+    crops, batch 2 (the keep-aspect stage 3 has its own tests below)."""
     from visadapt.diffusion.easyref_train import train_easyref
 
     root, runs = tmp_path_factory.mktemp("stages"), {}
     for stage in (1, 2, 3):
-        extra = {"lora_rank": 4, "init": str(root / f"stage{stage - 1}")} if stage > 1 else {}
+        extra = {"lora_rank": 4, "init": str(root / f"stage{stage - 1}"), "target_crop": "square"} if stage > 1 else {}
         cfg = EasyRefTrainConfig(stage=stage, data=str(overfit_dir), **TINY, **extra)
         runs[stage] = (root / f"stage{stage}", train_easyref(cfg, root / f"stage{stage}"))
     return runs
@@ -219,7 +223,8 @@ assert "visadapt" not in sys.modules
     run_python(code, tmp_path)
 
 
-def test_interrupted_stage_resumes_bit_exactly(overfit_dir, tmp_path):
+@pytest.mark.parametrize("case", ["stage2_square", "stage3_keep_aspect"])
+def test_interrupted_stage_resumes_bit_exactly(overfit_dir, wide_dir, tmp_path, case):
     import json
 
     from safetensors.torch import load_file
@@ -227,8 +232,10 @@ def test_interrupted_stage_resumes_bit_exactly(overfit_dir, tmp_path):
     from visadapt.cli import main
     from visadapt.diffusion.easyref_train import train_easyref
 
-    cfg = EasyRefTrainConfig(stage=2, data=str(overfit_dir), lora_rank=4, checkpoint_every=2,
-                             **{**TINY, "steps": 4, "lr": 1e-3, "ref_drop": 0.2, "text_drop": 0.2, "both_drop": 0.2})
+    extra = {"stage": 2, "data": str(overfit_dir)} if case == "stage2_square" else \
+        {"stage": 3, "data": str(wide_dir), "batch_size": 1, "size_multiple": 8}
+    cfg = EasyRefTrainConfig(lora_rank=4, checkpoint_every=2, **{**TINY, "steps": 4, "lr": 1e-3, "ref_drop": 0.2,
+                                                                 "text_drop": 0.2, "both_drop": 0.2, **extra})
     with pytest.warns(UserWarning, match="without --init"):
         full = train_easyref(cfg, tmp_path / "full")
 
@@ -291,3 +298,95 @@ def test_a_deepspeed_launch_is_refused_with_the_way_out(overfit_dir, tmp_path):
     with pytest.raises(ValueError, match="does not support yet.*--multi_gpu"):
         trainer.setup()
     assert not (tmp_path / "ds").exists()
+
+
+# ------------------------------------------------------------------------ stage 3: targets keep their aspect ratio
+WIDE_SIZES = {(64, 32): (48, 24), (32, 48): (32, 40), (40, 40): (32, 32), (48, 36): (40, 32)}  # at R 32, multiple 8
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    """One group of four images of different shapes (a red disc on white) and what keep-aspect makes of them."""
+    from PIL import ImageDraw
+
+    root = tmp_path_factory.mktemp("wide")
+    (root / "red_disc").mkdir()
+    for i, (w, h) in enumerate(WIDE_SIZES):
+        image = Image.new("RGB", (w, h), "white")
+        ImageDraw.Draw(image).ellipse((w // 4, h // 4, w * 3 // 4, h * 3 // 4), fill=(220, 40, 40))
+        image.save(root / "red_disc" / f"{i:02d}.png")
+        (root / "red_disc" / f"{i:02d}.txt").write_text("a red disc on a white background\n")
+    return root
+
+
+def test_aspect_size_follows_the_official_adaptive_resize():
+    from visadapt.diffusion.easyref_data import aspect_size
+
+    # area brought to about 1024² unless within x0.8..x1.1 of it, sides rounded up to 64; a square becomes 1024²
+    assert aspect_size(1920, 1080, 1024) == (1408, 768)
+    assert aspect_size(1024, 1536, 1024) == (896, 1280)
+    assert aspect_size(800, 600, 1024) == (1216, 896)
+    assert aspect_size(1100, 1000, 1024) == (1152, 1024)  # ×1.02 of the area: kept, only rounded up
+    assert aspect_size(300, 300, 1024) == (1024, 1024)
+    for (w, h), size in WIDE_SIZES.items():
+        assert aspect_size(w, h, 32, multiple=8) == size
+
+
+def test_keep_aspect_targets_keep_their_shape_and_time_ids(wide_dir):
+    from torchvision.transforms.functional import pil_to_tensor
+
+    groups = scan_groups(wide_dir)
+    items = EasyRefItems(groups, stage=3, resolution=32, ref_drop=0, text_drop=0, both_drop=0,
+                         target_crop="keep-aspect", size_multiple=8)
+    originals = [Image.open(p).convert("RGB") for p in groups[0].images]
+    for index, original in enumerate(originals):
+        w, h = WIDE_SIZES[original.size]
+        x = items[(index, 5)]
+        assert x["pixels"].shape == (3, h, w)
+        assert x["time_ids"].tolist() == [h, w, 0, 0, h, w]  # the official dataset: resized size, no crop
+        shown = pil_to_tensor(original.resize((w, h), Image.Resampling.BICUBIC))
+        assert torch.equal(((x["pixels"] + 1) * 127.5).round().to(torch.uint8), shown)
+        assert {r.size for r in x["references"]} <= set(WIDE_SIZES) - {original.size}  # the other files, unresized
+    one = EasyRefItems(groups, stage=1, resolution=32, ref_drop=0, text_drop=0, both_drop=0,
+                       target_crop="keep-aspect", size_multiple=8)
+    assert one[(0, 0)]["references"][0].size == (64, 32)  # stage 1: the whole file, as the official code reads it
+    square = EasyRefItems(groups, stage=3, resolution=32, ref_drop=0, text_drop=0, both_drop=0)
+    x = square[(0, 5)]  # 64x32: the shorter side is already 32, a 32x32 crop 16 px from the left
+    assert x["pixels"].shape == (3, 32, 32) and x["time_ids"].tolist() == [32, 64, 0, 16, 32, 32]
+    with pytest.raises(ValueError, match="cannot share a micro-batch.*--batch-size.*--target-crop square"):
+        collate_items([items[(0, 0)], items[(1, 0)]])
+    with pytest.raises(ValueError, match="target_crop must be one of"):
+        EasyRefItems(groups, stage=3, resolution=32, target_crop="pad")
+
+
+def test_stage_three_trains_on_whole_targets(stages, wide_dir, tmp_path):
+    """The default stage 3: each micro-batch is one whole target in its shape, with its time ids; the loss drops."""
+    from visadapt.diffusion.easyref_train import EasyRefTrainer
+
+    seen = []
+
+    class Watched(EasyRefTrainer):
+        def compute_loss(self, batch):
+            seen.append((tuple(batch["pixels"].shape), batch["time_ids"].tolist()))
+            return super().compute_loss(batch)
+
+    cfg = EasyRefTrainConfig(stage=3, data=str(wide_dir), lora_rank=4, init=str(stages[2][0]), size_multiple=8,
+                             **{**TINY, "batch_size": 1, "steps": 12})
+    r = Watched(cfg, tmp_path / "run").run()
+    assert r["target_crop"] == "keep-aspect" and r["eval_loss_after"] < r["eval_loss_before"], r
+    assert {shape[2:] for shape, _ in seen} == {(h, w) for w, h in WIDE_SIZES.values()}
+    for (_, _, h, w), (time_ids,) in seen:
+        assert time_ids == [h, w, 0, 0, h, w]
+
+
+def test_keep_aspect_refuses_what_it_cannot_stack(wide_dir, tmp_path):
+    from visadapt.diffusion.easyref_train import train_easyref
+
+    with pytest.raises(ValueError, match=r"one per device.*Pass --batch-size 1 .*or --target-crop square"), \
+            pytest.warns(UserWarning, match="without --init"):
+        train_easyref(EasyRefTrainConfig(stage=3, data=str(wide_dir), **TINY), tmp_path / "batch")
+    with pytest.raises(ValueError, match="--size-multiple 6: .*multiples of 4"), \
+            pytest.warns(UserWarning, match="without --init"):
+        train_easyref(EasyRefTrainConfig(stage=3, data=str(wide_dir), size_multiple=6, **{**TINY, "batch_size": 1}),
+                      tmp_path / "multiple")
+    assert not (tmp_path / "batch").exists() and not (tmp_path / "multiple").exists()

@@ -12,6 +12,9 @@ stage     trains                                                              lr
 3         as stage 2, on groups (references = the other images), truncation   2e-5   1 x 4       dynamic
 ========  ==================================================================  =====  ==========  ==========
 
+Stages 1 and 2 train on square centre crops of the targets, stage 3 on the whole targets in their aspect ratio
+(``--target-crop``, :mod:`visadapt.diffusion.easyref_data`).
+
 Options left at ``none`` take their stage's value (:meth:`EasyRefTrainConfig.resolved`); ``run_config.json``
 records the resolved values.
 """
@@ -29,15 +32,17 @@ TINY_MLLM = "tiny"  # visadapt.diffusion.tiny_mllm's random Qwen2-VL
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_MLLM = "Qwen/Qwen2-VL-2B-Instruct"
 STAGES = (1, 2, 3)
+TARGET_CROPS = ("square", "keep-aspect")  # how a target becomes the UNet's pixels (easyref_data)
+SIZE_MULTIPLE = 64  # keep-aspect targets: sides rounded up to a multiple of this (the official stride)
 
 #: per stage: what the official scripts use (finetune_sdxl.py and scripts/*.sh)
 STAGE_DEFAULTS: dict[int, dict] = {
     1: {"lr": 1e-4, "batch_size": 8, "grad_accum": 1, "max_seq_len": 256, "truncate_rate": 0.0, "lora_rank": 0,
-        "train_mllm": False},
+        "train_mllm": False, "target_crop": "square"},
     2: {"lr": 4e-5, "batch_size": 4, "grad_accum": 2, "max_seq_len": 256, "truncate_rate": 0.0, "lora_rank": 128,
-        "train_mllm": True},
+        "train_mllm": True, "target_crop": "square"},
     3: {"lr": 2e-5, "batch_size": 1, "grad_accum": 4, "max_seq_len": 0, "truncate_rate": 0.4, "lora_rank": 128,
-        "train_mllm": True},
+        "train_mllm": True, "target_crop": "keep-aspect"},
 }
 
 
@@ -65,6 +70,12 @@ class EasyRefTrainConfig:
     train_mllm: Optional[bool] = option(None, "also train the whole MLLM (none: from stage 2 on)", group="easyref")
     resolution: Optional[int] = option(None, "training image size (none: the pipeline's, 1024 for SDXL)",
                                        group="data")
+    target_crop: Optional[str] = option(None, "square: centre crop of the target at --resolution; keep-aspect: "
+                                        "the whole target at about --resolution² pixels, sides a multiple of "
+                                        "--size-multiple, one example per device (none: square in stages 1-2, "
+                                        "keep-aspect in stage 3)", choices=TARGET_CROPS, group="data")
+    size_multiple: int = option(SIZE_MULTIPLE, "keep-aspect targets: sides rounded up to a multiple of this",
+                                group="data")
     max_seq_len: Optional[int] = option(None, "MLLM sequence padded / truncated to this length (0: dynamic padding; "
                                         "none: 256 in stages 1-2, dynamic in stage 3)", group="data")
     max_refs: int = option(28, "most references per example (stage 3)", group="data")

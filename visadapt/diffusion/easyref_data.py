@@ -19,11 +19,22 @@ is scanned; the images are opened when an item is drawn.
 What an item holds depends on the training stage (the official recipe):
 
 - stages 1 and 2 (alignment pre-training, single-reference fine-tuning): every image is a target, and its single
-  reference is the target itself, cropped the same way; in stage 2 an image with a face box is referenced by its face
-  instead (a square around the box, enlarged by a random 0-50 %, kept inside the image, flipped half of the time);
+  reference is the target itself, cropped the same way (whole with keep-aspect targets); in stage 2 an image with a
+  face box is referenced by its face instead (a square around the box, enlarged by a random 0-50 %, kept inside the
+  image, flipped half of the time);
 - stage 3 (multi-reference fine-tuning): every image of a group with at least two images is a target, and its
   references are the group's *other* images, shuffled, at most ``max_refs``; with probability ``truncate_rate`` only
   the first k of them are kept, k drawn from 2..n-1 (the truncation augmentation).
+
+How the target becomes the UNet's pixels (``target_crop``; the official stage scripts differ here):
+
+- ``square`` (stages 1 and 2): the shorter side resized to the resolution R (bilinear), a centre R x R crop; SDXL's
+  time ids are (original h, w, crop top, left, R, R);
+- ``keep-aspect`` (stage 3, which the official script runs without ``--random_crop``): the whole image resized
+  (bicubic) to about R² pixels in its own aspect ratio, each side rounded up to a multiple of ``size_multiple``
+  (:func:`aspect_size`, the official ``adaptive_resize``); the time ids are (H, W, 0, 0, H, W) of the resized image,
+  as the official dataset fills them. Targets of different shapes cannot share a micro-batch, so this trains one
+  example per device, as the official stage 3 does (batch 1 per GPU).
 
 Every item may drop its conditions (classifier-free guidance): the references alone with probability ``ref_drop``
 (they become one black 512² image), the caption alone with ``text_drop`` (it becomes "" for the CLIP text encoders
@@ -36,6 +47,7 @@ images are the references. Training with ``holdout`` leaves these images out.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +58,11 @@ from torch.utils.data import Dataset
 
 from visadapt.utils import DatasetLayoutError
 
+from .easyref_config import SIZE_MULTIPLE, TARGET_CROPS
 from .train_common import centre_crop_pixels
 
 __all__ = ["LAYOUT", "IMAGE_SUFFIXES", "ImageGroup", "EasyRefItems", "scan_groups", "holdout_split", "open_image",
-           "load_target", "collate_items", "DROP_IMAGE_SIZE"]
+           "load_target", "aspect_size", "collate_items", "DROP_IMAGE_SIZE"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DROP_IMAGE_SIZE = 512  # a dropped reference set is one black image of this size, as in the official training
@@ -182,28 +195,54 @@ def open_image(path: Path):
             from err
 
 
-def load_target(image, resolution: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """Shorter side resized to ``resolution`` (bilinear) and centre-cropped, as the official stage scripts do:
-    ((3, R, R) in [-1, 1], (6,) SDXL time ids (original h, w, crop top, left, R, R), the cropped PIL image)."""
-    from PIL import Image
+def aspect_size(width: int, height: int, resolution: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    """(width, height) of a keep-aspect target, the official ``adaptive_resize``: a square image becomes R x R; any
+    other is scaled to an area of R² when its area is over 1.1² or under 0.8² times R² (kept as it is in between);
+    then each side is rounded up to a multiple of ``multiple``."""
+    times = math.sqrt(height * width / resolution ** 2)
+    if width == height:
+        width = height = resolution
+    elif times > 1.1 or times < 0.8:
+        width, height = math.ceil(width / times), math.ceil(height / times)
+    return multiple * math.ceil(width / multiple), multiple * math.ceil(height / multiple)
 
-    return centre_crop_pixels(image, resolution, Image.Resampling.BILINEAR)
+
+def load_target(image, resolution: int, target_crop: str = "square",
+                multiple: int = SIZE_MULTIPLE) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """The target as the official stage scripts prepare it (module docstring): ((3, H, W) pixels in [-1, 1], (6,)
+    SDXL time ids (original h, w, crop top, left, target h, w), the PIL image the pixels show). ``square``:
+    H = W = ``resolution``; ``keep-aspect``: (W, H) = :func:`aspect_size`."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if target_crop == "square":
+        return centre_crop_pixels(image, resolution, Image.Resampling.BILINEAR)
+    if target_crop != "keep-aspect":
+        raise ValueError(f"target_crop must be one of {TARGET_CROPS}, got {target_crop!r}.")
+    width, height = aspect_size(*image.size, resolution, multiple)
+    resized = image.resize((width, height), Image.Resampling.BICUBIC)  # the official call's (PIL's default) filter
+    pixels = pil_to_tensor(resized).float() / 127.5 - 1
+    # the official dataset measures the "original" size after the resize and crops nothing
+    return pixels, torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32), resized
 
 
 class EasyRefItems(Dataset):
     """Item ``(index, seed)`` → one training example (see the module docstring); every random choice (caption,
     references, truncation, drops) comes from ``seed``, so a resumed run sees the same examples.
 
-    An example is a dict: ``pixels`` (3, R, R) in [-1, 1], ``time_ids`` (6,), ``caption`` (str, "" when dropped),
-    ``references`` (list of PIL images), ``refs_dropped`` (bool).
+    An example is a dict: ``pixels`` (3, H, W) in [-1, 1] (H = W = R for ``square`` targets), ``time_ids`` (6,),
+    ``caption`` (str, "" when dropped), ``references`` (list of PIL images), ``refs_dropped`` (bool).
     """
 
     def __init__(self, groups: Sequence[ImageGroup], stage: int, resolution: int, ref_drop: float = 0.05,
                  text_drop: float = 0.05, both_drop: float = 0.05, truncate_rate: float = 0.0,
-                 max_refs: int = 28) -> None:
+                 max_refs: int = 28, target_crop: str = "square", size_multiple: int = SIZE_MULTIPLE) -> None:
         if stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, got {stage}.")
+        if target_crop not in TARGET_CROPS:
+            raise ValueError(f"target_crop must be one of {TARGET_CROPS}, got {target_crop!r}.")
         self.groups, self.stage, self.resolution = list(groups), stage, resolution
+        self.target_crop, self.size_multiple = target_crop, size_multiple
         self.ref_drop, self.text_drop, self.both_drop = ref_drop, text_drop, both_drop
         self.truncate_rate, self.max_refs = truncate_rate, max_refs
         min_size = 2 if stage == 3 else 1
@@ -232,13 +271,13 @@ class EasyRefItems(Dataset):
         group = self.groups[g]
         caption = rng.choice(group.captions[i])
         image = open_image(group.images[i])
-        pixels, time_ids, crop = load_target(image, self.resolution)
+        pixels, time_ids, shown = load_target(image, self.resolution, self.target_crop, self.size_multiple)
         if self.stage == 3:
             refs = [open_image(p) for p in self.reference_files(group, i, rng)]
         elif self.stage == 2 and group.face(i) is not None:
             refs = [face_crop(image, group.face(i), rng)]
-        else:
-            refs = [crop]
+        else:  # the official code crops the reference as the target when it crops, else reads the file as it is
+            refs = [shown if self.target_crop == "square" else image]
         draw, dropped = rng.random(), False
         if draw < self.ref_drop:
             dropped = True
@@ -260,7 +299,15 @@ def black_image(size: int = DROP_IMAGE_SIZE):
 
 
 def collate_items(items: list[dict]) -> dict:
-    """Stack the tensors; keep captions and references as lists (the MLLM processor takes them as they are)."""
+    """Stack the tensors; keep captions and references as lists (the MLLM processor takes them as they are).
+    Targets of different sizes (keep-aspect) cannot be stacked: that raises a ``ValueError`` naming the fix."""
+    shapes = sorted({tuple(x["pixels"].shape[1:]) for x in items})
+    if len(shapes) > 1:
+        sizes = ", ".join(f"{w}x{h}" for h, w in shapes)
+        raise ValueError(f"Targets of different sizes ({sizes} px) cannot share a micro-batch. With --target-crop "
+                         "keep-aspect train one example per device, as the official stage 3 (--batch-size equal to "
+                         "the number of processes; raise --grad-accum for a larger batch), or pass --target-crop "
+                         "square.")
     return {"pixels": torch.stack([x["pixels"] for x in items]),
             "time_ids": torch.stack([x["time_ids"] for x in items]),
             "captions": [x["caption"] for x in items], "references": [x["references"] for x in items],

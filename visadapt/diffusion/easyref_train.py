@@ -18,9 +18,12 @@ What trains (the rest is frozen):
 
 Examples come from :class:`~visadapt.diffusion.easyref_data.EasyRefItems` (references, drops, truncation); the
 MLLM's inputs are built in the data loader (padded / truncated to 256 tokens in stages 1-2, padded to the longest in
-stage 3). The run folder holds, besides what every run holds (``run_config.json``, ``results.json`` with the loss on
-a fixed evaluation batch before and after training, ``training_curve.png``, ``report.md``): ``easyref.safetensors``
-(our layout, :func:`visadapt.diffusion.easyref.easyref_state_dict`) and ``official/model.safetensors`` (the
+stage 3). Stages 1-2 see square centre crops of the targets; stage 3 sees whole targets in their aspect ratio
+(``--target-crop keep-aspect``, with SDXL time ids to match), one example per device as the official stage 3.
+
+The run folder holds, besides what every run holds (``run_config.json``, ``results.json`` with the loss on a fixed
+evaluation batch before and after training, ``training_curve.png``, ``report.md``): ``easyref.safetensors`` (our
+layout, :func:`visadapt.diffusion.easyref.easyref_state_dict`) and ``official/model.safetensors`` (the
 official repository's key layout, :func:`visadapt.diffusion.easyref.to_official`, which its training script takes as
 ``--pretrained_easy_ref_path``).
 """
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 
 from visadapt.training import StepCallback, Trainer
 
-from .easyref_config import TINY_MLLM, TINY_MODEL, EasyRefTrainConfig
+from .easyref_config import SIZE_MULTIPLE, TINY_MLLM, TINY_MODEL, EasyRefTrainConfig
 from .easyref_data import EasyRefItems, collate_items, group_summary, holdout_split, scan_groups
 from .train_common import denoising_target
 
@@ -163,6 +166,8 @@ class EasyRefTrainer(Trainer):
             raise ValueError("--ref-drop + --text-drop + --both-drop must not exceed 1.")
         if c.max_seq_len < 0:
             raise ValueError("--max-seq-len must be >= 0 (0: pad to the longest example).")
+        if c.size_multiple < 1:
+            raise ValueError("--size-multiple must be >= 1.")
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -170,12 +175,14 @@ class EasyRefTrainer(Trainer):
 
         c, acc = self.cfg, self.accelerator
         self._refuse_deepspeed()
+        self._one_target_size_per_device()
         groups = scan_groups(c.data)
         train_groups, held = holdout_split(groups) if c.holdout else (groups, [])
         self.data_summary = {**group_summary(train_groups), "held_out_images": len(held)}
         pipe = self.pipe = self._pipe if self._pipe is not None else load_sdxl(c.model)
         mllm, processor = self._mllm if self._mllm is not None else load_mllm(c.mllm, c.seed)
         self.resolution = c.resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        self._check_size_multiple(pipe)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, mllm):
             module.requires_grad_(False)
         torch.manual_seed(c.seed)  # reference tokens, projector: the same init for the same seed
@@ -204,7 +211,27 @@ class EasyRefTrainer(Trainer):
     def _items(self, groups, ref_drop: float, text_drop: float, both_drop: float, truncate: float) -> EasyRefItems:
         c = self.cfg
         return EasyRefItems(groups, c.stage, self.resolution, ref_drop=ref_drop, text_drop=text_drop,
-                            both_drop=both_drop, truncate_rate=truncate, max_refs=c.max_refs)
+                            both_drop=both_drop, truncate_rate=truncate, max_refs=c.max_refs,
+                            target_crop=c.target_crop, size_multiple=c.size_multiple)
+
+    def _one_target_size_per_device(self) -> None:
+        """Keep-aspect targets differ in size and cannot be stacked: like the official stage 3 (batch 1 per GPU), each
+        device takes one example per micro-batch (the batch is split across devices)."""
+        c, processes = self.cfg, self.accelerator.num_processes
+        if c.target_crop == "keep-aspect" and c.batch_size > processes:
+            raise ValueError(f"--target-crop keep-aspect trains whole targets of different sizes, one per device (the "
+                             f"official stage 3: batch 1 per GPU), but --batch-size {c.batch_size} puts "
+                             f"{c.batch_size / processes:g} on each of {processes} device(s). Pass --batch-size "
+                             f"{processes} (raise --grad-accum for a larger batch) or --target-crop square.")
+
+    def _check_size_multiple(self, pipe) -> None:
+        """Keep-aspect sides must map to latents the UNet can halve at each of its down-sampling blocks."""
+        c = self.cfg
+        need = int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+        if c.target_crop == "keep-aspect" and c.size_multiple % need:
+            raise ValueError(f"--size-multiple {c.size_multiple}: this pipeline needs target sides that are multiples "
+                             f"of {need} (the VAE's factor times the UNet's down-sampling); pass a multiple of {need} "
+                             f"(the official {SIZE_MULTIPLE} for SDXL).")
 
     def _select_trainable(self, unet, encoder) -> None:
         """Stage 1: final layer, its norm, reference tokens, projector, to_k_ip/to_v_ip; later stages also the whole
@@ -257,7 +284,7 @@ class EasyRefTrainer(Trainer):
 
     @torch.no_grad()
     def latents(self, pixels: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """(B, 3, R, R) in [-1, 1] → scaled VAE latents (a sample of the posterior; the VAE in fp32). Random draws
+        """(B, 3, H, W) in [-1, 1] → scaled VAE latents (a sample of the posterior; the VAE in fp32). Random draws
         come from ``generator`` (a CPU one) or the global CPU RNG, which checkpoints save."""
         vae = self.pipe.vae
         dist = vae.encode(pixels.to(self.accelerator.device, vae.dtype)).latent_dist
@@ -287,18 +314,23 @@ class EasyRefTrainer(Trainer):
     def eval_loss(self) -> float:
         """The loss on a fixed batch (the first :data:`EVAL_ITEMS` examples without drops, :data:`EVAL_TIMESTEPS`
         evenly spaced timesteps each, latent samples and noise from the seed): the same before and after training.
-        The global RNG is left as it was, so evaluating never changes training."""
+        Examples of different sizes (keep-aspect targets) run as one batch per size. The global RNG is left as it
+        was, so evaluating never changes training."""
         c, n = self.cfg, min(EVAL_ITEMS, len(self.eval_set))
         items = [self.eval_set[(i, c.seed + i)] for i in range(n)] * EVAL_TIMESTEPS
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.tensor([int(steps * (k + 0.5) / EVAL_TIMESTEPS) for k in range(EVAL_TIMESTEPS)
                                   for _ in range(n)])
         generator = torch.Generator().manual_seed(c.seed + 1)
-        batch = self.collate(items)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, item in enumerate(items):
+            by_size.setdefault(tuple(item["pixels"].shape), []).append(i)
         self.model.eval()
         try:
             with self.accelerator.autocast():
-                return self.losses(batch, timesteps=timesteps, generator=generator).mean().item()
+                losses = [self.losses(self.collate([items[i] for i in index]), timesteps=timesteps[index],
+                                      generator=generator) for index in by_size.values()]
+            return torch.cat(losses).mean().item()
         finally:
             self.model.train()
 
@@ -311,7 +343,8 @@ class EasyRefTrainer(Trainer):
         c = self.cfg
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return {"stage": c.stage, "base_model": c.model, "mllm": c.mllm, "init": c.init, "steps": state["step"],
-                "resolution": self.resolution, "num_tokens": c.num_tokens, "lora_rank": c.lora_rank,
+                "resolution": self.resolution, "target_crop": c.target_crop, "num_tokens": c.num_tokens,
+                "lora_rank": c.lora_rank,
                 "train_mllm": c.train_mllm, "data": self.data_summary, "examples": len(self.train_set),
                 "eval_loss_before": state["eval_loss_before"], "eval_loss_after": self.eval_loss(),
                 "trainable_params": trainable,
