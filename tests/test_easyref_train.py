@@ -326,7 +326,7 @@ def test_aspect_size_follows_the_official_adaptive_resize():
     assert aspect_size(1920, 1080, 1024) == (1408, 768)
     assert aspect_size(1024, 1536, 1024) == (896, 1280)
     assert aspect_size(800, 600, 1024) == (1216, 896)
-    assert aspect_size(1100, 1000, 1024) == (1152, 1024)  # ×1.02 of the area: kept, only rounded up
+    assert aspect_size(1100, 1000, 1024) == (1152, 1024)  # √area = 1.02 x 1024: kept, only rounded up
     assert aspect_size(300, 300, 1024) == (1024, 1024)
     for (w, h), size in WIDE_SIZES.items():
         assert aspect_size(w, h, 32, multiple=8) == size
