@@ -33,13 +33,13 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visadapt.utils import staged_dir, world
+from visadapt.utils import replace_dir, world
 
 MODEL_DIR = Path(__file__).parent / "world_model"
 CONTEXT_LENGTH = 20  # the demo CLIP's positions
@@ -111,6 +111,22 @@ def build_unet(cross_attention_dim: int):
         cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=16)
 
 
+def initial_models(init: Optional[Path], cross_attention_dim: int):
+    """(vae, unet): random (``init`` None) or, to continue a pretraining, the fp32 weights of a world model folder."""
+    if init is None:
+        return build_vae(), build_unet(cross_attention_dim)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    if not (Path(init) / "model_index.json").is_file():
+        raise FileNotFoundError(f"--init {init}: not a world model folder (no model_index.json).")
+    vae = AutoencoderKL.from_pretrained(str(init), subfolder="vae", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(str(init), subfolder="unet", torch_dtype=torch.float32)
+    if unet.config.cross_attention_dim != cross_attention_dim:
+        raise ValueError(f"--init {init}: its UNet attends to width {unet.config.cross_attention_dim}, the demo CLIP's "
+                         f"text tower gives {cross_attention_dim}.")
+    return vae, unet
+
+
 def build_scheduler():
     from .tiny import _scheduler
 
@@ -126,6 +142,14 @@ def canvases(rng: np.random.Generator, n: int, p_two: float = 0.5) -> tuple[torc
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1, objects
 
 
+def foreground(images: torch.Tensor, threshold: float = 40 / 127.5) -> torch.Tensor:
+    """``(N, 1, H, W)`` 1.0 where a pixel of ``images`` (``(N, 3, H, W)`` in [-1, 1]) stands out from the median of its
+    image's border (the background), else 0.0."""
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=-1)
+    background = border.median(dim=-1).values[:, :, None, None]
+    return ((images - background).abs().amax(dim=1, keepdim=True) > threshold).float()
+
+
 def log(message: str, start: float) -> None:
     print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {message}", flush=True)
 
@@ -139,9 +163,11 @@ def progress(step: int, steps: int, began: float, minutes: Optional[float]) -> f
 
 
 def train_vae(vae, steps: int, batch_size: int, lr: float, rng: np.random.Generator, start: float,
-              minutes: Optional[float] = None, kl_weight: float = 1e-4) -> None:
-    """Reconstruction (MSE) + a small KL term; random 32×32 crops first (4× cheaper; the VAE is convolutional),
-    full canvases for the last fifth so the GroupNorm statistics match."""
+              minutes: Optional[float] = None, kl_weight: float = 1e-4, foreground_weight: float = 5.0) -> None:
+    """Reconstruction (squared error, ``foreground_weight`` times heavier on the shapes' pixels than on the noisy
+    background, whose grain no latent can hold and which would otherwise dominate the loss) + a small KL term;
+    random 32×32 crops first (4× cheaper; the VAE is convolutional), full canvases for the last fifth so the
+    GroupNorm statistics match."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
     began = time.perf_counter()
@@ -159,13 +185,21 @@ def train_vae(vae, steps: int, batch_size: int, lr: float, rng: np.random.Genera
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         mse = F.mse_loss(recon, images)
-        loss = mse + kl_weight * posterior.kl().mean() / posterior.mean[0].numel()
+        weight = 1 + (foreground_weight - 1) * foreground(images)
+        loss = (weight * (recon - images) ** 2).mean() + kl_weight * posterior.kl().mean() / posterior.mean[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} mse {mse.item():.5f}", start)
-    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def reconstruction_mse(vae, rng: np.random.Generator, n: int = 128) -> float:
+    """Mean squared error (pixels in [-1, 1]) of the VAE's reconstruction of ``n`` fresh canvases (posterior mean)."""
+    images, _ = canvases(rng, n)
+    recon = vae.decode(vae.encode(images).latent_dist.mean).sample
+    return float(F.mse_loss(recon.clamp(-1, 1), images))
 
 
 @torch.no_grad()
@@ -190,10 +224,11 @@ def encode_text(text_encoder, tok, prompts: Sequence[str]) -> torch.Tensor:
 
 def train_unet(unet, text_encoder, tok, pool: tuple, scale: float, steps: int, batch_size: int, lr: float,
                rng: np.random.Generator, start: float, minutes: Optional[float] = None, p_uncond: float = 0.1,
-               snr_gamma: float = 5.0, ema_decay: float = 0.999):
+               snr_gamma: float = 5.0, ema_decay: float = 0.999, on_save: Optional[Callable] = None,
+               save_minutes: float = 0.0):
     """Noise prediction (latents times ``scale``) with min-SNR-γ weighting and 10% empty captions (for
     classifier-free guidance); AdamW with a warm-up and a cosine decay over ``steps`` or ``minutes``, whichever ends
-    first. Returns the EMA of the weights."""
+    first. Returns the EMA of the weights; ``on_save(ema)`` runs every ``save_minutes``."""
     from diffusers import DDPMScheduler
 
     means, stds, objects = pool
@@ -203,6 +238,7 @@ def train_unet(unet, text_encoder, tok, pool: tuple, scale: float, steps: int, b
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     warmup, began = 100, time.perf_counter()
+    saved = began
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     unet.train()
     for step in range(steps):
@@ -230,6 +266,9 @@ def train_unet(unet, text_encoder, tok, pool: tuple, scale: float, steps: int, b
                 e.lerp_(p, 1 - decay)
         if step % 50 == 0 or step == steps - 1:
             log(f"unet step {step}/{steps} loss {loss.item():.4f}", start)
+        if on_save is not None and time.perf_counter() - saved > 60 * save_minutes:
+            on_save(ema)
+            saved = time.perf_counter()
     return ema.eval()
 
 
@@ -237,15 +276,15 @@ def save(out: Path, unet, vae, text_encoder, tok) -> None:
     """Write a diffusers ``StableDiffusionPipeline`` folder, weights in fp16 safetensors."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
-                                   scheduler=build_scheduler(), safety_checker=None, feature_extractor=None,
-                                   image_encoder=None, requires_safety_checker=False)
+    # Copies: the fp16 cast must not round the weights that go on training.
+    pipe = StableDiffusionPipeline(vae=copy.deepcopy(vae), text_encoder=copy.deepcopy(text_encoder), tokenizer=tok,
+                                   unet=copy.deepcopy(unet), scheduler=build_scheduler(), safety_checker=None,
+                                   feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     pipe.to(torch.float16)
-    with staged_dir(out) as stage:
+    with replace_dir(out) as stage:  # the whole folder at once: a reader never mixes two saves
         pipe.save_pretrained(stage, safe_serialization=True)
         write_slow_tokenizer(stage / "tokenizer")
         load_text_encoder_in_fp32(stage / "text_encoder")
-    pipe.to(torch.float32)
 
 
 def load_text_encoder_in_fp32(folder: Path) -> None:
@@ -289,27 +328,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3, help="UNet learning rate")
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="continue from this world model folder (its VAE and UNet) instead of random weights")
+    parser.add_argument("--save-every", type=float, default=0.0,
+                        help="minutes between saves of the UNet's EMA to --out during training (0: at the end only)")
     parser.add_argument("--eval-seeds", type=int, default=1, help="samples per (shape, colour) in the final check")
     # On the shared 2-core machine (load ~7) two threads that wait on each other ran a UNet forward 10-20x slower
     # than one thread.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
 
+    if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "model_index.json").is_file():
+        parser.error(f"--out {args.out} holds files that are not a world model; it would be replaced. Choose a new "
+                     "or empty folder.")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     start = time.perf_counter()
     tok, text_encoder = tokenizer(), text_encoder_from_demo_clip()
-    vae = build_vae()
-    train_vae(vae, args.vae_steps, args.batch_size, args.vae_lr, rng, start, minutes=args.vae_minutes)
+    vae, unet = initial_models(args.init, text_encoder.config.hidden_size)
+    if args.vae_steps > 0 and args.vae_minutes != 0:
+        train_vae(vae, args.vae_steps, args.batch_size, args.vae_lr, rng, start, minutes=args.vae_minutes)
+    vae.eval().requires_grad_(False)
+    log(f"vae reconstruction mse {reconstruction_mse(vae, rng):.5f} (held-out canvases)", start)
     means, stds, objects = latent_pool(vae, args.pool, rng)
     scale = float(1 / means.std())
     vae.register_to_config(scaling_factor=scale)
     log(f"latent pool {tuple(means.shape)}, scaling factor {scale:.4f}", start)
-    unet = build_unet(text_encoder.config.hidden_size)
     log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters", start)
+
+    def checkpoint(ema) -> None:
+        save(args.out, ema, vae, text_encoder, tok)
+        log(f"saved the EMA weights to {args.out}", start)
+
     unet = train_unet(unet, text_encoder, tok, (means, stds, objects), scale, args.unet_steps, args.batch_size, args.lr,
-                      rng, start, minutes=args.unet_minutes)
+                      rng, start, minutes=args.unet_minutes,
+                      on_save=checkpoint if args.save_every > 0 else None, save_minutes=args.save_every)
     save(args.out, unet, vae, text_encoder, tok)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6
     log(f"wrote {args.out} ({size:.2f} MB)", start)
