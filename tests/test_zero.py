@@ -1,19 +1,22 @@
 """The shared Trainer under DeepSpeed ZeRO-2: two CPU processes (``accelerate launch --use_deepspeed``, DeepSpeed's
 CPU accelerator, gloo) train the toy task of tests/test_training.py through tests/zero_worker.py. The loss goes
 down, every rank writes its shard of the checkpoint, an interrupted run resumed from it ends with the same weights as
-an uninterrupted one, and the run matches one process without DeepSpeed. Launch settings that would train
-differently from the run's own are refused (in-process, no launch)."""
+an uninterrupted one, and the run matches one process without DeepSpeed; EasyRef's stage 2 trains under ZeRO-2 in
+bf16. Launch settings that would train differently from the run's own are refused (in-process, no launch). Each
+launch takes 15-25 s on two CPU cores."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 import torch
@@ -35,12 +38,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out: Path, *args: str, accum: int = 2) -> subprocess.CompletedProcess:
-    """accelerate launch of the worker on 2 processes under ZeRO-2 (one torch thread each); returns the process."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
-               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-               "--gradient_accumulation_steps", str(accum), "--main_process_port", str(_free_port()),
-               str(TESTS / "zero_worker.py"), str(out), *args]
+# ZeRO-2 on 2 processes, fp32, accumulation in pairs (as the runs' --grad-accum 2)
+ZERO2 = ["--use_deepspeed", "--zero_stage", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--gradient_accumulation_steps", "2"]
+
+
+def _launch(out: Path, *args: str, launch: Sequence[str] = ZERO2) -> subprocess.CompletedProcess:
+    """accelerate launch of the worker on 2 processes (one torch thread each); returns the process."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
+               "--main_process_port", str(_free_port()), str(TESTS / "zero_worker.py"), str(out), *args]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
@@ -50,6 +56,7 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 
 
 @needs_deepspeed
+@pytest.mark.slow
 def test_zero2_trains_checkpoints_every_shard_and_resumes_exactly(tmp_path):
     _ok(_launch(tmp_path / "straight", *RUN))
     straight = json.loads((tmp_path / "straight" / "zero.json").read_text())
@@ -79,6 +86,7 @@ def test_zero2_trains_checkpoints_every_shard_and_resumes_exactly(tmp_path):
 
 
 @needs_deepspeed
+@pytest.mark.slow
 def test_zero2_matches_one_process_without_deepspeed(tmp_path):
     """Accumulation, clipping (a clip that bites) and the schedule as in a plain run: 2 ranks x 4 = one batch of 8."""
     from test_training import ToyConfig
@@ -94,6 +102,27 @@ def test_zero2_matches_one_process_without_deepspeed(tmp_path):
     # differences are below 1e-7.
     assert all(torch.allclose(zero[k], plain[k], rtol=0, atol=1e-6) for k in zero)
     assert not all(torch.allclose(zero[k], unclipped[k], rtol=0, atol=1e-3) for k in zero)
+
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_easyref_stage2_trains_under_zero2_in_bf16(tmp_path):
+    """EasyRef's stage 2 (the whole MLLM and a UNet LoRA train) as the official runs, through the shipped accelerate
+    config: ZeRO-2, bf16 (the engine holds the weights in bf16, fp32 masters in its optimizer shards)."""
+    from visadapt.diffusion.easyref_data import write_demo_groups
+
+    data = write_demo_groups(tmp_path / "groups", n_groups=1, per_group=4, size=32)  # 4 images: even batches of 2
+    out = tmp_path / "run"
+    config = TESTS.parent / "configs" / "accelerate_easyref_zero2.yaml"
+    _ok(_launch(out, "--easyref", str(data), "--steps", "4", "--grad-accum", "2", "--precision", "bf16",
+                launch=["--config_file", str(config)]))
+    r = json.loads((out / "zero.json").read_text())
+    assert (r["engine"], r["zero_stage"], r["optimizer_steps"], r["steps"], r["precision"]) == (
+        "DeepSpeedEngine", 2, 2, 4, "bf16")
+    assert all(map(math.isfinite, [*r["losses"], r["eval_loss_before"], r["eval_loss_after"]]))
+    adapter = load_file(str(out / "easyref.safetensors"))
+    assert any(k.startswith("encoder.mllm.") for k in adapter) and any(".lora_A." in k for k in adapter)
+    assert (out / "official" / "model.safetensors").is_file() and not (out / "checkpoint").exists()
 
 
 def test_deepspeed_settings_that_differ_from_the_run_are_refused():

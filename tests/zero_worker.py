@@ -48,9 +48,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--no-dropout", dest="dropout", action="store_false")
+    parser.add_argument("--easyref", metavar="DATA", help="train EasyRef stage 2 (tiny SDXL + tiny Qwen2-VL) instead")
+    parser.add_argument("--precision", default="no")
     args = parser.parse_args()
-    cfg = ToyConfig(grad_accum=args.grad_accum, grad_clip=args.grad_clip, steps=args.steps, precision="no",
-                    checkpoint_every=args.checkpoint_every, dropout=args.dropout)
     losses = []
 
     def record(step: int, facts: dict) -> None:
@@ -58,7 +58,12 @@ def main() -> int:
         if step == args.stop_at:
             raise KeyboardInterrupt
 
-    trainer = ZeroToyTrainer(cfg, args.out, resume=args.resume, callbacks=[record])
+    if args.easyref:
+        trainer = easyref_trainer(args, record)
+    else:
+        cfg = ToyConfig(grad_accum=args.grad_accum, grad_clip=args.grad_clip, steps=args.steps,
+                        precision=args.precision, checkpoint_every=args.checkpoint_every, dropout=args.dropout)
+        trainer = ZeroToyTrainer(cfg, args.out, resume=args.resume, callbacks=[record])
     try:
         results = trainer.run()
     except KeyboardInterrupt:
@@ -69,6 +74,22 @@ def main() -> int:
                  "optimizer_steps": engine.global_steps, "losses": losses}
         (Path(args.out) / "zero.json").write_text(json.dumps({**results, **facts}))
     return 0
+
+
+def easyref_trainer(args: argparse.Namespace, record):
+    """EasyRef stage 2 (the whole MLLM and a UNet LoRA train) on the tiny models, from a random stage 1."""
+    import warnings
+
+    from test_easyref_train import TINY
+
+    from visadapt.diffusion.easyref_config import EasyRefTrainConfig
+    from visadapt.diffusion.easyref_train import EasyRefTrainer
+
+    warnings.filterwarnings("ignore", "Stage 2 without --init")
+    tiny = {**TINY, "steps": args.steps, "grad_accum": args.grad_accum, "precision": args.precision,
+            "checkpoint_every": args.checkpoint_every}
+    cfg = EasyRefTrainConfig(stage=2, data=args.easyref, lora_rank=4, **tiny)
+    return EasyRefTrainer(cfg, args.out, resume=args.resume, callbacks=[record])
 
 
 if __name__ == "__main__":
