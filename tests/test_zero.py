@@ -16,13 +16,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from visadapt.training import _fill_deepspeed
+from visadapt.training import Trainer, _fill_deepspeed
 
 TESTS = Path(__file__).parent
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -138,6 +139,24 @@ def test_deepspeed_settings_that_differ_from_the_run_are_refused():
         _fill_deepspeed(config, "gradient_clipping", 0.0, "--grad-clip")
 
 
+def _launched(zero_stage: int, ds_config: dict, **cfg) -> SimpleNamespace:
+    """What Trainer._check_launch reads of a trainer launched under DeepSpeed on 2 processes."""
+    from test_training import ToyConfig
+
+    plugin = SimpleNamespace(zero_stage=zero_stage, deepspeed_config=ds_config)
+    acc = SimpleNamespace(gradient_accumulation_steps=cfg.get("grad_accum", 1), num_processes=2,
+                          state=SimpleNamespace(deepspeed_plugin=plugin))
+    return SimpleNamespace(accelerator=acc, cfg=ToyConfig(**cfg), grad_accum=cfg.get("grad_accum", 1), deepspeed=True)
+
+
+def test_a_deepspeed_launch_takes_the_runs_settings_and_refuses_zero3():
+    config = {"gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto"}
+    Trainer._check_launch(_launched(2, config, grad_accum=2, grad_clip=0.5, batch_size=8))
+    assert config == {"gradient_accumulation_steps": 2, "gradient_clipping": 0.5, "train_micro_batch_size_per_gpu": 4}
+    with pytest.raises(ValueError, match="ZeRO stage 3.*set zero_stage: 2"):
+        Trainer._check_launch(_launched(3, {}))
+
+
 def test_an_accelerate_config_with_other_accumulation_is_refused(tmp_path, monkeypatch):
     """accelerate launch --gradient_accumulation_steps (or the config file's) overrides the run's silently: refuse."""
     from test_training import ToyConfig, ToyTrainer
@@ -146,3 +165,20 @@ def test_an_accelerate_config_with_other_accumulation_is_refused(tmp_path, monke
     with pytest.raises(ValueError, match="gradient_accumulation_steps: 4, but this run's --grad-accum is 2"):
         ToyTrainer(ToyConfig(grad_accum=2), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_is_resumed_only_the_way_it_was_written(tmp_path):
+    """A DeepSpeed checkpoint (its engine folder) cannot resume without DeepSpeed, nor a plain one with it."""
+    from test_training import ToyConfig, ToyTrainer
+
+    def stop(step, record):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    cfg = ToyConfig(checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        ToyTrainer(cfg, tmp_path / "run", callbacks=[stop]).run()
+    (tmp_path / "run" / "checkpoint" / "deepspeed").mkdir()
+    with pytest.raises(ValueError, match="written by a run with DeepSpeed; resume it with DeepSpeed"):
+        ToyTrainer(cfg, tmp_path / "run", resume=True).run()
+

@@ -136,7 +136,9 @@ def save_sharded_checkpoint(folder: Path, engine, model_tensors: dict[str, torch
                             accelerator: Accelerator) -> None:
     """The checkpoint of a DeepSpeed run, called on every rank: as :func:`save_checkpoint` (one folder, one rename,
     by the main process), but the optimizer is the engine's checkpoint in ``deepspeed/`` (each rank writes its ZeRO
-    shard; frozen weights are left out) and each rank writes its RNG state to ``rng-<rank>.safetensors``."""
+    shard; frozen weights are left out) and each rank writes its RNG state to ``rng-<rank>.safetensors``. The
+    trainable weights are in both the engine's files and ``state.safetensors``, which keeps what
+    :meth:`Trainer.checkpoint_tensors` chooses (buffers, EMA copies) as without DeepSpeed."""
     main = accelerator.is_main_process
     with replace_dir(folder) if main else nullcontext() as stage:
         stage = Path(broadcast_object_list([str(stage) if main else None])[0])  # one folder on a shared disk
@@ -245,6 +247,8 @@ class Trainer:
 
     Launched with an accelerate DeepSpeed config, the run trains under DeepSpeed (``self.deepspeed``, decided once
     here); ``self.model`` is then the DeepSpeed engine and ``self.optimizer`` accelerate's wrapper of its optimizer.
+    Under DeepSpeed bf16/fp16 the engine holds the model's weights in that dtype and accelerate's autocast does
+    nothing, so ``compute_loss`` feeds the model inputs of its weights' dtype (as the official scripts cast them).
     """
 
     #: config fields that may change between an interrupted run and its resumption
@@ -292,7 +296,12 @@ class Trainer:
                              f"Set it to {self.grad_accum} in the accelerate config (or pass --grad-accum "
                              f"{acc.gradient_accumulation_steps}).")
         if self.deepspeed:
-            ds = acc.state.deepspeed_plugin.deepspeed_config
+            plugin = acc.state.deepspeed_plugin
+            if plugin.zero_stage not in (0, 1, 2):
+                raise ValueError(f"DeepSpeed ZeRO stage {plugin.zero_stage}: visadapt's trainers run ZeRO stages 1 "
+                                 "and 2 (stage 3 partitions the weights, which checkpoints and evaluation read whole); "
+                                 "set zero_stage: 2 in the accelerate config.")
+            ds = plugin.deepspeed_config
             clip = float(getattr(self.cfg, "grad_clip", None) or 0.0)  # DeepSpeed: 0 is no clipping
             _fill_deepspeed(ds, "gradient_accumulation_steps", self.grad_accum, "--grad-accum")
             _fill_deepspeed(ds, "gradient_clipping", clip, "--grad-clip")
