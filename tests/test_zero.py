@@ -182,3 +182,12 @@ def test_a_checkpoint_is_resumed_only_the_way_it_was_written(tmp_path):
     with pytest.raises(ValueError, match="written by a run with DeepSpeed; resume it with DeepSpeed"):
         ToyTrainer(cfg, tmp_path / "run", resume=True).run()
 
+
+
+def test_a_deepspeed_launch_without_deepspeed_names_the_install(monkeypatch):
+    from visadapt.training import _process_group
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    with pytest.raises(ImportError, match=r"pip install \"visadapt\[deepspeed\]\""):
+        _process_group()

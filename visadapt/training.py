@@ -212,7 +212,11 @@ def _process_group() -> list[InitProcessGroupKwargs]:
     the tests): accelerate names none there, and each process would then take itself for the only one."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return []
-    from deepspeed.accelerator import get_accelerator
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except ImportError as error:
+        raise ImportError('This run was launched with DeepSpeed, which is not installed: pip install "visadapt['
+                          'deepspeed]" (or pip install -e ".[deepspeed]" in a clone).') from error
 
     if get_accelerator().device_name() != "cpu":
         return []
