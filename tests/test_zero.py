@@ -188,6 +188,7 @@ def test_a_deepspeed_launch_without_deepspeed_names_the_install(monkeypatch):
     from visadapt.training import _process_group
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    for name in ("deepspeed", "deepspeed.accelerator"):  # as if not installed, whatever was imported before
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"pip install \"visadapt\[deepspeed\]\""):
         _process_group()
