@@ -6,12 +6,17 @@ optimizer, schedule), :meth:`Trainer.compute_loss` (one batch), :meth:`Trainer.e
 
 - ``accelerator.prepare``, ``accelerator.accumulate`` (gradient accumulation, no DDP sync on micro-batches),
   autocast / ``--precision``, gradient clipping;
+- DeepSpeed ZeRO when launched with an accelerate DeepSpeed config (``accelerate launch --config_file ...``):
+  model, optimizer and loader prepared in one call, the engine stepping, accumulating and clipping (its
+  ``gradient_accumulation_steps`` and ``gradient_clipping`` must match ``--grad-accum`` / ``--grad-clip``, or be
+  ``auto``), and checkpoints to which every rank writes its shard;
 - batches that are a function of (seed, step) (:class:`ShotBatches`), so a resumed run sees the same batches;
 - a tqdm bar, the loss / learning-rate history, per-step callbacks;
 - a NaN / inf guard: a non-finite loss or weight stops the run with the step and the cause
   (:class:`~visadapt.utils.TrainingDiverged`), and no result is written;
 - the run folder: ``run_config.json`` (the whole config), periodic and Ctrl-C checkpoints written atomically as one
-  folder (weights, optimizer, schedule, RNG and history; ``resume=True`` continues bit-exactly), then
+  folder (weights, optimizer, schedule, RNG and history; ``resume=True`` continues bit-exactly; under DeepSpeed
+  the folder also holds the engine's checkpoint, with each rank's optimizer shard, and each rank's RNG), then
   ``results.json``, ``training_curve.png`` and ``report.md``.
 """
 
@@ -19,17 +24,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -39,6 +46,8 @@ from visadapt.version import __version__
 
 StepCallback = Callable[[int, dict], None]
 RUN_CONFIG = "run_config.json"
+#: where, inside a checkpoint folder, the DeepSpeed engine writes its checkpoint (its tag: one sub-folder)
+ENGINE_DIR, ENGINE_TAG = "deepspeed", "engine"
 
 
 class ShotBatches(Sampler):
@@ -119,27 +128,63 @@ def _user_files(out: Path) -> list[str]:
 def save_checkpoint(folder: Path, model_tensors: dict[str, torch.Tensor], optimizer, meta: dict) -> None:
     """Write ``state.safetensors`` (model, optimizer and RNG tensors) + ``state.json`` as one folder that replaces
     the previous checkpoint in a single rename, so a reader never mixes the files of two steps."""
-    opt_state = optimizer.state_dict()
-    tensors = {f"optimizer.{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()}
-    tensors.update({f"model.{name}": t.detach() for name, t in model_tensors.items()})
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     with replace_dir(folder) as stage:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, stage / "state.safetensors")
-        (stage / "state.json").write_text(json.dumps({**meta, "param_groups": opt_state["param_groups"]}))
+        _write_state(stage, model_tensors, optimizer, meta)
+
+
+def save_sharded_checkpoint(folder: Path, engine, model_tensors: dict[str, torch.Tensor], meta: dict,
+                            accelerator: Accelerator) -> None:
+    """The checkpoint of a DeepSpeed run, called on every rank: as :func:`save_checkpoint` (one folder, one rename,
+    by the main process), but the optimizer is the engine's checkpoint in ``deepspeed/`` (each rank writes its ZeRO
+    shard; frozen weights are left out) and each rank writes its RNG state to ``rng-<rank>.safetensors``. The
+    trainable weights are in both the engine's files and ``state.safetensors``, which keeps what
+    :meth:`Trainer.checkpoint_tensors` chooses (buffers, EMA copies) as without DeepSpeed."""
+    main = accelerator.is_main_process
+    with replace_dir(folder) if main else nullcontext() as stage:
+        stage = Path(broadcast_object_list([str(stage) if main else None])[0])  # one folder on a shared disk
+        engine.save_checkpoint(stage / ENGINE_DIR, tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
+        save_file(_rng_state(), stage / f"rng-{accelerator.process_index}.safetensors")
+        if main:
+            _write_state(stage, model_tensors, None, {**meta, "num_processes": accelerator.num_processes})
+        accelerator.wait_for_everyone()  # every rank's files are written before the main process renames the folder
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    rng = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["rng.cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def _write_state(stage: Path, model_tensors: dict[str, torch.Tensor], optimizer, meta: dict) -> None:
+    """``state.safetensors`` and ``state.json`` into ``stage``; the optimizer's state too unless it is None."""
+    tensors = {f"model.{name}": t.detach() for name, t in model_tensors.items()}
+    if optimizer is not None:
+        opt_state = optimizer.state_dict()
+        tensors.update({f"optimizer.{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items()})
+        meta = {**meta, "param_groups": opt_state["param_groups"]}
+    tensors.update(_rng_state())
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, stage / "state.safetensors")
+    (stage / "state.json").write_text(json.dumps(meta))
 
 
 def load_checkpoint(folder: Path, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore the optimizer; return the meta (with ``rng`` tensors) and the model tensors by name."""
+    """Restore the optimizer (unless it is None: a DeepSpeed engine restores its own); return the meta (with
+    ``rng`` tensors) and the model tensors by name."""
     meta = json.loads((folder / "state.json").read_text())
+    sharded = (folder / ENGINE_DIR).is_dir()
+    if sharded != (optimizer is None):
+        how = "with" if sharded else "without"
+        raise ValueError(f"--resume: the checkpoint in {folder} was written by a run {how} DeepSpeed; resume it "
+                         f"{how} DeepSpeed (the same accelerate launch as the interrupted run).")
     tensors = load_file(str(folder / "state.safetensors"))
-    opt_state: dict = {"state": {}, "param_groups": meta.pop("param_groups")}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            opt_state["state"].setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(opt_state)
+    if optimizer is not None:
+        opt_state: dict = {"state": {}, "param_groups": meta.pop("param_groups")}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                opt_state["state"].setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict(opt_state)
     meta["rng"] = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     return meta, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
 
@@ -162,6 +207,33 @@ def check_finite(named_tensors: Any, step: int) -> None:
                                    "written; lower the learning rate (--lr) and start again.")
 
 
+def _process_group() -> list[InitProcessGroupKwargs]:
+    """The communication backend of a DeepSpeed launch on a machine without GPUs (DeepSpeed's CPU accelerator, e.g.
+    the tests): accelerate names none there, and each process would then take itself for the only one."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return []
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except ImportError as error:
+        raise ImportError('This run was launched with DeepSpeed, which is not installed: pip install "visadapt['
+                          'deepspeed]" (or pip install -e ".[deepspeed]" in a clone).') from error
+
+    if get_accelerator().device_name() != "cpu":
+        return []
+    return [InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())]
+
+
+def _fill_deepspeed(ds_config: dict, key: str, value: float, flag: str) -> None:
+    """Set a top-level DeepSpeed setting that is ``auto`` or absent to the run's value; refuse one that differs."""
+    current = ds_config.get(key, "auto")
+    if current == "auto":
+        ds_config[key] = value
+    elif float(current) != float(value):
+        raise ValueError(f"The DeepSpeed config sets {key}: {current}, but this run's {flag} is {value}, so DeepSpeed "
+                         f"would train differently from what the run records. Set {key} to {value} or auto in the "
+                         f"accelerate config file (deepspeed_config) or the DeepSpeed JSON it names.")
+
+
 def _check_numbers(config) -> None:
     """Every number of the config is finite: ``--lr inf`` would train nothing but NaNs."""
     for name, value in vars(config).items():
@@ -176,6 +248,11 @@ class Trainer:
     ``checkpoint_every`` (steps; None: about ten per run), and optionally ``grad_accum`` and ``grad_clip``; its
     ``to_json()`` is what ``run_config.json`` records and what ``--resume`` compares (but ``resume_free``).
     A step is one batch (one micro-batch under gradient accumulation).
+
+    Launched with an accelerate DeepSpeed config, the run trains under DeepSpeed (``self.deepspeed``, decided once
+    here); ``self.model`` is then the DeepSpeed engine and ``self.optimizer`` accelerate's wrapper of its optimizer.
+    Under DeepSpeed bf16/fp16 the engine holds the model's weights in that dtype and accelerate's autocast does
+    nothing, so ``compute_loss`` feeds the model inputs of its weights' dtype (as the official scripts cast them).
     """
 
     #: config fields that may change between an interrupted run and its resumption
@@ -207,8 +284,34 @@ class Trainer:
         check_run_dir(self.out, resume, config.to_json(), self.resume_free)
         self.accelerator = Accelerator(mixed_precision=mixed_precision(config.precision),
                                        gradient_accumulation_steps=self.grad_accum,
-                                       dataloader_config=DataLoaderConfiguration(split_batches=True))
+                                       dataloader_config=DataLoaderConfiguration(split_batches=True),
+                                       kwargs_handlers=_process_group())
+        self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
+        self._check_launch()
         self.ckpt = self.out / "checkpoint"
+
+    def _check_launch(self) -> None:
+        """The accelerate config (or a DeepSpeed config file) must not train with other accumulation or clipping
+        than the run's; ``auto`` entries of a DeepSpeed config take the run's values."""
+        acc = self.accelerator
+        if acc.gradient_accumulation_steps != self.grad_accum:  # ACCELERATE_GRADIENT_ACCUMULATION_STEPS wins
+            raise ValueError(f"The accelerate config sets gradient_accumulation_steps: "
+                             f"{acc.gradient_accumulation_steps}, but this run's --grad-accum is {self.grad_accum}. "
+                             f"Set it to {self.grad_accum} in the accelerate config (or pass --grad-accum "
+                             f"{acc.gradient_accumulation_steps}).")
+        if self.deepspeed:
+            plugin = acc.state.deepspeed_plugin
+            if plugin.zero_stage not in (0, 1, 2):
+                raise ValueError(f"DeepSpeed ZeRO stage {plugin.zero_stage}: visadapt's trainers run ZeRO stages 1 "
+                                 "and 2 (stage 3 partitions the weights, which checkpoints and evaluation read whole); "
+                                 "set zero_stage: 2 in the accelerate config.")
+            ds = plugin.deepspeed_config
+            clip = float(getattr(self.cfg, "grad_clip", None) or 0.0)  # DeepSpeed: 0 is no clipping
+            _fill_deepspeed(ds, "gradient_accumulation_steps", self.grad_accum, "--grad-accum")
+            _fill_deepspeed(ds, "gradient_clipping", clip, "--grad-clip")
+            # split_batches: each process takes its share of a --batch-size batch (the loader has no batch_size)
+            _fill_deepspeed(ds, "train_micro_batch_size_per_gpu", self.cfg.batch_size // acc.num_processes,
+                            "--batch-size / processes")
 
     # --------------------------------------------------------------------------------------- what a task writes
     def validate(self) -> None:
@@ -275,14 +378,15 @@ class Trainer:
             save_json_atomic(cfg.to_json(), self.out / RUN_CONFIG)
             self.save_inputs()
         state = self._restore() if self.resume else {"step": 0, "history": []}
-        self.model = acc.prepare(self.model)
-        self.before_training(state)
-        sampler = ShotBatches(len(self.train_set), cfg.batch_size, self.total_steps, cfg.seed, start=state["step"],
-                              drop_singleton=self.drop_singleton_batches)
-        # Its own generator keeps the loader off the global RNG, which drives dropout and must resume exactly.
-        loader = DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate_fn,
-                            num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
-        self.optimizer, loader = acc.prepare(self.optimizer, loader)
+        if self.deepspeed:  # ZeRO partitions the optimizer over the model's parameters: one call builds the engine
+            self.model, self.optimizer, loader = acc.prepare(self.model, self.optimizer, self._loader(state))
+            if self.resume:
+                self._restore_engine()
+            self.before_training(state)
+        else:
+            self.model = acc.prepare(self.model)
+            self.before_training(state)
+            self.optimizer, loader = acc.prepare(self.optimizer, self._loader(state))
         self._fit(loader, state)
         check_finite(self.checkpoint_tensors().items(), state["step"])
         results = self.evaluate(state)
@@ -291,6 +395,15 @@ class Trainer:
             self._finish(results, state)
         acc.wait_for_everyone()
         return results
+
+    def _loader(self, state: dict) -> DataLoader:
+        """The training batches from step ``state["step"]`` on."""
+        cfg = self.cfg
+        sampler = ShotBatches(len(self.train_set), cfg.batch_size, self.total_steps, cfg.seed, start=state["step"],
+                              drop_singleton=self.drop_singleton_batches)
+        # Its own generator keeps the loader off the global RNG, which drives dropout and must resume exactly.
+        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate_fn,
+                          num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
 
     def _fit(self, loader, state: dict) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -304,6 +417,8 @@ class Trainer:
                    unit=self.step_unit, disable=not acc.is_main_process, dynamic_ncols=True)
         try:
             for batch in loader:
+                # Under DeepSpeed, accelerator.backward accumulates, clips and steps through the engine, and the
+                # optimizer's step and zero_grad do nothing.
                 with acc.accumulate(self.model):
                     loss = self.backward(batch)
                     if clip and acc.sync_gradients:
@@ -353,14 +468,31 @@ class Trainer:
                 # Times of earlier sessions carry over, so a resumed run reports its whole cost.
                 "wall_time_s": state.get("wall_time_s", 0.0) + time.perf_counter() - self._started}
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        if self.deepspeed:
+            save_sharded_checkpoint(self.ckpt, self.model, tensors, meta, self.accelerator)
+        elif self.accelerator.is_main_process:
             save_checkpoint(self.ckpt, tensors, self.optimizer, meta)
 
     def _restore(self) -> dict:
-        meta, tensors = load_checkpoint(self.ckpt, self.optimizer)
+        """Load a checkpoint into the unprepared model, optimizer and schedule (the DeepSpeed engine's state is
+        loaded once it exists: :meth:`_restore_engine`)."""
+        meta, tensors = load_checkpoint(self.ckpt, None if self.deepspeed else self.optimizer)
+        if self.deepspeed:
+            acc = self.accelerator
+            if meta["num_processes"] != acc.num_processes:
+                raise ValueError(f"--resume: {self.ckpt} holds the ZeRO shards of {meta['num_processes']} processes; "
+                                 f"resume with as many (accelerate launch --num_processes {meta['num_processes']}).")
+            meta["rng"] = load_file(str(self.ckpt / f"rng-{acc.process_index}.safetensors"))
         self.load_checkpoint_tensors(tensors)
         self.scheduler.load_state_dict(meta.pop("scheduler"))
         return meta
+
+    def _restore_engine(self) -> None:
+        """The DeepSpeed engine's weights and this rank's optimizer shard (the schedule is ours, not the engine's)."""
+        path, _ = self.model.load_checkpoint(self.ckpt / ENGINE_DIR, tag=ENGINE_TAG, load_lr_scheduler_states=False,
+                                             load_module_strict=False)  # frozen weights were not saved
+        if path is None:
+            raise FileNotFoundError(f"--resume: no DeepSpeed checkpoint in {self.ckpt / ENGINE_DIR}.")
 
     # ----------------------------------------------------------------------------------------------- outputs
     def _run_facts(self, state: dict) -> dict:

@@ -2,12 +2,15 @@
 
 The options are the fields of :class:`~visadapt.diffusion.easyref_config.EasyRefTrainConfig` and
 :class:`~visadapt.diffusion.easyref_config.EasyRefEvalConfig`. torch, diffusers and transformers are imported when a
-command runs, so ``--help`` answers at once. Several GPUs train with data parallelism::
+command runs, so ``--help`` answers at once. Several GPUs train with data parallelism (``--batch-size`` is global)::
 
-    accelerate launch --multi_gpu --num_processes 8 -m visadapt.cli easyref train --stage 2 ...
+    accelerate launch --multi_gpu --num_processes 8 -m visadapt.cli easyref train --stage 1 --batch-size 64 ...
 
-(``configs/accelerate_easyref_zero2.yaml`` holds the official runs' DeepSpeed ZeRO-2 settings; the shared trainer
-does not support DeepSpeed yet, and the run says so when launched with it.)
+and stages 2-3, as the official runs, with DeepSpeed ZeRO-2 (``pip install -e ".[deepspeed]"``; the config holds the
+official settings, the run's ``--grad-accum`` / ``--grad-clip`` fill in the rest)::
+
+    accelerate launch --config_file configs/accelerate_easyref_zero2.yaml -m visadapt.cli easyref train --stage 2 \
+        --batch-size 32 ...
 """
 
 from __future__ import annotations

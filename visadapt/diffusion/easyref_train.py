@@ -97,12 +97,13 @@ def adapter_file(path: Union[str, Path]) -> Path:
 
 # -------------------------------------------------------------------------------------------------- model
 class EasyRefTrainModel(nn.Module):
-    """The modules a stage runs: the UNet (with EasyRef installed), the encoder, the frozen text encoders and VAE.
-    ``forward`` is one noise prediction."""
+    """The modules a prediction runs: the UNet (with EasyRef installed), the encoder and the frozen text encoders.
+    ``forward`` is one noise prediction. The VAE, which only encodes the targets, stays outside: a DeepSpeed engine
+    holding this module in bf16 leaves it in fp32, as the official script keeps it."""
 
     def __init__(self, pipe, encoder: nn.Module, train_mllm: bool) -> None:
         super().__init__()
-        self.unet, self.encoder, self.vae = pipe.unet, encoder, pipe.vae
+        self.unet, self.encoder = pipe.unet, encoder
         self.text_encoders = nn.ModuleList([pipe.text_encoder, pipe.text_encoder_2])
         self.tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
         self.train_mllm = train_mllm
@@ -135,6 +136,9 @@ class EasyRefTrainModel(nn.Module):
         tokens = self.references(mllm_inputs)
         cond = {"text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype),
                 "image_embeds": unet_image_embeds(tokens)}
+        # The latents follow the UNet's weights: under DeepSpeed bf16 the engine holds them in bf16 and accelerate's
+        # autocast is off (the official script casts them to its weight dtype); elsewhere autocast casts the same.
+        noisy = noisy.to(self.unet.conv_in.weight.dtype)
         return self.unet(noisy, timesteps, encoder_hidden_states=embeds, added_cond_kwargs=cond).sample
 
 
@@ -174,7 +178,6 @@ class EasyRefTrainer(Trainer):
         from .easyref import EasyRefEncoder, install_easyref, load_easyref_state, read_easyref_file
 
         c, acc = self.cfg, self.accelerator
-        self._refuse_deepspeed()
         self._one_target_size_per_device()
         groups = scan_groups(c.data)
         train_groups, held = holdout_split(groups) if c.holdout else (groups, [])
@@ -262,16 +265,6 @@ class EasyRefTrainer(Trainer):
         from diffusers import DDPMScheduler
 
         return DDPMScheduler.from_config(self.pipe.scheduler.config)
-
-    def _refuse_deepspeed(self) -> None:
-        """The shared trainer prepares the model and the optimizer in two calls and checkpoints the optimizer from the
-        main process alone; DeepSpeed ZeRO needs one call and a checkpoint of every rank's shard. Refuse it rather
-        than train without sharding or resume wrongly."""
-        if getattr(self.accelerator.state, "deepspeed_plugin", None) is not None:
-            raise ValueError("This run was launched with DeepSpeed, which the shared visadapt trainer does not "
-                             "support yet (it prepares the model and optimizer separately and checkpoints one rank). "
-                             "Launch with plain data parallelism instead: accelerate launch --multi_gpu -m "
-                             "visadapt.cli easyref train ... (with --gradient-checkpointing).")
 
     def collate(self, items: list[dict]) -> dict:
         """Stack the examples and build the MLLM's inputs (in the loader's workers)."""
