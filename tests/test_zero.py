@@ -3,7 +3,8 @@ CPU accelerator, gloo) train the toy task of tests/test_training.py through test
 down, every rank writes its shard of the checkpoint, an interrupted run resumed from it ends with the same weights as
 an uninterrupted one, and the run matches one process without DeepSpeed; EasyRef's stage 2 trains under ZeRO-2 in
 bf16. Launch settings that would train differently from the run's own are refused (in-process, no launch). Each
-launch takes 15-25 s on two CPU cores."""
+launch takes 15-25 s on two CPU cores. Plain DDP (no DeepSpeed) takes every step across the epochs' short batches,
+which the processes share unevenly, and resumes exactly."""
 
 from __future__ import annotations
 
@@ -45,15 +46,17 @@ ZERO2 = ["--use_deepspeed", "--zero_stage", "2", "--num_machines", "1", "--mixed
 
 
 # plain DDP on 2 processes: accelerate's multi-GPU launcher (torchrun), kept on the CPU (gloo) by ACCELERATE_USE_CPU
+# (its --cpu flag would start one process)
 DDP = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+ON_CPU = {"ACCELERATE_USE_CPU": "true"}
 
 
-def _launch(out: Path, *args: str, launch: Sequence[str] = ZERO2) -> subprocess.CompletedProcess:
+def _launch(out: Path, *args: str, launch: Sequence[str] = ZERO2, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
     """accelerate launch of the worker on 2 CPU processes (one torch thread each); returns the process."""
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
                "--main_process_port", str(_free_port()), str(TESTS / "zero_worker.py"), str(out), *args]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "ACCELERATE_USE_CPU": "true"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -67,7 +70,8 @@ def test_two_processes_take_every_step_and_resume_exactly_across_short_batches(t
     (tests/zero_worker.py --shots); about 12 s on 2 CPU cores."""
     from test_training import ToyConfig, ToyTrainer
 
-    _ok(_launch(tmp_path, "--shots", "7", "--steps", "12", "--checkpoint-every", "3", "--no-dropout", launch=DDP))
+    _ok(_launch(tmp_path, "--shots", "7", "--steps", "12", "--checkpoint-every", "3", "--no-dropout", launch=DDP,
+                env=ON_CPU))
     ranks = [json.loads((tmp_path / f"shots-{rank}.json").read_text()) for rank in range(2)]
     one = [len(batch) for batch in ShotBatches(39, 8, total=12, seed=0)]
     assert one.count(7) == 2
@@ -117,7 +121,8 @@ def test_zero2_trains_checkpoints_every_shard_and_resumes_exactly(tmp_path):
 @needs_deepspeed
 @pytest.mark.slow
 def test_zero2_matches_one_process_without_deepspeed(tmp_path):
-    """Accumulation, clipping (a clip that bites) and the schedule as in a plain run: 2 ranks x 4 = one batch of 8."""
+    """Accumulation, clipping (a clip that bites) and the schedule as in a plain run: 2 ranks x 4 = one batch of 8,
+    and each epoch's last batch of 7 shared 4 + 3 (weighted 8/7 and 6/7)."""
     from test_training import ToyConfig, ToyTrainer
 
     _ok(_launch(tmp_path / "zero", *RUN[:2], "--grad-clip", "0.05", *RUN[4:], "--no-dropout"))

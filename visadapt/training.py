@@ -10,7 +10,9 @@ optimizer, schedule), :meth:`Trainer.compute_loss` (one batch), :meth:`Trainer.e
   model, optimizer and loader prepared in one call, the engine stepping, accumulating and clipping (its
   ``gradient_accumulation_steps`` and ``gradient_clipping`` must match ``--grad-accum`` / ``--grad-clip``, or be
   ``auto``), and checkpoints to which every rank writes its shard;
-- batches that are a function of (seed, step) (:class:`ShotBatches`), so a resumed run sees the same batches;
+- batches that are a function of (seed, step) (:class:`ShotBatches`), so a resumed run sees the same batches; on
+  several processes each batch is split into one share per process, so every step runs on every process (an
+  uneven share's loss is weighted to the batch mean);
 - a tqdm bar, the loss / learning-rate history, per-step callbacks;
 - a NaN / inf guard: a non-finite loss or weight stops the run with the step and the cause
   (:class:`~visadapt.utils.TrainingDiverged`), and no result is written;
@@ -396,7 +398,8 @@ class Trainer:
         """Runs once the model is prepared; may add entries to ``state`` (saved with every checkpoint)."""
 
     def compute_loss(self, batch) -> torch.Tensor:
-        """The training loss of one batch (under autocast)."""
+        """The training loss of one batch (under autocast): a mean over its items, which on several processes is
+        this process's share (:meth:`ShotBatches.share_weight` weights an uneven one)."""
         raise NotImplementedError
 
     def backward(self, batch) -> torch.Tensor:
