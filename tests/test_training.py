@@ -260,6 +260,16 @@ def test_batches_the_processes_cannot_share_are_refused_naming_a_batch_size(n, b
     ShotBatches(33, 16, total=4, seed=0, drop_singleton=True, num_processes=2)  # the batch of one is dropped
 
 
+def test_a_run_refuses_batches_its_processes_cannot_share_before_writing(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    trainer = ToyTrainer(ToyConfig(batch_size=7), tmp_path / "run")
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))  # as if launched on 2 processes
+    with pytest.raises(ValueError, match="--batch-size 7 does not split into 2 equal shares.*--batch-size 6"):
+        trainer.run()
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------------------ config → CLI
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
