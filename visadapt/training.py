@@ -403,7 +403,8 @@ class Trainer:
         raise NotImplementedError
 
     def backward(self, batch) -> torch.Tensor:
-        """Loss and backward of one batch; returns the detached loss. Override for multi-pass rules (SAM, GLAD)."""
+        """Loss and backward of one batch; returns the detached loss. Override for multi-pass rules (SAM, GLAD),
+        calling this one for each pass (it weights the loss of an uneven share by :attr:`share_weight`)."""
         with self.accelerator.autocast():
             loss = self.compute_loss(batch)
         if self.share_weight != 1.0:  # this process's share of a batch the processes share unevenly
