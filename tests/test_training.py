@@ -225,6 +225,51 @@ def test_shot_batches_can_drop_a_last_batch_of_one():
     assert list(ShotBatches(34, 16, total=3, seed=0, drop_singleton=True))[2].__len__() == 2
 
 
+def test_shot_batches_share_each_batch_over_the_processes():
+    """Two processes: each batch of one process comes as two shares in turn (accelerate deals them out), the short
+    last batch of an epoch too, and the shares' weighted mean is the batch's mean."""
+    one = list(ShotBatches(39, 8, total=12, seed=0))
+    shares = list(ShotBatches(39, 8, total=12, seed=0, num_processes=2))
+    assert len(shares) == len(ShotBatches(39, 8, total=12, seed=0, num_processes=2)) == 24
+    assert [a + b for a, b in zip(shares[::2], shares[1::2])] == one
+    assert [len(b) for b in shares[8:10]] == [4, 3]  # step 4: the epoch's last batch, of 7
+    resumed = list(ShotBatches(39, 8, total=12, seed=0, start=4, num_processes=2))
+    assert resumed == shares[8:]
+    batches = ShotBatches(39, 8, total=12, seed=0, num_processes=2)
+    assert [batches.batch_len(s) for s in range(12)] == [len(b) for b in one]
+    assert batches.share_weight(3, 0) == batches.share_weight(3, 1) == 1.0
+    assert (batches.share_weight(4, 0), batches.share_weight(4, 1)) == (8 / 7, 6 / 7)
+    losses = torch.rand(7)  # per item; each process's loss is its share's mean
+    weighted = (losses[:4].mean() * batches.share_weight(4, 0) + losses[4:].mean() * batches.share_weight(4, 1)) / 2
+    assert torch.allclose(weighted, losses.mean())
+    dropped = ShotBatches(33, 16, total=3, seed=0, drop_singleton=True, num_processes=2)
+    assert [dropped.batch_len(s) for s in range(3)] == [16, 16, 16]
+
+
+@pytest.mark.parametrize("n, batch, processes, drop, message", [
+    (39, 7, 2, False, "--batch-size 7 does not split into 2 equal shares.*pass --batch-size 6"),
+    (3, 2, 2, False, "3 items in batches of 2 end each epoch with a batch of 1, too few for 2 processes.*"
+                     "pass --batch-size 4, or launch fewer processes"),
+    (35, 16, 2, True, "batch of 3, too few for 2 processes to take 2\\+ each.*pass --batch-size 14"),
+    (1, 2, 2, False, "1 items are too few for 2 processes"),
+])
+def test_batches_the_processes_cannot_share_are_refused_naming_a_batch_size(n, batch, processes, drop, message):
+    with pytest.raises(ValueError, match=message):
+        ShotBatches(n, batch, total=4, seed=0, drop_singleton=drop, num_processes=processes)
+    ShotBatches(n, batch, total=4, seed=0, drop_singleton=drop)  # one process takes any batch
+    ShotBatches(33, 16, total=4, seed=0, drop_singleton=True, num_processes=2)  # the batch of one is dropped
+
+
+def test_a_run_refuses_batches_its_processes_cannot_share_before_writing(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    trainer = ToyTrainer(ToyConfig(batch_size=7), tmp_path / "run")
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))  # as if launched on 2 processes
+    with pytest.raises(ValueError, match="--batch-size 7 does not split into 2 equal shares.*--batch-size 6"):
+        trainer.run()
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------------------ config → CLI
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(formatter_class=HelpFormatter)

@@ -3,7 +3,8 @@ CPU accelerator, gloo) train the toy task of tests/test_training.py through test
 down, every rank writes its shard of the checkpoint, an interrupted run resumed from it ends with the same weights as
 an uninterrupted one, and the run matches one process without DeepSpeed; EasyRef's stage 2 trains under ZeRO-2 in
 bf16. Launch settings that would train differently from the run's own are refused (in-process, no launch). Each
-launch takes 15-25 s on two CPU cores."""
+launch takes 15-25 s on two CPU cores. Plain DDP (no DeepSpeed) takes every step across the epochs' short batches,
+which the processes share unevenly, and resumes exactly."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from visadapt.training import Trainer, _fill_deepspeed
+from visadapt.training import ShotBatches, Trainer, _fill_deepspeed
 
 TESTS = Path(__file__).parent
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -44,16 +45,47 @@ ZERO2 = ["--use_deepspeed", "--zero_stage", "2", "--num_machines", "1", "--mixed
          "--gradient_accumulation_steps", "2"]
 
 
-def _launch(out: Path, *args: str, launch: Sequence[str] = ZERO2) -> subprocess.CompletedProcess:
-    """accelerate launch of the worker on 2 processes (one torch thread each); returns the process."""
+# plain DDP on 2 processes: accelerate's multi-GPU launcher (torchrun), kept on the CPU (gloo) by ACCELERATE_USE_CPU
+# (its --cpu flag would start one process)
+DDP = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+ON_CPU = {"ACCELERATE_USE_CPU": "true"}
+
+
+def _launch(out: Path, *args: str, launch: Sequence[str] = ZERO2, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
+    """accelerate launch of the worker on 2 CPU processes (one torch thread each); returns the process."""
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
                "--main_process_port", str(_free_port()), str(TESTS / "zero_worker.py"), str(out), *args]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stderr[-6000:]
+
+
+def test_two_processes_take_every_step_and_resume_exactly_across_short_batches(tmp_path):
+    """Plain DDP, all 39 blobs in batches of 8: each epoch ends with a batch of 7, which the processes share 4 + 3
+    (accelerate's split_batches skipped it: 10 steps of 12). One launch runs straight, cut at step 7 and resumed
+    (tests/zero_worker.py --shots); about 12 s on 2 CPU cores."""
+    from test_training import ToyConfig, ToyTrainer
+
+    _ok(_launch(tmp_path, "--shots", "7", "--steps", "12", "--checkpoint-every", "3", "--no-dropout", launch=DDP,
+                env=ON_CPU))
+    ranks = [json.loads((tmp_path / f"shots-{rank}.json").read_text()) for rank in range(2)]
+    one = [len(batch) for batch in ShotBatches(39, 8, total=12, seed=0)]
+    assert one.count(7) == 2
+    for rank in ranks:  # every process counts every step, in each of the three runs
+        assert rank["num_processes"] == 2 and rank["straight"]["steps"] == list(range(1, 13))
+        assert rank["cut"]["steps"] == list(range(1, 8)) and rank["cut-resumed"]["steps"] == list(range(8, 13))
+        assert rank["cut"]["shares"] + rank["cut-resumed"]["shares"] == rank["straight"]["shares"]
+    assert [a + b for a, b in zip(ranks[0]["straight"]["shares"], ranks[1]["straight"]["shares"])] == one
+    straight, cut = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("straight", "cut"))
+    assert all(torch.equal(straight[k], cut[k]) for k in straight)
+    # The batches of one process, and their mean: the short batch's shares are weighted 8/7 and 6/7.
+    ToyTrainer(ToyConfig(steps=12, precision="no", checkpoint_every=3, dropout=False), tmp_path / "one").run()
+    alone = load_file(str(tmp_path / "one" / "model.safetensors"))
+    assert all(torch.allclose(straight[k], alone[k], rtol=0, atol=1e-6) for k in alone)
 
 
 @needs_deepspeed
@@ -89,14 +121,14 @@ def test_zero2_trains_checkpoints_every_shard_and_resumes_exactly(tmp_path):
 @needs_deepspeed
 @pytest.mark.slow
 def test_zero2_matches_one_process_without_deepspeed(tmp_path):
-    """Accumulation, clipping (a clip that bites) and the schedule as in a plain run: 2 ranks x 4 = one batch of 8."""
-    from test_training import ToyConfig
-    from zero_worker import ZeroToyTrainer
+    """Accumulation, clipping (a clip that bites) and the schedule as in a plain run: 2 ranks x 4 = one batch of 8,
+    and each epoch's last batch of 7 shared 4 + 3 (weighted 8/7 and 6/7)."""
+    from test_training import ToyConfig, ToyTrainer
 
     _ok(_launch(tmp_path / "zero", *RUN[:2], "--grad-clip", "0.05", *RUN[4:], "--no-dropout"))
     cfg = ToyConfig(grad_accum=2, grad_clip=0.05, checkpoint_every=4, steps=16, precision="no", dropout=False)
-    ZeroToyTrainer(cfg, tmp_path / "plain").run()
-    ZeroToyTrainer(dataclasses.replace(cfg, grad_clip=None), tmp_path / "unclipped").run()
+    ToyTrainer(cfg, tmp_path / "plain").run()
+    ToyTrainer(dataclasses.replace(cfg, grad_clip=None), tmp_path / "unclipped").run()
     zero, plain, unclipped = (load_file(str(tmp_path / run / "model.safetensors"))
                               for run in ("zero", "plain", "unclipped"))
     # Not bit-exact: the mean over 8 examples is summed in another order (two halves, then an all-reduce); measured

@@ -10,7 +10,9 @@ optimizer, schedule), :meth:`Trainer.compute_loss` (one batch), :meth:`Trainer.e
   model, optimizer and loader prepared in one call, the engine stepping, accumulating and clipping (its
   ``gradient_accumulation_steps`` and ``gradient_clipping`` must match ``--grad-accum`` / ``--grad-clip``, or be
   ``auto``), and checkpoints to which every rank writes its shard;
-- batches that are a function of (seed, step) (:class:`ShotBatches`), so a resumed run sees the same batches;
+- batches that are a function of (seed, step) (:class:`ShotBatches`), so a resumed run sees the same batches; on
+  several processes each batch is split into one share per process, so every step runs on every process (an
+  uneven share's loss is weighted to the batch mean);
 - a tqdm bar, the loss / learning-rate history, per-step callbacks;
 - a NaN / inf guard: a non-finite loss or weight stops the run with the step and the cause
   (:class:`~visadapt.utils.TrainingDiverged`), and no result is written;
@@ -57,12 +59,23 @@ class ShotBatches(Sampler):
     keeps partial batches). Everything is a function of (seed, step), so a resumed run sees the same batches.
     With ``drop_singleton`` an epoch's last batch is dropped when it would hold one item (BatchNorm cannot train
     on one sample); :meth:`batches_per_epoch` counts what remains.
+
+    On ``num_processes`` > 1 each step's batch is yielded as that many consecutive shares (contiguous slices, the
+    first ones one item larger when the batch does not split evenly), which accelerate deals out one per process
+    without re-cutting them. The batches are those of one process, whatever the number of processes; a share's
+    loss is weighted by :meth:`share_weight` so that the processes' mean is the mean over the whole batch.
     """
 
+    #: what accelerate reads: None, so that it hands each process its share as it comes (a batch size would make it
+    #: cut the batches itself and skip an epoch's short one)
+    batch_size = None
+
     def __init__(self, n_items: int, batch_size: int, total: int, seed: int, start: int = 0,
-                 drop_singleton: bool = False) -> None:
-        self.n_items, self.batch_size, self.total, self.seed, self.start = n_items, batch_size, total, seed, start
-        self.drop_singleton = drop_singleton
+                 drop_singleton: bool = False, num_processes: int = 1) -> None:
+        self.n_items, self.size, self.total, self.seed, self.start = n_items, batch_size, total, seed, start
+        self.drop_singleton, self.num_processes = drop_singleton, num_processes
+        self.per_epoch = self.batches_per_epoch(n_items, batch_size, drop_singleton)
+        check_shares(n_items, batch_size, num_processes, drop_singleton)
 
     @staticmethod
     def batches_per_epoch(n_items: int, batch_size: int, drop_singleton: bool = False) -> int:
@@ -70,21 +83,72 @@ class ShotBatches(Sampler):
         return full + (rest > (1 if drop_singleton else 0))
 
     def __len__(self) -> int:
-        return self.total - self.start
+        return (self.total - self.start) * self.num_processes
+
+    def batch_len(self, step: int) -> int:
+        """How many items step ``step``'s batch holds (an epoch's last one may be short)."""
+        return min(self.size, self.n_items - step % self.per_epoch * self.size)
+
+    def share_weight(self, step: int, process_index: int) -> float:
+        """The factor on process ``process_index``'s mean loss of step ``step`` that makes the processes' mean
+        (DDP's and DeepSpeed's gradient average) the mean over the whole batch: share size x processes / batch
+        size; 1.0 where the batch splits evenly."""
+        share = _share_sizes(self.batch_len(step), self.num_processes)[process_index]
+        return share * self.num_processes / self.batch_len(step)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step, epoch = 0, 0
-        per_epoch = self.batches_per_epoch(self.n_items, self.batch_size, self.drop_singleton)
         while True:
             order = torch.randperm(self.n_items, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
-            for begin in range(0, per_epoch * self.batch_size, self.batch_size):
+            for begin in range(0, self.per_epoch * self.size, self.size):
                 if step >= self.total:
                     return
                 if step >= self.start:
-                    yield [(int(i), hash((self.seed, step, j)) & (2**62 - 1))
-                           for j, i in enumerate(order[begin:begin + self.batch_size])]
+                    batch = [(int(i), hash((self.seed, step, j)) & (2**62 - 1))
+                             for j, i in enumerate(order[begin:begin + self.size])]
+                    yield from _split(batch, self.num_processes)
                 step += 1
             epoch += 1
+
+
+def _share_sizes(n: int, parts: int) -> list[int]:
+    """``n`` items over ``parts`` processes as evenly as possible, the first ones one larger."""
+    return [n // parts + (k < n % parts) for k in range(parts)]
+
+
+def _split(batch: list, parts: int) -> Iterator[list]:
+    begin = 0
+    for size in _share_sizes(len(batch), parts):
+        yield batch[begin:begin + size]
+        begin += size
+
+
+def check_shares(n_items: int, batch_size: int, num_processes: int, drop_singleton: bool = False) -> None:
+    """Refuse batches that the processes cannot share: a ``batch_size`` that is not a multiple of ``num_processes``,
+    or an epoch's short last batch that would leave a process no item (or one, with ``drop_singleton``: BatchNorm
+    needs two). The message names a ``--batch-size`` that works. Other uneven last batches are weighted
+    (:meth:`ShotBatches.share_weight`); padding or dropping items instead would change what the run trains on."""
+    if num_processes == 1 or _shareable(n_items, batch_size, num_processes, drop_singleton):
+        return
+    least = 2 if drop_singleton else 1
+    if batch_size % num_processes or batch_size // num_processes < least:
+        what = f"--batch-size {batch_size} does not split into {num_processes} equal shares of {least}+ items"
+    else:
+        what = (f"{n_items} items in batches of {batch_size} end each epoch with a batch of {n_items % batch_size}, "
+                f"too few for {num_processes} processes to take {least}+ each")
+    fits = [b for b in range(num_processes, max(n_items, batch_size) + num_processes, num_processes)
+            if _shareable(n_items, b, num_processes, drop_singleton)]
+    fix = (f"pass --batch-size {min(fits, key=lambda b: (abs(b - batch_size), b))}" if fits else
+           f"{n_items} items are too few for {num_processes} processes")
+    raise ValueError(f"{what}: {fix}, or launch fewer processes (accelerate launch --num_processes).")
+
+
+def _shareable(n_items: int, batch_size: int, num_processes: int, drop_singleton: bool) -> bool:
+    """Full batches split evenly, and an epoch's short last batch (unless dropped) gives every process enough."""
+    least, rest = 2 if drop_singleton else 1, n_items % batch_size
+    dropped = rest <= (1 if drop_singleton else 0)
+    return (batch_size % num_processes == 0 and batch_size // num_processes >= least
+            and (dropped or rest >= least * num_processes))
 
 
 def mixed_precision(precision: str) -> str:
@@ -272,6 +336,9 @@ class Trainer:
     train_set: Dataset
     total_steps: int
     collate_fn: Optional[Callable] = None
+    #: the training batches (set by the loop) and the factor on this process's loss of the current step
+    batches: ShotBatches
+    share_weight: float = 1.0
 
     def __init__(self, config, out_dir: str | Path, resume: bool = False,
                  callbacks: Sequence[StepCallback] = ()) -> None:
@@ -284,7 +351,9 @@ class Trainer:
         check_run_dir(self.out, resume, config.to_json(), self.resume_free)
         self.accelerator = Accelerator(mixed_precision=mixed_precision(config.precision),
                                        gradient_accumulation_steps=self.grad_accum,
-                                       dataloader_config=DataLoaderConfiguration(split_batches=True),
+                                       # ShotBatches yields each process's share of a batch (split_batches would
+                                       # skip an epoch's short batch)
+                                       dataloader_config=DataLoaderConfiguration(split_batches=False),
                                        kwargs_handlers=_process_group())
         self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
         self._check_launch()
@@ -309,7 +378,7 @@ class Trainer:
             clip = float(getattr(self.cfg, "grad_clip", None) or 0.0)  # DeepSpeed: 0 is no clipping
             _fill_deepspeed(ds, "gradient_accumulation_steps", self.grad_accum, "--grad-accum")
             _fill_deepspeed(ds, "gradient_clipping", clip, "--grad-clip")
-            # split_batches: each process takes its share of a --batch-size batch (the loader has no batch_size)
+            # each process trains on its share of a --batch-size batch (the loader has no batch_size)
             _fill_deepspeed(ds, "train_micro_batch_size_per_gpu", self.cfg.batch_size // acc.num_processes,
                             "--batch-size / processes")
 
@@ -329,13 +398,17 @@ class Trainer:
         """Runs once the model is prepared; may add entries to ``state`` (saved with every checkpoint)."""
 
     def compute_loss(self, batch) -> torch.Tensor:
-        """The training loss of one batch (under autocast)."""
+        """The training loss of one batch (under autocast): a mean over its items, which on several processes is
+        this process's share (:meth:`ShotBatches.share_weight` weights an uneven one)."""
         raise NotImplementedError
 
     def backward(self, batch) -> torch.Tensor:
-        """Loss and backward of one batch; returns the detached loss. Override for multi-pass rules (SAM, GLAD)."""
+        """Loss and backward of one batch; returns the detached loss. Override for multi-pass rules (SAM, GLAD),
+        calling this one for each pass (it weights the loss of an uneven share by :attr:`share_weight`)."""
         with self.accelerator.autocast():
             loss = self.compute_loss(batch)
+        if self.share_weight != 1.0:  # this process's share of a batch the processes share unevenly
+            loss = loss * self.share_weight
         self.accelerator.backward(loss)
         return loss.detach()
 
@@ -373,6 +446,7 @@ class Trainer:
         self._started = time.perf_counter()
         set_seed(cfg.seed)
         self.setup()
+        check_shares(len(self.train_set), cfg.batch_size, acc.num_processes, self.drop_singleton_batches)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_json_atomic(cfg.to_json(), self.out / RUN_CONFIG)
@@ -397,12 +471,13 @@ class Trainer:
         return results
 
     def _loader(self, state: dict) -> DataLoader:
-        """The training batches from step ``state["step"]`` on."""
+        """The training batches from step ``state["step"]`` on (each process's share of them once prepared)."""
         cfg = self.cfg
-        sampler = ShotBatches(len(self.train_set), cfg.batch_size, self.total_steps, cfg.seed, start=state["step"],
-                              drop_singleton=self.drop_singleton_batches)
+        self.batches = ShotBatches(len(self.train_set), cfg.batch_size, self.total_steps, cfg.seed,
+                                   start=state["step"], drop_singleton=self.drop_singleton_batches,
+                                   num_processes=self.accelerator.num_processes)
         # Its own generator keeps the loader off the global RNG, which drives dropout and must resume exactly.
-        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate_fn,
+        return DataLoader(self.train_set, batch_sampler=self.batches, collate_fn=self.collate_fn,
                           num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
 
     def _fit(self, loader, state: dict) -> None:
@@ -417,6 +492,7 @@ class Trainer:
                    unit=self.step_unit, disable=not acc.is_main_process, dynamic_ncols=True)
         try:
             for batch in loader:
+                self.share_weight = self.batches.share_weight(step, acc.process_index)
                 # Under DeepSpeed, accelerator.backward accumulates, clips and steps through the engine, and the
                 # optimizer's step and zero_grad do nothing.
                 with acc.accumulate(self.model):
