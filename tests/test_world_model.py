@@ -65,13 +65,12 @@ def test_text_encoder_is_the_demo_clip_text_tower(pipe):
 
 
 def test_samples_are_recognised_above_chance(pipe):
-    # 10 shapes x 4 colours, image i seeded i, 8 steps. Measured when the model was trained: shape 17.5 % (chance
-    # 10 %), colour 35 % (chance 12.5 %); the shipped model is weak at shapes (see the README), so the bars are
-    # "above chance" for the shape and twice chance for the colour.
+    # 10 shapes x 4 colours, image i seeded i, 8 steps. Measured on the shipped model: shape 72.5 % (chance 10 %;
+    # 82.5 % on renders of the same prompts), colour 97.5 % (chance 12.5 %); the bars leave room for other CPUs.
     result = recognition(pipe, steps=8, colours=("red", "green", "blue", "yellow"), judge=DemoCLIPJudge())
     assert result["renders_shape_accuracy"] > 0.5  # the judge itself works on the world's renders
-    assert result["samples_shape_accuracy"] > result["shape_chance"], result
-    assert result["samples_colour_accuracy"] >= 2 * result["colour_chance"], result
+    assert result["samples_shape_accuracy"] >= 0.5, result
+    assert result["samples_colour_accuracy"] >= 0.8, result
 
 
 def test_object_crop_finds_the_shape():
