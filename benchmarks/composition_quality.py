@@ -15,9 +15,9 @@ Each box is cropped (32×32, the demo CLIP's input) and scored with the demo CLI
 demo CLIP's image features (the CLIP never saw the held-out shapes, so zero-shot cannot name them; the probe is
 fitted on 512 rendered crops per class of all 15 shapes plus empty background, and its accuracy and its recall on
 the two concepts' shapes, measured on fresh rendered crops, are printed: the recall is the ceiling a perfectly drawn
-concept would reach), its colour zero-shot. Per box: ``in box`` = the box's concept shape, ``confused`` = the other concept's
-shape, ``missing`` = neither (another shape or empty); ``colour`` = the concept's colour. Methods without boxes
-(``base``, ``set_adapters``) are scored in the same boxes: they are told what to draw, not where.
+concept would reach), its colour zero-shot. Per box: ``in box`` = the box's concept shape, ``confused`` = the
+other concept's shape, ``missing`` = neither (another shape or empty); ``colour`` = the concept's colour. Methods
+without boxes (``base``, ``set_adapters``) are scored in the same boxes: they are told what to draw, not where.
 
     python benchmarks/composition_quality.py                 # 4 seeds x 4 layouts, a few minutes on 2 CPU cores
     python benchmarks/composition_quality.py --full          # 25 seeds x 4 layouts

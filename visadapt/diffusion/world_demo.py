@@ -145,7 +145,8 @@ DEMO_STEPS = 400
 # The composer reads a concept LoRA's cross-attention K/V/O deltas in the UNet (as LoRA-Composer does) and encodes the
 # concept's regional prompt with its text-encoder LoRA, so the demo concepts train exactly those: merged with
 # set_adapters and composed in boxes, the same weights act. Without the text-encoder part, 150 steps taught neither
-# shape nor colour (the demo CLIP found the heart's colour in 4 % of its samples, 71-79 % with it).
+# shape nor colour (on a checkpoint of the world model the demo CLIP found the heart's colour in 4 % of its samples,
+# 71-79 % with the text-encoder part).
 COMPOSER_TARGETS = ("attn2.to_k", "attn2.to_v", "attn2.to_out.0")
 
 
