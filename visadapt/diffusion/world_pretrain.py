@@ -40,7 +40,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -163,10 +163,24 @@ def log(message: str, start: float) -> None:
 
 # -- training --------------------------------------------------------------------------------------------------
 
-def progress(step: int, steps: int, began: float, minutes: Optional[float]) -> float:
-    """The larger of the step fraction and the time fraction: on a slow (shared) machine a stage still ends its
-    cosine decay, within its time budget."""
-    return max(step / steps, (time.perf_counter() - began) / (60 * minutes) if minutes else 0.0)
+def budgeted_steps(name: str, steps: int, minutes: Optional[float], start: float) -> Iterator[tuple[int, float]]:
+    """``(step, done)`` until ``steps`` steps or ``minutes`` have passed, whichever comes first; ``done`` in [0, 1) is
+    the larger of the step fraction and the time fraction, so on a slow (shared) machine a stage still ends its
+    cosine decay within its time budget."""
+    began = time.perf_counter()
+    for step in range(steps):
+        done = max(step / steps, (time.perf_counter() - began) / (60 * minutes) if minutes else 0.0)
+        if done >= 1:
+            log(f"{name}: time budget of {minutes} min reached at step {step}", start)
+            return
+        yield step, done
+
+
+def cosine_lr(opt: torch.optim.Optimizer, lr: float, done: float, warmup: Optional[float] = None) -> None:
+    """Set ``opt``'s learning rate to ``lr`` times ``warmup`` (a warm-up factor, while warming up) or else times the
+    cosine decay at fraction ``done``."""
+    for group in opt.param_groups:
+        group["lr"] = lr * (warmup if warmup is not None else 0.5 * (1 + math.cos(math.pi * done)))
 
 
 def train_vae(vae, steps: int, batch_size: int, lr: float, rng: np.random.Generator, start: float,
@@ -177,14 +191,8 @@ def train_vae(vae, steps: int, batch_size: int, lr: float, rng: np.random.Genera
     GroupNorm statistics match."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     vae.train()
-    began = time.perf_counter()
-    for step in range(steps):
-        done = progress(step, steps, began, minutes)
-        if done >= 1:
-            log(f"vae: time budget of {minutes} min reached at step {step}", start)
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done))
+    for step, done in budgeted_steps("vae", steps, minutes, start):
+        cosine_lr(opt, lr, done)
         images, _ = canvases(rng, batch_size)
         if done < 0.8:
             y, x = rng.integers(0, 33, size=2)
@@ -244,17 +252,11 @@ def train_unet(unet, text_encoder, tok, pool: tuple, scale: float, steps: int, b
     snr = alphas / (1 - alphas)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
-    warmup, began = 100, time.perf_counter()
-    saved = began
+    warmup, saved = 100, time.perf_counter()
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     unet.train()
-    for step in range(steps):
-        done = progress(step, steps, began, minutes)
-        if done >= 1:
-            log(f"unet: time budget of {minutes} min reached at step {step}", start)
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr * ((step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * done)))
+    for step, done in budgeted_steps("unet", steps, minutes, start):
+        cosine_lr(opt, lr, done, warmup=(step + 1) / warmup if step < warmup else None)
         idx = torch.from_numpy(rng.integers(0, len(means), batch_size))
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
         prompts = ["" if rng.random() < p_uncond else world.canvas_caption(objects[i], rng) for i in idx.tolist()]
