@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _measure import MiB, PeakMemory, device_name, run_child
+
+from visadapt.utils.measure import MiB, PeakMemory, device_name, run_child
 
 RESULT_MARKER = "COMPOSER_BENCH_RESULT "
 MODES = ("set_adapters", "inject", "compose")

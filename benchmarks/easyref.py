@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _measure import MiB, PeakMemory, device_name, run_child
+
+from visadapt.utils.measure import MiB, PeakMemory, device_name, run_child
 
 RESULT_MARKER = "EASYREF_BENCH_RESULT "
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -66,10 +66,10 @@ import peft
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _measure import MiB, PeakMemory, device_name, run_child
 
 from visadapt.fewshot.evaluate import ClipClassifier
 from visadapt.fewshot.model import METHODS, adapter_config, prompts
+from visadapt.utils.measure import MiB, PeakMemory, device_name, run_child
 from visadapt.utils.modules import trainable_parameters
 
 RESULT_MARKER = "FEWSHOT_STEP_RESULT "  # prefix of the worker's JSON line on stdout

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _measure import MiB, current_rss, device_name, run_child  # noqa: E402
+from visadapt.utils.measure import MiB, current_rss, device_name, run_child
 
 MARKER = "@@incremental@@"
 

@@ -36,8 +36,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _measure import MiB, PeakMemory, current_rss, device_name, run_child  # noqa: E402
+from visadapt.utils.measure import MiB, PeakMemory, current_rss, device_name, run_child
 
 MARKER = "@@tracking@@"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

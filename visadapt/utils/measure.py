@@ -1,4 +1,4 @@
-"""Measurement helpers shared by the benchmark scripts: peak memory per device, device names, worker processes.
+"""Measurement helpers of the benchmark scripts (benchmarks/): peak memory per device, device names, worker processes.
 
 Each benchmark runs every configuration in a fresh child process (the script re-invokes itself with ``--worker``
 and prints one JSON line behind a marker), so every configuration starts from a clean allocator and its peak memory

@@ -25,9 +25,9 @@ CPU (or --device cpu): no Triton path, "fused" times the eager ops; the table sa
 kernel launches of one fwd+bwd, counted by running the op on this machine (torch ops under the profiler, each
 Triton launch as one; with TRITON_INTERPRET=1 VISADAPT_KERNELS=triton the Triton path is counted).
 
-    python benchmarks/kernels.py                      # the full grid on the GPU
-    python benchmarks/kernels.py --quick --device cpu # smoke run
-    TRITON_INTERPRET=1 VISADAPT_KERNELS=triton python benchmarks/kernels.py --model
+    python benchmarks/kernel_ops.py                      # the full grid on the GPU
+    python benchmarks/kernel_ops.py --quick --device cpu # smoke run
+    TRITON_INTERPRET=1 VISADAPT_KERNELS=triton python benchmarks/kernel_ops.py --model
 """
 
 from __future__ import annotations
@@ -41,17 +41,12 @@ import statistics
 import sys
 import time
 
-from _measure import device_name, run_child
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-# This script is named kernels.py: keep its folder off sys.path, or an `import kernels` elsewhere (transformers
-# probes for the hub package of that name while visadapt imports peft) would find this file.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from visadapt import kernels  # noqa: E402
+from visadapt import kernels
+from visadapt.utils.measure import device_name, run_child
 
 N_ROUTED = 4
 MARKER = "KERNELS-BENCH-ROW "

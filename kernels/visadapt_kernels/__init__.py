@@ -1,4 +1,4 @@
-"""Adapter compute ops, installed as ``visadapt.kernels``.
+"""Adapter compute ops, installed as ``visadapt.kernels`` (this folder, ``kernels/visadapt_kernels/``).
 
 Every low-rank delta in visadapt is computed through these functions, so the fused Triton kernels (CUDA) replace
 the eager PyTorch formulas here without any change to the adapters that call them:
@@ -15,16 +15,10 @@ The plain-autograd ``*_reference`` functions are the specification: every backen
 tolerance.
 """
 
-if __name__ == "visadapt.kernels":
-    from .backend import deterministic, get_backend, set_backend, set_deterministic
-    from .lora import block_lora_linear_reference, lora_linear_reference
-    from .ops import block_lora_linear, lora_linear, routed_lora
-    from .routed import routed_lora_reference
+from .backend import deterministic, get_backend, set_backend, set_deterministic
+from .lora import block_lora_linear_reference, lora_linear_reference
+from .ops import block_lora_linear, lora_linear, routed_lora
+from .routed import routed_lora_reference
 
-    __all__ = ["lora_linear", "block_lora_linear", "routed_lora", "set_backend", "get_backend", "set_deterministic",
-               "deterministic", "lora_linear_reference", "block_lora_linear_reference", "routed_lora_reference"]
-else:
-    # With the repository root on sys.path (``python -c`` there), this folder is also importable as a top-level
-    # ``kernels``, a name transformers probes for the Hugging Face hub package. Loading the ops a second time under
-    # that name would register the torch custom ops twice, so the stray import defines nothing.
-    __all__ = []
+__all__ = ["lora_linear", "block_lora_linear", "routed_lora", "set_backend", "get_backend", "set_deterministic",
+           "deterministic", "lora_linear_reference", "block_lora_linear_reference", "routed_lora_reference"]
