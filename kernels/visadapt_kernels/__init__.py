@@ -9,7 +9,10 @@ the eager PyTorch formulas here without any change to the adapters that call the
 
 They are torch custom ops with their own backward, so ``torch.compile`` traces them. The backend is chosen per
 call: Triton for CUDA tensors when triton imports, eager PyTorch otherwise; :func:`set_backend` or the environment
-variable ``VISADAPT_KERNELS`` (``auto`` | ``eager`` | ``triton``) forces one. :func:`set_deterministic` (or
+variable ``VISADAPT_KERNELS`` (``auto`` | ``eager`` | ``triton``) forces one. Under ``auto`` the kernels must first
+pass a one-time self-check per (op, device, dtype) against the references (:mod:`.selfcheck`); if they fail it a
+:class:`KernelSelfCheckWarning` says so once and that op runs eager from then on. ``triton`` skips the check and
+raises kernel errors; ``eager`` never touches Triton. :func:`set_deterministic` (or
 ``VISADAPT_KERNELS_DETERMINISTIC=1``, or torch's ``use_deterministic_algorithms``) makes them run-to-run exact.
 The plain-autograd ``*_reference`` functions are the specification: every backend must match them within dtype
 tolerance.
@@ -19,6 +22,8 @@ from .backend import deterministic, get_backend, set_backend, set_deterministic
 from .lora import block_lora_linear_reference, lora_linear_reference
 from .ops import block_lora_linear, lora_linear, routed_lora
 from .routed import routed_lora_reference
+from .selfcheck import KernelSelfCheckWarning
 
 __all__ = ["lora_linear", "block_lora_linear", "routed_lora", "set_backend", "get_backend", "set_deterministic",
-           "deterministic", "lora_linear_reference", "block_lora_linear_reference", "routed_lora_reference"]
+           "deterministic", "lora_linear_reference", "block_lora_linear_reference", "routed_lora_reference",
+           "KernelSelfCheckWarning"]

@@ -1,10 +1,18 @@
 """Which implementation the kernel ops run: the eager PyTorch formulas or the Triton kernels.
 
-"auto" (default): Triton for CUDA tensors when ``triton`` imports, eager otherwise. "eager" forces the PyTorch
-formulas everywhere. "triton" forces the Triton kernels, also for CPU tensors; on CPU that only works under
-Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``) before ``visadapt.kernels`` is first
-imported, because ``@triton.jit`` reads it when the kernels are defined. Set it per process with
+"auto" (default): Triton for CUDA tensors when ``triton`` imports, eager otherwise, and Triton only once it has
+passed its self-check (:mod:`.selfcheck`): the first use per process of each (op, device, dtype) runs that op's
+kernels forward and backward on small tensors against its reference; a compile error, launch failure or mismatch
+warns once (``KernelSelfCheckWarning``) and sends that (op, device, dtype) to the eager formulas for the rest of the
+process. "eager" forces the PyTorch formulas everywhere (no Triton, no check). "triton" forces the Triton kernels,
+with no check and no fallback (errors raise), also for CPU tensors; on CPU that only works under Triton's
+interpreter, which must be switched on (``TRITON_INTERPRET=1``) before ``visadapt.kernels`` is first imported,
+because ``@triton.jit`` reads it when the kernels are defined. Set it per process with
 ``VISADAPT_KERNELS=eager|triton|auto`` or at run time with :func:`set_backend`.
+
+Test hook: with ``TRITON_INTERPRET=1`` and ``VISADAPT_KERNELS_AUTO_INTERPRET=1`` (both read at import), "auto"
+treats CPU tensors as it treats CUDA tensors (self-check, then the interpreted kernels), so the self-check and its
+fallback can be tested without a GPU. Nothing else sets it.
 
 Deterministic mode (:func:`deterministic`): on with ``VISADAPT_KERNELS_DETERMINISTIC=1``, with
 :func:`set_deterministic(True) <set_deterministic>`, or whenever ``torch.use_deterministic_algorithms(True)`` is in
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 
@@ -26,10 +35,14 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _backend = "auto"
 _deterministic = False
 _fuse_shrink = False
+# the test hook of the module docstring: "auto" sends interpreted CPU tensors through the self-check to Triton
+_AUTO_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" and \
+    os.environ.get("VISADAPT_KERNELS_AUTO_INTERPRET", "0") == "1"
 
 
 def set_backend(name: str) -> None:
-    """Choose the implementation: "auto" (Triton on CUDA, eager elsewhere), "eager" or "triton" (forced)."""
+    """Choose the implementation: "auto" (Triton on CUDA once self-checked, eager elsewhere), "eager" or "triton"
+    (forced: no self-check, errors raise)."""
     global _backend
     if name not in BACKENDS:
         raise ValueError(f"Unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}.")
@@ -78,17 +91,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """True if these tensors (None entries skipped) go to the Triton kernels under the current backend."""
-    present = [t for t in tensors if t is not None]
+def use_triton(op: str, x: torch.Tensor, lora_a: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """True if ``op`` ("lora_linear", "block_lora_linear" or "routed_lora") on these tensors (None entries
+    skipped) runs the Triton kernels under the current backend. x is the op's activation (x, or dy in a backward)
+    and lora_a its adapter: under "auto" x's device and dtype and lora_a's dtype key the op's self-check."""
+    present = [t for t in (x, lora_a, *others) if t is not None]
     if _backend == "eager" or not triton_available() or any(t.dtype not in TRITON_DTYPES for t in present):
         return False
     if _backend == "triton":
-        if not present[0].is_cuda and not interpreting():
+        if not x.is_cuda and not interpreting():
             raise RuntimeError("Kernel backend 'triton' on CPU tensors needs Triton's interpreter: set "
                                "TRITON_INTERPRET=1 before importing visadapt.kernels.")
         return True
-    return present[0].is_cuda
+    if not x.is_cuda and not _AUTO_INTERPRET:
+        return False
+    from . import selfcheck  # here, not at the top: selfcheck imports this module
+
+    return selfcheck.passed(op, x.device, x.dtype, lora_a.dtype)
 
 
 set_backend(os.environ.get("VISADAPT_KERNELS", "auto"))

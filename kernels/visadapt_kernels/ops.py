@@ -3,7 +3,8 @@
 Each public function validates shapes, flattens x to (N, d_in) and calls a forward op (``visadapt::lora_fwd`` or
 ``visadapt::routed_fwd``) whose backward is a second op (``…_bwd``); both have fake implementations, so
 ``torch.compile(fullgraph=True)`` traces through them as single nodes. Inside, each op runs the Triton kernels
-(``triton_kernels.py``) or the eager formulas below, as :mod:`.backend` decides at run time.
+(``triton_kernels.py``) or the eager formulas below, as :mod:`.backend` decides at run time (under "auto", after
+the one-time self-check of :mod:`.selfcheck`).
 
 What the backward keeps: x in its own dtype (Block-LoRA: only the chunk sum x̃, n times narrower) and
 h = s · x̃ Aᵀ (N, r) in fp32 — not the (N, d_out) delta, and no fp32 copy of a 16-bit x. Gradients: x, A, B
@@ -195,12 +196,18 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 # custom ops: LoRA and Block-LoRA (n_blocks = 1 is LoRA)
 
 
+def _lora_op(n_blocks: int) -> str:
+    """The public op that a lora_fwd / lora_bwd call serves: the backend self-checks each one separately."""
+    return "lora_linear" if n_blocks == 1 else "block_lora_linear"
+
+
 @torch.library.custom_op("visadapt::lora_fwd", mutates_args=())
 @_no_autocast
 def _lora_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
               n_blocks: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(y (N, d_out) in x's dtype, h = s · x̃ Aᵀ (N, r), x̃ (N, c) for Block-LoRA or empty); x (N, d_in) 2-D."""
-    impl = _kernels().lora_forward if backend.use_triton(x, weight, bias, lora_a, lora_b) else _eager_lora_fwd
+    on_triton = backend.use_triton(_lora_op(n_blocks), x, lora_a, lora_b, weight, bias)
+    impl = _kernels().lora_forward if on_triton else _eager_lora_fwd
     y, h, x_lora = impl(x, weight, bias, lora_a, lora_b, n_blocks, scale)
     return y, h, saved_input(x_lora, n_blocks)
 
@@ -217,7 +224,7 @@ def _(x, weight, bias, lora_a, lora_b, n_blocks, scale):
 def _lora_bwd(dy: Tensor, x_lora: Tensor, h: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
               n_blocks: int, scale: float, need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx (N, d_in) or an empty placeholder, dA, dB); x_lora is x (LoRA) or x̃ (Block-LoRA)."""
-    if backend.use_triton(dy, x_lora, weight, lora_a, lora_b):
+    if backend.use_triton(_lora_op(n_blocks), dy, lora_a, lora_b, x_lora, weight):
         dx, d_a, d_b = _kernels().lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x)
     else:
         dx, d_a, d_b = _eager_lora_bwd(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x)
@@ -264,7 +271,7 @@ def _routed_fwd(x: Tensor, lora_a: Tensor, lora_b: Tensor, index: Tensor,
     plan, a :class:`RoutingPlan` as a list, carries the routing)."""
     check_index_range(index, lora_a.shape[0])  # here, not in the wrapper: data-dependent, so not traced
     plan = RoutingPlan(*plan)
-    if backend.use_triton(x, lora_a, lora_b):
+    if backend.use_triton("routed_lora", x, lora_a, lora_b):
         return _kernels().routed_forward(x, lora_a, lora_b, plan)
     return _eager_routed_fwd(x, lora_a, lora_b, plan)
 
@@ -281,7 +288,7 @@ def _routed_bwd(dy: Tensor, x: Tensor, h: Tensor, lora_a: Tensor, lora_b: Tensor
                 need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx (N, d_in) or an empty placeholder, dA (L, r, d_in), dB (L, d_out, r)), reusing the forward's plan."""
     plan = RoutingPlan(*plan)
-    if backend.use_triton(dy, x, lora_a, lora_b):
+    if backend.use_triton("routed_lora", dy, lora_a, lora_b, x):
         dx, d_a, d_b = _kernels().routed_backward(dy, x, h, lora_a, lora_b, plan, need_x)
     else:
         dx, d_a, d_b = _eager_routed_bwd(dy, x, h, lora_a, lora_b, plan, need_x)
