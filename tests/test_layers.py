@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Folders installed into the visadapt namespace (pyproject's package-dir).
-FOLDERS = {"visadapt": "visadapt", "kernels": "visadapt.kernels", "pipelines": "visadapt.pipelines",
+FOLDERS = {"visadapt": "visadapt", "kernels/visadapt_kernels": "visadapt.kernels", "pipelines": "visadapt.pipelines",
            "apps": "visadapt.apps"}
 TASKS = ("fewshot", "hyperspectral", "diffusion", "incremental", "tracking")
 UTILS, KERNELS, ADAPTERS, TASK, PIPELINES, FACES = -1, 0, 1, 2, 3, 4
@@ -24,8 +24,8 @@ LAYER_NAMES = {UTILS: "utils", KERNELS: "kernels", ADAPTERS: "adapters", TASK: "
 
 
 def module_of(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
-    parts = [FOLDERS[rel.parts[0]], *rel.parts[1:]]
+    folder = next(f for f in FOLDERS if path.is_relative_to(ROOT / f))
+    parts = [FOLDERS[folder], *path.relative_to(ROOT / folder).with_suffix("").parts]
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
