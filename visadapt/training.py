@@ -38,7 +38,14 @@ from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    is_compiled_module,
+    set_seed,
+)
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -412,13 +419,22 @@ class Trainer:
         self.accelerator.backward(loss)
         return loss.detach()
 
+    def unwrapped_model(self) -> nn.Module:
+        """The model without accelerate's wrappers (DDP, DeepSpeed's engine, torch.compile). accelerate's
+        ``unwrap_model`` imports deepspeed whenever it is installed (about 1 s and a log line), so it is called only
+        when something did wrap the model."""
+        acc = self.accelerator
+        if self.deepspeed or acc.distributed_type != DistributedType.NO or is_compiled_module(self.model):
+            return acc.unwrap_model(self.model)
+        return self.model
+
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """What a checkpoint keeps of the model: its trainable parameters (override to keep buffers too)."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.unwrapped_model()
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        named = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        named = dict(self.unwrapped_model().named_parameters())
         unknown = sorted(set(tensors) - set(named))
         if unknown:
             raise ValueError(f"The checkpoint in {self.ckpt} does not fit this model (unknown {unknown[:3]}).")

@@ -125,7 +125,7 @@ class FewShotTrainer(Trainer):
         if not any(p.requires_grad for n, p in self.clip.named_parameters() if ".visual." not in n):
             # Vision-only adapters: the text side is the frozen zero-shot head, encoded once.
             with torch.no_grad(), acc.autocast():
-                encoded = acc.unwrap_model(self.model).clip.encode_text(self.tokens)
+                encoded = self.unwrapped_model().clip.encode_text(self.tokens)
                 self.text_features = F.normalize(encoded, dim=-1).float()
         self.glad = GladConfig(self.cfg.glad_rho, self.cfg.glad_alpha, self.cfg.glad_rule) if self.cfg.glad else None
 
@@ -162,7 +162,7 @@ class FewShotTrainer(Trainer):
 
     def write_outputs(self, results: dict, state: dict) -> None:
         cfg = self.cfg
-        classifier = self.accelerator.unwrap_model(self.model)
+        classifier = self.unwrapped_model()
         FewShotCLIPPipeline(classifier.clip, self.bundle.tokenizer, self.bundle.preprocess_val,
                             self.split.classnames, cfg.model, cfg.pretrained, cfg.template,
                             classifier.logit_scale).save_pretrained(self.out)

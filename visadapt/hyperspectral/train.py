@@ -114,7 +114,7 @@ class HSITrainer(Trainer):
         return {"epoch": (step - 1) // self.steps_per_epoch}
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        return self.accelerator.unwrap_model(self.model).state_dict()  # BatchNorm statistics too
+        return self.unwrapped_model().state_dict()  # BatchNorm statistics too
 
     def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(tensors)
@@ -142,7 +142,7 @@ class HSITrainer(Trainer):
             h, w = scene.gt.shape
             every_pixel = np.argwhere(np.ones((h, w), dtype=bool))
             self.class_map = self._predict(every_pixel, None, "class map").reshape(h, w) + 1
-        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped = self.unwrapped_model()
         base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         train_s = state.get("train_time_s", 0.0)
         results.update({
@@ -160,7 +160,7 @@ class HSITrainer(Trainer):
     # -------------------------------------------------------------------------------------------- outputs
     def write_outputs(self, results: dict, state: dict) -> None:
         c, scene = self.cfg, self.scene
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.unwrapped_model()
         if c.lora_backend == "peft":  # the plain LoRA merges exactly: the saved model is a plain timm model
             model = model.merge_and_unload()
         config = {"model": c.model, "model_kwargs": c.model_kwargs(), "in_chans": c.pca_components,

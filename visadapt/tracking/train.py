@@ -156,7 +156,7 @@ class TrackTrainer(Trainer):
         return {"epoch": (step - 1) // self.steps_per_epoch}
 
     def pipeline(self) -> TrackingPipeline:
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.unwrapped_model()
         return TrackingPipeline(model, self.pipeline_config, device=self.accelerator.device)
 
     def evaluate(self, state: dict) -> dict:
