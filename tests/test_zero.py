@@ -56,7 +56,11 @@ def _launch(out: Path, *args: str, launch: Sequence[str] = ZERO2, env: dict[str,
     """accelerate launch of the worker on 2 CPU processes (one torch thread each); returns the process."""
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
                "--main_process_port", str(_free_port()), str(TESTS / "zero_worker.py"), str(out), *args]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    # The worker imports the toy task from tests/ by name: that folder goes on PYTHONPATH, since a script's own folder
+    # is not on sys.path under PYTHONSAFEPATH=1 (or python -P).
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path,
+           **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 

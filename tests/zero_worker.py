@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
-from test_training import ToyConfig, ToyTrainer  # tests/ is the script's folder
+from test_training import ToyConfig, ToyTrainer  # tests/ is on PYTHONPATH (tests/test_zero.py's launcher)
 
 
 def main() -> int:
