@@ -87,7 +87,7 @@ class ToyTrainer(Trainer):
     def write_outputs(self, results: dict, state: dict) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()},
+        save_file({k: v.contiguous() for k, v in self.unwrapped_model().state_dict().items()},
                   self.out / "model.safetensors")
 
 
@@ -152,7 +152,7 @@ def test_non_finite_weights_stop_at_the_checkpoint_naming_the_tensor(tmp_path):
     def poison(step, record):  # callbacks run before the step's checkpoint
         if step == 4:
             with torch.no_grad():
-                trainer.accelerator.unwrap_model(trainer.model)[0].weight[0, 0] = float("inf")
+                trainer.unwrapped_model()[0].weight[0, 0] = float("inf")
 
     trainer.callbacks.append(poison)
     with pytest.raises(TrainingDiverged, match=r"step 4: weight 0\.weight holds inf"):
