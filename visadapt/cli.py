@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from typing import Optional, Sequence
 
-from visadapt.version import ADAPTER_FORMAT_VERSION, __version__
+from visadapt.version import __version__
 
 
 def _env(_: argparse.Namespace) -> int:
-    """Print the versions that matter for a bug report."""
-    import importlib.metadata as md
+    """Print the versions that matter for a bug report (see :mod:`visadapt.utils.environment`)."""
+    from visadapt.utils.environment import report
 
-    print(f"visadapt {__version__} (adapter format {ADAPTER_FORMAT_VERSION})")
-    print(f"python {platform.python_version()} on {platform.platform()}")
-    for dist in ("torch", "torchvision", "triton", "peft", "timm", "open_clip_torch", "diffusers", "transformers",
-                 "accelerate", "safetensors", "gradio", "numpy", "scipy", "matplotlib", "tqdm", "pillow"):
-        try:
-            print(f"{dist} {md.version(dist)}")
-        except md.PackageNotFoundError:
-            print(f"{dist} (not installed)")
+    print(report())
     import torch
 
     print(f"cuda available: {torch.cuda.is_available()}")
@@ -37,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"visadapt {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    env = commands.add_parser("env", help="print the versions of visadapt and its dependencies")
+    env = commands.add_parser("env", help="print the versions of visadapt and its dependencies, flagging any outside "
+                                          "the tested range")
     env.set_defaults(func=_env)
     from visadapt.fewshot.cli import add_commands as add_fewshot
 
