@@ -84,3 +84,14 @@ def test_a_run_without_deepspeed_never_imports_it(tmp_path):
         f"ToyTrainer(ToyConfig(checkpoint_every=4), {str(tmp_path / 'run')!r}).run()\n"
         "print('deepspeed imported:', 'deepspeed' in sys.modules)\n", tmp_path)
     assert "deepspeed imported: False" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_kernel_cost_model_prints_only_its_table():
+    """The profiler's C++ log (``USDT: ... profiler_start``, ``gpuGetDeviceCount failed``) stays out of the output."""
+    proc = subprocess.run([sys.executable, "benchmarks/kernel_ops.py", "--model"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| op |" in proc.stdout
+    noise = [line for line in (proc.stdout + proc.stderr).splitlines() if "USDT" in line or "gpuGetDeviceCount" in line]
+    assert not noise, noise[:3]
