@@ -117,6 +117,35 @@ def test_interrupted_run_resumes_bit_exactly_with_prior_preservation_and_text_en
     assert resumed["eval_loss_after"] == full["eval_loss_after"]
 
 
+# transformers' own PEFT integration on its models wants peft >= 0.22 from transformers 5.25 on ("The version of PEFT
+# you are using is not compatible"), beyond the peft range visadapt supports. Text-encoder adapters go through peft's
+# inject_adapter_in_model and diffusers' load_lora_weights (transformers' load_adapter, which is not gated) instead.
+TRANSFORMERS_GATED = ("add_adapter", "set_adapter", "enable_adapters", "disable_adapters", "active_adapters",
+                      "get_adapter_state_dict", "delete_adapter")
+
+
+def test_text_encoder_adapters_never_take_transformers_gated_peft_integration(images, tmp_path, monkeypatch):
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    def refuse(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"transformers' {name} was called: it needs peft >= 0.22 under transformers >= 5.25")
+        return call
+
+    for name in TRANSFORMERS_GATED:
+        monkeypatch.setattr(PeftAdapterMixin, name, refuse(name))
+    cfg = ConceptTrainConfig(model="tiny-sd", images=str(images), steps=2, train_text_encoder=True, **FAST)
+    train_concept(cfg, tmp_path / "run")
+    pipe = tiny_pipeline("sd", pipeline_class=LoRAComposerPipeline)
+    without = composed(pipe)
+    pipe.load_lora_weights(str(tmp_path / "run" / "diffusers" / "sks"), adapter_name="sks")
+    pipe.set_adapters(["sks"], [1.0])
+    assert any("lora_A" in name for name, _ in pipe.text_encoder.named_parameters())  # its part really loaded
+    assert (composed(pipe) - without).abs().max() > 0
+    pipe.delete_adapters("sks")
+    torch.testing.assert_close(composed(pipe), without)
+
+
 def test_sdxl_trains_with_time_ids_and_both_text_encoders(images, tmp_path):
     cfg = ConceptTrainConfig(model="tiny-sdxl", images=str(images), steps=4, lr=1e-2, train_text_encoder=True,
                              method="block-lora", n_blocks=2, gradient_checkpointing=True, sample_every=0, **FAST)
