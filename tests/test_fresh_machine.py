@@ -95,3 +95,24 @@ def test_the_kernel_cost_model_prints_only_its_table():
     assert "| op |" in proc.stdout
     noise = [line for line in (proc.stdout + proc.stderr).splitlines() if "USDT" in line or "gpuGetDeviceCount" in line]
     assert not noise, noise[:3]
+
+
+@pytest.mark.slow
+def test_a_wheel_installs_the_kernels_as_visadapt_kernels(tmp_path):
+    """The folder mapping of pyproject (kernels/visadapt_kernels -> visadapt.kernels) holds in a wheel too, which
+    installs no top-level ``kernels`` of ours."""
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path / "dist"), str(ROOT)], env=_env(), capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    wheel = next((tmp_path / "dist").glob("visadapt-*.whl"))
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                              str(wheel)], env=_env(), capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert not (target / "kernels").exists() and (target / "visadapt" / "kernels" / "selfcheck.py").is_file()
+    code = ("import visadapt.kernels as k, visadapt.utils.measure\n"
+            "print(k.__file__); print(callable(k.lora_linear) and callable(k.set_backend))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(PYTHONPATH=str(target)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [str(target / "visadapt" / "kernels" / "__init__.py"), "True"]
