@@ -227,7 +227,9 @@ def bench_one(d, r, n_tokens, args, device, dtype) -> dict:
         err = (kernels.lora_linear(x, weight, bias, a, b, scale).float() - model(x).float()).abs().max().item()
     launches = _count_triton_launches(fns["fused"])
     if device.type == "cuda" and kernels.get_backend() != "eager":
-        assert launches > 0, "the fused op ran no Triton kernel on CUDA: the timings would be the eager path's"
+        assert launches > 0, ("the fused op ran no Triton kernel on CUDA: the timings would be the eager path's "
+                              "(did a KernelSelfCheckWarning above send it to eager? VISADAPT_KERNELS=triton "
+                              "raises the kernel's own error)")
     if device.type == "cuda":  # on CPU the index check reads its result directly, which is no sync there
         reads = _host_reads(fns["routed"])
         assert not reads, f"the routed row reads device values back to the host (a sync per call): {reads}"
