@@ -4,6 +4,10 @@
 ``import visadapt``, peft builds and loads Block-LoRA / Comp-LoRA adapters and ``timm.create_model`` knows the
 ``lola_specvit_*`` models, whichever of visadapt, peft and timm is imported first. A library already imported is
 registered at once; one not yet imported is registered right after its module has run (a post-import hook).
+
+A registration imports visadapt modules (``visadapt.adapters.block_lora``, …). When the library's first import comes
+from inside one of their siblings (``visadapt.adapters.layer`` imports peft), that module is only half run and the
+registration cannot import it yet: it then waits until no module of those packages is running.
 """
 
 from __future__ import annotations
@@ -15,21 +19,29 @@ from typing import Callable
 
 # library -> the visadapt modules whose import registers with it
 REGISTRATIONS: dict[str, tuple[str, ...]] = {
-    "peft": ("visadapt.adapters",),
+    "peft": ("visadapt.adapters.block_lora", "visadapt.adapters.comp_lora"),
     "timm": ("visadapt.hyperspectral.model",),
 }
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: it wraps the real loader of a watched module so that a callback runs after it."""
+    """Finds nothing itself: it wraps the real loader of a module so that registrations run after it.
+
+    ``pending``: library → its registration, queued when the library has run; ``watched``: the packages whose
+    modules a registration imports, tracked while they run; ``waiting``: registrations queued until none does.
+    """
 
     def __init__(self) -> None:
         self.pending: dict[str, Callable[[], None]] = {}
+        self.watched: tuple[str, ...] = ()
+        self.running: set[str] = set()
+        self.waiting: list[Callable[[], None]] = []
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in self.pending:
+        callback = self.pending.pop(fullname, None)
+        tracked = fullname.startswith(self.watched) and bool(self.pending or self.waiting)
+        if callback is None and not tracked:
             return None
-        callback = self.pending.pop(fullname)
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
@@ -38,8 +50,16 @@ class _AfterImport(importlib.abc.MetaPathFinder):
                 run_module = spec.loader.exec_module
 
                 def exec_module(module, run_module=run_module):
-                    run_module(module)
-                    callback()
+                    if tracked:
+                        self.running.add(fullname)
+                    try:
+                        run_module(module)
+                    finally:
+                        self.running.discard(fullname)
+                    if callback is not None:
+                        self.waiting.append(callback)
+                    while self.waiting and not self.running:
+                        self.waiting.pop(0)()
 
                 spec.loader.exec_module = exec_module
                 return spec
@@ -64,5 +84,6 @@ def install() -> None:
             _register(modules)()
         else:
             _HOOK.pending[library] = _register(modules)
+    _HOOK.watched = tuple(sorted({m.rpartition(".")[0] + "." for ms in REGISTRATIONS.values() for m in ms}))
     if _HOOK.pending and _HOOK not in sys.meta_path:
         sys.meta_path.insert(0, _HOOK)
