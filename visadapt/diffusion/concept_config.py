@@ -12,9 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from visadapt.adapters.methods import METHODS
 from visadapt.utils.cli import option
 
-METHODS = ("lora", "block-lora", "comp-lora")
 TINY_MODELS = ("tiny-sd", "tiny-sdxl")  # the offline random pipelines of visadapt.diffusion.tiny
 MIN_IMAGES = 3
 

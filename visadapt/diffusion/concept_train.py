@@ -21,7 +21,6 @@ both loadable as ``visadapt.diffusion.Concept(lora=folder, ...)``) and ``samples
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import warnings
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 import visadapt
+from visadapt.adapters.methods import peft_config, read_peft_config
 from visadapt.training import StepCallback, Trainer
 from visadapt.utils import atomic_path, write_text_atomic
 
@@ -46,7 +46,10 @@ __all__ = ["ConceptTrainConfig", "ConceptTrainer", "train_concept"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EVAL_TIMESTEPS = 4  # timesteps per instance image in the fixed evaluation batch
-VISADAPT_TYPES = ("BLOCK_LORA", "COMP_LORA")
+VISADAPT_TYPES = ("BLOCK_LORA", "COMP_LORA")  # --peft-config: stock peft types cannot be exported as plain LoRA
+ONLY_VISADAPT_TYPES = (f"concept training takes a visadapt config ({' or '.join(VISADAPT_TYPES)}, e.g. "
+                       "BlockLoraConfig.save_pretrained), which exports to plain LoRA files. For plain LoRA use "
+                       "--method lora")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -152,33 +155,16 @@ def ensure_class_images(pipe, folder: Path, prompt: str, count: int, resolution:
 
 # ------------------------------------------------------------------------------------------------ adapter
 def adapter_config(cfg: ConceptTrainConfig, targets: Sequence[str]) -> peft.PeftConfig:
-    """The visadapt peft config of ``cfg`` on ``targets``. ``lora`` is Block-LoRA with one block, which is exactly
-    LoRA, so that :func:`visadapt.export_lora` writes every method to the same plain LoRA files."""
+    """The peft config of ``cfg`` on ``targets``: ``--method`` (:mod:`visadapt.adapters.methods`; ``lora`` is
+    Block-LoRA with one block, exactly LoRA), or ``--peft-config``, a visadapt type only, so that
+    :func:`visadapt.export_lora` writes every concept to the same plain LoRA files."""
     if cfg.peft_config:
-        return dataclasses.replace(peft_config_from_file(cfg.peft_config), target_modules=list(targets))
-    common = dict(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else cfg.rank,
-                  lora_dropout=cfg.dropout, target_modules=list(targets))
-    if cfg.method == "lora":
-        return visadapt.BlockLoraConfig(n_blocks=1, **common)
-    if cfg.method == "block-lora":
-        return visadapt.BlockLoraConfig(n_blocks=cfg.n_blocks, **common)
-    if cfg.method == "comp-lora":
-        k = int(cfg.comp_k) if cfg.comp_k >= 1 else cfg.comp_k
-        return visadapt.CompLoraConfig(k=k, **common)
-    raise ValueError(f"Unknown --method {cfg.method!r}; choose lora, block-lora or comp-lora.")
-
-
-def peft_config_from_file(path: Union[str, Path]) -> peft.PeftConfig:
-    """A visadapt config (Block-LoRA or Comp-LoRA) from JSON; stock peft types cannot be exported as plain LoRA."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"--peft-config {path}: cannot read a JSON peft config ({err}).") from err
-    if data.get("peft_type") not in VISADAPT_TYPES:
-        raise ValueError(f"--peft-config {path}: peft_type {data.get('peft_type')!r}; concept training takes a "
-                         f"visadapt config ({' or '.join(VISADAPT_TYPES)}, e.g. BlockLoraConfig.save_pretrained), "
-                         "which exports to plain LoRA files. For plain LoRA use --method lora.")
-    return peft.get_peft_config(data)
+        config = read_peft_config(cfg.peft_config, default_targets=list(targets), peft_types=VISADAPT_TYPES,
+                                  peft_types_note=ONLY_VISADAPT_TYPES)
+        return dataclasses.replace(config, target_modules=list(targets))
+    alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
+    k = int(cfg.comp_k) if cfg.comp_k >= 1 else cfg.comp_k
+    return peft_config(cfg.method, cfg.rank, alpha, cfg.dropout, list(targets), n_blocks=cfg.n_blocks, k=k)
 
 
 class ConceptModel(nn.Module):
@@ -302,7 +288,7 @@ class ConceptTrainer(Trainer):
         c = self.cfg
         check_instance_inputs(c, need_model=self._pipe is None)
         if c.peft_config:
-            peft_config_from_file(c.peft_config)  # a wrong file fails now, not after the pipeline has loaded
+            adapter_config(c, c.unet_targets)  # a wrong --peft-config fails now, not after the pipeline has loaded
         if c.steps < 1 or c.rank < 1 or c.sample_count < 1:
             raise ValueError("--steps, --rank and --sample-count must be >= 1.")
         if c.num_class_images < 1 and c.class_prompt:

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from visadapt.adapters.methods import METHODS
 from visadapt.utils.cli import option
 
 DEMO_MODEL = "visadapt-demo-clip"  # the tiny CLIP shipped in visadapt/utils/demo_clip (see visadapt.utils.world)
 TEMPLATE = "a photo of a {}."
 LOGIT_SCALE = 100.0
-METHODS = ("lora", "block-lora", "comp-lora")
 TOWERS = ("vision", "text")
 # The keys of visadapt.fewshot.data.DATASETS (a test keeps the two equal).
 DATASET_NAMES = ("caltech101", "dtd", "eurosat", "fgvc_aircraft", "food101", "imagefolder", "imagenet",

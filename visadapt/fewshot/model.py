@@ -7,7 +7,6 @@ a fixed scale of 100, no bias.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import visadapt
+from visadapt.adapters.methods import peft_config
 
 from .config import DEMO_MODEL, LOGIT_SCALE, METHODS, TEMPLATE, TOWERS  # noqa: F401  (re-exported)
 
@@ -105,36 +104,12 @@ def adapter_config(method: str, r: int = 2, alpha: float = 1.0, dropout: float =
                    parts: Sequence[str] = ("q", "k", "v"), towers: Sequence[str] = TOWERS,
                    layers: Optional[Sequence[int]] = None, n_blocks: int = 8, block_mode: str = "input_split",
                    comp_k: float | int = 0.5, comp_side: str = "out", comp_mode: str = "project") -> peft.PeftConfig:
-    """The peft config of ``method`` with CLIP-LoRA's placement and scaling (s = alpha/√r; §2.1–2.2).
-
-    ``lora`` is the CLIP-LoRA layer: separate rank-r pairs on q, k and v. It is built as Block-LoRA with one block,
-    which is exactly LoRA (same A, B, init and forward), because stock peft gives ``nn.MultiheadAttention`` one
-    pair for the fused q/k/v projection instead.
-    """
-    common = dict(r=r, lora_alpha=alpha, use_rslora=True, lora_dropout=dropout,
-                  target_modules=attention_regex(towers, layers), attention_parts=list(parts))
-    if method == "lora":
-        return visadapt.BlockLoraConfig(n_blocks=1, **common)
-    if method == "block-lora":
-        return visadapt.BlockLoraConfig(n_blocks=n_blocks, block_mode=block_mode, **common)
-    if method == "comp-lora":
-        return visadapt.CompLoraConfig(k=comp_k, side=comp_side, mode=comp_mode, **common)
-    raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)} or pass a peft config file.")
-
-
-def peft_config_from_file(path: str | Path) -> peft.PeftConfig:
-    """Any peft method (LoRA, DoRA, VeRA, …) from a JSON file holding a peft config (``peft_type`` plus fields)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"--peft-config {path}: cannot read a JSON peft config ({err}).") from err
-    if "peft_type" not in data:
-        raise ValueError(f"--peft-config {path}: the JSON needs a 'peft_type' (e.g. \"LORA\", \"VERA\") and that "
-                         "method's fields, as written by PeftConfig.save_pretrained.")
-    if not data.get("target_modules"):
-        raise ValueError(f"--peft-config {path}: set 'target_modules', e.g. {attention_regex()!r} for CLIP-LoRA's "
-                         "attention blocks or [\"c_fc\", \"c_proj\"] for the MLPs.")
-    return peft.get_peft_config(data)
+    """The peft config of ``method`` (:mod:`visadapt.adapters.methods`) with CLIP-LoRA's placement and scaling
+    (s = alpha/√r; §2.1–2.2). ``lora`` is the CLIP-LoRA layer: separate rank-r pairs on q, k and v (stock peft gives
+    ``nn.MultiheadAttention`` one pair for the fused q/k/v projection instead)."""
+    return peft_config(method, r, alpha, dropout, attention_regex(towers, layers), use_rslora=True,
+                       attention_parts=list(parts), n_blocks=n_blocks, block_mode=block_mode, k=comp_k,
+                       side=comp_side, mode=comp_mode)
 
 
 def encode_text(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 
 import visadapt
+from visadapt.adapters.methods import read_peft_config
 from visadapt.training import StepCallback, Trainer
 from visadapt.utils import save_json_atomic
 from visadapt.utils.modules import trainable_parameters
@@ -31,7 +32,7 @@ from .config import TrainConfig
 from .data import FewShot, ImageDataset, Split, load_split, sample_few_shot
 from .evaluate import ClipClassifier, adapter_disabled, top1
 from .glad import GladConfig, glad_backward
-from .model import adapter_config, load_clip, peft_config_from_file, prompts
+from .model import adapter_config, attention_regex, load_clip, prompts
 from .pipeline import FewShotCLIPPipeline
 from .report import run_summary
 
@@ -49,8 +50,9 @@ def train_transform(image_size: int, mean, std, crop_scale_min: float = 0.08) ->
 
 
 def _peft_config(cfg: TrainConfig) -> peft.PeftConfig:
-    if cfg.peft_config:
-        return peft_config_from_file(cfg.peft_config)
+    if cfg.peft_config:  # any peft method (LoRA, DoRA, VeRA, …)
+        return read_peft_config(cfg.peft_config, targets_example=f"{attention_regex()!r} for CLIP-LoRA's attention "
+                                                                 "blocks or [\"c_fc\", \"c_proj\"] for the MLPs")
     return adapter_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, parts=cfg.parts,
                           towers=cfg.towers, layers=cfg.layers, n_blocks=cfg.n_blocks, block_mode=cfg.block_mode,
                           comp_k=cfg.comp_k, comp_side=cfg.comp_side, comp_mode=cfg.comp_mode)

@@ -33,6 +33,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from visadapt.adapters.methods import METHODS
 from visadapt.utils.cli import option
 
 SETTINGS = ("fscil", "fscit")
@@ -87,7 +88,6 @@ def official_recipe(setting: str, dataset: str) -> dict:
     return {}
 
 RECIPES = ("coact", "finetune", "prototypes")
-METHODS = ("lora", "block-lora", "comp-lora")
 DEFAULT_BACKBONE = "hf-vit:google/vit-base-patch16-224-in21k"
 DEMO_BACKBONE = "visadapt-demo-clip"
 

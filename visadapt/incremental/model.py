@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import visadapt
+from visadapt.adapters.methods import peft_config, read_peft_config
 
 from .config import DEMO_BACKBONE, IncrementalConfig
 
@@ -197,27 +197,18 @@ def block_indices(adapt_blocks: int, num_blocks: int) -> list[int]:
 
 
 def adapter_config(cfg: IncrementalConfig, backbone: Backbone) -> Optional[peft.PeftConfig]:
-    """The student's adapter: LoRA (Block-LoRA with one block, exactly LoRA) on q and v of the chosen blocks, another
-    visadapt method, or any peft config from ``--peft-config``; None for the prototypes recipe."""
+    """The student's adapter: ``--method`` (:mod:`visadapt.adapters.methods`; LoRA by default) on q and v of the
+    chosen blocks, or any peft config from ``--peft-config``; None for the prototypes recipe."""
     if cfg.recipe == "prototypes":
         return None
     if cfg.peft_config:
-        data = json.loads(Path(cfg.peft_config).read_text())
-        if not data.get("target_modules") or "peft_type" not in data:
-            raise ValueError(f"--peft-config {cfg.peft_config}: needs 'peft_type' and 'target_modules'.")
-        return peft.get_peft_config(data)
+        return read_peft_config(cfg.peft_config)
     blocks = block_indices(cfg.adapt_blocks, backbone.num_blocks)
     if not blocks:
         raise ValueError(f"--adapt-blocks {cfg.adapt_blocks} selects no block of {backbone.num_blocks}.")
     site = r"\.attn\.qkv" if backbone.kind == "timm" else r"\.attn"
     target = backbone.blocks.replace(".", r"\.") + r"\.(" + "|".join(map(str, blocks)) + ")" + site
-    common = dict(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.adapter_dropout, target_modules=target,
-                  attention_parts=["q", "v"])
-    if cfg.method == "lora":
-        return visadapt.BlockLoraConfig(n_blocks=1, **common)
-    if cfg.method == "block-lora":
-        return visadapt.BlockLoraConfig(**common)
-    return visadapt.CompLoraConfig(**common)
+    return peft_config(cfg.method, cfg.rank, cfg.alpha, cfg.adapter_dropout, target, attention_parts=["q", "v"])
 
 
 def shared_name(student_name: str) -> str:

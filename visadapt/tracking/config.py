@@ -17,10 +17,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from visadapt.adapters.methods import METHODS
 from visadapt.utils.cli import option
 
 VARIANT_NAMES = ("B-224", "B-378", "L-224", "L-378", "g-224", "g-378", "demo")
-METHODS = ("lora", "block-lora", "comp-lora")
 
 
 @dataclass(frozen=True)

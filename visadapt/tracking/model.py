@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.nn.init import trunc_normal_
 
-import visadapt
 from visadapt.adapters import LowRankLayer
+from visadapt.adapters.methods import peft_config
 
 PATCH = 14
 TOKEN_TEMPLATE_BG, TOKEN_TEMPLATE_FG, TOKEN_SEARCH = 0, 1, 2
@@ -229,21 +229,14 @@ def build_vit(timm_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mod
 
 def lorat_adapter_config(method: str = "lora", r: int = 64, alpha: float = 64.0, dropout: float = 0.0,
                          **kwargs: Any) -> peft.PeftConfig:
-    """The official LoRA sites (q, k, v, proj, fc1, fc2 of every block) for a visadapt method.
+    """The official LoRA sites (q, k, v, proj, fc1, fc2 of every block) for an adapter method
+    (:mod:`visadapt.adapters.methods`).
 
     ``lora``: plain LoRA, separate q/k/v pairs (``BlockLoraConfig(n_blocks=1, attention_parts=q,k,v)``);
-    ``block-lora`` / ``comp-lora``: the visadapt methods on the same sites (extra ``kwargs`` go to their config).
+    ``block-lora`` / ``comp-lora``: the visadapt methods on the same sites (extra ``kwargs``, e.g. ``k=2``, are
+    their config fields). Any other peft config can be passed to :func:`add_adapter` instead.
     """
-    common = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS,
-                  attention_parts=["q", "k", "v"])
-    if method == "lora":
-        return visadapt.BlockLoraConfig(n_blocks=1, **common, **kwargs)
-    if method == "block-lora":
-        return visadapt.BlockLoraConfig(**common, **kwargs)
-    if method == "comp-lora":
-        return visadapt.CompLoraConfig(**common, **kwargs)
-    raise ValueError(f"Unknown adapter method {method!r}; use 'lora', 'block-lora', 'comp-lora' or pass a "
-                     "peft config to add_adapter.")
+    return peft_config(method, r, alpha, dropout, LORA_TARGETS, attention_parts=["q", "k", "v"], **kwargs)
 
 
 def _adapter_factors(model: nn.Module):

@@ -9,7 +9,6 @@ step), and the checkpoint holds adapters, head, token types, optimiser, schedule
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,6 +17,7 @@ import peft
 import torch
 from safetensors.torch import load_file
 
+from visadapt.adapters.methods import read_peft_config
 from visadapt.training import ShotBatches, StepCallback, Trainer
 
 from .config import TrackConfig
@@ -25,7 +25,7 @@ from .datasets import TrackingSequence, load_sequences
 from .evaluate import STATIC, curves, score, static_boxes, track_dataset, write_predictions
 from .losses import lorat_loss
 from .metrics import plot_success_precision
-from .model import LoRAT, add_adapter, build_vit, get_variant, lorat_adapter_config, param_groups
+from .model import LORA_TARGETS, LoRAT, add_adapter, build_vit, get_variant, lorat_adapter_config, param_groups
 from .pipeline import TrackingPipeline, variant_config
 from .sampling import PairSettings, TrainingPairs, collate_pairs
 
@@ -70,12 +70,9 @@ def build_model(cfg: TrackConfig) -> tuple[LoRAT, dict]:
 
 
 def adapter_config(cfg: TrackConfig) -> peft.PeftConfig:
+    """``--peft-config`` (on the official LoRA sites unless it names its own), else ``--method``."""
     if cfg.peft_config:
-        from visadapt.tracking.model import LORA_TARGETS
-
-        raw = json.loads(Path(cfg.peft_config).read_text())
-        raw.setdefault("target_modules", LORA_TARGETS)
-        return peft.PeftConfig.from_peft_type(**raw)
+        return read_peft_config(cfg.peft_config, default_targets=LORA_TARGETS)
     return lorat_adapter_config(cfg.method, r=cfg.rank, alpha=cfg.alpha)
 
 
