@@ -27,8 +27,9 @@ REGISTRATIONS: dict[str, tuple[str, ...]] = {
 class _AfterImport(importlib.abc.MetaPathFinder):
     """Finds nothing itself: it wraps the real loader of a module so that registrations run after it.
 
-    ``pending``: library → its registration, queued when the library has run; ``watched``: the packages whose
-    modules a registration imports, tracked while they run; ``waiting``: registrations queued until none does.
+    ``pending``: library → its registration, queued when the library has run (not when it is only looked up:
+    ``importlib.util.find_spec("timm")``, as peft does, loads nothing); ``watched``: the packages whose modules a
+    registration imports, tracked while they run; ``waiting``: registrations queued until none does.
     """
 
     def __init__(self) -> None:
@@ -38,9 +39,9 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         self.waiting: list[Callable[[], None]] = []
 
     def find_spec(self, fullname, path, target=None):
-        callback = self.pending.pop(fullname, None)
+        library = fullname in self.pending
         tracked = fullname.startswith(self.watched) and bool(self.pending or self.waiting)
-        if callback is None and not tracked:
+        if not (library or tracked):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -56,8 +57,8 @@ class _AfterImport(importlib.abc.MetaPathFinder):
                         run_module(module)
                     finally:
                         self.running.discard(fullname)
-                    if callback is not None:
-                        self.waiting.append(callback)
+                    if library and fullname in self.pending:
+                        self.waiting.append(self.pending.pop(fullname))
                     while self.waiting and not self.running:
                         self.waiting.pop(0)()
 
