@@ -38,7 +38,9 @@ def test_first_command_and_examples_run(tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 2, "README lost its quickstart"
     code = "\n".join(blocks).replace('pretrained="openai"', "pretrained=None")
-    proc = run_python(f"import os\nos.chdir(r'{tmp_path}')\n" + code, tmp_path)
+    # as if started in the repository root, which Python puts first on sys.path (its folders must shadow nothing)
+    root_first = f"import os, sys\nsys.path.insert(0, r'{README.parent}')\nos.chdir(r'{tmp_path}')\n"
+    proc = run_python(root_first + code, tmp_path)
     assert "trainable params: 103,680" in proc.stdout
     assert (tmp_path / "clip-block-lora" / "adapter_model.safetensors").exists()
     assert (tmp_path / "clip-lora" / "adapter_config.json").exists()
