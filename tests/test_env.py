@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_env_lists_the_dependencies_a_bug_report_needs(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
-    for name in ("torch", "peft", "transformers", "diffusers", "deepspeed", "av", "kernels", "triton"):
+    for name in ("torch", "peft", "open-clip-torch", "transformers", "diffusers", "deepspeed", "av", "kernels",
+                 "triton", "matplotlib", "scipy", "tqdm", "numpy"):
         assert f"| {name} | " in out, name
     assert "cuda available:" in out and not any(line.startswith("!") for line in out.splitlines())
 

@@ -51,12 +51,12 @@ def test_the_guard_sees_a_clash(tmp_path):
 def test_python_started_in_the_root_imports_diffusers_and_transformers_hub_kernels():
     """transformers >= 5.25 imports Hugging Face's ``kernels`` (``from kernels import CUDAProperties``): with the
     root on sys.path our ``kernels/`` folder must not be found in its place."""
-    code = ("import kernels, transformers.integrations.hub_kernels\n"
+    code = ("import transformers.integrations.hub_kernels\n"
             "from diffusers import StableDiffusionPipeline\n"
             "from visadapt import kernels as ours\n"
-            "assert hasattr(kernels, 'CUDAProperties'), kernels.__file__\n"
-            "assert ours.__name__ == 'visadapt.kernels' and callable(ours.lora_linear)\n"
-            "print(kernels.__file__)")
+            "assert ours.__name__ == 'visadapt.kernels' and callable(ours.lora_linear)\n")
+    if "kernels" in importlib.metadata.packages_distributions():  # Hugging Face's, a dependency of transformers 5.25
+        code += "import kernels\nassert hasattr(kernels, 'CUDAProperties'), kernels.__file__\nprint(kernels.__file__)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
