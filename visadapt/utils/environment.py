@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 # a clone's constraints file: visadapt/utils/environment.py -> the repository root
@@ -38,7 +39,7 @@ class Dependency:
         """Installed, declared, and not in the declared range (pip enforces it on install, not afterwards)."""
         if self.installed is None or self.required in ("", "any"):
             return False
-        return not Requirement(f"{self.name}{self.required}").specifier.contains(self.installed, prereleases=True)
+        return not SpecifierSet(self.required).contains(self.installed, prereleases=True)
 
 
 def installed_version(name: str) -> Optional[str]:
