@@ -114,7 +114,7 @@ def run_worker(args: argparse.Namespace, mode: str, n: int) -> dict[str, Any]:
     encoder = None
     if mode == "easyref":
         encoder = to_device(EasyRefEncoder(mllm, processor, pipe.unet.config.cross_attention_dim), args)
-        install_easyref(pipe.unet, lora_rank=args.lora_rank)
+        install_easyref(pipe.unet, lora_rank=args.rank)
         to_device(pipe.unet, args)
     refs = references(n, args.ref_size)
 
@@ -172,7 +172,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 30 on CUDA, 10 on CPU)")
     p.add_argument("--refs", default="1,4,16", help="comma-separated reference counts")
     p.add_argument("--ref-size", type=int, default=336, help="reference image side in pixels")
-    p.add_argument("--lora-rank", type=int, default=128, help="rank of the EasyRef UNet LoRA")
+    p.add_argument("--rank", type=int, default=128, help="rank of the EasyRef UNet LoRA")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration; the median is reported")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
@@ -196,7 +196,7 @@ def main() -> None:
         return
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(f"device: {device_name(args.device)} | torch {torch.__version__} | model {args.model} | mllm {args.mllm} | "
-          f"{args.size}px | {args.steps} steps | {args.dtype} | refs {args.ref_size}px | LoRA r{args.lora_rank} | "
+          f"{args.size}px | {args.steps} steps | {args.dtype} | refs {args.ref_size}px | LoRA r{args.rank} | "
           f"median of {args.repeats}", flush=True)
     base = run_child(__file__, RESULT_MARKER, "sdxl", "0")
     rows = [base] + [run_child(__file__, RESULT_MARKER, "easyref", str(n)) for n in args.counts]

@@ -263,4 +263,4 @@ def test_help_lists_every_option_with_its_default_once(capsys):
     for flag in ("--trigger", "--instance-prompt", "--class-prompt", "--method {lora,block-lora,comp-lora}",
                  "--peft-config", "--train-text-encoder", "--gradient-checkpointing", "--sample-every", "--config"):
         assert flag in flat, flag
-    assert "LoRA rank r (default: 4)" in flat and "(default: None)" not in flat
+    assert "--rank RANK LoRA rank (default: 4)" in flat and "(default: None)" not in flat

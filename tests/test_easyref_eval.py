@@ -104,7 +104,7 @@ def trained_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval")
     data = write_demo_groups(root / "groups", n_groups=2, per_group=3, size=32)
-    cfg = EasyRefTrainConfig(stage=2, data=str(data), model="tiny-sdxl", mllm="tiny", steps=2, lr=1e-3, lora_rank=4,
+    cfg = EasyRefTrainConfig(stage=2, data=str(data), model="tiny-sdxl", mllm="tiny", steps=2, lr=1e-3, r=4,
                              precision="no", batch_size=2, grad_accum=1, resolution=32)
     with pytest.warns(UserWarning, match="without --init starts from random"):
         train_easyref(cfg, root / "run")

@@ -140,10 +140,10 @@ def test_drops_follow_their_rates_and_are_seeded(groups_dir):
 
 def test_stage_defaults_follow_the_official_scripts():
     one, three = EasyRefTrainConfig(stage=1).resolved(), EasyRefTrainConfig(stage=3, lr=1e-3).resolved()
-    assert (one.lr, one.batch_size, one.grad_accum, one.lora_rank, one.train_mllm) == (1e-4, 8, 1, 0, False)
+    assert (one.lr, one.batch_size, one.grad_accum, one.r, one.train_mllm) == (1e-4, 8, 1, 0, False)
     assert (three.lr, three.batch_size, three.grad_accum, three.truncate_rate, three.max_seq_len) == \
         (1e-3, 1, 4, 0.4, 0)
-    assert STAGE_DEFAULTS[2]["lr"] == 4e-5 and STAGE_DEFAULTS[2]["lora_rank"] == 128
+    assert STAGE_DEFAULTS[2]["lr"] == 4e-5 and STAGE_DEFAULTS[2]["r"] == 128
     # finetune_sdxl.py: stages 1-2 run with --random_crop (square centre crop), stage 3 without (whole target)
     assert [EasyRefTrainConfig(stage=s).resolved().target_crop for s in (1, 2, 3)] == ["square", "square",
                                                                                         "keep-aspect"]
@@ -167,7 +167,7 @@ def stages(overfit_dir, tmp_path_factory):
 
     root, runs = tmp_path_factory.mktemp("stages"), {}
     for stage in (1, 2, 3):
-        extra = {"lora_rank": 4, "init": str(root / f"stage{stage - 1}"), "target_crop": "square"} if stage > 1 else {}
+        extra = {"r": 4, "init": str(root / f"stage{stage - 1}"), "target_crop": "square"} if stage > 1 else {}
         cfg = EasyRefTrainConfig(stage=stage, data=str(overfit_dir), **TINY, **extra)
         runs[stage] = (root / f"stage{stage}", train_easyref(cfg, root / f"stage{stage}"))
     return runs
@@ -234,7 +234,7 @@ def test_interrupted_stage_resumes_bit_exactly(overfit_dir, wide_dir, tmp_path, 
 
     extra = {"stage": 2, "data": str(overfit_dir)} if case == "stage2_square" else \
         {"stage": 3, "data": str(wide_dir), "batch_size": 1, "size_multiple": 8}
-    cfg = EasyRefTrainConfig(lora_rank=4, checkpoint_every=2, **{**TINY, "steps": 4, "lr": 1e-3, "ref_drop": 0.2,
+    cfg = EasyRefTrainConfig(r=4, checkpoint_every=2, **{**TINY, "steps": 4, "lr": 1e-3, "ref_drop": 0.2,
                                                                  "text_drop": 0.2, "both_drop": 0.2, **extra})
     with pytest.warns(UserWarning, match="without --init"):
         full = train_easyref(cfg, tmp_path / "full")
@@ -268,7 +268,7 @@ def test_a_tied_mllm_is_written_under_both_names(overfit_dir, tmp_path):
     config.tie_word_embeddings = True
     model = Qwen2VLForConditionalGeneration(config)
     assert model.lm_head.weight is model.get_input_embeddings().weight
-    cfg = EasyRefTrainConfig(stage=2, data=str(overfit_dir), lora_rank=2, init=None, **{**TINY, "steps": 1})
+    cfg = EasyRefTrainConfig(stage=2, data=str(overfit_dir), r=2, init=None, **{**TINY, "steps": 1})
     with pytest.warns(UserWarning, match="without --init"):
         train_easyref(cfg, tmp_path / "tied", mllm=(model, processor))
     official = load_file(str(tmp_path / "tied" / "official" / "model.safetensors"))
@@ -357,7 +357,7 @@ def test_stage_three_trains_on_whole_targets(stages, wide_dir, tmp_path):
             seen.append((tuple(batch["pixels"].shape), batch["time_ids"].tolist()))
             return super().compute_loss(batch)
 
-    cfg = EasyRefTrainConfig(stage=3, data=str(wide_dir), lora_rank=4, init=str(stages[2][0]), size_multiple=8,
+    cfg = EasyRefTrainConfig(stage=3, data=str(wide_dir), r=4, init=str(stages[2][0]), size_multiple=8,
                              **{**TINY, "batch_size": 1, "steps": 12})
     r = Watched(cfg, tmp_path / "run").run()
     assert r["target_crop"] == "keep-aspect" and r["eval_loss_after"] < r["eval_loss_before"], r

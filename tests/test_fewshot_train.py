@@ -154,8 +154,9 @@ def test_glad_config_rejects_bad_values():
 
 
 def test_glad_training_differs_from_plain_and_learns(tiny_clip, colours, tmp_path):
-    plain = train(config(tiny_clip, colours, dropout=0.0), tmp_path / "plain")
-    glad = train(config(tiny_clip, colours, dropout=0.0, glad=True, glad_alpha=1.0, glad_rho=0.5), tmp_path / "glad")
+    plain = train(config(tiny_clip, colours, lora_dropout=0.0), tmp_path / "plain")
+    glad = train(config(tiny_clip, colours, lora_dropout=0.0, glad=True, glad_alpha=1.0, glad_rho=0.5),
+                 tmp_path / "glad")
     assert glad["method"] == "block-lora+glad"
     a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "glad" / "adapter" / "adapter_model.safetensors")
@@ -166,7 +167,7 @@ def test_glad_training_differs_from_plain_and_learns(tiny_clip, colours, tmp_pat
 # ------------------------------------------------------------------------------------------------- methods
 @pytest.mark.parametrize("method", ["lora", "block-lora", "comp-lora"])
 def test_every_method_learns_the_colour_task(method, tiny_clip, colours, tmp_path):
-    results = train(config(tiny_clip, colours, method=method, iters=40, lr=1e-2, dropout=0.0), tmp_path / method)
+    results = train(config(tiny_clip, colours, method=method, iters=40, lr=1e-2, lora_dropout=0.0), tmp_path / method)
     assert results["top1"] > results["zeroshot_top1"] + 20, results
     # q, k, v of 2 blocks per tower: 6 matrices of 64×64 (vision) and 6 of 32×32 (text), rank 2;
     # Block-LoRA (n=4) has r·(d_in/4 + d_out) per matrix.
@@ -197,7 +198,7 @@ def test_peft_config_without_targets_is_a_clear_error(tiny_clip, colours, tmp_pa
 @pytest.fixture(scope="module")
 def trained_run(tiny_clip, colours, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("run") / "run"
-    results = train(config(tiny_clip, colours, iters=30, lr=1e-2, dropout=0.0,
+    results = train(config(tiny_clip, colours, iters=30, lr=1e-2, lora_dropout=0.0,
                            eval_zeroshot_on=[str(colours)]), out)
     return out, results
 

@@ -69,7 +69,7 @@ def test_zero_init_lora_leaves_the_output_unchanged_and_official_init_does_not()
 
 
 def test_gated_lora_formula_merge_and_fold():
-    layer = GatedLoRALinear(6, 4, r=2, alpha=4.0)
+    layer = GatedLoRALinear(6, 4, r=2, lora_alpha=4.0)
     for p in layer.parameters():
         nn.init.normal_(p)
     x = torch.randn(5, 6)
@@ -87,7 +87,7 @@ def test_gated_lora_formula_merge_and_fold():
         layer.lora_B.weight.zero_()
     torch.testing.assert_close(layer(x), x @ layer.base.weight.T + b0)
 
-    plain = LoRALinear(6, 4, r=2, alpha=4.0)
+    plain = LoRALinear(6, 4, r=2, lora_alpha=4.0)
     nn.init.normal_(plain.lora_B.weight)
     assert (plain.merged()(x) - plain(x)).abs().max() < 1e-5
 
@@ -95,7 +95,7 @@ def test_gated_lora_formula_merge_and_fold():
 def test_plain_lora_is_peft_lora_on_the_same_sites():
     torch.manual_seed(0)
     model = tiny(lora_placement="none", official_init=False).eval()
-    pm = peft.get_peft_model(model, lola_peft_config("all", r=4, alpha=8.0))
+    pm = peft.get_peft_model(model, lola_peft_config("all", r=4, lora_alpha=8.0))
     wrapped = [n for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.Linear)]
     assert len(wrapped) == 3 * 4 + 1  # qkv, proj, fc1, fc2 in each of 3 blocks + the head
     assert all(n.endswith(("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "head")) for n in wrapped)

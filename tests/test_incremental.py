@@ -75,7 +75,7 @@ def _tiny_backbone() -> Backbone:
 
 def test_the_teacher_has_no_adapter_and_the_ema_moves_shared_weights_only():
     torch.manual_seed(0)
-    cfg = IncrementalConfig(rank=4, alpha=4, adapt_blocks=3)
+    cfg = IncrementalConfig(r=4, lora_alpha=4, adapt_blocks=3)
     backbone = _tiny_backbone()
     model = CoactModel(backbone, 6, adapter_config(cfg, backbone))
     named = dict(model.named_parameters())

@@ -14,10 +14,11 @@ from visadapt.cli import main
 from visadapt.incremental.config import IncrementalConfig
 from visadapt.incremental.demo import demo_data, run_demo
 from visadapt.incremental.train import train
+from visadapt.utils.cli import FLAGS
 
 SMALL = dict(backbone="visadapt-demo-clip", setting="fscil", base_classes=3, way=2, sessions=3, shots=3,
              epochs_base=2, epochs_incremental=2, batch_size=6, lr=0.02, inc_lr_factor=0.5, classifier="cosine",
-             checkpoint_every=2, ft_start_layer=3, ft_start_epoch=1, adapt_blocks=4, rank=4, alpha=4, seed=3)
+             checkpoint_every=2, ft_start_layer=3, ft_start_epoch=1, adapt_blocks=4, r=4, lora_alpha=4, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_command_line_and_pipeline(tmp_path, data, capsys):
     args = ["incremental", "train", "--dataset", "imagefolder", "--root", str(tmp_path / "shapes"), "--out", str(run)]
     for key, value in SMALL.items():
         if key not in ("checkpoint_every",):
-            args += [f"--{key.replace('_', '-')}", str(value)]
+            args += [FLAGS.get(key, f"--{key.replace('_', '-')}"), str(value)]
     assert main(args) == 0
     results = json.loads((run / "results.json").read_text())
     assert {"average_accuracy", "performance_drop", "base_forgetting", "harmonic_mean"} <= set(results)

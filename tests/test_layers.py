@@ -1,8 +1,8 @@
 """The package's layers, read from the source: imports point down, and no task imports another task.
 
 kernels ← adapters ← tasks ← pipelines ← apps / cli; ``visadapt.utils`` (and ``visadapt.version``) may be used by
-every layer and uses none; ``visadapt.training`` is the tasks' shared core. Every import counts, those inside
-functions too.
+every layer and uses none; ``visadapt.training`` and ``visadapt.run_config`` are the tasks' shared core. Every import
+counts, those inside functions too.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def layer(module: str) -> tuple[int, Optional[str]]:
         return KERNELS, None
     if second in ("", "adapters", "_registry"):  # the root package exports the adapters
         return ADAPTERS, None
-    if second == "training":
+    if second in ("training", "run_config"):  # the tasks' shared core
         return TASK, None
     if second in TASKS:
         return TASK, second

@@ -102,14 +102,14 @@ def test_a_registered_method_trains_one_step_in_every_task(variant, tmp_path):
     assert fewshot["method"] == variant and saved["n_blocks"] == 1 and saved["init_weights"] is False
 
     incremental = IncrementalConfig(backbone="visadapt-demo-clip", base_classes=3, way=2, sessions=2, shots=2,
-                                    epochs_base=1, batch_size=6, adapt_blocks=2, rank=2, alpha=2, method=variant)
+                                    epochs_base=1, batch_size=6, adapt_blocks=2, r=2, lora_alpha=2, method=variant)
     incremental_train.train(incremental, tmp_path / "incremental", data=demo_data(n_train=2, n_test=1))
     assert any("lora" in name for name in load_file(str(tmp_path / "incremental" / "session_0" /
                                                           "model.safetensors")))
 
     world = write_world(tmp_path / "world", "train", n_sequences=2, n_frames=6, seed=0)
     track_train.train(TrackConfig(variant="demo", data=[f"got10k:{world}:train"], samples_per_epoch=2, batch_size=2,
-                            epochs=1, rank=2, alpha=2.0, method=variant), tmp_path / "track")
+                            epochs=1, r=2, lora_alpha=2.0, method=variant), tmp_path / "track")
     assert json.loads((tmp_path / "track" / "run_config.json").read_text())["method"] == variant
 
     images = write_task(tmp_path / "concept", "heldout-shapes", n_train=3, n_val=0, n_test=0, seed=0)

@@ -57,7 +57,7 @@ def inputs():
 @pytest.mark.parametrize("swiglu", [False, True])
 def test_every_tensor_lands_in_the_adapted_and_the_plain_model(swiglu):
     sd = official_state_dict(swiglu)
-    adapted = add_adapter(LoRAT(tiny_vit(swiglu), Z, X), lorat_adapter_config(r=R, alpha=R))
+    adapted = add_adapter(LoRAT(tiny_vit(swiglu), Z, X), lorat_adapter_config(r=R, lora_alpha=R))
     plain = LoRAT(tiny_vit(swiglu), Z, X)
     assert load_official(adapted, sd) == {"tensors": len(sd), "adapters": DEPTH * 6}
     assert load_official(plain, sd)["adapters"] == DEPTH * 6
@@ -85,7 +85,7 @@ def test_lora_alpha_in_the_checkpoint_scales_the_delta():
         "blocks.0.attn.proj.lora.A"]
     torch.testing.assert_close(plain.blocks[0].attn.proj.weight, expected)
     with pytest.raises(ValueError, match="scaling"):
-        load_official(add_adapter(LoRAT(tiny_vit(), Z, X), lorat_adapter_config(r=R, alpha=R)), sd)
+        load_official(add_adapter(LoRAT(tiny_vit(), Z, X), lorat_adapter_config(r=R, lora_alpha=R)), sd)
 
 
 def test_leftover_or_missing_tensors_raise():
@@ -98,7 +98,7 @@ def test_leftover_or_missing_tensors_raise():
     with pytest.raises(ValueError, match="variant"):  # a 378 checkpoint into a 224 model
         load_official(LoRAT(tiny_vit(), Z, (5, 5)), official_state_dict())
     with pytest.raises(ValueError, match="plain LoRA"):
-        load_official(add_adapter(LoRAT(tiny_vit(), Z, X), lorat_adapter_config("comp-lora", r=R, alpha=R, k=2)),
+        load_official(add_adapter(LoRAT(tiny_vit(), Z, X), lorat_adapter_config("comp-lora", r=R, lora_alpha=R, k=2)),
                       official_state_dict())
 
 

@@ -24,7 +24,7 @@ av = pytest.importorskip("av")
 def pipeline_dir(tmp_path_factory):
     """A demo-architecture tracker (shipped backbone, fresh adapters and head) saved as a pipeline folder."""
     folder = tmp_path_factory.mktemp("tracker")
-    cfg = TrackConfig(variant="demo", rank=4, alpha=8.0)
+    cfg = TrackConfig(variant="demo", r=4, lora_alpha=8.0)
     torch.manual_seed(0)
     model, _ = build_model(cfg)
     TrackingPipeline(model, model_config(cfg)).save_pretrained(folder)

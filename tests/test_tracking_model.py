@@ -98,7 +98,7 @@ def test_forward_shapes_and_boxes_around_cell_centres():
 
 @pytest.mark.parametrize("config", [
     None,
-    lorat_adapter_config("comp-lora", r=4, alpha=4, k=2),
+    lorat_adapter_config("comp-lora", r=4, lora_alpha=4, k=2),
     peft.LoraConfig(r=4, lora_alpha=4, target_modules=["qkv", "proj", "fc1", "fc2"]),
 ])
 def test_merged_model_equals_adapted_model(config):

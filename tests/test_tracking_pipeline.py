@@ -25,7 +25,7 @@ def frames(n: int = 4) -> list[np.ndarray]:
 def test_saved_pipeline_tracks_like_the_adapted_model(tmp_path):
     torch.manual_seed(0)
     config = variant_config("B-224", **TINY)
-    model = add_adapter(_build(config), lorat_adapter_config(r=4, alpha=4))
+    model = add_adapter(_build(config), lorat_adapter_config(r=4, lora_alpha=4))
     pipe = TrackingPipeline(model, config)
     before = pipe(frames(), (20, 30, 24, 20))
     assert before.boxes.shape == (4, 4) and before.scores[0] == 1.0

@@ -96,7 +96,7 @@ def test_augmentations_joint_and_independent(world):
 
 def _config(world, **kw) -> TrackConfig:
     base = dict(variant="demo", data=[f"got10k:{world}:train"], samples_per_epoch=16, batch_size=8, epochs=2,
-                rank=4, alpha=8.0, lr=2e-3, min_lr=1e-4, warmup_epochs=0.5, warmup_lr=1e-4, checkpoint_every=2,
+                r=4, lora_alpha=8.0, lr=2e-3, min_lr=1e-4, warmup_epochs=0.5, warmup_lr=1e-4, checkpoint_every=2,
                 seed=2)
     return TrackConfig(**{**base, **kw})
 

@@ -4,7 +4,6 @@ checkpoints (a kill between renames), refusing foreign folders, file modes, and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import stat
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
+from visadapt.run_config import RunConfig, recipe_default
 from visadapt.training import ShotBatches, Trainer
 from visadapt.utils import TrainingDiverged, io
 from visadapt.utils.cli import HelpFormatter, add_config_arguments, config_from_args, option, typed_by_user
@@ -43,22 +43,14 @@ class Blobs(Dataset):
 
 
 @dataclass
-class ToyConfig:
-    seed: int = option(0, "seed")
-    batch_size: int = option(8, "batch")
-    grad_accum: int = option(1, "micro-batches per step")
-    grad_clip: Optional[float] = option(None, "clip")
+class ToyConfig(RunConfig):
+    seed: int = recipe_default("seed", 0)
+    batch_size: int = recipe_default("batch_size", 8)
     lr: float = option(0.1, "learning rate")
     steps: int = option(12, "steps")
-    precision: str = option("auto", "precision", choices=("auto", "no", "fp16", "bf16"))
-    checkpoint_every: Optional[int] = option(None, "checkpoint every")
-    workers: int = option(0, "workers")
     nan_at: Optional[int] = option(None, "return a NaN loss at this step (a test switch)")
     tags: Sequence[str] = option(("a", "b"), "a list")
     dropout: bool = option(True, "dropout in the toy model")
-
-    def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 class ToyTrainer(Trainer):

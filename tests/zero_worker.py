@@ -123,7 +123,7 @@ def easyref_trainer(args: argparse.Namespace, record):
     warnings.filterwarnings("ignore", "Stage 2 without --init")
     tiny = {**TINY, "steps": args.steps, "grad_accum": args.grad_accum, "precision": args.precision,
             "checkpoint_every": args.checkpoint_every}
-    cfg = EasyRefTrainConfig(stage=2, data=args.easyref, lora_rank=4, **tiny)
+    cfg = EasyRefTrainConfig(stage=2, data=args.easyref, r=4, **tiny)
     return EasyRefTrainer(cfg, args.out, resume=args.resume, callbacks=[record])
 
 

@@ -50,6 +50,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from visadapt.run_config import RunConfig
 from visadapt.utils import TrainingDiverged, recover_dir, replace_dir, save_json_atomic, write_text_atomic
 from visadapt.version import __version__
 
@@ -315,8 +316,8 @@ def _check_numbers(config) -> None:
 class Trainer:
     """One training run into ``out_dir``, on accelerate. Subclass it and fill in the hooks below.
 
-    The config is a dataclass with at least ``seed``, ``batch_size``, ``precision``, ``workers`` and
-    ``checkpoint_every`` (steps; None: about ten per run), and optionally ``grad_accum`` and ``grad_clip``; its
+    The config is a :class:`~visadapt.run_config.RunConfig` (``seed``, ``batch_size``, ``grad_accum``,
+    ``grad_clip``, ``precision``, ``checkpoint_every``, ``workers``) extended by the task's fields; its
     ``to_json()`` is what ``run_config.json`` records and what ``--resume`` compares (but ``resume_free``).
     A step is one batch (one micro-batch under gradient accumulation).
 
@@ -347,10 +348,10 @@ class Trainer:
     batches: ShotBatches
     share_weight: float = 1.0
 
-    def __init__(self, config, out_dir: str | Path, resume: bool = False,
+    def __init__(self, config: RunConfig, out_dir: str | Path, resume: bool = False,
                  callbacks: Sequence[StepCallback] = ()) -> None:
         self.cfg, self.out, self.resume, self.callbacks = config, Path(out_dir), resume, list(callbacks)
-        self.grad_accum = int(getattr(config, "grad_accum", 1))
+        self.grad_accum = int(config.grad_accum)
         if config.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be >= 1.")
         _check_numbers(config)
@@ -382,7 +383,7 @@ class Trainer:
                                  "and 2 (stage 3 partitions the weights, which checkpoints and evaluation read whole); "
                                  "set zero_stage: 2 in the accelerate config.")
             ds = plugin.deepspeed_config
-            clip = float(getattr(self.cfg, "grad_clip", None) or 0.0)  # DeepSpeed: 0 is no clipping
+            clip = float(self.cfg.grad_clip or 0.0)  # DeepSpeed: 0 is no clipping
             _fill_deepspeed(ds, "gradient_accumulation_steps", self.grad_accum, "--grad-accum")
             _fill_deepspeed(ds, "gradient_clipping", clip, "--grad-clip")
             # each process trains on its share of a --batch-size batch (the loader has no batch_size)
@@ -499,7 +500,7 @@ class Trainer:
     def _fit(self, loader, state: dict) -> None:
         cfg, acc = self.cfg, self.accelerator
         every = cfg.checkpoint_every or max(self.grad_accum, self.total_steps // 10)
-        clip = getattr(cfg, "grad_clip", None)
+        clip = cfg.grad_clip
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.model.train()
         step, tick = state["step"], time.perf_counter()

@@ -92,9 +92,9 @@ def unregister_method(name: str) -> None:
     del _REGISTRY[name]
 
 
-def peft_config(method: str, r: int, alpha: float, dropout: float, targets: Targets,
+def peft_config(method: str, r: int, lora_alpha: float, lora_dropout: float, targets: Targets,
                 **options: Any) -> peft.PeftConfig:
-    """The peft config of ``method`` with rank ``r``, ``lora_alpha`` ``alpha``, ``lora_dropout`` ``dropout`` on
+    """The peft config of ``method`` with rank ``r``, ``lora_alpha`` and ``lora_dropout`` (peft's names) on
     ``target_modules`` ``targets``.
 
     ``options`` are config fields (``use_rslora``, ``attention_parts``, ``n_blocks``, ``block_mode``, ``k``,
@@ -112,7 +112,7 @@ def peft_config(method: str, r: int, alpha: float, dropout: float, targets: Targ
         raise TypeError(f"peft_config() got option(s) {sorted(unknown)} that no adapter method takes "
                         f"({', '.join(METHODS)}).")
     kwargs = {k: v for k, v in options.items() if k in taken and k not in chosen.fixed}
-    return chosen.config_type()(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, **kwargs,
+    return chosen.config_type()(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, **kwargs,
                                 **chosen.fixed)
 
 

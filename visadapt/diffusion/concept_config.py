@@ -8,11 +8,11 @@ target when the scheduler predicts ``v_prediction``).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from visadapt.adapters.methods import METHODS
+from visadapt.run_config import RunConfig, recipe_default
 from visadapt.utils.cli import option
 
 TINY_MODELS = ("tiny-sd", "tiny-sdxl")  # the offline random pipelines of visadapt.diffusion.tiny
@@ -24,7 +24,7 @@ def _names(text: str) -> list[str]:
 
 
 @dataclass
-class ConceptTrainConfig:
+class ConceptTrainConfig(RunConfig):
     """Everything that defines a concept (DreamBooth-style LoRA) run."""
 
     model: Optional[str] = option(None, "base pipeline: a hub id or local diffusers folder (SD-1.x/2.x or SDXL), or "
@@ -50,9 +50,10 @@ class ConceptTrainConfig:
     peft_config: Optional[str] = option(None, "JSON file of a visadapt peft config (peft_type BLOCK_LORA or "
                                         "COMP_LORA, as save_pretrained writes it); replaces --method/--rank",
                                         group="adapter")
-    rank: int = option(4, "LoRA rank r", group="adapter")
-    alpha: Optional[float] = option(None, "LoRA alpha, scale alpha/r (none: alpha = r)", group="adapter")
-    dropout: float = option(0.0, "LoRA dropout", group="adapter")
+    r: int = option(4, "LoRA rank", group="adapter")
+    lora_alpha: Optional[float] = option(None, "LoRA alpha, scale lora_alpha / r (none: lora_alpha = r)",
+                                         group="adapter")
+    lora_dropout: float = option(0.0, "LoRA dropout", group="adapter")
     n_blocks: int = option(4, "Block-LoRA: input chunks sharing one down-projection", group="adapter")
     comp_k: float = option(0.5, "Comp-LoRA: top singular directions kept free (count, or fraction < 1)",
                            group="adapter")
@@ -64,36 +65,25 @@ class ConceptTrainConfig:
     resolution: Optional[int] = option(None, "training image size (none: the pipeline's, e.g. 512 for SD-1.5, "
                                        "1024 for SDXL)", group="optimisation")
     steps: int = option(400, "training steps (micro-batches)", group="optimisation")
-    batch_size: int = option(1, "instance images per micro-batch (global, split over the processes)",
-                             group="optimisation")
-    grad_accum: int = option(1, "micro-batches per optimizer step", group="optimisation")
     lr: float = option(1e-4, "AdamW learning rate", group="optimisation")
     text_lr: Optional[float] = option(None, "learning rate of the text encoders' LoRA (none: --lr)",
                                       group="optimisation")
     weight_decay: float = option(1e-2, "AdamW weight decay", group="optimisation")
     warmup_steps: int = option(0, "linear warm-up, then constant", group="optimisation")
-    grad_clip: Optional[float] = option(1.0, "gradient-norm clipping (none: off)", group="optimisation")
     half_weights: bool = option(False, "keep the frozen base weights in the --precision dtype (fp16/bf16): about "
                                 "half the memory, as diffusers' DreamBooth scripts do; the adapter stays fp32",
                                 group="optimisation")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)",
                                           group="optimisation")
-    seed: int = option(0, "LoRA init, noise, timesteps, batch order, class images and samples",
-                       group="optimisation")
-    precision: str = option("auto", "auto: fp16 autocast on CUDA, fp32 on CPU", choices=("auto", "no", "fp16", "bf16"),
-                            group="optimisation")
-    checkpoint_every: Optional[int] = option(None, "steps between checkpoints (none: a tenth of the run)",
-                                             group="optimisation")
-    workers: int = option(0, "data-loading processes", group="optimisation")
+    seed: int = recipe_default("seed", 0)
+    batch_size: int = recipe_default("batch_size", 1)
+    grad_clip: Optional[float] = recipe_default("grad_clip", 1.0)
     sample_every: Optional[int] = option(None, "steps between sample grids (none: only at the end; 0: never)",
                                          group="samples")
     sample_prompt: Optional[str] = option(None, "prompt of the sample grids (none: --instance-prompt)",
                                           group="samples")
     sample_count: int = option(4, "images per sample grid", group="samples")
     sample_steps: int = option(25, "sampling steps of the sample images", group="samples")
-
-    def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def concept_name(self) -> str:
         return self.name or self.trigger or "concept"

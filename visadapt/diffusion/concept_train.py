@@ -162,9 +162,9 @@ def adapter_config(cfg: ConceptTrainConfig, targets: Sequence[str]) -> peft.Peft
         config = read_peft_config(cfg.peft_config, default_targets=list(targets), peft_types=VISADAPT_TYPES,
                                   peft_types_note=ONLY_VISADAPT_TYPES)
         return dataclasses.replace(config, target_modules=list(targets))
-    alpha = cfg.alpha if cfg.alpha is not None else cfg.rank
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else cfg.r
     k = int(cfg.comp_k) if cfg.comp_k >= 1 else cfg.comp_k
-    return peft_config(cfg.method, cfg.rank, alpha, cfg.dropout, list(targets), n_blocks=cfg.n_blocks, k=k)
+    return peft_config(cfg.method, cfg.r, alpha, cfg.lora_dropout, list(targets), n_blocks=cfg.n_blocks, k=k)
 
 
 class ConceptModel(nn.Module):
@@ -289,7 +289,7 @@ class ConceptTrainer(Trainer):
         check_instance_inputs(c, need_model=self._pipe is None)
         if c.peft_config:
             adapter_config(c, c.unet_targets)  # a wrong --peft-config fails now, not after the pipeline has loaded
-        if c.steps < 1 or c.rank < 1 or c.sample_count < 1:
+        if c.steps < 1 or c.r < 1 or c.sample_count < 1:
             raise ValueError("--steps, --rank and --sample-count must be >= 1.")
         if c.num_class_images < 1 and c.class_prompt:
             raise ValueError("--num-class-images must be >= 1 with --class-prompt.")

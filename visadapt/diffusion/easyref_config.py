@@ -25,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from visadapt.run_config import PRECISIONS, RunConfig, recipe_default
 from visadapt.utils.cli import option
 
 TINY_MODEL = "tiny-sdxl"  # visadapt.diffusion.tiny's random SDXL pipeline
@@ -37,17 +38,17 @@ SIZE_MULTIPLE = 64  # keep-aspect targets: sides rounded up to a multiple of thi
 
 #: per stage: what the official scripts use (finetune_sdxl.py and scripts/*.sh)
 STAGE_DEFAULTS: dict[int, dict] = {
-    1: {"lr": 1e-4, "batch_size": 8, "grad_accum": 1, "max_seq_len": 256, "truncate_rate": 0.0, "lora_rank": 0,
+    1: {"lr": 1e-4, "batch_size": 8, "grad_accum": 1, "max_seq_len": 256, "truncate_rate": 0.0, "r": 0,
         "train_mllm": False, "target_crop": "square"},
-    2: {"lr": 4e-5, "batch_size": 4, "grad_accum": 2, "max_seq_len": 256, "truncate_rate": 0.0, "lora_rank": 128,
+    2: {"lr": 4e-5, "batch_size": 4, "grad_accum": 2, "max_seq_len": 256, "truncate_rate": 0.0, "r": 128,
         "train_mllm": True, "target_crop": "square"},
-    3: {"lr": 2e-5, "batch_size": 1, "grad_accum": 4, "max_seq_len": 0, "truncate_rate": 0.4, "lora_rank": 128,
+    3: {"lr": 2e-5, "batch_size": 1, "grad_accum": 4, "max_seq_len": 0, "truncate_rate": 0.4, "r": 128,
         "train_mllm": True, "target_crop": "keep-aspect"},
 }
 
 
 @dataclass
-class EasyRefTrainConfig:
+class EasyRefTrainConfig(RunConfig):
     """Everything that defines one EasyRef training stage."""
 
     stage: int = option(1, "1: alignment pre-training, 2: single-reference fine-tuning, 3: multi-reference "
@@ -65,7 +66,7 @@ class EasyRefTrainConfig:
     holdout: bool = option(True, "leave each group's held-back evaluation image (its last by name) out of training",
                            group="easyref")
     num_tokens: int = option(64, "reference tokens (the adapter's condition length)", group="easyref")
-    lora_rank: Optional[int] = option(None, "rank of the UNet LoRA (0: none; none: 0 in stage 1, 128 after)",
+    r: Optional[int] = option(None, "rank of the UNet LoRA (0: none; none: 0 in stage 1, 128 after)",
                                       group="easyref")
     train_mllm: Optional[bool] = option(None, "also train the whole MLLM (none: from stage 2 on)", group="easyref")
     resolution: Optional[int] = option(None, "training image size (none: the pipeline's, 1024 for SDXL)",
@@ -86,27 +87,15 @@ class EasyRefTrainConfig:
     text_drop: float = option(0.05, "probability of dropping the caption alone", group="data")
     both_drop: float = option(0.05, "probability of dropping both", group="data")
     steps: int = option(10000, "training steps (micro-batches)", group="optimisation")
-    batch_size: Optional[int] = option(None, "examples per micro-batch, global (none: 8 / 4 / 1 by stage)",
-                                       group="optimisation")
-    grad_accum: Optional[int] = option(None, "micro-batches per optimizer step (none: 1 / 2 / 4 by stage)",
-                                       group="optimisation")
     lr: Optional[float] = option(None, "AdamW learning rate, constant (none: 1e-4 / 4e-5 / 2e-5 by stage)",
                                  group="optimisation")
     weight_decay: float = option(0.0, "AdamW weight decay", group="optimisation")
-    grad_clip: Optional[float] = option(None, "gradient-norm clipping (none: off, as the official scripts)",
-                                        group="optimisation")
     gradient_checkpointing: bool = option(True, "recompute the UNet's and the MLLM's activations in the backward "
                                           "pass (less memory)", group="optimisation")
-    precision: str = option("bf16", "autocast dtype (bf16 as the official runs; no: fp32)",
-                            choices=("auto", "no", "fp16", "bf16"), group="optimisation")
-    seed: int = option(0, "reference tokens and adapter init, noise, timesteps, drops, example order",
-                       group="optimisation")
-    checkpoint_every: Optional[int] = option(None, "steps between checkpoints (none: a tenth of the run)",
-                                             group="optimisation")
-    workers: int = option(0, "data-loading processes", group="optimisation")
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+    seed: int = recipe_default("seed", 0)
+    batch_size: Optional[int] = recipe_default("batch_size", None, "none: 8 / 4 / 1 by stage")
+    grad_accum: Optional[int] = recipe_default("grad_accum", None, "none: 1 / 2 / 4 by stage")
+    precision: str = recipe_default("precision", "bf16", "bf16 as the official runs")
 
     def resolved(self) -> "EasyRefTrainConfig":
         """A copy with every ``none`` stage option set to its stage's value."""
@@ -139,8 +128,7 @@ class EasyRefEvalConfig:
     clip_pretrained: str = option("openai", "open_clip weights tag", group="metrics")
     dino_model: str = option("vit_base_patch14_dinov2.lvd142m", "timm DINOv2 model for DINO-I", group="metrics")
     max_groups: Optional[int] = option(None, "evaluate only the first N groups", group="metrics")
-    precision: str = option("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=("auto", "no", "fp16", "bf16"),
-                            group="metrics")
+    precision: str = option("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=PRECISIONS, group="metrics")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

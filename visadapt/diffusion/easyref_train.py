@@ -161,8 +161,8 @@ class EasyRefTrainer(Trainer):
 
             warnings.warn(f"Stage {c.stage} without --init starts from random EasyRef weights; pass the previous "
                           "stage's run folder to continue the progressive training.", stacklevel=2)
-        if c.steps < 1 or c.num_tokens < 1 or c.lora_rank < 0 or c.max_refs < 1:
-            raise ValueError("--steps, --num-tokens and --max-refs must be >= 1, --lora-rank >= 0.")
+        if c.steps < 1 or c.num_tokens < 1 or c.r < 0 or c.max_refs < 1:
+            raise ValueError("--steps, --num-tokens and --max-refs must be >= 1, --rank >= 0.")
         for name in ("ref_drop", "text_drop", "both_drop", "truncate_rate"):
             if not 0 <= getattr(c, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a probability in [0, 1].")
@@ -190,7 +190,7 @@ class EasyRefTrainer(Trainer):
             module.requires_grad_(False)
         torch.manual_seed(c.seed)  # reference tokens, projector: the same init for the same seed
         encoder = EasyRefEncoder(mllm, processor, pipe.unet.config.cross_attention_dim, num_queries=c.num_tokens)
-        install_easyref(pipe.unet, num_tokens=c.num_tokens, lora_rank=c.lora_rank)
+        install_easyref(pipe.unet, num_tokens=c.num_tokens, lora_rank=c.r)
         if c.init:
             load_easyref_state(pipe.unet, encoder, read_easyref_file(adapter_file(c.init)))
         self._select_trainable(pipe.unet, encoder)
@@ -242,7 +242,7 @@ class EasyRefTrainer(Trainer):
         c = self.cfg
         for name, param in unet.named_parameters():
             param.requires_grad_(".to_k_ip." in name or ".to_v_ip." in name
-                                 or (c.lora_rank > 0 and ".lora_" in name and ".easyref." in name))
+                                 or (c.r > 0 and ".lora_" in name and ".easyref." in name))
         for name, param in encoder.named_parameters():
             param.requires_grad_(not name.startswith("mllm.") or c.train_mllm)
         mllm = encoder.mllm
@@ -337,7 +337,7 @@ class EasyRefTrainer(Trainer):
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return {"stage": c.stage, "base_model": c.model, "mllm": c.mllm, "init": c.init, "steps": state["step"],
                 "resolution": self.resolution, "target_crop": c.target_crop, "num_tokens": c.num_tokens,
-                "lora_rank": c.lora_rank,
+                "lora_rank": c.r,
                 "train_mllm": c.train_mllm, "data": self.data_summary, "examples": len(self.train_set),
                 "eval_loss_before": state["eval_loss_before"], "eval_loss_after": self.eval_loss(),
                 "trainable_params": trainable,
@@ -355,7 +355,7 @@ class EasyRefTrainer(Trainer):
 
         ours = self.adapter_state()
         meta = {"format": "visadapt-easyref", "stage": str(self.cfg.stage), "num_tokens": str(self.cfg.num_tokens),
-                "lora_rank": str(self.cfg.lora_rank)}
+                "lora_rank": str(self.cfg.r)}
         files = {"ours": ADAPTER_FILE, "official": OFFICIAL_FILE}
         for kind, official in (("ours", False), ("official", True)):
             save_easyref_file(ours, self.out / files[kind], official=official, metadata=meta)

@@ -167,7 +167,7 @@ def concept_config(concept: DemoConcept, images: Path, steps: int = DEMO_STEPS, 
     from .concept_config import ConceptTrainConfig
 
     return ConceptTrainConfig(images=str(images), trigger=concept.trigger, instance_prompt=concept.prompt,
-                              name=concept.name, steps=steps, batch_size=4, lr=2e-3, rank=8,
+                              name=concept.name, steps=steps, batch_size=4, lr=2e-3, r=8,
                               unet_targets=list(COMPOSER_TARGETS), train_text_encoder=True, sample_every=0,
                               checkpoint_every=steps, seed=seed)
 

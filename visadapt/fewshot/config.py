@@ -10,12 +10,12 @@ Vision-Language Models", CVPR-W 2024, §4): rank 2 on q, k, v of both towers, al
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from visadapt.adapters.methods import METHODS
+from visadapt.run_config import RunConfig
 from visadapt.utils.cli import option
 
 DEMO_MODEL = "visadapt-demo-clip"  # the tiny CLIP shipped in visadapt/utils/demo_clip (see visadapt.utils.world)
@@ -36,8 +36,8 @@ def _comp_k(text: str) -> Union[int, float]:
 
 
 @dataclass
-class TrainConfig:
-    """Everything that defines a few-shot run."""
+class TrainConfig(RunConfig):
+    """Everything that defines a few-shot run (the training loop's options: :class:`RunConfig`)."""
 
     dataset: Optional[str] = option(None, "a CoOp dataset read from --root, or 'imagefolder' (root/train/<class>/*, "
                                     "root/test/<class>/*, or one folder of class sub-folders)",
@@ -49,7 +49,6 @@ class TrainConfig:
     pretrained: Optional[str] = option("openai", "open_clip tag or local checkpoint file (loaded with "
                                        "weights_only=True); none: random weights", group="model")
     shots: int = option(16, "labelled images per class", group="data")
-    seed: int = option(1, "few-shot draw, batch order, augmentation and dropout", group="data")
     short_classes: str = option("error", "a class with fewer training images than --shots: stop (error), draw with "
                                 "replacement (repeat) or take them all (all)", choices=("error", "repeat", "all"),
                                 group="data")
@@ -57,9 +56,9 @@ class TrainConfig:
                          choices=METHODS, group="method")
     peft_config: Optional[str] = option(None, "JSON peft config (any peft method: DoRA, VeRA, …); replaces "
                                         "--method", group="method")
-    r: int = option(2, "LoRA rank", flag="--rank", group="method")
-    alpha: float = option(1.0, "scale = alpha / sqrt(rank)", group="method")
-    dropout: float = option(0.25, "dropout on the adapter input, drawn independently per projection",
+    r: int = option(2, "LoRA rank", group="method")
+    lora_alpha: float = option(1.0, "scale = lora_alpha / sqrt(r)", group="method")
+    lora_dropout: float = option(0.25, "dropout on the adapter input, drawn independently per projection",
                             group="method")
     parts: Sequence[str] = option(("q", "k", "v"), "attention projections: q, k, v, o", group="method")
     towers: Sequence[str] = option(TOWERS, "vision, text", group="method")
@@ -81,14 +80,11 @@ class TrainConfig:
     lr: float = option(2e-4, "AdamW learning rate", group="optimisation")
     weight_decay: float = option(1e-2, "AdamW weight decay", group="optimisation")
     min_lr: float = option(1e-6, "the cosine schedule's floor", group="optimisation")
-    batch_size: int = option(32, "global batch, split over the processes", group="optimisation")
     iters: Optional[int] = option(None, "gradient steps (none: 500 × shots)", group="optimisation")
     template: str = option(TEMPLATE, "prompt of each class name", group="evaluation")
     logit_scale: Optional[float] = option(LOGIT_SCALE, "logits = scale · cos; 'model': the model's learned scale",
                                           parse=_logit_scale, group="evaluation")
     crop_scale_min: float = option(0.08, "RandomResizedCrop's lower area bound", group="optimisation")
-    precision: str = option("auto", "auto: fp16 autocast on CUDA (as the protocol), fp32 on CPU",
-                            choices=("auto", "no", "fp16", "bf16"), group="optimisation")
     sampling_order: str = option("clip-lora", "few-shot draw: clip-lora draws val before train, coop train first",
                                  choices=("clip-lora", "coop"), group="data")
     fewshot_split: Optional[str] = option(None, "reuse the shots of another run (its fewshot_split.json)",
@@ -96,10 +92,7 @@ class TrainConfig:
     eval_zeroshot_on: Sequence[str] = option((), "forgetting: zero-shot top-1 with and without the adapter on these "
                                              "datasets (CoOp names under --root, or image folders)",
                                              group="evaluation")
-    checkpoint_every: Optional[int] = option(None, "steps between checkpoints (none: a tenth of the run)",
-                                             group="optimisation")
     eval_batch_size: int = option(256, "images per evaluation batch", group="evaluation")
-    workers: int = option(0, "data-loading processes", group="optimisation")
 
     @property
     def total_iters(self) -> int:
@@ -108,6 +101,3 @@ class TrainConfig:
     def method_name(self) -> str:
         name = f"peft:{Path(self.peft_config).stem}" if self.peft_config else self.method
         return name + ("+glad" if self.glad else "")
-
-    def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -100,14 +100,14 @@ def attention_regex(towers: Sequence[str] = TOWERS, layers: Optional[Sequence[in
     return "(" + "|".join(parts) + ")$"
 
 
-def adapter_config(method: str, r: int = 2, alpha: float = 1.0, dropout: float = 0.25,
+def adapter_config(method: str, r: int = 2, lora_alpha: float = 1.0, lora_dropout: float = 0.25,
                    parts: Sequence[str] = ("q", "k", "v"), towers: Sequence[str] = TOWERS,
                    layers: Optional[Sequence[int]] = None, n_blocks: int = 8, block_mode: str = "input_split",
                    comp_k: float | int = 0.5, comp_side: str = "out", comp_mode: str = "project") -> peft.PeftConfig:
     """The peft config of ``method`` (:mod:`visadapt.adapters.methods`) with CLIP-LoRA's placement and scaling
-    (s = alpha/√r; §2.1–2.2). ``lora`` is the CLIP-LoRA layer: separate rank-r pairs on q, k and v (stock peft gives
-    ``nn.MultiheadAttention`` one pair for the fused q/k/v projection instead)."""
-    return peft_config(method, r, alpha, dropout, attention_regex(towers, layers), use_rslora=True,
+    (s = lora_alpha/√r; §2.1–2.2). ``lora`` is the CLIP-LoRA layer: separate rank-r pairs on q, k and v (stock peft
+    gives ``nn.MultiheadAttention`` one pair for the fused q/k/v projection instead)."""
+    return peft_config(method, r, lora_alpha, lora_dropout, attention_regex(towers, layers), use_rslora=True,
                        attention_parts=list(parts), n_blocks=n_blocks, block_mode=block_mode, k=comp_k,
                        side=comp_side, mode=comp_mode)
 

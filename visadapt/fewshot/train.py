@@ -53,9 +53,10 @@ def _peft_config(cfg: TrainConfig) -> peft.PeftConfig:
     if cfg.peft_config:  # any peft method (LoRA, DoRA, VeRA, …)
         return read_peft_config(cfg.peft_config, targets_example=f"{attention_regex()!r} for CLIP-LoRA's attention "
                                                                  "blocks or [\"c_fc\", \"c_proj\"] for the MLPs")
-    return adapter_config(cfg.method, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, parts=cfg.parts,
-                          towers=cfg.towers, layers=cfg.layers, n_blocks=cfg.n_blocks, block_mode=cfg.block_mode,
-                          comp_k=cfg.comp_k, comp_side=cfg.comp_side, comp_mode=cfg.comp_mode)
+    return adapter_config(cfg.method, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          parts=cfg.parts, towers=cfg.towers, layers=cfg.layers, n_blocks=cfg.n_blocks,
+                          block_mode=cfg.block_mode, comp_k=cfg.comp_k, comp_side=cfg.comp_side,
+                          comp_mode=cfg.comp_mode)
 
 
 def _zeroshot_sets(cfg: TrainConfig) -> dict[str, Split]:

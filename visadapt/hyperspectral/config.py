@@ -13,16 +13,16 @@ mean, i.e. the pixel's spectrum, and cost about 20 points of OA on the demo scen
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
+from visadapt.run_config import RunConfig, recipe_default
 from visadapt.utils.cli import option
 
 # The keys of visadapt.hyperspectral.data.DATASETS (a test keeps the two equal).
 DATASET_NAMES = ("hanchuan", "honghu", "indian_pines", "longkou", "pavia_centre", "pavia_university", "salinas")
 MODEL_ARGS = ("lora_placement", "lora_gate_residual", "official_init", "official_axis_permute", "cycle_lora_scale",
-              "lora_r", "lora_alpha")
+              "r", "lora_alpha")
 
 
 def _names(text: str) -> list[str]:
@@ -30,7 +30,7 @@ def _names(text: str) -> list[str]:
 
 
 @dataclass
-class HSITrainConfig:
+class HSITrainConfig(RunConfig):
     """Everything that defines a hyperspectral run; see the module docstring for where the defaults come from."""
 
     dataset: Optional[str] = option(None, "a known dataset, read from --root by its usual file names and .mat keys",
@@ -50,9 +50,9 @@ class HSITrainConfig:
                                  choices=("none", "attn", "attn_mlp", "all"), group="model")
     lora_gate_residual: bool = option(True, "gated LoRA with a full-rank residual (the release); --no-... puts "
                                       "plain LoRA at the block sites", group="model")
-    lora_r: Optional[int] = option(None, "LoRA rank (none: the model's; 16 for base)", flag="--rank", group="model")
-    lora_alpha: Optional[float] = option(None, "LoRA alpha, scale = alpha / rank (none: the model's)",
-                                         flag="--alpha", group="model")
+    r: Optional[int] = option(None, "LoRA rank (none: the model's; 16 for base)", group="model")
+    lora_alpha: Optional[float] = option(None, "LoRA alpha, scale = lora_alpha / r (none: the model's)",
+                                         group="model")
     official_init: bool = option(True, "the release's global trunc-normal init of LoRA B and R; --no-... starts "
                                  "them at zero (standard LoRA)", group="model")
     official_axis_permute: bool = option(False, "feed [B, H, W, C] as the release does", group="model")
@@ -77,10 +77,7 @@ class HSITrainConfig:
     split_seed: int = option(345, "seed of the stratified split", group="data")
     split_file: Optional[str] = option(None, "reuse the training pixels of another run (its split.json)",
                                        group="data")
-    seed: int = option(345, "weights' init, batch order and dropout", group="optimisation")
     epochs: int = option(100, "passes over the training pixels", group="optimisation")
-    batch_size: int = option(32, "pixels per micro-batch (global, split over the processes)", group="optimisation")
-    grad_accum: int = option(2, "micro-batches per optimizer step", group="optimisation")
     lr: float = option(2e-5, "AdamW learning rate", group="optimisation")
     weight_decay: float = option(0.01, "AdamW weight decay", group="optimisation")
     warmup_epochs: int = option(5, "linear warm-up", group="optimisation")
@@ -90,21 +87,15 @@ class HSITrainConfig:
     lora_lr_scale: float = option(1.0, "λ on the cosine part of the LoRA group's lr (2.0 = the model file's unused "
                                   "scheduler)", group="optimisation")
     label_smoothing: float = option(0.1, "cross-entropy label smoothing", group="optimisation")
-    grad_clip: Optional[float] = option(0.5, "gradient-norm clipping (none: off)", group="optimisation")
-    precision: str = option("auto", "auto: fp16 autocast on CUDA (the release's AMP), fp32 on CPU",
-                            choices=("auto", "no", "fp16", "bf16"), group="optimisation")
-    checkpoint_every: Optional[int] = option(None, "micro-batches between checkpoints (none: a tenth of the run)",
-                                             group="optimisation")
     eval_batch_size: int = option(256, "pixels per evaluation batch", group="optimisation")
     class_map: bool = option(True, "predict every pixel of the scene for the class map", group="optimisation")
-    workers: int = option(0, "data-loading processes", group="optimisation")
-
-    def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+    seed: int = recipe_default("seed", 345)
+    grad_accum: int = recipe_default("grad_accum", 2)
+    grad_clip: Optional[float] = recipe_default("grad_clip", 0.5)
 
     def model_kwargs(self) -> dict:
         kw = {k: getattr(self, k) for k in MODEL_ARGS if getattr(self, k) is not None}
         if self.lora_backend == "peft":
             kw["lora_placement"] = "none"
-            kw.pop("lora_r", None), kw.pop("lora_alpha", None)
+            kw.pop("r", None), kw.pop("lora_alpha", None)
         return kw

@@ -5,7 +5,7 @@ Two layers replace ``nn.Linear`` at the LoRA sites:
 
 - :class:`GatedLoRALinear` ("enhanced" LoRA, used in qkv, proj, fc1, fc2 of every block)::
 
-      y = W0 x + b0 + sigmoid(G x) * (s · B A x) + R x,      s = alpha / r
+      y = W0 x + b0 + sigmoid(G x) * (s · B A x) + R x,      s = lora_alpha / r
 
   with a full-rank gate ``G`` and a full-rank residual ``R`` (no biases). The gate makes the low-rank term depend on
   the input, so it cannot be merged into ``W0``; ``R`` can (:meth:`GatedLoRALinear.fold_residual`).
@@ -46,12 +46,12 @@ def placement_sites(placement: str) -> tuple[str, ...]:
 class LoRALinear(nn.Module):
     """Plain LoRA around a frozen linear: ``y = base(x) + s · B A x`` (the classifier head of the release)."""
 
-    def __init__(self, in_features: int, out_features: int, r: int = 16, alpha: float = 32.0,
+    def __init__(self, in_features: int, out_features: int, r: int = 16, lora_alpha: float = 32.0,
                  bias: bool = True) -> None:
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}.")
-        self.in_features, self.out_features, self.r, self.alpha = in_features, out_features, r, alpha
+        self.in_features, self.out_features, self.r, self.lora_alpha = in_features, out_features, r, lora_alpha
         self.base = nn.Linear(in_features, out_features, bias=bias)
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
@@ -62,7 +62,7 @@ class LoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return self.lora_alpha / self.r
 
     @property
     def weight(self) -> torch.Tensor:  # timm's reset_classifier and friends look for these
@@ -96,15 +96,15 @@ class LoRALinear(nn.Module):
         return lin.to(self.base.weight.device, self.base.weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, lora_alpha={self.lora_alpha}"
 
 
 class GatedLoRALinear(LoRALinear):
     """LoLA-SpecViT's "enhanced" LoRA: ``y = base(x) + sigmoid(G x) ⊙ (s · B A x) + R x`` (§4)."""
 
-    def __init__(self, in_features: int, out_features: int, r: int = 16, alpha: float = 32.0,
+    def __init__(self, in_features: int, out_features: int, r: int = 16, lora_alpha: float = 32.0,
                  bias: bool = True) -> None:
-        super().__init__(in_features, out_features, r, alpha, bias)
+        super().__init__(in_features, out_features, r, lora_alpha, bias)
         self.lora_gate = nn.Linear(in_features, out_features, bias=False)
         self.lora_residual = nn.Linear(in_features, out_features, bias=False)
         self.reset_lora(zero=True)
@@ -131,13 +131,13 @@ class GatedLoRALinear(LoRALinear):
                                   "into a linear layer; only the residual can (fold_residual).")
 
 
-def make_linear(in_features: int, out_features: int, lora: Optional[str], r: int, alpha: float,
+def make_linear(in_features: int, out_features: int, lora: Optional[str], r: int, lora_alpha: float,
                 bias: bool = True) -> nn.Module:
     """``nn.Linear`` (lora=None), plain ``LoRALinear`` ('plain') or ``GatedLoRALinear`` ('gated')."""
     if lora is None:
         return nn.Linear(in_features, out_features, bias=bias)
     cls = GatedLoRALinear if lora == "gated" else LoRALinear
-    return cls(in_features, out_features, r=r, alpha=alpha, bias=bias)
+    return cls(in_features, out_features, r=r, lora_alpha=lora_alpha, bias=bias)
 
 
 def lora_layers(model: nn.Module) -> list[LoRALinear]:
@@ -150,7 +150,7 @@ def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
         layer.lora_enabled = enabled
 
 
-def lola_peft_config(placement: str = "all", r: int = 16, alpha: float = 32.0, **kwargs):
+def lola_peft_config(placement: str = "all", r: int = 16, lora_alpha: float = 32.0, **kwargs):
     """A peft ``LoraConfig`` with plain LoRA on the sites of ``placement`` of a LoLA-SpecViT built with
     ``lora_placement="none"``; ``peft.get_peft_model(model, lola_peft_config())`` then trains LoRA A/B only."""
     from peft import LoraConfig
@@ -163,5 +163,5 @@ def lola_peft_config(placement: str = "all", r: int = 16, alpha: float = 32.0, *
         for site in _SITES[kind]:
             alternatives.append(r"head" if site == "head" else r"stages\.\d+\.blocks\.\d+\." + site.replace(".", r"\."))
     pattern = r"^(" + "|".join(alternatives) + r")$"
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=pattern, **kwargs)
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=pattern, **kwargs)
 

@@ -117,14 +117,14 @@ class WindowAttention(nn.Module):
     As in the release, maps smaller than the window are zero-padded to it and the pad tokens are not masked (§3).
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, lora: Optional[str], r: int, alpha: float
+    def __init__(self, dim: int, num_heads: int, window_size: int, lora: Optional[str], r: int, lora_alpha: float
                  ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads.")
         self.num_heads, self.window_size, self.scale = num_heads, window_size, (dim // num_heads) ** -0.5
-        self.qkv = make_linear(dim, 3 * dim, lora, r, alpha)
-        self.proj = make_linear(dim, dim, lora, r, alpha)
+        self.qkv = make_linear(dim, 3 * dim, lora, r, lora_alpha)
+        self.proj = make_linear(dim, dim, lora, r, lora_alpha)
         w = window_size
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * w - 1) ** 2, num_heads))
         coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
@@ -152,11 +152,11 @@ class WindowAttention(nn.Module):
 class Mlp(nn.Module):
     """LoRA fc1 (C→4C) → SwiGLU(4C→4C→4C) → LoRA fc2 (4C→C); the SwiGLU is timm's and carries no LoRA."""
 
-    def __init__(self, dim: int, hidden: int, lora: Optional[str], r: int, alpha: float) -> None:
+    def __init__(self, dim: int, hidden: int, lora: Optional[str], r: int, lora_alpha: float) -> None:
         super().__init__()
-        self.fc1 = make_linear(dim, hidden, lora, r, alpha)
+        self.fc1 = make_linear(dim, hidden, lora, r, lora_alpha)
         self.swiglu = SwiGLU(hidden, hidden, hidden)
-        self.fc2 = make_linear(hidden, dim, lora, r, alpha)
+        self.fc2 = make_linear(hidden, dim, lora, r, lora_alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.swiglu(self.fc1(x)))
@@ -166,13 +166,13 @@ class Block(nn.Module):
     """Pre-norm window-attention block with the SwiGLU MLP and stochastic depth."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int, mlp_ratio: float, drop_path: float,
-                 attn_lora: Optional[str], mlp_lora: Optional[str], r: int, alpha: float) -> None:
+                 attn_lora: Optional[str], mlp_lora: Optional[str], r: int, lora_alpha: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, attn_lora, r, alpha)
+        self.attn = WindowAttention(dim, num_heads, window_size, attn_lora, r, lora_alpha)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), mlp_lora, r, alpha)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), mlp_lora, r, lora_alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -200,13 +200,16 @@ class LoLASpecViT(nn.Module):
                  embed_dim: int = 96, depths: Sequence[int] = (3, 4, 19), num_heads: Sequence[int] = (4, 8, 16),
                  window_size: Union[int, Sequence[int]] = (7, 7, 7), mlp_ratio: float = 4.0,
                  drop_path_rate: float = 0.2, pos_drop: float = 0.1, band_drop: float = 0.1, se_reduction: int = 16,
-                 conv_channels: Sequence[int] = (32, 64, 96), lora_r: int = 16, lora_alpha: float = 32.0,
+                 conv_channels: Sequence[int] = (32, 64, 96), r: int = 16, lora_alpha: float = 32.0,
                  lora_gate_residual: bool = True, lora_placement: str = "all", official_init: bool = True,
                  official_axis_permute: bool = False, cycle_lora_scale: bool = False, **kwargs) -> None:
         super().__init__()
         kwargs.pop("pretrained_cfg", None)
         kwargs.pop("pretrained_cfg_overlay", None)
         kwargs.pop("cache_dir", None)
+        if "lora_r" in kwargs:  # a pipeline.json written before peft's names were adopted
+            raise TypeError("LoLASpecViT: lora_r was renamed r (peft's name); rename it in the model_kwargs of "
+                            "the pipeline.json that passes it.")
         if kwargs:
             raise TypeError(f"LoLASpecViT got unexpected arguments {sorted(kwargs)}.")
         if lora_placement not in PLACEMENTS:
@@ -221,7 +224,7 @@ class LoLASpecViT(nn.Module):
         self.in_chans, self.img_size, self.num_classes = in_chans, img_size, num_classes
         self.official_axis_permute, self.cycle_lora_scale = official_axis_permute, cycle_lora_scale
         self.lora_placement, self.lora_gate_residual = lora_placement, lora_gate_residual
-        self.lora_r, self.lora_alpha = lora_r, lora_alpha
+        self.r, self.lora_alpha = r, lora_alpha
         sites = placement_sites(lora_placement)
         block_lora = "gated" if lora_gate_residual else "plain"
         attn_lora = block_lora if "attn" in sites else None
@@ -237,7 +240,7 @@ class LoLASpecViT(nn.Module):
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         stages, dim, k = [], embed_dim, 0
         for i, (depth, heads, win) in enumerate(zip(depths, num_heads, windows)):
-            blocks = [Block(dim, heads, win, mlp_ratio, rates[k + j], attn_lora, mlp_lora, lora_r, lora_alpha)
+            blocks = [Block(dim, heads, win, mlp_ratio, rates[k + j], attn_lora, mlp_lora, r, lora_alpha)
                       for j in range(depth)]
             k += depth
             last = i == n_stages - 1
@@ -257,7 +260,7 @@ class LoLASpecViT(nn.Module):
     def _make_head(self, num_classes: int) -> nn.Module:
         if num_classes <= 0:
             return nn.Identity()
-        return make_linear(self.num_features, num_classes, self._head_lora, self.lora_r, self.lora_alpha)
+        return make_linear(self.num_features, num_classes, self._head_lora, self.r, self.lora_alpha)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -370,7 +373,7 @@ MODEL_ARGS = {
     "lola_specvit_small": dict(embed_dim=64, depths=(2, 2, 6), num_heads=(2, 4, 8), conv_channels=(16, 32, 64)),
     # For CPUs and tests: one block per stage, 16-wide front-end.
     "lola_specvit_tiny": dict(embed_dim=32, depths=(1, 1, 1), num_heads=(2, 4, 8), conv_channels=(8, 16, 16),
-                              lora_r=4, lora_alpha=8.0),
+                              r=4, lora_alpha=8.0),
 }
 
 

@@ -93,7 +93,7 @@ class HSITrainer(Trainer):
         c = self.cfg
         model = build_model(c.model, c.pca_components, c.patch_size, num_classes, **c.model_kwargs())
         if c.lora_backend == "peft":
-            kw = {k: v for k, v in (("r", c.lora_r), ("alpha", c.lora_alpha)) if v is not None}
+            kw = {k: v for k, v in (("r", c.r), ("lora_alpha", c.lora_alpha)) if v is not None}
             return lola_peft_model(model, c.lora_placement, **kw)
         set_trainable(model, c.freeze)
         return model

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from visadapt.adapters.methods import METHODS
+from visadapt.run_config import RunConfig, recipe_default
 from visadapt.utils.cli import option
 
 SETTINGS = ("fscil", "fscit")
@@ -97,7 +98,7 @@ def _names(text: str) -> list[str]:
 
 
 @dataclass
-class IncrementalConfig:
+class IncrementalConfig(RunConfig):
     """Everything that defines an incremental run; see the module docstring for where the defaults come from."""
 
     official_recipe: bool = option(False, "take the CoACT code's per-dataset settings (lr, epochs, fine-tuned "
@@ -135,21 +136,19 @@ class IncrementalConfig:
     method: str = option("lora", "adapter of the student", choices=METHODS, group="model")
     peft_config: Optional[str] = option(None, "any peft method from a JSON peft config (replaces --method)",
                                         group="model")
-    rank: int = option(16, "adapter rank", group="model")
-    alpha: float = option(16.0, "adapter alpha (scale alpha / rank)", group="model")
-    adapter_dropout: float = option(0.1, "dropout on the adapter input", group="model")
+    r: int = option(16, "adapter rank", group="model")
+    lora_alpha: float = option(16.0, "adapter alpha (scale lora_alpha / r)", group="model")
+    lora_dropout: float = option(0.1, "dropout on the adapter input", group="model")
     adapt_blocks: int = option(12, "n >= 0: adapters on blocks 0..n-1; n < 0: on blocks |n|..last", group="model")
     classifier: str = option("dot", "dot: plain dot products with the prototype rows (official); cosine: "
                              "normalised rows and features times --cosine-scale", choices=("dot", "cosine"),
                              group="model")
     cosine_scale: float = option(16.0, "logit scale of the cosine classifier", group="model")
 
-    seed: int = option(1, "weights' init, batch order, augmentation and dropout", group="optimisation")
     epochs_base: int = option(25, "epochs of session 0", group="optimisation")
     epochs_incremental: int = option(0, "epochs of each later session (0: prototypes only)", group="optimisation")
     incremental_layers: Sequence[str] = option(["classifier", "pet"], "what later sessions tune: classifier, pet",
                                                parse=_names, group="optimisation")
-    batch_size: int = option(64, "images per step", group="optimisation")
     lr: float = option(0.1, "base-session learning rate (adapter and classifier)", group="optimisation")
     momentum: float = option(0.9, "SGD momentum (Nesterov)", group="optimisation")
     weight_decay: float = option(5e-4, "SGD weight decay", group="optimisation")
@@ -172,15 +171,9 @@ class IncrementalConfig:
                                        choices=("code", "figure"), group="optimisation")
     mask_unseen: bool = option(False, "predict over the rows of seen classes only (the official code does not)",
                                group="optimisation")
-    precision: str = option("auto", "auto: fp16 autocast on CUDA, fp32 on CPU", choices=("auto", "no", "fp16", "bf16"),
-                            group="optimisation")
-    checkpoint_every: Optional[int] = option(None, "steps between checkpoints (none: a tenth of a session)",
-                                             group="optimisation")
     eval_batch_size: int = option(100, "images per evaluation batch", group="optimisation")
-    workers: int = option(0, "data-loading processes", group="optimisation")
+    batch_size: int = recipe_default("batch_size", 64)
 
-    def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def with_recipe(self) -> "IncrementalConfig":
         """The config the recipe runs: ``finetune`` drops the teacher and the consistency term and tunes adapter and

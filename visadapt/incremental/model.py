@@ -208,7 +208,7 @@ def adapter_config(cfg: IncrementalConfig, backbone: Backbone) -> Optional[peft.
         raise ValueError(f"--adapt-blocks {cfg.adapt_blocks} selects no block of {backbone.num_blocks}.")
     site = r"\.attn\.qkv" if backbone.kind == "timm" else r"\.attn"
     target = backbone.blocks.replace(".", r"\.") + r"\.(" + "|".join(map(str, blocks)) + ")" + site
-    return peft_config(cfg.method, cfg.rank, cfg.alpha, cfg.adapter_dropout, target, attention_parts=["q", "v"])
+    return peft_config(cfg.method, cfg.r, cfg.lora_alpha, cfg.lora_dropout, target, attention_parts=["q", "v"])
 
 
 def shared_name(student_name: str) -> str:

@@ -190,7 +190,7 @@ def _load_factors(layers: dict[str, LowRankLayer], by_module: dict[str, dict]) -
             factors = parts[part]
             if not math.isclose(layer.scaling[adapter], scale, rel_tol=1e-6):
                 raise ValueError(f"{module}: the model's LoRA scaling is {layer.scaling[adapter]}, the "
-                                 f"checkpoint's {scale}; build it with lorat_adapter_config(r, alpha) matching.")
+                                 f"checkpoint's {scale}; build it with matching lorat_adapter_config(r, lora_alpha).")
             for param, value in ((factors.lora_A, lora_a), (factors.lora_B, lora_b)):
                 if param.shape != value.shape:
                     raise ValueError(f"{module}.{part}: shape {tuple(value.shape)} in the checkpoint, "

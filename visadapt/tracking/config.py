@@ -13,11 +13,11 @@ Datasets are given as ``NAME:ROOT[:SPLIT]`` (``NAME`` a reader of :mod:`visadapt
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from visadapt.adapters.methods import METHODS
+from visadapt.run_config import RunConfig, recipe_default
 from visadapt.utils.cli import option
 
 VARIANT_NAMES = ("B-224", "B-378", "L-224", "L-378", "g-224", "g-378", "demo")
@@ -47,7 +47,7 @@ class DataSpec:
 
 
 @dataclass
-class TrackConfig:
+class TrackConfig(RunConfig):
     """Everything that defines a LoRAT run; see the module docstring for where the defaults come from."""
 
     data: Sequence[str] = option([], "training datasets, NAME:ROOT[:SPLIT] each (NAME: got10k, folder, or another "
@@ -69,31 +69,21 @@ class TrackConfig:
     method: str = option("lora", "adapter on q, k, v, proj, fc1, fc2 of every block", choices=METHODS, group="model")
     peft_config: Optional[str] = option(None, "any peft method from a JSON peft config (replaces --method)",
                                         group="model")
-    rank: int = option(64, "adapter rank", group="model")
-    alpha: float = option(64.0, "adapter alpha (scale alpha / rank)", group="model")
+    r: int = option(64, "adapter rank", group="model")
+    lora_alpha: float = option(64.0, "adapter alpha (scale lora_alpha / r)", group="model")
     init: str = option("bert", "bert: A and B trunc-normal(0.02) (official); lora: the method's own (zero B)",
                        choices=("bert", "lora"), group="model")
 
-    seed: int = option(1, "head / adapter init, pair sampling and augmentation", group="optimisation")
     epochs: int = option(170, "epochs (the GOT-10k-only protocol uses 100)", group="optimisation")
-    batch_size: int = option(128, "pairs per step", group="optimisation")
-    grad_accum: int = option(1, "micro-batches per optimiser step", group="optimisation")
     lr: float = option(1e-4, "AdamW learning rate", group="optimisation")
     min_lr: float = option(1e-6, "end of the cosine schedule", group="optimisation")
     warmup_epochs: float = option(2.0, "linear warmup before the cosine, in epochs", group="optimisation")
     warmup_lr: float = option(1e-7, "learning rate at the start of the warmup", group="optimisation")
     weight_decay: float = option(0.1, "AdamW weight decay (none for 1-D and embedding parameters)",
                                  group="optimisation")
-    grad_clip: Optional[float] = option(1.0, "global gradient norm clip (none: off)", group="optimisation")
-    precision: str = option("auto", "auto: fp16 autocast on CUDA, fp32 on CPU", choices=("auto", "no", "fp16", "bf16"),
-                            group="optimisation")
-    checkpoint_every: Optional[int] = option(None, "steps between checkpoints (none: a tenth of the run)",
-                                             group="optimisation")
     eval_batch_size: int = option(16, "sequences tracked in lockstep during evaluation", group="optimisation")
-    workers: int = option(0, "data-loading processes", group="optimisation")
-
-    def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+    batch_size: int = recipe_default("batch_size", 128)
+    grad_clip: Optional[float] = recipe_default("grad_clip", 1.0)
 
     def data_specs(self) -> list[DataSpec]:
         return [DataSpec.parse(text) for text in self.data]

@@ -19,7 +19,7 @@ DEMO_SEED = 0  # the world's sequences
 DEMO_WORLD = {"train": (32, 40), "val": (12, 60)}  # split: (sequences, frames)
 # Sized for the 0.2 M-parameter demo ViT on 2 CPU cores. Its crops are as in its pretraining: shifted less than
 # LoRAT's (jitter 1, not 3) and clean (a blur of up to 2 px wipes out the textures of a 32 px template).
-DEMO_SETTINGS = dict(variant="demo", rank=8, alpha=16.0, epochs=6, samples_per_epoch=2048, batch_size=32,
+DEMO_SETTINGS = dict(variant="demo", r=8, lora_alpha=16.0, epochs=6, samples_per_epoch=2048, batch_size=32,
                      lr=1e-3, min_lr=1e-5, warmup_epochs=0.5, warmup_lr=1e-5, eval_batch_size=12, seed=1,
                      translation_jitter=1.0, augment=False)
 

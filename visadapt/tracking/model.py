@@ -227,7 +227,7 @@ def build_vit(timm_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Mod
     return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
 
 
-def lorat_adapter_config(method: str = "lora", r: int = 64, alpha: float = 64.0, dropout: float = 0.0,
+def lorat_adapter_config(method: str = "lora", r: int = 64, lora_alpha: float = 64.0, lora_dropout: float = 0.0,
                          **kwargs: Any) -> peft.PeftConfig:
     """The official LoRA sites (q, k, v, proj, fc1, fc2 of every block) for an adapter method
     (:mod:`visadapt.adapters.methods`).
@@ -236,7 +236,7 @@ def lorat_adapter_config(method: str = "lora", r: int = 64, alpha: float = 64.0,
     ``block-lora`` / ``comp-lora``: the visadapt methods on the same sites (extra ``kwargs``, e.g. ``k=2``, are
     their config fields). Any other peft config can be passed to :func:`add_adapter` instead.
     """
-    return peft_config(method, r, alpha, dropout, LORA_TARGETS, attention_parts=["q", "k", "v"], **kwargs)
+    return peft_config(method, r, lora_alpha, lora_dropout, LORA_TARGETS, attention_parts=["q", "k", "v"], **kwargs)
 
 
 def _adapter_factors(model: nn.Module):

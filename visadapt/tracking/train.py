@@ -73,7 +73,7 @@ def adapter_config(cfg: TrackConfig) -> peft.PeftConfig:
     """``--peft-config`` (on the official LoRA sites unless it names its own), else ``--method``."""
     if cfg.peft_config:
         return read_peft_config(cfg.peft_config, default_targets=LORA_TARGETS)
-    return lorat_adapter_config(cfg.method, r=cfg.rank, alpha=cfg.alpha)
+    return lorat_adapter_config(cfg.method, r=cfg.r, lora_alpha=cfg.lora_alpha)
 
 
 def pair_settings(config: dict, cfg: TrackConfig) -> PairSettings:

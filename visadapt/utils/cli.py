@@ -24,6 +24,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 _NO_DEFAULT = dataclasses.MISSING
+#: The one command-line spelling of a field whose name reads poorly as a flag (peft's ``r``).
+FLAGS = {"r": "--rank"}
+#: Spellings that were retired for one per knob (peft's names): old field name → the field that replaced it. An old
+#: flag or ``run_config.json`` key stops with the new name rather than being read silently.
+RENAMED = {"rank": "r", "lora_rank": "r", "lora_r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+           "adapter_dropout": "lora_dropout"}
 
 
 def option(default: Any = _NO_DEFAULT, help: str = "", *, flag: Optional[str] = None,
@@ -97,7 +103,40 @@ def _parser_for(annotation: Any) -> tuple[Callable[[str], Any], bool, bool]:
 
 
 def _flag(field: dataclasses.Field) -> str:
-    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+    return field.metadata.get("flag") or FLAGS.get(field.name) or _dashed(field.name)
+
+
+def _dashed(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class _Renamed(argparse.Action):
+    """A retired flag (its ``const`` is the flag that replaced it): stops with the one to use instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} was renamed {self.const}; pass {self.const} instead.")
+
+
+def _add_renamed_flags(parser: argparse.ArgumentParser, fields: dict[str, dataclasses.Field]) -> None:
+    """A hidden flag for each retired spelling of a field ``parser`` has, so it stops with the new one."""
+    taken = {_flag(f) for f in fields.values()}
+    for old, new in RENAMED.items():
+        if new in fields and _dashed(old) not in taken:
+            parser.add_argument(_dashed(old), action=_Renamed, nargs="?", const=_flag(fields[new]),
+                                help=argparse.SUPPRESS, dest=f"_renamed_{old}", default=argparse.SUPPRESS)
+
+
+def check_config_keys(config_class: type, saved: dict, source: str) -> None:
+    """Stop on a saved config key that is not a field of ``config_class``, naming the field that replaced a
+    retired spelling."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    for key in saved:
+        if key not in fields and RENAMED.get(key) in fields:
+            raise ValueError(f"{source}: {key!r} was renamed {RENAMED[key]!r} ({_flag(fields[RENAMED[key]])} on the "
+                             f"command line); rename the key in the file.")
+    unknown = sorted(set(saved) - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: {unknown} are not options of this command; it takes {sorted(fields)}.")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type,
@@ -105,10 +144,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type,
     """Add one option per field of ``config_class`` (and ``--config FILE``) to ``parser``."""
     hints = typing.get_type_hints(config_class)
     groups: dict[str, Any] = {}
-    for field in dataclasses.fields(config_class):
+    fields = [f for f in dataclasses.fields(config_class) if f.metadata.get("cli", True) and f.name not in skip]
+    # a task's own options first, the training loop's shared ones (RunConfig's "run" group) last
+    for field in sorted(fields, key=lambda f: f.metadata.get("group") == "run"):
         meta = field.metadata
-        if not meta.get("cli", True) or field.name in skip:
-            continue
         target = parser
         if meta.get("group"):
             target = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
@@ -127,6 +166,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type,
             if many:
                 kwargs["nargs"] = "+"
         target.add_argument(_flag(field), **kwargs)
+    _add_renamed_flags(parser, {f.name: f for f in fields})
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="a run_config.json (e.g. of an earlier run): its values replace the defaults; flags "
                              "given here replace its values")
@@ -174,11 +214,7 @@ def config_from_args(config_class: type, args: argparse.Namespace, **overrides: 
         if not path.is_file():
             raise FileNotFoundError(f"--config {path}: no such file (pass a run's run_config.json).")
         saved = json.loads(path.read_text())
-    names = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(saved) - names)
-    if unknown:
-        raise ValueError(f"--config {args.config}: {unknown} are not options of this command; it takes "
-                         f"{sorted(names)}.")
+    check_config_keys(config_class, saved, f"--config {args.config}")
     values: dict[str, Any] = {}
     for field in dataclasses.fields(config_class):
         if not hasattr(args, field.name):
