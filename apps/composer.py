@@ -32,8 +32,12 @@ import os
 import re
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
+
+if TYPE_CHECKING:
+    import gradio as gr
 
 MAX_CONCEPTS = 4
 DEFAULT_MAX_LORA_MB = 1024.0
@@ -317,177 +321,327 @@ def make_demo_loras(pipe, folder: Path, steps: Optional[int] = None) -> list[Pat
 
 
 # -- the page --------------------------------------------------------------------------------------------------
+# build_app lays the page out by what it shows: on the left the prompts, the concept rows, the settings and Generate;
+# on the right the box preview and the results. Then it wires the events, one function per behaviour.
+
+INTRO = ("## Compose concept LoRAs\nUpload one LoRA per concept, give it a regional prompt and a box "
+         "(fractions of the image; or click two corners on the preview), then Generate. "
+         "No LoRA at hand? **Make two demo LoRAs** fills two concepts.")
+BOX_KEYS = ("xmin", "ymin", "xmax", "ymax")
+
+
+@dataclass
+class ConceptRows:
+    """The concept count with its buttons, and one group of fields per concept slot (:data:`MAX_CONCEPTS` of them)."""
+
+    count: "gr.Number"
+    add: "gr.Button"
+    remove: "gr.Button"
+    demo: "gr.Button"
+    slots: list[dict[str, Any]]  # each slot's components by :data:`SLOT_FIELDS` key
+    groups: list["gr.Group"]
+
+    @property
+    def box_fields(self) -> list["gr.Number"]:
+        return [slot[k] for slot in self.slots for k in BOX_KEYS]
+
+    @property
+    def names(self) -> list["gr.Textbox"]:
+        return [slot["name"] for slot in self.slots]
+
+    def api_fields(self) -> dict[str, Any]:
+        """Every slot's components by their API names: lora_1, name_1, prompt_1, xmin_1, …, weight_4."""
+        return {f"{k}_{i}": slot[k] for i, slot in enumerate(self.slots, start=1) for k in SLOT_FIELDS}
+
+
+@dataclass
+class BoxPreview:
+    """The canvas with the concepts' boxes, and which concept's box two clicks on it set."""
+
+    image: "gr.Image"
+    target: "gr.Radio"
+
+
+class Results(NamedTuple):
+    """What a generation shows: the gallery of this session's images, the last PNG and its settings."""
+
+    gallery: "gr.Gallery"
+    download: "gr.File"
+    last_settings: "gr.JSON"
+
 
 def build_app(pipe, *, max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Optional[os.PathLike] = None,
-              n_visible: int = 2):
+              n_visible: int = 2) -> "gr.Blocks":
     """The Gradio Blocks app for ``pipe`` (a LoRA-Composer pipeline). Launch it with :func:`launch`."""
     import gradio as gr
 
-    max_bytes = int(max_lora_mb * 2**20)
     output_dir = Path(output_dir) if output_dir else Path(tempfile.gettempdir()) / "visadapt-composer"
-    multiple, size = size_multiple(pipe), default_size(pipe)
-    tiny = pipe.unet.config.sample_size <= 32 and not is_world_model(pipe)
-
     with gr.Blocks(title="visadapt · compose concept LoRAs") as app:
-        gr.Markdown("## Compose concept LoRAs\nUpload one LoRA per concept, give it a regional prompt and a box "
-                    "(fractions of the image; or click two corners on the preview), then Generate. "
-                    "No LoRA at hand? **Make two demo LoRAs** fills two concepts.")
+        gr.Markdown(INTRO)
         history = gr.State([])
         corner = gr.State(None)  # first clicked corner on the preview, waiting for the second
         with gr.Row():
             with gr.Column(scale=3):
                 prompt = gr.Textbox(value="", label="Prompt", placeholder="the whole scene, e.g. " + DEMO_PROMPT)
                 negative = gr.Textbox(value="", label="Negative prompt")
-                with gr.Row():
-                    n_concepts = gr.Number(value=n_visible, precision=0, label="Concepts in use",
-                                           interactive=False, minimum=0, maximum=MAX_CONCEPTS)
-                    add = gr.Button("Add concept")
-                    remove = gr.Button("Remove last concept")
-                    demo_button = gr.Button("Make two demo LoRAs")
-                slots, groups = [], []
-                for i in range(1, MAX_CONCEPTS + 1):
-                    with gr.Group(visible=i <= n_visible) as group:
-                        gr.Markdown(f"**Concept {i}** <span style='color:{COLOURS[i - 1]}'>■</span>")
-                        slot = {"lora": gr.File(label=f"LoRA {i} (.safetensors or ED-LoRA .pth)",
-                                                file_types=list(LORA_SUFFIXES),
-                                                type="filepath")}
-                        with gr.Row():
-                            slot["name"] = gr.Textbox(value="", label=f"Name {i}", placeholder=f"concept{i}")
-                            slot["weight"] = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label=f"Weight {i}")
-                        slot["prompt"] = gr.Textbox(value="", label=f"Regional prompt {i}")
-                        with gr.Row():
-                            for k, v in zip(("xmin", "ymin", "xmax", "ymax"), _default_box(i)):
-                                slot[k] = gr.Number(value=v, minimum=0, maximum=1, step=0.05, label=f"{k} {i}")
-                    slots.append(slot)
-                    groups.append(group)
-                with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed")
-                    steps = gr.Slider(1, 100, value=3 if tiny else 30, step=1, label="Steps")
-                    guidance = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="Guidance")
-                with gr.Row():
-                    width = gr.Slider(multiple, max(2048, size), value=size, step=multiple, label="Width")
-                    height = gr.Slider(multiple, max(2048, size), value=size, step=multiple, label="Height")
-                with gr.Accordion("DECOR: suppress undesired content", open=False):
-                    use_decor = gr.Checkbox(value=False, label="DECOR on")
-                    decor_words = gr.Textbox(value="", label="Undesired words (comma-separated)")
-                    decor_strength = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="DECOR strength")
-                references = {}
-                if hasattr(pipe, "easyref_encoder"):  # an SDXL model: EasyRef references condition the whole image
-                    with gr.Accordion("Reference images (EasyRef)", open=False):
-                        references["reference_images"] = gr.File(
-                            label="Reference images", file_count="multiple", file_types=["image"], type="filepath")
-                        references["reference_scale"] = gr.Slider(0.0, 1.5, value=1.0, step=0.05,
-                                                                  label="Reference scale")
-                with gr.Accordion("Advanced", open=False):
-                    region_injection = gr.Checkbox(value=True, label="Region injection (concept K/V/O in boxes)")
-                    concept_isolation = gr.Checkbox(value=True, label="Concept isolation (boxes don't attend "
-                                                                      "to each other)")
-                    latent_optimization = gr.Checkbox(value=True, label="Latent optimisation")
-                    latent_reinit = gr.Checkbox(value=True, label="Latent re-initialisation")
+                rows = concept_rows(n_visible)
+                settings = settings_fields(pipe)
                 run = gr.Button("Generate", variant="primary")
             with gr.Column(scale=2):
-                # No label or buttons over the image: they would cover its top rows, where boxes at ymin 0 start
-                # and where a person clicks corners.
-                gr.Markdown("**Boxes** (pick a concept below, then click two corners)")
-                preview = gr.Image(show_label=False, buttons=[], interactive=False, format="png", type="pil",
-                                   elem_id="box-preview")
-                target = gr.Radio(list(range(1, MAX_CONCEPTS + 1)), value=1, label="Draw the box of concept")
-                gallery = gr.Gallery(label="Results", columns=2, format="png", height="auto")
-                download = gr.File(label="Download (PNG, settings in its 'parameters' text)")
-                settings_view = gr.JSON(label="Settings of the last image")
-
-        box_fields = [s[k] for s in slots for k in ("xmin", "ymin", "xmax", "ymax")]
-        names = [s["name"] for s in slots]
-
-        def show_boxes(n, w, h, *values):
-            n = int(n or 0)
-            boxes = [((values[4 * MAX_CONCEPTS + i] or "").strip() or f"concept{i + 1}", values[4 * i:4 * i + 4])
-                     for i in range(n)]
-            return draw_boxes(w, h, boxes)
-
-        preview_inputs = [n_concepts, width, height, *box_fields, *names]
-        gr.on([app.load, n_concepts.change, width.change, height.change, *(c.change for c in box_fields),
-               *(c.change for c in names)], show_boxes, preview_inputs, preview, api_visibility="private",
-              show_progress="hidden")
-
-        def click_corner(slot, first, w, h, evt: gr.SelectData):
-            x, y = evt.index
-            pw, ph = draw_boxes(w, h, []).size
-            point = (min(max(x / pw, 0.0), 1.0), min(max(y / ph, 0.0), 1.0))
-            if first is None:
-                return [gr.skip()] * len(box_fields) + [point]
-            box = [min(first[0], point[0]), min(first[1], point[1]), max(first[0], point[0]), max(first[1], point[1])]
-            out: list[Any] = [gr.skip()] * len(box_fields)
-            start = 4 * (int(slot) - 1)
-            out[start:start + 4] = [round(v, 3) for v in box]
-            return out + [None]
-
-        preview.select(click_corner, [target, corner, width, height], [*box_fields, corner], api_visibility="private")
-
-        def set_count(n):
-            n = min(max(int(n or 0), 0), MAX_CONCEPTS)
-            return [n] + [gr.update(visible=i < n) for i in range(MAX_CONCEPTS)]
-
-        add.click(lambda n: set_count(int(n or 0) + 1), n_concepts, [n_concepts, *groups], api_visibility="private")
-        remove.click(lambda n: set_count(int(n or 0) - 1), n_concepts, [n_concepts, *groups],
-                     api_visibility="private")
-
-        demo_fields = [f for s in slots[:len(DEMO_CONCEPTS)] for f in
-                       (s["lora"], s["name"], s["prompt"], s["xmin"], s["ymin"], s["xmax"], s["ymax"], s["weight"])]
-
-        def fill_demo(n, current_prompt):
-            world = is_world_model(pipe)  # real concepts, cached in one folder; else random LoRAs, a new folder
-            folder = (_ensure(output_dir) / "demo-loras" if world
-                      else Path(tempfile.mkdtemp(prefix="demo-loras-", dir=_ensure(output_dir))))
-            files = make_demo_loras(pipe, folder)
-            concepts, demo_prompt = demo_concepts(pipe)
-            values: list[Any] = []
-            for path, c in zip(files, concepts):
-                values += [str(path), c["name"], c["prompt"], *c["box"], c["weight"]]
-            count = set_count(max(int(n or 0), len(concepts)))
-            gr.Info(f"Trained {len(files)} concept LoRAs in {folder}." if world
-                    else f"Wrote {len(files)} random LoRA files to {folder}.")
-            return count + values + [current_prompt or demo_prompt]
-
-        demo_button.click(fill_demo, [n_concepts, prompt], [n_concepts, *groups, *demo_fields, prompt],
-                          api_visibility="private")
-
+                preview = box_preview()
+                results = results_view()
+        redraw_preview_on_change(app, preview, rows, settings)
+        set_box_on_two_clicks(preview, corner, rows, settings)
+        change_concept_count_on_click(rows)
+        fill_demo_concepts_on_click(pipe, rows, prompt, output_dir)
         # Every input of generate() by its API name: prompt, …, lora_1, name_1, prompt_1, xmin_1, …, weight_4.
-        kwargs = dict(prompt=prompt, negative_prompt=negative, n_concepts=n_concepts, seed=seed, steps=steps,
-                      guidance=guidance, width=width, height=height, use_decor=use_decor, decor_words=decor_words,
-                      decor_strength=decor_strength, region_injection=region_injection,
-                      concept_isolation=concept_isolation, latent_optimization=latent_optimization,
-                      latent_reinit=latent_reinit, **references)
-        for i, slot in enumerate(slots, start=1):
-            kwargs.update({f"{k}_{i}": slot[k] for k in SLOT_FIELDS})
-
-        def on_generate(past, progress=gr.Progress(), **values):
-            n = min(max(int(values.pop("n_concepts") or 0), 0), MAX_CONCEPTS)
-            concepts = [{k: values.pop(f"{k}_{i}") for k in SLOT_FIELDS} for i in range(1, MAX_CONCEPTS + 1)][:n]
-            if not values.pop("use_decor"):
-                values["decor_words"] = ""
-            try:
-                image, settings = generate(pipe, concepts=concepts, max_lora_bytes=max_bytes,
-                                           progress=lambda s, t: progress((s, t), desc=f"step {s}/{t}"), **values)
-            except ValueError as err:  # LoraFileError is one: the message says what to fix
-                raise gr.Error(str(err), print_exception=False) from None
-            except Exception as err:  # anything else still ends in the page, not in a dead app
-                log.exception("generate failed")
-                raise gr.Error(f"{type(err).__name__}: {err}") from None
-            path = save_png(image, settings, _ensure(output_dir))
-            past = [(str(path), caption(settings))] + list(past or [])
-            return past, str(path), settings, past
-
-        # The API lists a parameter as optional when the component has a value or the function's parameter
-        # defaults to None; the empty LoRA slots have neither, so spell the keyword parameters out for Gradio.
-        keyword = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in kwargs]
-        on_generate.__signature__ = inspect.Signature(
-            [inspect.Parameter("past", inspect.Parameter.POSITIONAL_OR_KEYWORD), *keyword,
-             inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress())])
-        run.click(on_generate, inputs=[history], inputs_kwargs=kwargs,
-                  outputs=[gallery, download, settings_view, history], api_name="generate", concurrency_limit=1)
+        inputs = dict(prompt=prompt, negative_prompt=negative, n_concepts=rows.count, **settings, **rows.api_fields())
+        generate_on_click(pipe, run, history, inputs, results, max_bytes=int(max_lora_mb * 2**20),
+                          output_dir=output_dir)
     app.queue(max_size=16, default_concurrency_limit=1)
     return app
+
+
+# -- the page's parts, top to bottom ---------------------------------------------------------------------------
+
+def concept_rows(n_visible: int) -> ConceptRows:
+    """The concept count with Add, Remove and demo buttons, then one group per slot; the first ``n_visible`` show."""
+    import gradio as gr
+
+    with gr.Row():
+        count = gr.Number(value=n_visible, precision=0, label="Concepts in use", interactive=False, minimum=0,
+                          maximum=MAX_CONCEPTS)
+        add = gr.Button("Add concept")
+        remove = gr.Button("Remove last concept")
+        demo = gr.Button("Make two demo LoRAs")
+    slots, groups = [], []
+    for i in range(1, MAX_CONCEPTS + 1):
+        with gr.Group(visible=i <= n_visible) as group:
+            slots.append(concept_slot(i))
+        groups.append(group)
+    return ConceptRows(count, add, remove, demo, slots, groups)
+
+
+def concept_slot(i: int) -> dict[str, Any]:
+    """Concept ``i``'s fields by :data:`SLOT_FIELDS` key: LoRA file, name, weight, regional prompt and box."""
+    import gradio as gr
+
+    gr.Markdown(f"**Concept {i}** <span style='color:{COLOURS[i - 1]}'>■</span>")
+    slot = {"lora": gr.File(label=f"LoRA {i} (.safetensors or ED-LoRA .pth)", file_types=list(LORA_SUFFIXES),
+                            type="filepath")}
+    with gr.Row():
+        slot["name"] = gr.Textbox(value="", label=f"Name {i}", placeholder=f"concept{i}")
+        slot["weight"] = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label=f"Weight {i}")
+    slot["prompt"] = gr.Textbox(value="", label=f"Regional prompt {i}")
+    with gr.Row():
+        for k, v in zip(BOX_KEYS, _default_box(i)):
+            slot[k] = gr.Number(value=v, minimum=0, maximum=1, step=0.05, label=f"{k} {i}")
+    return slot
+
+
+def settings_fields(pipe) -> dict[str, Any]:
+    """Sampling, DECOR, EasyRef references (SDXL only) and the advanced switches, by generate()'s API names."""
+    sampling = sampling_fields(pipe)
+    decor = decor_fields()
+    references = reference_fields(pipe)
+    advanced = advanced_fields()
+    return {**sampling, **decor, **advanced, **references}  # the API lists the references last
+
+
+def sampling_fields(pipe) -> dict[str, Any]:
+    """Seed, steps, guidance and the image size (in steps of what ``pipe`` accepts)."""
+    import gradio as gr
+
+    multiple, size = size_multiple(pipe), default_size(pipe)
+    tiny = pipe.unet.config.sample_size <= 32 and not is_world_model(pipe)
+    with gr.Row():
+        seed = gr.Number(value=0, precision=0, label="Seed")
+        steps = gr.Slider(1, 100, value=3 if tiny else 30, step=1, label="Steps")
+        guidance = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="Guidance")
+    with gr.Row():
+        width = gr.Slider(multiple, max(2048, size), value=size, step=multiple, label="Width")
+        height = gr.Slider(multiple, max(2048, size), value=size, step=multiple, label="Height")
+    return dict(seed=seed, steps=steps, guidance=guidance, width=width, height=height)
+
+
+def decor_fields() -> dict[str, Any]:
+    """DECOR's switch, undesired words and strength, folded away."""
+    import gradio as gr
+
+    with gr.Accordion("DECOR: suppress undesired content", open=False):
+        use_decor = gr.Checkbox(value=False, label="DECOR on")
+        decor_words = gr.Textbox(value="", label="Undesired words (comma-separated)")
+        decor_strength = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="DECOR strength")
+    return dict(use_decor=use_decor, decor_words=decor_words, decor_strength=decor_strength)
+
+
+def reference_fields(pipe) -> dict[str, Any]:
+    """EasyRef's reference images and scale, folded away; none unless ``pipe`` is an SDXL model."""
+    import gradio as gr
+
+    if not hasattr(pipe, "easyref_encoder"):
+        return {}
+    with gr.Accordion("Reference images (EasyRef)", open=False):  # references condition the whole image
+        images = gr.File(label="Reference images", file_count="multiple", file_types=["image"], type="filepath")
+        scale = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Reference scale")
+    return dict(reference_images=images, reference_scale=scale)
+
+
+def advanced_fields() -> dict[str, Any]:
+    """LoRA-Composer's four switches, all on, folded away."""
+    import gradio as gr
+
+    with gr.Accordion("Advanced", open=False):
+        region_injection = gr.Checkbox(value=True, label="Region injection (concept K/V/O in boxes)")
+        concept_isolation = gr.Checkbox(value=True, label="Concept isolation (boxes don't attend to each other)")
+        latent_optimization = gr.Checkbox(value=True, label="Latent optimisation")
+        latent_reinit = gr.Checkbox(value=True, label="Latent re-initialisation")
+    return dict(region_injection=region_injection, concept_isolation=concept_isolation,
+                latent_optimization=latent_optimization, latent_reinit=latent_reinit)
+
+
+def box_preview() -> BoxPreview:
+    """The box preview and the choice of concept whose box two clicks on it set."""
+    import gradio as gr
+
+    # No label or buttons over the image: they would cover its top rows, where boxes at ymin 0 start and where a
+    # person clicks corners.
+    gr.Markdown("**Boxes** (pick a concept below, then click two corners)")
+    image = gr.Image(show_label=False, buttons=[], interactive=False, format="png", type="pil", elem_id="box-preview")
+    target = gr.Radio(list(range(1, MAX_CONCEPTS + 1)), value=1, label="Draw the box of concept")
+    return BoxPreview(image, target)
+
+
+def results_view() -> Results:
+    """The gallery of generated images, the last one's PNG to download and its settings."""
+    import gradio as gr
+
+    gallery = gr.Gallery(label="Results", columns=2, format="png", height="auto")
+    download = gr.File(label="Download (PNG, settings in its 'parameters' text)")
+    last_settings = gr.JSON(label="Settings of the last image")
+    return Results(gallery, download, last_settings)
+
+
+# -- the page's events -----------------------------------------------------------------------------------------
+
+def redraw_preview_on_change(app: "gr.Blocks", preview: BoxPreview, rows: ConceptRows, settings: dict) -> None:
+    """Draw the boxes in use when the page loads and whenever a box, a name, the count or the image size changes."""
+    import gradio as gr
+
+    box_fields, names, width, height = rows.box_fields, rows.names, settings["width"], settings["height"]
+
+    def show_boxes(n, w, h, *values):
+        n = int(n or 0)
+        boxes = [((values[4 * MAX_CONCEPTS + i] or "").strip() or f"concept{i + 1}", values[4 * i:4 * i + 4])
+                 for i in range(n)]
+        return draw_boxes(w, h, boxes)
+
+    gr.on([app.load, rows.count.change, width.change, height.change, *(c.change for c in box_fields),
+           *(c.change for c in names)], show_boxes, [rows.count, width, height, *box_fields, *names], preview.image,
+          api_visibility="private", show_progress="hidden")
+
+
+def set_box_on_two_clicks(preview: BoxPreview, corner: "gr.State", rows: ConceptRows, settings: dict) -> None:
+    """Two clicks on the preview are opposite corners of the target concept's box: they fill its four fields."""
+    import gradio as gr
+
+    box_fields = rows.box_fields
+
+    def click_corner(slot, first, w, h, evt: gr.SelectData):
+        x, y = evt.index
+        pw, ph = draw_boxes(w, h, []).size
+        point = (min(max(x / pw, 0.0), 1.0), min(max(y / ph, 0.0), 1.0))
+        if first is None:
+            return [gr.skip()] * len(box_fields) + [point]
+        box = [min(first[0], point[0]), min(first[1], point[1]), max(first[0], point[0]), max(first[1], point[1])]
+        out: list[Any] = [gr.skip()] * len(box_fields)
+        start = 4 * (int(slot) - 1)
+        out[start:start + 4] = [round(v, 3) for v in box]
+        return out + [None]
+
+    preview.image.select(click_corner, [preview.target, corner, settings["width"], settings["height"]],
+                         [*box_fields, corner], api_visibility="private")
+
+
+def concept_count_updates(n: Optional[float]) -> list:
+    """The count clamped to [0, :data:`MAX_CONCEPTS`], then the visibility of each slot's group."""
+    import gradio as gr
+
+    n = min(max(int(n or 0), 0), MAX_CONCEPTS)
+    return [n] + [gr.update(visible=i < n) for i in range(MAX_CONCEPTS)]
+
+
+def change_concept_count_on_click(rows: ConceptRows) -> None:
+    """Add concept shows the next slot; Remove last concept hides the last one shown."""
+    outputs = [rows.count, *rows.groups]
+    rows.add.click(lambda n: concept_count_updates(int(n or 0) + 1), rows.count, outputs, api_visibility="private")
+    rows.remove.click(lambda n: concept_count_updates(int(n or 0) - 1), rows.count, outputs,
+                      api_visibility="private")
+
+
+def fill_demo_concepts_on_click(pipe, rows: ConceptRows, prompt: "gr.Textbox", output_dir: Path) -> None:
+    """Make two demo LoRAs: make (or train) them, fill the first concept slots with them, and the prompt if empty."""
+    import gradio as gr
+
+    demo_fields = [slot[k] for slot in rows.slots[:len(DEMO_CONCEPTS)] for k in SLOT_FIELDS]
+
+    def fill_demo(n, current_prompt):
+        world = is_world_model(pipe)  # real concepts, cached in one folder; else random LoRAs, a new folder
+        folder = (_ensure(output_dir) / "demo-loras" if world
+                  else Path(tempfile.mkdtemp(prefix="demo-loras-", dir=_ensure(output_dir))))
+        files = make_demo_loras(pipe, folder)
+        concepts, demo_prompt = demo_concepts(pipe)
+        values: list[Any] = []
+        for path, c in zip(files, concepts):
+            values += [str(path), c["name"], c["prompt"], *c["box"], c["weight"]]
+        count = concept_count_updates(max(int(n or 0), len(concepts)))
+        gr.Info(f"Trained {len(files)} concept LoRAs in {folder}." if world
+                else f"Wrote {len(files)} random LoRA files to {folder}.")
+        return count + values + [current_prompt or demo_prompt]
+
+    rows.demo.click(fill_demo, [rows.count, prompt], [rows.count, *rows.groups, *demo_fields, prompt],
+                    api_visibility="private")
+
+
+def generate_on_click(pipe, run: "gr.Button", history: "gr.State", inputs: dict[str, Any], results: Results, *,
+                      max_bytes: int, output_dir: Path) -> None:
+    """Generate (also the API's ``/generate``, with ``inputs`` as named parameters): run :func:`generate` on the
+    concepts in use, save the PNG, and show it first in the gallery; bad input ends in an error on the page."""
+    import gradio as gr
+
+    def on_generate(past, progress=gr.Progress(), **values):
+        n = min(max(int(values.pop("n_concepts") or 0), 0), MAX_CONCEPTS)
+        concepts = [{k: values.pop(f"{k}_{i}") for k in SLOT_FIELDS} for i in range(1, MAX_CONCEPTS + 1)][:n]
+        if not values.pop("use_decor"):
+            values["decor_words"] = ""
+        try:
+            image, settings = generate(pipe, concepts=concepts, max_lora_bytes=max_bytes,
+                                       progress=lambda s, t: progress((s, t), desc=f"step {s}/{t}"), **values)
+        except ValueError as err:  # LoraFileError is one: the message says what to fix
+            raise gr.Error(str(err), print_exception=False) from None
+        except Exception as err:  # anything else still ends in the page, not in a dead app
+            log.exception("generate failed")
+            raise gr.Error(f"{type(err).__name__}: {err}") from None
+        path = save_png(image, settings, _ensure(output_dir))
+        past = [(str(path), caption(settings))] + list(past or [])
+        return past, str(path), settings, past
+
+    on_generate.__signature__ = api_signature(inputs)
+    run.click(on_generate, inputs=[history], inputs_kwargs=inputs, outputs=[*results, history], api_name="generate",
+              concurrency_limit=1)
+
+
+def api_signature(names: Sequence[str]) -> inspect.Signature:
+    """``(past, *, <each name>=None, progress=gr.Progress())``: the Generate handler's signature as Gradio reads it.
+
+    The API lists a parameter as optional when the component has a value or the function's parameter defaults to
+    None; the empty LoRA slots have neither, so the keyword parameters are spelled out for Gradio.
+    """
+    import gradio as gr
+
+    keyword = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in names]
+    return inspect.Signature([inspect.Parameter("past", inspect.Parameter.POSITIONAL_OR_KEYWORD), *keyword,
+                              inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress())])
 
 
 def _default_box(i: int) -> tuple[float, float, float, float]:

@@ -1,5 +1,9 @@
-"""``HyperspectralPipeline``: a trained LoLA-SpecViT (defined beside its trainer in
-:mod:`visadapt.hyperspectral.pipeline`, which writes run folders through it)."""
+"""``HyperspectralPipeline``: a trained LoLA-SpecViT, re-exported.
+
+The pipeline lives in its task, ``visadapt/hyperspectral/pipeline.py`` (:mod:`visadapt.hyperspectral.pipeline`),
+beside the trainer that writes run folders through it. :mod:`visadapt.pipelines` is the public face: users import it
+from there.
+"""
 
 from visadapt.hyperspectral.pipeline import HyperspectralOutput, HyperspectralPipeline
 
