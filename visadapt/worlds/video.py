@@ -1,4 +1,4 @@
-"""A procedural video world for tracking: the embedded default of ``visadapt track train --demo``.
+"""The video world: procedural tracking sequences, the embedded default of ``visadapt track train --demo``.
 
 Each sequence shows one target (a textured shape) moving over a textured background among distractors of the same
 shape (other colours or textures), with the hard cases of real tracking benchmarks:
@@ -11,7 +11,7 @@ shape (other colours or textures), with the hard cases of real tracking benchmar
 ``absence.label``, ``cover.label``), so ``load_sequences("got10k", root, split)`` reads them. Everything is a
 function of (seed, kind, split, sequence index): the same call writes the same files.
 
-Kinds: ``pretrain`` (the shapes the shipped demo backbone was pretrained on) and ``demo`` (other shapes and
+Kinds: ``pretrain`` (the shapes the shipped demo ViT was pretrained on) and ``demo`` (other shapes and
 textures, the world the demo adapts it to).
 """
 
