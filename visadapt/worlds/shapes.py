@@ -27,16 +27,14 @@ layout (``<task>/<split>/<class>/<idx>.png``) that the few-shot data loader read
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ._folders import write_marked
 
 IMAGE_SIZE = 32
 
@@ -292,12 +290,9 @@ def write_task(root: Path, task: str, n_train: int, n_val: int, n_test: int, see
     dest = root / task
     marker = {"task": task, "n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed,
               "image_size": IMAGE_SIZE, "world_version": _WORLD_VERSION}
-    if _read_marker(dest) == marker:
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{task}.tmp-", dir=root))
-    try:
-        class_dirs = [name.replace(" ", "_") for name in TASKS[task].classes]
+    class_dirs = [name.replace(" ", "_") for name in TASKS[task].classes]
+
+    def fill(stage: Path) -> None:
         for split, n in zip(_SPLITS, (n_train, n_val, n_test)):
             if n == 0:
                 continue
@@ -305,23 +300,9 @@ def write_task(root: Path, task: str, n_train: int, n_val: int, n_test: int, see
                 folder = stage / split / class_dirs[label]
                 folder.mkdir(parents=True, exist_ok=True)
                 image.save(folder / f"{idx % n}.png")
-        (stage / "world.json").write_text(json.dumps(marker, indent=1))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(stage, dest)
-    except OSError:
-        if _read_marker(dest) != marker:  # not a concurrent writer that finished the same folder first
-            raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+
+    write_marked(dest, marker, fill)
     return dest
-
-
-def _read_marker(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "world.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # --- canvases: one or two shapes at free positions (the world model's images) -------------------------------------
