@@ -36,17 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from visadapt.diffusion import ComposerConfig, Concept
-from visadapt.diffusion.world_demo import (
-    DEMO_CONCEPTS,
-    DEMO_STEPS,
-    WORLD_MODEL_DIR,
-    DemoCLIPJudge,
-    load_world_model,
-    object_crop,
-    train_demo_concept,
-)
+from visadapt.diffusion.world_demo import DEMO_CONCEPTS, DEMO_STEPS, train_demo_concept
 from visadapt.pipelines import LoRAComposerPipeline
-from visadapt.utils import world
+from visadapt.worlds import shapes as world
+from visadapt.worlds.judge import DemoCLIPJudge, object_crop
+from visadapt.worlds.models import WORLD_MODEL_DIR, load_world_model
 
 LAYOUTS = {
     "left|right": [(0.0, 0.25, 0.5, 0.75), (0.5, 0.25, 1.0, 0.75)],

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import subprocess
 import sys
@@ -35,6 +36,18 @@ def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def pretrain_script(name: str):
+    """``pretrain/<name>.py`` (a script of the repository, not a package module) imported as ``pretrain_<name>``."""
+    module_name = f"pretrain_{name}"
+    if module_name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "pretrain" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
-"""The procedural world of the few-shot demo and the tiny CLIP pretrained on it (visadapt.utils.world,
-visadapt.fewshot.demo_pretrain)."""
+"""The shapes world of the few-shot demo and the tiny CLIP pretrained on it (visadapt.worlds.shapes,
+pretrain/demo_clip.py)."""
 
 import json
 
@@ -7,12 +7,15 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import pretrain_script
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from visadapt.fewshot import demo_pretrain
 from visadapt.fewshot.model import DEMO_MODEL, resolve_model_name
-from visadapt.utils import world
+from visadapt.worlds import shapes as world
+from visadapt.worlds.models import DEMO_CLIP_DIR
+
+demo_pretrain = pretrain_script("demo_clip")
 
 
 def _draw(seed: int, n: int = 20) -> tuple[list[np.ndarray], list[str]]:
@@ -75,7 +78,7 @@ def demo_clip():
 
 def test_demo_clip_is_small_and_preprocessed_as_trained(demo_clip):
     model, preprocess, tokenizer = demo_clip
-    assert (world.DEMO_CLIP_DIR / "open_clip_model.safetensors").stat().st_size <= 5_000_000
+    assert (DEMO_CLIP_DIR / "open_clip_model.safetensors").stat().st_size <= 5_000_000
     assert tokenizer("a photo of a red circle.").shape == (1, demo_pretrain.CONTEXT_LENGTH)
     image = world.render_array(world.sample_scene(np.random.default_rng(0)), np.random.default_rng(0))
     torch.testing.assert_close(preprocess(Image.fromarray(image)), demo_pretrain.to_tensor(image[None])[0])

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from visadapt.diffusion.easyref_eval import clip_image_scores, clip_text_scores, dino_scores, load_clip, result_grid
-from visadapt.utils.world import DEMO_CLIP_DIR, Scene, render
+from visadapt.worlds.models import DEMO_CLIP_DIR
+from visadapt.worlds.shapes import Scene, render
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """What a newcomer meets on a fresh clone and venv: Python started in the repository root (``python -m pytest``,
 ``python -c``, scripts there) imports the installed distributions, never a folder of ours under their names; every
-benchmark script starts from the root with or without its own folder on sys.path; a run that does not use DeepSpeed
-never imports it."""
+benchmark and pretraining script starts from the root with or without its own folder on sys.path; a run that does
+not use DeepSpeed never imports it; a wheel ships the kernels and the worlds' weights."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from conftest import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+SCRIPTS = BENCHMARKS + sorted((ROOT / "pretrain").glob("*.py"))
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -32,7 +33,8 @@ def _importable_names(folder: Path) -> set[str]:
     return modules | packages
 
 
-@pytest.mark.parametrize("folder", [ROOT, ROOT / "benchmarks"], ids=["root", "benchmarks"])
+@pytest.mark.parametrize("folder", [ROOT, ROOT / "benchmarks", ROOT / "pretrain"],
+                         ids=["root", "benchmarks", "pretrain"])
 def test_no_name_in_the_repository_shadows_an_installed_distribution(folder):
     distributions = importlib.metadata.packages_distributions().items()
     others = {name: sorted(set(dists) - {"visadapt"}) for name, dists in distributions}
@@ -65,8 +67,8 @@ def test_python_started_in_the_root_imports_diffusers_and_transformers_hub_kerne
 
 @pytest.mark.slow
 @pytest.mark.parametrize("safe_path", [False, True], ids=["script-folder-on-path", "PYTHONSAFEPATH"])
-@pytest.mark.parametrize("script", BENCHMARKS, ids=[p.stem for p in BENCHMARKS])
-def test_every_benchmark_script_starts_from_the_root(script, safe_path):
+@pytest.mark.parametrize("script", SCRIPTS, ids=[f"{p.parent.name}/{p.stem}" for p in SCRIPTS])
+def test_every_script_starts_from_the_root(script, safe_path):
     env = _env(PYTHONSAFEPATH="1") if safe_path else _env()
     proc = subprocess.run([sys.executable, str(script.relative_to(ROOT)), "--help"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -98,9 +100,9 @@ def test_the_kernel_cost_model_prints_only_its_table():
 
 
 @pytest.mark.slow
-def test_a_wheel_installs_the_kernels_as_visadapt_kernels(tmp_path):
+def test_a_wheel_installs_the_kernels_as_visadapt_kernels_and_ships_the_worlds_weights(tmp_path):
     """The folder mapping of pyproject (kernels/visadapt_kernels -> visadapt.kernels) holds in a wheel too, which
-    installs no top-level ``kernels`` of ours."""
+    installs no top-level ``kernels`` of ours; package-data brings every weight file of the worlds' models."""
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                             str(tmp_path / "dist"), str(ROOT)], env=_env(), capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
@@ -110,9 +112,16 @@ def test_a_wheel_installs_the_kernels_as_visadapt_kernels(tmp_path):
                               str(wheel)], env=_env(), capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-3000:]
     assert not (target / "kernels").exists() and (target / "visadapt" / "kernels" / "selfcheck.py").is_file()
+    shipped = ROOT / "visadapt" / "worlds"
+    weights = sorted(p.relative_to(shipped) for folder in ("demo_clip", "demo_vit", "world_model")
+                     for p in (shipped / folder).rglob("*") if p.is_file())
+    assert len(weights) == 15 and all((target / "visadapt" / "worlds" / p).is_file() for p in weights), weights
     code = ("import visadapt.kernels as k, visadapt.utils.measure\n"
-            "print(k.__file__); print(callable(k.lora_linear) and callable(k.set_backend))")
+            "from visadapt.worlds.models import demo_vit_config\n"
+            "print(k.__file__); print(callable(k.lora_linear) and callable(k.set_backend))\n"
+            "print(demo_vit_config()['timm_name'])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(PYTHONPATH=str(target)),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines() == [str(target / "visadapt" / "kernels" / "__init__.py"), "True"]
+    assert proc.stdout.splitlines() == [str(target / "visadapt" / "kernels" / "__init__.py"), "True",
+                                        "vit_small_patch14_dinov2"]

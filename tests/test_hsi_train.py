@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from visadapt.cli import main
-from visadapt.hyperspectral.demo import synthetic_scene, write_scene_mat
+from visadapt.hyperspectral.data import scene_from_arrays
 from visadapt.hyperspectral.train import HSITrainConfig, train
 from visadapt.pipelines import HyperspectralPipeline
+from visadapt.worlds.spectra import synthetic_scene, write_scene_mat
 
 SMALL = dict(model="lola_specvit_tiny", pca_components=6, patch_size=7, train=0.15, batch_size=32, grad_accum=2,
              lr=3e-3, warmup_epochs=1, t0=2, eta_min=1e-5, seed=0, split_seed=0, eval_batch_size=512)
@@ -25,7 +26,8 @@ def scene_files(tmp_path_factory):
 
 
 def test_demo_scene_is_learned_well_above_chance(tmp_path):
-    scene = synthetic_scene(height=48, width=48, bands=60, classes=4, seed=2)
+    world = synthetic_scene(height=48, width=48, bands=60, classes=4, seed=2)
+    scene = scene_from_arrays(world.cube, world.gt, "synthetic", world.class_names)
     r = train(HSITrainConfig(**{**SMALL, "epochs": 12, "class_map": False}), tmp_path / "run", scene=scene)
     majority = 100 * np.bincount(scene.gt[scene.gt > 0]).max() / (scene.gt > 0).sum()
     assert r["OA"] > max(60.0, majority + 20), (r["OA"], majority)

@@ -1,8 +1,9 @@
 """The package's layers, read from the source: imports point down, and no task imports another task.
 
-kernels ← adapters ← tasks ← pipelines ← apps / cli; ``visadapt.utils`` (and ``visadapt.version``) may be used by
-every layer and uses none; ``visadapt.training`` and ``visadapt.run_config`` are the tasks' shared core. Every import
-counts, those inside functions too.
+utils ← worlds ← kernels ← adapters ← tasks ← pipelines ← apps / cli; ``visadapt.utils`` (and ``visadapt.version``)
+may be used by every layer and uses none; ``visadapt.worlds`` (the embedded worlds and their shipped models) uses
+only utils; ``visadapt.training`` and ``visadapt.run_config`` are the tasks' shared core. Every import counts, those
+inside functions too.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"visadapt": "visadapt", "kernels/visadapt_kernels": "visadapt.kernels", "pipelines": "visadapt.pipelines",
            "apps": "visadapt.apps"}
 TASKS = ("fewshot", "hyperspectral", "diffusion", "incremental", "tracking")
-UTILS, KERNELS, ADAPTERS, TASK, PIPELINES, FACES = -1, 0, 1, 2, 3, 4
-LAYER_NAMES = {UTILS: "utils", KERNELS: "kernels", ADAPTERS: "adapters", TASK: "tasks", PIPELINES: "pipelines",
-               FACES: "apps/cli"}
+UTILS, WORLDS, KERNELS, ADAPTERS, TASK, PIPELINES, FACES = -2, -1, 0, 1, 2, 3, 4
+LAYER_NAMES = {UTILS: "utils", WORLDS: "worlds", KERNELS: "kernels", ADAPTERS: "adapters", TASK: "tasks",
+               PIPELINES: "pipelines", FACES: "apps/cli"}
 
 
 def module_of(path: Path) -> str:
@@ -37,6 +38,8 @@ def layer(module: str) -> tuple[int, Optional[str]]:
     second = parts[1] if len(parts) > 1 else ""
     if second in ("utils", "version"):
         return UTILS, None
+    if second == "worlds":
+        return WORLDS, None
     if second == "kernels":
         return KERNELS, None
     if second in ("", "adapters", "_registry"):  # the root package exports the adapters
@@ -118,6 +121,14 @@ def test_imports_point_down_and_tasks_stay_apart():
     ("visadapt.kernels.ops", "visadapt.adapters.layer", False),
     ("visadapt.fewshot.train", "visadapt.pipelines.fewshot_clip", False),
     ("visadapt.utils.io", "visadapt.training", False),
+    ("visadapt.utils.io", "visadapt.worlds.shapes", False),
+    ("visadapt.worlds.models", "visadapt.tracking.model", False),
+    ("visadapt.worlds.judge", "visadapt.adapters.layer", False),
+    ("visadapt.worlds.shapes", "visadapt.kernels", False),
+    ("visadapt.worlds.judge", "visadapt.worlds.shapes", True),
+    ("visadapt.worlds.models", "visadapt.utils.io", True),
+    ("visadapt.tracking.train", "visadapt.worlds.models", True),
+    ("visadapt.apps.composer", "visadapt.worlds.models", True),
     ("visadapt.fewshot.train", "visadapt.training", True),
     ("visadapt.pipelines.lora_composer", "visadapt.diffusion.attention", True),
     ("visadapt.apps.composer", "visadapt.pipelines", True),

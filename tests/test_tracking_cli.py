@@ -15,7 +15,7 @@ from visadapt.cli import main
 from visadapt.tracking.config import TrackConfig
 from visadapt.tracking.pipeline import TrackingPipeline
 from visadapt.tracking.train import build_model, model_config
-from visadapt.tracking.world import generate_sequence, write_world
+from visadapt.worlds.video import generate_sequence, write_world
 
 av = pytest.importorskip("av")
 

@@ -10,16 +10,12 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import pretrain_script
 
-from visadapt.diffusion.world_demo import (
-    DEMO_CONCEPTS,
-    WORLD_MODEL_DIR,
-    DemoCLIPJudge,
-    load_world_model,
-    object_crop,
-    recognition,
-)
-from visadapt.utils import world
+from visadapt.diffusion.world_demo import DEMO_CONCEPTS
+from visadapt.worlds import shapes as world
+from visadapt.worlds.judge import DemoCLIPJudge, object_crop, recognition
+from visadapt.worlds.models import DEMO_CLIP_DIR, WORLD_MODEL_DIR, load_world_model
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +47,7 @@ def test_shipped_model_is_small_and_loads_offline_without_visadapt(tmp_path):
 def test_text_encoder_is_the_demo_clip_text_tower(pipe):
     import open_clip
 
-    name = f"local-dir:{world.DEMO_CLIP_DIR}"
+    name = f"local-dir:{DEMO_CLIP_DIR}"
     clip, _, _ = open_clip.create_model_and_transforms(name)
     ids = open_clip.get_tokenizer(name)(["a red star and a blue circle"])
     with torch.no_grad():
@@ -114,36 +110,32 @@ def test_demo_loras_are_trained_concepts_that_change_the_output(tmp_path):
 
 
 def test_pretraining_data_holds_no_held_out_shape():
-    from visadapt.diffusion.world_pretrain import canvases
-
-    images, objects = canvases(np.random.default_rng(0), 300)
+    images, objects = pretrain_script("world_model").canvases(np.random.default_rng(0), 300)
     assert images.shape == (300, 3, 64, 64) and -1 <= float(images.min()) and float(images.max()) <= 1
     drawn = {o.shape for objs in objects for o in objs}
     assert drawn == set(world.SEEN_SHAPES) and not drawn & set(world.HELDOUT_SHAPES)
 
 
 def test_vae_loss_weights_the_shapes_not_the_background():
-    from visadapt.diffusion.world_pretrain import foreground
-
     rng = np.random.default_rng(0)
     square = world.CanvasObject("square", "red", (20.0, 40.0), 8.0)
     image = torch.from_numpy(world.render_canvas_array([square], rng)).permute(2, 0, 1).float()[None] / 127.5 - 1
-    mask = foreground(image)[0, 0]
+    mask = pretrain_script("world_model").foreground(image)[0, 0]
     assert mask[40, 20] == 1  # the shape's centre (row y, column x)
     assert mask[:16].sum() == 0 and mask[:, 40:].sum() == 0  # the background above and right of it
     assert 0 < float(mask.mean()) <= 16 ** 2 / 64 ** 2  # no more than the shape's bounding square
 
 
 def test_pretraining_continues_from_a_world_model_and_guards_its_output(tmp_path):
-    from visadapt.diffusion.world_pretrain import initial_models, main
-
-    vae, unet = initial_models(WORLD_MODEL_DIR, cross_attention_dim=load_world_model().unet.config.cross_attention_dim)
+    pretraining = pretrain_script("world_model")
+    cross_attention_dim = load_world_model().unet.config.cross_attention_dim
+    vae, unet = pretraining.initial_models(WORLD_MODEL_DIR, cross_attention_dim=cross_attention_dim)
     shipped = load_world_model().unet.state_dict()
     assert all(torch.equal(v, shipped[k]) for k, v in unet.state_dict().items())
     assert next(vae.parameters()).dtype == torch.float32
     with pytest.raises(FileNotFoundError, match="not a world model folder"):
-        initial_models(tmp_path, cross_attention_dim=128)
+        pretraining.initial_models(tmp_path, cross_attention_dim=128)
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit):  # --out would be replaced as a whole: a folder of other files is refused
-        main(["--out", str(tmp_path), "--vae-steps", "1", "--unet-steps", "1"])
+        pretraining.main(["--out", str(tmp_path), "--vae-steps", "1", "--unet-steps", "1"])
     assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -1,7 +1,7 @@
 """``visadapt incremental train --demo``: a class-incremental stream of shapes on the tiny demo CLIP's vision
 tower, CoACT next to two baselines in one command, no download.
 
-The world (:mod:`visadapt.utils.world`) draws 15 shapes: the demo CLIP was pretrained on the first ten
+The shapes world (:mod:`visadapt.worlds.shapes`) draws 15 shapes: the demo CLIP was pretrained on the first ten
 (``SEEN_SHAPES``), never on the last five (``HELDOUT_SHAPES``). Session 0 holds five seen shapes with every
 training image; each later session adds two shapes (the last ones held-out) with ``shots`` images each. The three
 runs share data, seed and schedule: ``coact``, ``finetune`` (naive per-session LoRA fine-tuning: CE only, adapter
@@ -15,10 +15,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
 from visadapt.utils import save_json_atomic, write_text_atomic
-from visadapt.utils.world import HELDOUT_SHAPES, SEEN_SHAPES, render, sample_scene
+from visadapt.worlds.shapes import HELDOUT_SHAPES, SEEN_SHAPES, shape_samples
 
 from .config import DEMO_BACKBONE, IncrementalConfig
 from .data import IncrementalData, pil_source
@@ -39,12 +37,7 @@ def demo_data(seed: int = DEMO_SEED, n_train: int = DEMO_TRAIN, n_test: int = DE
     """The 15 shapes, ``n_train`` / ``n_test`` rendered images each (colour, texture, size random)."""
     splits = {}
     for index, (split, n) in enumerate((("train", n_train), ("test", n_test))):
-        images, labels = [], []
-        for label, shape in enumerate(DEMO_SHAPES):
-            rng = np.random.default_rng([seed, index, label])
-            for _ in range(n):
-                images.append(render(sample_scene(rng, (shape,)), rng))
-                labels.append(label)
+        images, labels = zip(*shape_samples(DEMO_SHAPES, n, (seed, index)))
         splits[split] = pil_source(images, labels, split)
     return IncrementalData("demo", splits["train"], splits["test"], list(DEMO_SHAPES))
 

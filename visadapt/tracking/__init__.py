@@ -15,8 +15,7 @@ _HOMES = {"LoRAT": ".model", "LoRATVariant": ".model", "VARIANTS": ".model", "bu
           "ope_sequence": ".metrics", "ope_dataset": ".metrics", "got10k_scores": ".metrics",
           "plot_success_precision": ".metrics", "Tracker": ".tracker", "decode_best": ".tracker",
           "TrackConfig": ".config", "train": ".train", "TrackTrainer": ".train", "TrainingPairs": ".sampling",
-          "PairSettings": ".sampling", "write_world": ".world", "generate_sequence": ".world",
-          "evaluate_tracker": ".evaluate"}
+          "PairSettings": ".sampling", "evaluate_tracker": ".evaluate"}
 
 __all__ = list(_HOMES)
 

@@ -33,7 +33,7 @@ from .sampling import PairSettings, TrainingPairs, collate_pairs
 def model_config(cfg: TrackConfig) -> dict:
     """The pipeline config (architecture and crops) of ``cfg.variant``."""
     if cfg.variant == "demo":
-        from .demo_backbone import demo_vit_config
+        from visadapt.worlds.models import demo_vit_config
 
         shipped = demo_vit_config()
         return {"variant": "demo", **{k: shipped[k] for k in ("timm_name", "vit_kwargs", "z_grid", "x_grid",
@@ -46,7 +46,7 @@ def build_model(cfg: TrackConfig) -> tuple[LoRAT, dict]:
     """The backbone with its pretrained weights, LoRAT around it, adapters added; and the pipeline config."""
     config = model_config(cfg)
     if cfg.variant == "demo" and not cfg.weights:
-        from .demo_backbone import load_demo_vit
+        from visadapt.worlds.models import load_demo_vit
 
         vit = load_demo_vit()
     else:

@@ -1,4 +1,4 @@
-"""A procedural video world for tracking: the embedded default of ``visadapt track train --demo``.
+"""The video world: procedural tracking sequences, the embedded default of ``visadapt track train --demo``.
 
 Each sequence shows one target (a textured shape) moving over a textured background among distractors of the same
 shape (other colours or textures), with the hard cases of real tracking benchmarks:
@@ -11,21 +11,19 @@ shape (other colours or textures), with the hard cases of real tracking benchmar
 ``absence.label``, ``cover.label``), so ``load_sequences("got10k", root, split)`` reads them. Everything is a
 function of (seed, kind, split, sequence index): the same call writes the same files.
 
-Kinds: ``pretrain`` (the shapes the shipped demo backbone was pretrained on) and ``demo`` (other shapes and
+Kinds: ``pretrain`` (the shapes the shipped demo ViT was pretrained on) and ``demo`` (other shapes and
 textures, the world the demo adapts it to).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ._folders import write_marked
 
 FRAME_W, FRAME_H = 128, 96
 _SUPERSAMPLE = 2
@@ -264,11 +262,8 @@ def write_world(root: str | Path, split: str = "train", n_sequences: int = 40, n
     dest = root / split
     marker = {"split": split, "n_sequences": n_sequences, "n_frames": n_frames, "seed": seed, "kind": kind,
               "world_version": _WORLD_VERSION}
-    if _read_marker(dest) == marker:
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=root))
-    try:
+
+    def fill(stage: Path) -> None:
         names = []
         for i in range(n_sequences):
             name = f"World_{split.capitalize()}_{i + 1:06d}"
@@ -283,17 +278,6 @@ def write_world(root: str | Path, split: str = "train", n_sequences: int = 40, n
             (folder / "absence.label").write_text("\n".join(map(str, seq["absence"])) + "\n")
             (folder / "cover.label").write_text("\n".join(map(str, seq["cover"])) + "\n")
         (stage / "list.txt").write_text("\n".join(names) + "\n")
-        (stage / "world.json").write_text(json.dumps(marker, indent=1))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(stage, dest)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+
+    write_marked(dest, marker, fill)
     return root
-
-
-def _read_marker(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "world.json").read_text())
-    except (OSError, ValueError):
-        return None

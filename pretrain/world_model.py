@@ -1,6 +1,6 @@
 """Pretrain the embedded world model: a tiny Stable Diffusion pipeline that draws the shapes world's canvases.
 
-    OMP_NUM_THREADS=1 python -m visadapt.diffusion.world_pretrain --out visadapt/diffusion/world_model
+    OMP_NUM_THREADS=1 python pretrain/world_model.py --out visadapt/worlds/world_model
 
 Each stage has a step count and a time budget (``--vae-minutes`` 5, ``--unet-minutes`` 25) and its learning rate
 follows a cosine over whichever runs out first, so the run ends on time however busy the machine is; ``--init
@@ -9,7 +9,7 @@ shipped weights came from two runs (seed 0, one torch thread, on two CPU cores s
 
 1. this command with the defaults: 355 VAE steps and 2152 UNet steps (batch 16) in 32.6 minutes (shape 22.5 %,
    colour 47.5 % in the final check: the VAE's reconstructions had lost much of the colour);
-2. ``--init visadapt/diffusion/world_model --vae-lr 5e-4 --vae-minutes 12 --vae-steps 2000 --unet-minutes 80
+2. ``--init visadapt/worlds/world_model --vae-lr 5e-4 --vae-minutes 12 --vae-steps 2000 --unet-minutes 80
    --unet-steps 20000 --pool 8192 --save-every 10 --eval-seeds 2 --out <folder>`` (then copied here): 1663 VAE
    steps (now with the foreground weight; reconstruction MSE 0.0034 on fresh canvases) and 10151 UNet steps in 94.5
    minutes. The final check printed shape 81.9 % (chance 10 %; 86.9 % on renders of the same prompts) and colour
@@ -17,7 +17,7 @@ shipped weights came from two runs (seed 0, one torch thread, on two CPU cores s
 
 The pipeline is diffusers' ``StableDiffusionPipeline`` layout, small enough to ship (a few MB of fp16 safetensors):
 
-* text encoder: the demo CLIP's text tower (:data:`visadapt.utils.world.DEMO_CLIP_DIR`) converted to a transformers
+* text encoder: the demo CLIP's text tower (:data:`visadapt.worlds.models.DEMO_CLIP_DIR`) converted to a transformers
   ``CLIPTextModel`` (same weights, same outputs) and kept frozen; its tokenizer is CLIP's BPE with a context of 20
   tokens, padded with token 0 as open_clip pads;
 * VAE: an ``AutoencoderKL`` with factor 4 (64×64 canvases → 16×16×4 latents), trained here first;
@@ -25,11 +25,11 @@ The pipeline is diffusers' ``StableDiffusionPipeline`` layout, small enough to s
   cells at both levels; trained second, on the VAE's latents, with the noise-prediction loss;
 * scheduler: DPM-Solver with SD-1.x's noise schedule (as the tiny random pipelines).
 
-Training images are canvases of :func:`visadapt.utils.world.sample_canvas` (one or two seen shapes, solid colours,
+Training images are canvases of :func:`visadapt.worlds.shapes.sample_canvas` (one or two seen shapes, solid colours,
 free positions) captioned "a red star" / "a red star and a blue circle". The held-out shapes never appear: they are
 the concepts a user teaches the model with ``visadapt concept train``. At the end the script reloads the folder and
 prints how often the demo CLIP recognises the shape and the colour of samples for "a <colour> <shape>"
-(:func:`visadapt.diffusion.world_demo.recognition`).
+(:func:`visadapt.worlds.judge.recognition`).
 """
 
 from __future__ import annotations
@@ -46,9 +46,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visadapt.utils import replace_dir, world
+from visadapt.utils import replace_dir
+from visadapt.worlds import shapes as world
+from visadapt.worlds.judge import recognition
+from visadapt.worlds.models import DEMO_CLIP_DIR, WORLD_MODEL_DIR, load_world_model
 
-MODEL_DIR = Path(__file__).parent / "world_model"
 CONTEXT_LENGTH = 20  # the demo CLIP's positions
 LATENT_SIZE = world.CANVAS_SIZE // 4
 
@@ -57,14 +59,14 @@ LATENT_SIZE = world.CANVAS_SIZE // 4
 
 def tokenizer():
     """CLIP's BPE tokenizer (built offline from open_clip's merges), 20 tokens, padded with id 0 like open_clip."""
-    from .tiny import clip_tokenizer
+    from visadapt.diffusion.tiny import clip_tokenizer
 
     tok = clip_tokenizer(pad_token="!")  # "!" is token 0, open_clip's padding
     tok.model_max_length = CONTEXT_LENGTH
     return tok
 
 
-def text_encoder_from_demo_clip(clip_dir: Path = world.DEMO_CLIP_DIR):
+def text_encoder_from_demo_clip(clip_dir: Path = DEMO_CLIP_DIR):
     """The demo CLIP's text tower as a transformers ``CLIPTextModel`` (fp32; ``last_hidden_state`` equals open_clip's
     ``ln_final`` output token by token)."""
     from safetensors.torch import load_file
@@ -135,7 +137,7 @@ def initial_models(init: Optional[Path], cross_attention_dim: int):
 
 
 def build_scheduler():
-    from .tiny import _scheduler
+    from visadapt.diffusion.tiny import _scheduler
 
     return _scheduler()
 
@@ -315,7 +317,7 @@ def load_text_encoder_in_fp32(folder: Path) -> None:
 def write_slow_tokenizer(folder: Path) -> None:
     """Replace the 3.6 MB ``tokenizer.json`` by CLIP's classic ``vocab.json`` + ``merges.txt`` (1.4 MB), which
     ``CLIPTokenizer.from_pretrained`` reads in transformers 4 and 5 alike."""
-    from .tiny import _clip_bpe
+    from visadapt.diffusion.tiny import _clip_bpe
 
     vocab, merges = _clip_bpe()
     config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -328,9 +330,9 @@ def write_slow_tokenizer(folder: Path) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m visadapt.diffusion.world_pretrain",
+    parser = argparse.ArgumentParser(prog="python pretrain/world_model.py",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=MODEL_DIR, help="output folder (a diffusers pipeline)")
+    parser.add_argument("--out", type=Path, default=WORLD_MODEL_DIR, help="output folder (a diffusers pipeline)")
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--vae-minutes", type=float, default=5.0, help="time budget of the VAE stage")
     parser.add_argument("--unet-steps", type=int, default=4000)
@@ -380,8 +382,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save(args.out, unet, vae, text_encoder, tok)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file()) / 1e6
     log(f"wrote {args.out} ({size:.2f} MB)", start)
-
-    from .world_demo import load_world_model, recognition
 
     result = recognition(load_world_model(args.out), n_seeds=args.eval_seeds)
     log(json.dumps({k: v for k, v in result.items() if k != "images"}), start)

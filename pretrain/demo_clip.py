@@ -1,6 +1,6 @@
-"""Pretrain the tiny demo CLIP on the procedural world (:mod:`visadapt.utils.world`), seen shapes only.
+"""Pretrain the tiny demo CLIP on the shapes world (:mod:`visadapt.worlds.shapes`), seen shapes only.
 
-    python -m visadapt.fewshot.demo_pretrain --out visadapt/utils/demo_clip [--steps N --seed S]
+    python pretrain/demo_clip.py --out visadapt/worlds/demo_clip [--steps N --seed S]
 
 A standard open_clip ``CLIP`` (ViT image tower, CLIP-BPE text tower) shrunk to a few MB, trained with the CLIP
 contrastive loss on freshly rendered (image, caption) batches, and written as an open_clip ``local-dir:`` folder
@@ -26,7 +26,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from visadapt.utils import staged_dir, world
+from visadapt.utils import staged_dir
+from visadapt.worlds import shapes as world
+from visadapt.worlds.models import DEMO_CLIP_DIR
 
 CONTEXT_LENGTH = 20  # the longest caption is 18 tokens with start and end
 MODEL_CFG = {
@@ -186,9 +188,9 @@ def evaluate(model_dir: Path, n_test: int, shots: int, seed: int = 0) -> dict[st
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m visadapt.fewshot.demo_pretrain",
+    parser = argparse.ArgumentParser(prog="python pretrain/demo_clip.py",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=world.DEMO_CLIP_DIR, help="output folder (open_clip local-dir)")
+    parser.add_argument("--out", type=Path, default=DEMO_CLIP_DIR, help="output folder (open_clip local-dir)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)

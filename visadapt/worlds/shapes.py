@@ -1,5 +1,5 @@
-"""A tiny procedurally generated world of captioned images: the embedded default of the few-shot and incremental
-demos (shared here so that neither task imports the other).
+"""The shapes world: tiny procedurally generated captioned images, the embedded default of the few-shot and
+incremental demos, and canvases of one or two shapes, the images of the world model.
 
 Every image shows one flat shape on a dark, noisy grey background, ``IMAGE_SIZE`` pixels square. A
 :class:`Scene` has four attributes:
@@ -14,8 +14,8 @@ square never turns into a diamond), a random background level and pixel noise. :
 varied words ("a large red striped circle", "a photo of a small blue square with dots", "a picture of a pink
 shape", ...), often leaving attributes out.
 
-The demo CLIP (in :data:`DEMO_CLIP_DIR`, ``--model visadapt-demo-clip``; trained by
-:mod:`visadapt.fewshot.demo_pretrain`) only ever sees ``SEEN_SHAPES``: the ``HELDOUT_SHAPES`` never appear in its
+The demo CLIP (:data:`visadapt.worlds.models.DEMO_CLIP_DIR`, ``--model visadapt-demo-clip``; trained by
+``pretrain/demo_clip.py``) only ever sees ``SEEN_SHAPES``: the ``HELDOUT_SHAPES`` never appear in its
 pretraining images, and their names never appear in its captions (none of their BPE tokens does either), so
 zero-shot accuracy on them is near chance. They are the
 few-shot task: an adapter trained on a few labelled images must teach the model both what the new words mean
@@ -27,16 +27,14 @@ layout (``<task>/<split>/<class>/<idx>.png``) that the few-shot data loader read
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ._folders import write_marked
 
 IMAGE_SIZE = 32
 
@@ -46,8 +44,6 @@ HELDOUT_SHAPES = ("hexagon", "heart", "arrow", "crescent", "hourglass")
 COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
 TEXTURES = ("solid", "striped", "dotted", "checkered")
 SIZES = ("small", "large")
-
-DEMO_CLIP_DIR = Path(__file__).parent / "demo_clip"
 
 # Bump when rendering changes, so that datasets written by an older world are rebuilt instead of reused.
 _WORLD_VERSION = 1
@@ -271,6 +267,18 @@ def task_samples(task: str, split: str, n_per_class: int, seed: int,
             yield render(scene, rng, image_size), label
 
 
+def shape_samples(shapes: Sequence[str], n_per_class: int, stream: Sequence[int] = (0,)
+                  ) -> Iterator[tuple[Image.Image, int]]:
+    """``n_per_class`` (image, index in ``shapes``) pairs per shape, shape by shape; colour, texture and size random.
+
+    Shape ``i`` draws from its own random stream, seeded ``[*stream, i]``.
+    """
+    for label, shape in enumerate(shapes):
+        rng = np.random.default_rng([*stream, label])
+        for _ in range(n_per_class):
+            yield render(sample_scene(rng, (shape,)), rng), label
+
+
 def write_task(root: Path, task: str, n_train: int, n_val: int, n_test: int, seed: int) -> Path:
     """Write ``TASKS[task]`` as ``root/<task>/{train,val,test}/<class>/<idx>.png`` and return ``root/<task>``.
 
@@ -282,12 +290,9 @@ def write_task(root: Path, task: str, n_train: int, n_val: int, n_test: int, see
     dest = root / task
     marker = {"task": task, "n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed,
               "image_size": IMAGE_SIZE, "world_version": _WORLD_VERSION}
-    if _read_marker(dest) == marker:
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{task}.tmp-", dir=root))
-    try:
-        class_dirs = [name.replace(" ", "_") for name in TASKS[task].classes]
+    class_dirs = [name.replace(" ", "_") for name in TASKS[task].classes]
+
+    def fill(stage: Path) -> None:
         for split, n in zip(_SPLITS, (n_train, n_val, n_test)):
             if n == 0:
                 continue
@@ -295,23 +300,9 @@ def write_task(root: Path, task: str, n_train: int, n_val: int, n_test: int, see
                 folder = stage / split / class_dirs[label]
                 folder.mkdir(parents=True, exist_ok=True)
                 image.save(folder / f"{idx % n}.png")
-        (stage / "world.json").write_text(json.dumps(marker, indent=1))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(stage, dest)
-    except OSError:
-        if _read_marker(dest) != marker:  # not a concurrent writer that finished the same folder first
-            raise
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+
+    write_marked(dest, marker, fill)
     return dest
-
-
-def _read_marker(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "world.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # --- canvases: one or two shapes at free positions (the world model's images) -------------------------------------

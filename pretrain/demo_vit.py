@@ -1,10 +1,10 @@
 """Pretrain the tiny demo ViT of ``visadapt track train --demo`` as a whole tracker on the procedural world.
 
-    python -m visadapt.tracking.demo_pretrain --out visadapt/tracking/demo_vit [--steps N --seed S]
+    python pretrain/demo_vit.py --out visadapt/worlds/demo_vit [--steps N --seed S]
 
-A DINOv2-layout timm ViT (patch 8, 64 wide, 4 deep; :data:`~visadapt.tracking.demo_backbone.DEMO_ARCH`) inside a
+A DINOv2-layout timm ViT (patch 8, 64 wide, 4 deep; :data:`~visadapt.worlds.models.DEMO_ARCH`) inside a
 :class:`~visadapt.tracking.model.LoRAT` is trained from random weights, every parameter (backbone, position table,
-token types, head), with the LoRAT loss on (template, search) pairs of the world's ``pretrain`` kind (shapes and
+token types, head), with the LoRAT loss on (template, search) pairs of the video world's ``pretrain`` kind (shapes and
 textures the demo never shows), with a milder search-crop shift than LoRAT's (translation jitter 1 instead of 3:
 a from-scratch ViT learns to find the object near the centre within the half hour, not yet to search the whole
 crop), on clean crops (no flips, colour jitter or 3-augment unless ``--augment``), and with a head initialised for
@@ -28,16 +28,15 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from visadapt.tracking.datasets import load_sequences
+from visadapt.tracking.losses import lorat_loss
+from visadapt.tracking.metrics import got10k_scores
+from visadapt.tracking.model import LoRAT, build_vit
+from visadapt.tracking.sampling import PairSettings, TrainingPairs, collate_pairs
+from visadapt.tracking.tracker import Tracker
 from visadapt.utils import staged_dir
-
-from .datasets import load_sequences
-from .demo_backbone import DEMO_ARCH
-from .losses import lorat_loss
-from .metrics import got10k_scores
-from .model import LoRAT, build_vit
-from .sampling import PairSettings, TrainingPairs, collate_pairs
-from .tracker import Tracker
-from .world import write_world
+from visadapt.worlds.models import DEMO_ARCH, DEMO_VIT_DIR
+from visadapt.worlds.video import write_world
 
 
 def pair_settings(arch: dict = DEMO_ARCH, augment: bool = True, translation_jitter: float = 3.0) -> PairSettings:
@@ -114,8 +113,8 @@ def pretrain(out: Path, steps: int, seed: int, batch_size: int, lr: float, worke
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "demo_vit"))
+    parser = argparse.ArgumentParser(prog="python pretrain/demo_vit.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(DEMO_VIT_DIR))
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--minutes", type=float, default=30.0, help="training time limit")
     parser.add_argument("--batch-size", type=int, default=16)
