@@ -41,13 +41,14 @@ from visadapt.diffusion.attention import ComposerAttnProcessor, Composition
 from visadapt.diffusion.composer import ComposerConfig, composer_loss, loss_downsample_for, reinit_latents
 from visadapt.diffusion.concepts import Concept, check_prompt_length, check_unique_names, token_positions
 from visadapt.diffusion.decor import Decor
-from visadapt.diffusion.edlora import bind, concept_tokens, cross_attention_layers, layer_wise
+from visadapt.diffusion.edlora import bind, concept_tokens, cross_attention_layers, layer_wise, load_edlora_concept
 from visadapt.diffusion.lora_files import (
     TEXT_ENCODERS,
     LoraFileError,
     active_adapters,
     keep_active_adapters,
     load_concept_lora,
+    lora_file,
     set_active_adapters,
 )
 
@@ -112,7 +113,11 @@ class LoRAComposerMixin(DecorMixin):
                                          "loaded earlier; pass another `name=`.")
                     if name in known:  # our own adapter, from a file that changed since
                         self.delete_adapters(name)
-                    load_concept_lora(self, path, name)
+                    file = lora_file(path)
+                    if file.suffix == ".pth":  # a Mix-of-Show ED-LoRA, read with weights_only=True
+                        load_edlora_concept(self, file, name)
+                    else:
+                        load_concept_lora(self, file, name)
                     loaded[name] = stamp
             elif name not in known:
                 raise ValueError(f"Concept {concept.label}: {str(concept.lora)!r} is neither a LoRA file nor an "
