@@ -179,6 +179,7 @@ class EasyRefSampler:
 
         from .easyref import EasyRefEncoder, checkpoint_sizes, install_easyref, load_easyref_state, read_easyref_file
         from .easyref_train import adapter_file, load_mllm, load_sdxl
+        from .train_common import HALF_DTYPES
 
         if not c.adapter:
             raise ValueError("Pass --adapter: the training run folder (or adapter file) to evaluate.")
@@ -190,7 +191,7 @@ class EasyRefSampler:
         install_easyref(pipe.unet, num_tokens=sizes["num_tokens"], lora_rank=sizes["lora_rank"])
         load_easyref_state(pipe.unet, encoder, state)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision(c.precision), torch.float32)
+        dtype = HALF_DTYPES.get(mixed_precision(c.precision), torch.float32)
         pipe.to(device)
         encoder.to(device).eval()
         if dtype != torch.float32:

@@ -41,7 +41,7 @@ from visadapt.training import StepCallback, Trainer
 
 from .easyref_config import SIZE_MULTIPLE, TINY_MLLM, TINY_MODEL, EasyRefTrainConfig
 from .easyref_data import EasyRefItems, collate_items, group_summary, holdout_split, scan_groups
-from .train_common import denoising_target
+from .train_common import denoising_target, halve_frozen_weights, training_scheduler
 
 __all__ = ["EasyRefTrainer", "EasyRefTrainModel", "train_easyref", "load_mllm", "load_sdxl", "adapter_file",
            "ADAPTER_FILE", "OFFICIAL_FILE"]
@@ -198,11 +198,13 @@ class EasyRefTrainer(Trainer):
             pipe.unet.enable_gradient_checkpointing()
             if c.train_mllm:
                 getattr(mllm, "activation_checkpointing_enable", mllm.gradient_checkpointing_enable)()
-        self._halve_frozen_weights([pipe.unet, pipe.text_encoder, pipe.text_encoder_2, encoder])
+        # Under bf16/fp16 the frozen weights (not the VAE's, as the official code keeps it in fp32) go to that dtype:
+        # the frozen MLLM of stage 1 and SDXL's frozen UNet and text encoders take half the memory.
+        halve_frozen_weights([pipe.unet, pipe.text_encoder, pipe.text_encoder_2, encoder], acc.mixed_precision)
         pipe.to(acc.device)
         encoder.to(acc.device)
         self.encoder = encoder
-        self.noise_scheduler = self._training_scheduler()
+        self.noise_scheduler = training_scheduler(pipe)
         self.model = EasyRefTrainModel(pipe, encoder, c.train_mllm)
         self.train_set = self._items(train_groups, c.ref_drop, c.text_drop, c.both_drop, c.truncate_rate)
         self.eval_set = self._items(train_groups, 0.0, 0.0, 0.0, 0.0)
@@ -249,22 +251,6 @@ class EasyRefTrainer(Trainer):
         head, embed = getattr(mllm, "lm_head", None), mllm.get_input_embeddings()
         if head is not None and head.weight is not embed.weight:
             head.requires_grad_(False)  # never used to encode: a trainable lm_head would get no gradient
-
-    def _halve_frozen_weights(self, modules: Sequence[nn.Module]) -> None:
-        """Under bf16/fp16 the frozen weights (not the VAE's, as the official code keeps it in fp32) go to that
-        dtype: the frozen MLLM of stage 1 and SDXL's frozen UNet and text encoders take half the memory."""
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
-        if dtype is None:
-            return
-        for module in modules:
-            for param in module.parameters():
-                if not param.requires_grad:
-                    param.data = param.data.to(dtype)
-
-    def _training_scheduler(self):
-        from diffusers import DDPMScheduler
-
-        return DDPMScheduler.from_config(self.pipe.scheduler.config)
 
     def collate(self, items: list[dict]) -> dict:
         """Stack the examples and build the MLLM's inputs (in the loader's workers)."""
