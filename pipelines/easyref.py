@@ -29,22 +29,16 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
-from visadapt.diffusion.easyref import (
-    ADAPTER_NAME,
-    NULL_REFERENCE_SIZE,
-    EasyRefEncoder,
-    EasyRefInputError,
-    check_references,
+from visadapt.diffusion.composer.lora_files import active_adapters, set_active_adapters
+from visadapt.diffusion.easyref.encoder import NULL_REFERENCE_SIZE, EasyRefEncoder, EasyRefInputError, check_references
+from visadapt.diffusion.easyref.files import (
     checkpoint_sizes,
     easyref_state_dict,
-    install_easyref,
-    is_easyref_installed,
     load_easyref_state,
     read_easyref_file,
     save_easyref_file,
-    set_easyref_scale,
 )
-from visadapt.diffusion.lora_files import active_adapters, set_active_adapters
+from visadapt.diffusion.easyref.unet import ADAPTER_NAME, install_easyref, is_easyref_installed, set_easyref_scale
 
 PathLike = Union[str, os.PathLike]
 
@@ -115,7 +109,7 @@ class EasyRefMixin:
 
     def unload_easyref(self) -> None:
         """Remove EasyRef from the UNet and detach the encoder."""
-        from visadapt.diffusion.easyref import remove_easyref
+        from visadapt.diffusion.easyref.unet import remove_easyref
 
         remove_easyref(self.unet)
         self.easyref_encoder = None

@@ -176,7 +176,7 @@ def load_concept_lora(pipe, path: Union[str, os.PathLike], adapter_name: str) ->
 
     The pipeline's active adapters are left as they were: a concept LoRA acts only inside its region, never through
     the normal forward (``load_lora_weights`` would otherwise make it the active UNet adapter). Mix-of-Show ED-LoRA
-    ``.pth`` files load through :func:`visadapt.diffusion.edlora.load_edlora_concept` instead.
+    ``.pth`` files load through :func:`visadapt.diffusion.composer.edlora.load_edlora_concept` instead.
     """
     path = lora_file(path)
     state_dict = read_lora_state_dict(pipe, path)

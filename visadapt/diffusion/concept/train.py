@@ -38,9 +38,9 @@ from visadapt.adapters.methods import peft_config, read_peft_config
 from visadapt.training import StepCallback, Trainer
 from visadapt.utils import atomic_path, write_text_atomic
 
-from .concept_config import MIN_IMAGES, TINY_MODELS, ConceptTrainConfig
-from .concepts import adapter_name_for
-from .train_common import centre_crop_pixels, denoising_target, halve_frozen_weights, training_scheduler
+from ..composer.concepts import adapter_name_for
+from ..train_common import centre_crop_pixels, denoising_target, halve_frozen_weights, training_scheduler
+from .config import MIN_IMAGES, TINY_MODELS, ConceptTrainConfig
 
 __all__ = ["ConceptTrainConfig", "ConceptTrainer", "train_concept"]
 
@@ -112,7 +112,7 @@ def load_images(files: Sequence[Path], resolution: int) -> tuple[torch.Tensor, t
 def load_pipeline(model: str):
     """The base pipeline: ``tiny-sd`` / ``tiny-sdxl`` (offline, random) or a hub id / local diffusers folder."""
     if model in TINY_MODELS:
-        from .tiny import tiny_pipeline
+        from ..tiny import tiny_pipeline
 
         return tiny_pipeline(model.removeprefix("tiny-"))
     from diffusers import DiffusionPipeline

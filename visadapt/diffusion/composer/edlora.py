@@ -35,7 +35,7 @@ from typing import Union
 
 import torch
 
-from visadapt.diffusion.lora_files import LoraFileError, fit_problems, keep_active_adapters, quiet_loading
+from visadapt.diffusion.composer.lora_files import LoraFileError, fit_problems, keep_active_adapters, quiet_loading
 
 _LORA_KEY = re.compile(r"^(.+?)(?:\.lora_|_lora\.)(down|up)\.weight$")
 _PARTS = ("down_blocks", "mid_block", "up_blocks")
