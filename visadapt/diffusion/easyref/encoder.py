@@ -21,6 +21,7 @@ entering it are RMS-normalised by the MLLM's final norm; positions are plain 0..
 reference tokens) on all three M-RoPE sections. ``faithful=False`` is the "clean" variant (bidirectional final
 layer, Qwen2-VL's M-RoPE positions); it needs its own training.
 """
+
 from __future__ import annotations
 
 import copy
