@@ -64,8 +64,8 @@ def small_sdxl():
 
 def build(args: argparse.Namespace):
     """(SDXL pipeline, (Qwen2-VL, processor)) for ``--model`` / ``--mllm``."""
+    from visadapt.diffusion.easyref.tiny_mllm import tiny_qwen2vl
     from visadapt.diffusion.tiny import tiny_pipeline
-    from visadapt.diffusion.tiny_mllm import tiny_qwen2vl
 
     if args.model in ("tiny", "small"):
         pipe = tiny_pipeline("sdxl") if args.model == "tiny" else small_sdxl()
@@ -105,8 +105,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def run_worker(args: argparse.Namespace, mode: str, n: int) -> dict[str, Any]:
-    from visadapt.diffusion.easyref import EasyRefEncoder, install_easyref
-    from visadapt.diffusion.easyref_data import black_image
+    from visadapt.diffusion.easyref.data import black_image
+    from visadapt.diffusion.easyref.encoder import EasyRefEncoder
+    from visadapt.diffusion.easyref.unet import install_easyref
 
     device = torch.device(args.device)
     pipe, (mllm, processor) = build(args)
@@ -114,7 +115,7 @@ def run_worker(args: argparse.Namespace, mode: str, n: int) -> dict[str, Any]:
     encoder = None
     if mode == "easyref":
         encoder = to_device(EasyRefEncoder(mllm, processor, pipe.unet.config.cross_attention_dim), args)
-        install_easyref(pipe.unet, lora_rank=args.rank)
+        install_easyref(pipe.unet, r=args.rank)
         to_device(pipe.unet, args)
     refs = references(n, args.ref_size)
 

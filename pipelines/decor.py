@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from visadapt.diffusion.decor import Decor, DecorProjector, encoder_dims, undesired_rows
+from visadapt.diffusion.composer.decor import Decor, DecorProjector, encoder_dims, undesired_rows
 
 
 class DecorMixin:

@@ -29,22 +29,16 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
-from visadapt.diffusion.easyref import (
-    ADAPTER_NAME,
-    NULL_REFERENCE_SIZE,
-    EasyRefEncoder,
-    EasyRefInputError,
-    check_references,
+from visadapt.diffusion.composer.lora_files import active_adapters, set_active_adapters
+from visadapt.diffusion.easyref.encoder import NULL_REFERENCE_SIZE, EasyRefEncoder, EasyRefInputError, check_references
+from visadapt.diffusion.easyref.files import (
     checkpoint_sizes,
     easyref_state_dict,
-    install_easyref,
-    is_easyref_installed,
     load_easyref_state,
     read_easyref_file,
     save_easyref_file,
-    set_easyref_scale,
 )
-from visadapt.diffusion.lora_files import active_adapters, set_active_adapters
+from visadapt.diffusion.easyref.unet import ADAPTER_NAME, install_easyref, is_easyref_installed, set_easyref_scale
 
 PathLike = Union[str, os.PathLike]
 
@@ -80,18 +74,18 @@ class EasyRefMixin:
         return pipe
 
     def load_easyref(self, easyref: Optional[PathLike] = None, *, mllm: Any = None,
-                     encoder: Optional[EasyRefEncoder] = None, num_tokens: int = 64, lora_rank: int = 128,
+                     encoder: Optional[EasyRefEncoder] = None, num_tokens: int = 64, r: int = 128,
                      faithful: bool = True, image_size: int = 336, weight_name: Optional[str] = None,
                      torch_dtype: Optional[torch.dtype] = None) -> EasyRefEncoder:
         """Install EasyRef in the UNet, attach the encoder, and load ``easyref`` weights when given.
 
         ``easyref``: a checkpoint file (ours or the official layout; ``.safetensors`` or a weights-only ``.bin``), a
         folder holding one, or a Hub repo id (``weight_name`` picks the file when there are several). Without it the
-        adapter is fresh (``num_tokens``, ``lora_rank``; for training). ``mllm``: a Qwen2-VL Hub id or folder, or a
+        adapter is fresh (``num_tokens``, LoRA rank ``r``; for training). ``mllm``: a Qwen2-VL Hub id or folder, or a
         ``(model, processor)`` pair; or pass a ready ``encoder``.
         """
         state = _read_checkpoint(easyref, weight_name) if easyref is not None else None
-        sizes = checkpoint_sizes(state) if state is not None else {"num_tokens": num_tokens, "lora_rank": lora_rank}
+        sizes = checkpoint_sizes(state) if state is not None else {"num_tokens": num_tokens, "r": r}
         if encoder is None:
             if mllm is None:
                 raise ValueError("EasyRef needs its multimodal LLM: pass mllm='Qwen/Qwen2-VL-2B-Instruct' (or a "
@@ -106,7 +100,7 @@ class EasyRefMixin:
                              f"{sizes['num_tokens']}; build the encoder with num_queries={sizes['num_tokens']}.")
         if is_easyref_installed(self.unet):
             raise ValueError("EasyRef is already loaded in this pipeline's UNet; call unload_easyref() first.")
-        install_easyref(self.unet, num_tokens=sizes["num_tokens"], lora_rank=sizes["lora_rank"])
+        install_easyref(self.unet, num_tokens=sizes["num_tokens"], r=sizes["r"])
         if state is not None:
             load_easyref_state(self.unet, encoder, state)
         encoder.to(self.unet.device)
@@ -115,7 +109,7 @@ class EasyRefMixin:
 
     def unload_easyref(self) -> None:
         """Remove EasyRef from the UNet and detach the encoder."""
-        from visadapt.diffusion.easyref import remove_easyref
+        from visadapt.diffusion.easyref.unet import remove_easyref
 
         remove_easyref(self.unet)
         self.easyref_encoder = None

@@ -13,8 +13,8 @@ The pipelines are the diffusers pipelines with three additions to the call: ``co
 method's parts) and ``decor=``. Every other argument is the base pipeline's. With no concepts the call *is* the base
 pipeline's call. With concepts, the denoising loop stays diffusers' own; the method enters through
 
-* attention processors (:class:`~visadapt.diffusion.attention.ComposerAttnProcessor`) installed for the call, fed
-  by ``cross_attention_kwargs["composition"]``;
+* attention processors (:class:`~visadapt.diffusion.composer.attention.ComposerAttnProcessor`) installed for the
+  call, fed by ``cross_attention_kwargs["composition"]``;
 * ``encode_prompt`` (the global prompt, encoded with the concept LoRAs off) and one extra encoding per concept with
   only its LoRA on in the text encoder(s);
 * ``prepare_latents`` (latent re-initialisation and the step-0 refinement) and ``callback_on_step_end`` (the
@@ -37,19 +37,26 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from visadapt.diffusion.attention import ComposerAttnProcessor, Composition
-from visadapt.diffusion.composer import ComposerConfig, composer_loss, loss_downsample_for, reinit_latents
-from visadapt.diffusion.concepts import Concept, check_prompt_length, check_unique_names, token_positions
-from visadapt.diffusion.decor import Decor
-from visadapt.diffusion.edlora import bind, concept_tokens, cross_attention_layers, layer_wise
-from visadapt.diffusion.lora_files import (
+from visadapt.diffusion.composer.attention import ComposerAttnProcessor, Composition
+from visadapt.diffusion.composer.concepts import Concept, check_prompt_length, check_unique_names, token_positions
+from visadapt.diffusion.composer.decor import Decor
+from visadapt.diffusion.composer.edlora import (
+    bind,
+    concept_tokens,
+    cross_attention_layers,
+    layer_wise,
+    load_edlora_concept,
+)
+from visadapt.diffusion.composer.lora_files import (
     TEXT_ENCODERS,
     LoraFileError,
     active_adapters,
     keep_active_adapters,
     load_concept_lora,
+    lora_file,
     set_active_adapters,
 )
+from visadapt.diffusion.composer.refinement import ComposerConfig, composer_loss, loss_downsample_for, reinit_latents
 
 from .decor import DecorMixin
 from .easyref import EasyRefMixin
@@ -112,7 +119,11 @@ class LoRAComposerMixin(DecorMixin):
                                          "loaded earlier; pass another `name=`.")
                     if name in known:  # our own adapter, from a file that changed since
                         self.delete_adapters(name)
-                    load_concept_lora(self, path, name)
+                    file = lora_file(path)
+                    if file.suffix == ".pth":  # a Mix-of-Show ED-LoRA, read with weights_only=True
+                        load_edlora_concept(self, file, name)
+                    else:
+                        load_concept_lora(self, file, name)
                     loaded[name] = stamp
             elif name not in known:
                 raise ValueError(f"Concept {concept.label}: {str(concept.lora)!r} is neither a LoRA file nor an "

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from visadapt.diffusion import ComposerConfig, Concept, Decor, LoraFileError
-from visadapt.diffusion.attention import ComposerAttnProcessor, Composition
-from visadapt.diffusion.decor import DecorProjector, undesired_rows
+from visadapt.diffusion.composer.attention import ComposerAttnProcessor, Composition
+from visadapt.diffusion.composer.decor import DecorProjector, undesired_rows
 from visadapt.diffusion.tiny import save_random_lora, tiny_pipeline
 from visadapt.pipelines import DecorPipeline, LoRAComposerPipeline, LoRAComposerXLPipeline
 
@@ -279,7 +279,7 @@ def _loss_composition(seed=0):
 def test_attention_blur_is_the_official_kernel():
     from torchvision.transforms.v2.functional import gaussian_blur
 
-    from visadapt.diffusion.composer import composer_loss, smooth, smoothing_kernel
+    from visadapt.diffusion.composer.refinement import composer_loss, smooth, smoothing_kernel
 
     kernel = smoothing_kernel(3, 0.5)
     torch.testing.assert_close(kernel, _official_gaussian_smoothing_kernel(3, 0.5))
@@ -338,7 +338,7 @@ def test_isolation_keeps_overlap_queries_isolated_when_boxes_cover_the_canvas(pi
 
 
 def test_default_concept_tokens_are_the_content_words(pipe):
-    from visadapt.diffusion.concepts import content_words, token_positions
+    from visadapt.diffusion.composer.concepts import content_words, token_positions
 
     assert content_words("a photo of a cat") == ["cat"]
     assert content_words("A close photo of a fluffy <cat1> cat, on the grass") == ["close", "fluffy", "<cat1>", "cat",

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from visadapt.cli import main
 from visadapt.diffusion import ComposerConfig, Concept
-from visadapt.diffusion.concept_train import ConceptTrainConfig, train_concept
+from visadapt.diffusion.concept.train import ConceptTrainConfig, train_concept
 from visadapt.diffusion.tiny import tiny_pipeline
 from visadapt.pipelines import LoRAComposerPipeline, LoRAComposerXLPipeline
 

@@ -14,20 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from visadapt.diffusion.easyref import (
-    INSTRUCTION,
-    EasyRefEncoder,
-    EasyRefInputError,
-    convert_official,
-    easyref_state_dict,
-    install_easyref,
-    load_easyref_state,
-    set_easyref_scale,
-    to_official,
-    unet_image_embeds,
-)
+from visadapt.diffusion.easyref.encoder import INSTRUCTION, EasyRefEncoder, EasyRefInputError
+from visadapt.diffusion.easyref.files import convert_official, easyref_state_dict, load_easyref_state, to_official
+from visadapt.diffusion.easyref.tiny_mllm import tiny_qwen2vl
+from visadapt.diffusion.easyref.unet import install_easyref, set_easyref_scale, unet_image_embeds
 from visadapt.diffusion.tiny import tiny_pipeline
-from visadapt.diffusion.tiny_mllm import tiny_qwen2vl
 
 TOKENS = 8  # reference tokens in the tests (64 as released)
 WIDTH = 64  # the tiny SDXL's cross-attention width
@@ -131,16 +122,16 @@ def test_bad_references_name_the_fix(encoder, tmp_path):
 @pytest.fixture(scope="module")
 def installed():
     pipe = tiny_pipeline("sdxl")
-    install_easyref(pipe.unet, num_tokens=TOKENS, lora_rank=4)
+    install_easyref(pipe.unet, num_tokens=TOKENS, r=4)
     return pipe.unet
 
 
 def test_remove_easyref_restores_the_plain_unet():
-    from visadapt.diffusion.easyref import is_easyref_installed, remove_easyref
+    from visadapt.diffusion.easyref.unet import is_easyref_installed, remove_easyref
 
     unet = tiny_pipeline("sdxl").unet
     plain = dict(unet.state_dict())
-    install_easyref(unet, num_tokens=TOKENS, lora_rank=4)
+    install_easyref(unet, num_tokens=TOKENS, r=4)
     with pytest.raises(ValueError, match="remove_easyref"):
         install_easyref(unet)
     remove_easyref(unet)
@@ -363,7 +354,7 @@ def _composer():
 def test_composer_processor_sends_image_tokens_through_the_global_path_only(installed):
     """Outside the concept's box the composed layer is the IP-Adapter layer (text + λ·image branch); inside the box
     it is the concept's regional text, whatever λ is."""
-    from visadapt.diffusion.attention import ComposerAttnProcessor, Composition
+    from visadapt.diffusion.composer.attention import ComposerAttnProcessor, Composition
 
     name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
     attn, ip = installed.get_submodule(name.rsplit(".processor", 1)[0]), installed.attn_processors[name]
@@ -510,7 +501,7 @@ def test_easyref_file_writes_tied_weights_as_copies(tmp_path):
     """Qwen2-VL-2B ties lm_head to the embedding: the one writer of EasyRef files must still write both names."""
     from safetensors.torch import load_file
 
-    from visadapt.diffusion.easyref import save_easyref_file
+    from visadapt.diffusion.easyref.files import save_easyref_file
 
     shared = torch.randn(4, 3)
     state = {"encoder.mllm.lm_head.weight": shared, "encoder.mllm.model.embed_tokens.weight": shared,

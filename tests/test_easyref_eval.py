@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from visadapt.diffusion.easyref_eval import clip_image_scores, clip_text_scores, dino_scores, load_clip, result_grid
+from visadapt.diffusion.easyref.eval import clip_image_scores, clip_text_scores, dino_scores, load_clip, result_grid
 from visadapt.worlds.models import DEMO_CLIP_DIR
 from visadapt.worlds.shapes import Scene, render
 
@@ -99,9 +99,9 @@ def test_result_grid_lays_out_refs_target_and_generated():
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A stage-2 run (adapter, LoRA rank 4, MLLM tuned) on the tiny stack, and its groups."""
-    from visadapt.diffusion.easyref_config import EasyRefTrainConfig
-    from visadapt.diffusion.easyref_data import write_demo_groups
-    from visadapt.diffusion.easyref_train import train_easyref
+    from visadapt.diffusion.easyref.config import EasyRefTrainConfig
+    from visadapt.diffusion.easyref.data import write_demo_groups
+    from visadapt.diffusion.easyref.train import train_easyref
 
     root = tmp_path_factory.mktemp("eval")
     data = write_demo_groups(root / "groups", n_groups=2, per_group=3, size=32)
@@ -115,8 +115,8 @@ def trained_run(tmp_path_factory):
 def test_eval_writes_scores_per_group_and_a_grid(trained_run, clip, dino, tmp_path):
     import json
 
-    from visadapt.diffusion.easyref_config import EasyRefEvalConfig
-    from visadapt.diffusion.easyref_eval import evaluate_easyref
+    from visadapt.diffusion.easyref.config import EasyRefEvalConfig
+    from visadapt.diffusion.easyref.eval import evaluate_easyref
 
     data, run = trained_run
     cfg = EasyRefEvalConfig(data=str(data), adapter=str(run), model="tiny-sdxl", mllm="tiny", steps=2, size=32,
@@ -133,9 +133,9 @@ def test_eval_writes_scores_per_group_and_a_grid(trained_run, clip, dino, tmp_pa
 
 def test_eval_sampler_matches_the_easyref_pipeline(trained_run):
     """The evaluation's sampler (stock SDXL pipeline + encoder) and EasyRefPipeline give the same image."""
-    from visadapt.diffusion.easyref_config import EasyRefEvalConfig
-    from visadapt.diffusion.easyref_eval import EasyRefSampler, generate
-    from visadapt.diffusion.easyref_train import load_mllm
+    from visadapt.diffusion.easyref.config import EasyRefEvalConfig
+    from visadapt.diffusion.easyref.eval import EasyRefSampler, generate
+    from visadapt.diffusion.easyref.train import load_mllm
     from visadapt.diffusion.tiny import tiny_pipeline
     from visadapt.pipelines import EasyRefPipeline
 
@@ -155,7 +155,7 @@ def test_eval_command_prints_the_means(trained_run, clip, dino, tmp_path, monkey
     """``visadapt easyref eval`` end to end; the metric models by name are the small ones here (no download)."""
     import json
 
-    import visadapt.diffusion.easyref_eval as easyref_eval
+    import visadapt.diffusion.easyref.eval as easyref_eval
     from visadapt.cli import main
 
     monkeypatch.setattr(easyref_eval, "load_clip", lambda name, pretrained, device: clip)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from visadapt.diffusion.easyref_config import STAGE_DEFAULTS, EasyRefTrainConfig
-from visadapt.diffusion.easyref_data import EasyRefItems, collate_items, holdout_split, scan_groups, write_demo_groups
+from visadapt.diffusion.easyref.config import STAGE_DEFAULTS, EasyRefTrainConfig
+from visadapt.diffusion.easyref.data import EasyRefItems, collate_items, holdout_split, scan_groups, write_demo_groups
 from visadapt.utils import DatasetLayoutError
 
 
@@ -163,7 +163,7 @@ def overfit_dir(tmp_path_factory):
 def stages(overfit_dir, tmp_path_factory):
     """Stages 1 → 2 → 3, each started from the previous one's run folder (LoRA rank 4 to stay tiny); all on square
     crops, batch 2 (the keep-aspect stage 3 has its own tests below)."""
-    from visadapt.diffusion.easyref_train import train_easyref
+    from visadapt.diffusion.easyref.train import train_easyref
 
     root, runs = tmp_path_factory.mktemp("stages"), {}
     for stage in (1, 2, 3):
@@ -184,7 +184,7 @@ def test_each_stage_lowers_the_loss_and_starts_where_the_last_ended(stages):
 def test_what_each_stage_trains_and_writes(stages):
     from safetensors.torch import load_file
 
-    from visadapt.diffusion.easyref import convert_official
+    from visadapt.diffusion.easyref.files import convert_official
 
     one, two = (load_file(str(stages[s][0] / "easyref.safetensors")) for s in (1, 2))
     assert not any(".lora_" in k or k.startswith("encoder.mllm.") for k in one)  # stage 1: adapter only
@@ -230,7 +230,7 @@ def test_interrupted_stage_resumes_bit_exactly(overfit_dir, wide_dir, tmp_path, 
     from safetensors.torch import load_file
 
     from visadapt.cli import main
-    from visadapt.diffusion.easyref_train import train_easyref
+    from visadapt.diffusion.easyref.train import train_easyref
 
     extra = {"stage": 2, "data": str(overfit_dir)} if case == "stage2_square" else \
         {"stage": 3, "data": str(wide_dir), "batch_size": 1, "size_multiple": 8}
@@ -260,8 +260,8 @@ def test_a_tied_mllm_is_written_under_both_names(overfit_dir, tmp_path):
     from safetensors.torch import load_file
     from transformers import Qwen2VLForConditionalGeneration
 
-    from visadapt.diffusion.easyref_train import train_easyref
-    from visadapt.diffusion.tiny_mllm import tiny_qwen2vl_config, tiny_qwen2vl_processor
+    from visadapt.diffusion.easyref.tiny_mllm import tiny_qwen2vl_config, tiny_qwen2vl_processor
+    from visadapt.diffusion.easyref.train import train_easyref
 
     processor = tiny_qwen2vl_processor()
     config = tiny_qwen2vl_config(processor.tokenizer)
@@ -276,7 +276,7 @@ def test_a_tied_mllm_is_written_under_both_names(overfit_dir, tmp_path):
 
 
 def test_bad_settings_name_the_fix(overfit_dir, tmp_path):
-    from visadapt.diffusion.easyref_train import train_easyref
+    from visadapt.diffusion.easyref.train import train_easyref
 
     with pytest.raises(ValueError, match="Pass --data"):
         train_easyref(EasyRefTrainConfig(**TINY), tmp_path / "a")
@@ -307,7 +307,7 @@ def wide_dir(tmp_path_factory):
 
 
 def test_aspect_size_follows_the_official_adaptive_resize():
-    from visadapt.diffusion.easyref_data import aspect_size
+    from visadapt.diffusion.easyref.data import aspect_size
 
     # area brought to about 1024² unless within x0.8..x1.1 of it, sides rounded up to 64; a square becomes 1024²
     assert aspect_size(1920, 1080, 1024) == (1408, 768)
@@ -348,7 +348,7 @@ def test_keep_aspect_targets_keep_their_shape_and_time_ids(wide_dir):
 
 def test_stage_three_trains_on_whole_targets(stages, wide_dir, tmp_path):
     """The default stage 3: each micro-batch is one whole target in its shape, with its time ids; the loss drops."""
-    from visadapt.diffusion.easyref_train import EasyRefTrainer
+    from visadapt.diffusion.easyref.train import EasyRefTrainer
 
     seen = []
 
@@ -367,7 +367,7 @@ def test_stage_three_trains_on_whole_targets(stages, wide_dir, tmp_path):
 
 
 def test_keep_aspect_refuses_what_it_cannot_stack(wide_dir, tmp_path):
-    from visadapt.diffusion.easyref_train import train_easyref
+    from visadapt.diffusion.easyref.train import train_easyref
 
     with pytest.raises(ValueError, match=r"one per device.*Pass --batch-size 1 .*or --target-crop square"), \
             pytest.warns(UserWarning, match="without --init"):

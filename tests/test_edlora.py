@@ -155,7 +155,7 @@ def test_old_and_new_mix_of_show_key_names_load_alike(tmp_path):
 
 
 def test_edlora_concept_composes_with_a_safetensors_one_and_pulls_its_new_tokens(tmp_path):
-    from visadapt.diffusion.edlora import concept_tokens, cross_attention_layers
+    from visadapt.diffusion.composer.edlora import concept_tokens, cross_attention_layers
     from visadapt.diffusion.tiny import save_random_lora
 
     pipe = tiny_pipeline("sd", pipeline_class=LoRAComposerPipeline)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import visadapt
 from visadapt.diffusion import ComposerConfig, Concept, LoraFileError
-from visadapt.diffusion.concepts import adapter_name_for
+from visadapt.diffusion.composer.concepts import adapter_name_for
 from visadapt.diffusion.tiny import save_random_lora, tiny_pipeline
 from visadapt.pipelines import LoRAComposerPipeline
 
@@ -194,7 +194,7 @@ def test_an_export_loads_as_a_concept_in_the_app(exports):
 def test_a_stock_peft_unet_adapter_keeps_its_alpha_as_a_concept(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from visadapt.diffusion.lora_files import read_lora_state_dict
+    from visadapt.diffusion.composer.lora_files import read_lora_state_dict
 
     pipe = tiny_pipeline("sd", pipeline_class=LoRAComposerPipeline)
     torch.manual_seed(1)

@@ -130,7 +130,7 @@ def test_imports_point_down_and_tasks_stay_apart():
     ("visadapt.tracking.train", "visadapt.worlds.models", True),
     ("visadapt.apps.composer", "visadapt.worlds.models", True),
     ("visadapt.fewshot.train", "visadapt.training", True),
-    ("visadapt.pipelines.lora_composer", "visadapt.diffusion.attention", True),
+    ("visadapt.pipelines.lora_composer", "visadapt.diffusion.composer.attention", True),
     ("visadapt.apps.composer", "visadapt.pipelines", True),
     ("visadapt.adapters.layer", "visadapt.kernels", True),
 ])

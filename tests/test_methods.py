@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import visadapt
-import visadapt.diffusion.concept_config as concept_config
-import visadapt.diffusion.concept_train as concept_train
+import visadapt.diffusion.concept.config as concept_config
+import visadapt.diffusion.concept.train as concept_train
 import visadapt.fewshot.config as fewshot_config
 import visadapt.fewshot.train as fewshot_train
 import visadapt.incremental.config as incremental_config
@@ -23,7 +23,7 @@ import visadapt.tracking.config as track_config
 import visadapt.tracking.train as track_train
 from visadapt.adapters.methods import METHODS, peft_config, read_peft_config, register_method, unregister_method
 from visadapt.cli import build_parser
-from visadapt.diffusion.concept_config import ConceptTrainConfig
+from visadapt.diffusion.concept.config import ConceptTrainConfig
 from visadapt.fewshot.config import TrainConfig
 from visadapt.incremental.config import IncrementalConfig
 from visadapt.incremental.demo import demo_data

@@ -105,8 +105,8 @@ def test_run_config_round_trips_through_json():
 
 
 def test_every_task_config_is_a_run_config_with_peft_names():
-    from visadapt.diffusion.concept_config import ConceptTrainConfig
-    from visadapt.diffusion.easyref_config import EasyRefTrainConfig
+    from visadapt.diffusion.concept.config import ConceptTrainConfig
+    from visadapt.diffusion.easyref.config import EasyRefTrainConfig
     from visadapt.fewshot.config import TrainConfig
     from visadapt.hyperspectral.config import HSITrainConfig
     from visadapt.incremental.config import IncrementalConfig

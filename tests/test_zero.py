@@ -146,7 +146,7 @@ def test_zero2_matches_one_process_without_deepspeed(tmp_path):
 def test_easyref_stage2_trains_under_zero2_in_bf16(tmp_path):
     """EasyRef's stage 2 (the whole MLLM and a UNet LoRA train) as the official runs, through the shipped accelerate
     config: ZeRO-2, bf16 (the engine holds the weights in bf16, fp32 masters in its optimizer shards)."""
-    from visadapt.diffusion.easyref_data import write_demo_groups
+    from visadapt.diffusion.easyref.data import write_demo_groups
 
     data = write_demo_groups(tmp_path / "groups", n_groups=1, per_group=4, size=32)  # 4 images: even batches of 2
     out = tmp_path / "run"

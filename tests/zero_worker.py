@@ -117,8 +117,8 @@ def easyref_trainer(args: argparse.Namespace, record):
 
     from test_easyref_train import TINY
 
-    from visadapt.diffusion.easyref_config import EasyRefTrainConfig
-    from visadapt.diffusion.easyref_train import EasyRefTrainer
+    from visadapt.diffusion.easyref.config import EasyRefTrainConfig
+    from visadapt.diffusion.easyref.train import EasyRefTrainer
 
     warnings.filterwarnings("ignore", "Stage 2 without --init")
     tiny = {**TINY, "steps": args.steps, "grad_accum": args.grad_accum, "precision": args.precision,

@@ -38,13 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     from visadapt.hyperspectral.cli import add_commands as add_hsi
 
     add_hsi(commands)
-    from visadapt.diffusion.concept_cli import add_commands as add_concept
+    from visadapt.diffusion.concept.cli import add_commands as add_concept
 
     add_concept(commands)
     from visadapt.incremental.cli import add_commands as add_incremental
 
     add_incremental(commands)
-    from visadapt.diffusion.easyref_cli import add_commands as add_easyref
+    from visadapt.diffusion.easyref.cli import add_commands as add_easyref
 
     add_easyref(commands)
     from visadapt.tracking.cli import add_commands as add_track

@@ -1,11 +1,12 @@
-"""Multi-concept composition for diffusers pipelines: LoRA-Composer's concepts and attention edits, and DECOR;
-concept training (``visadapt concept train``, :mod:`visadapt.diffusion.concept_train`); EasyRef's multi-reference
-encoder and UNet install (:mod:`visadapt.diffusion.easyref`, pipelines ``EasyRefPipeline`` and
-``EasyRefControlNetPipeline``).
+"""The diffusion task, one sub-package per family: :mod:`.composer` (LoRA-Composer's concepts and attention edits,
+DECOR), :mod:`.concept` (concept training, ``visadapt concept train``), :mod:`.easyref` (EasyRef's multi-reference
+encoder, UNet install and checkpoints; ``visadapt easyref``); :mod:`.tiny` (offline random pipelines) and
+:mod:`.train_common` (what the trainers share) serve them all.
 
 The pipelines that use these live in :mod:`visadapt.pipelines` (``LoRAComposerPipeline``,
-``LoRAComposerXLPipeline``, ``DecorPipeline``, ``DecorXLPipeline``). The names below load on first use, so that the
-command line (``visadapt concept --help``) imports this package without torch.
+``LoRAComposerXLPipeline``, ``DecorPipeline``, ``DecorXLPipeline``, ``EasyRefPipeline``,
+``EasyRefControlNetPipeline``). The names below load on first use, so that the command line (``visadapt concept
+--help``) imports this package without torch.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from typing import TYPE_CHECKING
 from visadapt.utils.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from .composer import ComposerConfig
-    from .concepts import Concept
-    from .decor import Decor, DecorProjector
-    from .easyref import EasyRefEncoder, EasyRefInputError
-    from .lora_files import LoraFileError
+    from .composer.concepts import Concept
+    from .composer.decor import Decor, DecorProjector
+    from .composer.lora_files import LoraFileError
+    from .composer.refinement import ComposerConfig
+    from .easyref.encoder import EasyRefEncoder, EasyRefInputError
 
-_EXPORTS = {"Concept": "concepts", "ComposerConfig": "composer", "Decor": "decor", "DecorProjector": "decor",
-            "LoraFileError": "lora_files", "EasyRefEncoder": "easyref", "EasyRefInputError": "easyref"}
+_EXPORTS = {"Concept": "composer.concepts", "ComposerConfig": "composer.refinement", "Decor": "composer.decor",
+            "DecorProjector": "composer.decor", "LoraFileError": "composer.lora_files",
+            "EasyRefEncoder": "easyref.encoder", "EasyRefInputError": "easyref.encoder"}
 __all__ = ["Concept", "ComposerConfig", "Decor", "DecorProjector", "LoraFileError", "EasyRefEncoder",
            "EasyRefInputError"]
 

@@ -1,10 +1,32 @@
-"""What the diffusion task's trainers (concept LoRAs, EasyRef) share: the UNet's target and the image crop."""
+"""What the diffusion task's trainers (concept LoRAs, EasyRef) share: the training scheduler, the half-precision
+frozen weights, the UNet's target and the image crop."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
+
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's mixed_precision → the weights' dtype
+
+
+def training_scheduler(pipe):
+    """DDPM with the pipeline's noise schedule and prediction type, as diffusers' DreamBooth scripts train."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def halve_frozen_weights(modules: Iterable[torch.nn.Module], mixed_precision: str) -> None:
+    """Under fp16/bf16 ``mixed_precision`` (accelerate's setting), the frozen parameters of ``modules`` (not the
+    trainable ones, not buffers) go to that dtype, in place; otherwise nothing changes."""
+    dtype = HALF_DTYPES.get(mixed_precision)
+    if dtype is None:
+        return
+    for module in modules:
+        for param in module.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(dtype)
 
 
 def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -175,14 +175,10 @@ def load_concept_lora(pipe, path: Union[str, os.PathLike], adapter_name: str) ->
     """Load the LoRA in ``path`` into ``pipe`` as ``adapter_name`` after checking it fits, without activating it.
 
     The pipeline's active adapters are left as they were: a concept LoRA acts only inside its region, never through
-    the normal forward (``load_lora_weights`` would otherwise make it the active UNet adapter).
+    the normal forward (``load_lora_weights`` would otherwise make it the active UNet adapter). Mix-of-Show ED-LoRA
+    ``.pth`` files load through :func:`visadapt.diffusion.composer.edlora.load_edlora_concept` instead.
     """
     path = lora_file(path)
-    if path.suffix == ".pth":  # a Mix-of-Show ED-LoRA, read with weights_only=True by visadapt.diffusion.edlora
-        from visadapt.diffusion.edlora import load_edlora_concept
-
-        load_edlora_concept(pipe, path, adapter_name)
-        return
     state_dict = read_lora_state_dict(pipe, path)
     problems = fit_problems(pipe, state_dict)
     if problems:
@@ -191,14 +187,14 @@ def load_concept_lora(pipe, path: Union[str, os.PathLike], adapter_name: str) ->
         raise LoraFileError(f"{path.name} does not fit this base model ({type(pipe.unet).__name__} of "
                             f"{type(pipe).__name__}); {len(problems)} LoRA matrices differ:\n  {listed}{more}\n"
                             "Was it trained for another base (SD-1.x vs SD-2.x vs SDXL)?")
-    with keep_active_adapters(pipe), _quiet_loading():
+    with keep_active_adapters(pipe), quiet_loading():
         # diffusers does not read a one-model peft adapter: it gets the state dict converted above instead.
         source = state_dict if all(k.startswith(PEFT_PREFIX) for k in _safetensors_keys(path)) else str(path)
         pipe.load_lora_weights(source, adapter_name=adapter_name, use_safetensors=True, local_files_only=True)
 
 
 @contextmanager
-def _quiet_loading() -> Iterator[None]:
+def quiet_loading() -> Iterator[None]:
     """Hide two known-harmless messages of a text-encoder LoRA load: transformers' "LOAD REPORT" table listing every
     base weight as missing, and peft's warning that the model already has adapters (it has: the other concepts)."""
     names = ("transformers.integrations.peft", "transformers.utils.loading_report")

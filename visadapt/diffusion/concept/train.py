@@ -38,9 +38,9 @@ from visadapt.adapters.methods import peft_config, read_peft_config
 from visadapt.training import StepCallback, Trainer
 from visadapt.utils import atomic_path, write_text_atomic
 
-from .concept_config import MIN_IMAGES, TINY_MODELS, ConceptTrainConfig
-from .concepts import adapter_name_for
-from .train_common import centre_crop_pixels, denoising_target
+from ..composer.concepts import adapter_name_for
+from ..train_common import centre_crop_pixels, denoising_target, halve_frozen_weights, training_scheduler
+from .config import MIN_IMAGES, TINY_MODELS, ConceptTrainConfig
 
 __all__ = ["ConceptTrainConfig", "ConceptTrainer", "train_concept"]
 
@@ -112,7 +112,7 @@ def load_images(files: Sequence[Path], resolution: int) -> tuple[torch.Tensor, t
 def load_pipeline(model: str):
     """The base pipeline: ``tiny-sd`` / ``tiny-sdxl`` (offline, random) or a hub id / local diffusers folder."""
     if model in TINY_MODELS:
-        from .tiny import tiny_pipeline
+        from ..tiny import tiny_pipeline
 
         return tiny_pipeline(model.removeprefix("tiny-"))
     from diffusers import DiffusionPipeline
@@ -313,7 +313,7 @@ class ConceptTrainer(Trainer):
         classes = self._class_latents() if c.class_prompt else None
         self._add_adapters()
         self._halve_frozen_weights()
-        self.noise_scheduler = self._training_scheduler()
+        self.noise_scheduler = training_scheduler(pipe)
         self.model = ConceptModel(pipe, [c.instance_prompt] + ([c.class_prompt] if c.class_prompt else []))
         self.train_set = ConceptItems(instance, classes, self.noise_scheduler.config.num_train_timesteps)
         self.collate_fn, self.total_steps = collate, c.steps
@@ -355,19 +355,8 @@ class ConceptTrainer(Trainer):
     def _halve_frozen_weights(self) -> None:
         """With ``half_weights`` under fp16/bf16 autocast, the frozen parameters (not the adapter, not buffers) go to
         that dtype. After the adapters are built, so Comp-LoRA's SVD of the frozen weights runs in fp32."""
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
-        if not self.cfg.half_weights or dtype is None:
-            return
-        for module in (self.pipe.unet, self.pipe.vae, *self._encoders()):
-            for param in module.parameters():
-                if not param.requires_grad:
-                    param.data = param.data.to(dtype)
-
-    def _training_scheduler(self):
-        """DDPM with the pipeline's noise schedule and prediction type, as diffusers' DreamBooth scripts train."""
-        from diffusers import DDPMScheduler
-
-        return DDPMScheduler.from_config(self.pipe.scheduler.config)
+        if self.cfg.half_weights:
+            halve_frozen_weights((self.pipe.unet, self.pipe.vae, *self._encoders()), self.accelerator.mixed_precision)
 
     def _param_groups(self) -> list[dict]:
         unet = [p for p in self.pipe.unet.parameters() if p.requires_grad]

@@ -1,6 +1,6 @@
 """``visadapt concept train``: DreamBooth-style concept LoRAs for SD-1.x/2.x and SDXL pipelines.
 
-The options are the fields of :class:`visadapt.diffusion.concept_config.ConceptTrainConfig`. torch and diffusers are
+The options are the fields of :class:`visadapt.diffusion.concept.config.ConceptTrainConfig`. torch and diffusers are
 imported when the command runs, so ``--help`` answers at once.
 """
 
@@ -10,7 +10,7 @@ import argparse
 
 from visadapt.utils.cli import add_train_command, config_from_args
 
-from .concept_config import ConceptTrainConfig
+from .config import ConceptTrainConfig
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -24,7 +24,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .concept_train import train_concept
+    from .train import train_concept
 
     r = train_concept(config_from_args(ConceptTrainConfig, args), args.out, resume=args.resume)
     print(f"concept {r['concept']}: loss on the evaluation batch {r['eval_loss_before']:.4f} → "

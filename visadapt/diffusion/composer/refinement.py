@@ -20,8 +20,8 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
-from visadapt.diffusion.attention import Composition
-from visadapt.diffusion.concepts import box_masks
+from visadapt.diffusion.composer.attention import Composition
+from visadapt.diffusion.composer.concepts import box_masks
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``visadapt easyref train | eval``: EasyRef's three training stages and its MRBench-style evaluation.
 
-The options are the fields of :class:`~visadapt.diffusion.easyref_config.EasyRefTrainConfig` and
-:class:`~visadapt.diffusion.easyref_config.EasyRefEvalConfig`. torch, diffusers and transformers are imported when a
+The options are the fields of :class:`~visadapt.diffusion.easyref.config.EasyRefTrainConfig` and
+:class:`~visadapt.diffusion.easyref.config.EasyRefEvalConfig`. torch, diffusers and transformers are imported when a
 command runs, so ``--help`` answers at once. Several GPUs train with data parallelism (``--batch-size`` is global)::
 
     accelerate launch --multi_gpu --num_processes 8 -m visadapt.cli easyref train --stage 1 --batch-size 64 ...
@@ -19,7 +19,7 @@ import argparse
 
 from visadapt.utils.cli import HelpFormatter, add_config_arguments, add_train_command, config_from_args
 
-from .easyref_config import EasyRefEvalConfig, EasyRefTrainConfig
+from .config import EasyRefEvalConfig, EasyRefTrainConfig
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -40,7 +40,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .easyref_train import train_easyref
+    from .train import train_easyref
 
     r = train_easyref(config_from_args(EasyRefTrainConfig, args), args.out, resume=args.resume)
     print(f"EasyRef stage {r['stage']}: loss on the evaluation batch {r['eval_loss_before']:.4f} → "
@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .easyref_eval import evaluate_easyref, format_results
+    from .eval import evaluate_easyref, format_results
 
     r = evaluate_easyref(config_from_args(EasyRefEvalConfig, args), args.out)
     print(f"EasyRef on {len(r['groups'])} groups: {format_results(r)}; results.json and grid.png in {args.out}")

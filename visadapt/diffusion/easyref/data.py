@@ -58,8 +58,8 @@ from torch.utils.data import Dataset
 
 from visadapt.utils import DatasetLayoutError
 
-from .easyref_config import SIZE_MULTIPLE, TARGET_CROPS
-from .train_common import centre_crop_pixels
+from ..train_common import centre_crop_pixels
+from .config import SIZE_MULTIPLE, TARGET_CROPS
 
 __all__ = ["LAYOUT", "IMAGE_SUFFIXES", "ImageGroup", "EasyRefItems", "scan_groups", "holdout_split", "open_image",
            "load_target", "aspect_size", "collate_items", "DROP_IMAGE_SIZE"]

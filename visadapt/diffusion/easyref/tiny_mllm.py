@@ -50,12 +50,12 @@ def tiny_qwen2vl_processor(image_size: int = TINY_IMAGE_SIZE):
     """A ``Qwen2VLProcessor`` (tokenizer, image processor, chat template) built without downloads.
 
     Images are resized to about ``image_size`` px a side, as EasyRef sizes its references (see
-    :func:`visadapt.diffusion.easyref.reference_pixels`).
+    :func:`visadapt.diffusion.easyref.encoder.reference_pixels`).
     """
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-    from visadapt.diffusion.easyref import reference_pixels
+    from visadapt.diffusion.easyref.encoder import reference_pixels
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
                                         eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="right")

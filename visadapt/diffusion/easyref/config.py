@@ -13,7 +13,7 @@ stage     trains                                                              lr
 ========  ==================================================================  =====  ==========  ==========
 
 Stages 1 and 2 train on square centre crops of the targets, stage 3 on the whole targets in their aspect ratio
-(``--target-crop``, :mod:`visadapt.diffusion.easyref_data`).
+(``--target-crop``, :mod:`visadapt.diffusion.easyref.data`).
 
 Options left at ``none`` take their stage's value (:meth:`EasyRefTrainConfig.resolved`); ``run_config.json``
 records the resolved values.
@@ -29,11 +29,11 @@ from visadapt.run_config import PRECISIONS, RunConfig, recipe_default
 from visadapt.utils.cli import option
 
 TINY_MODEL = "tiny-sdxl"  # visadapt.diffusion.tiny's random SDXL pipeline
-TINY_MLLM = "tiny"  # visadapt.diffusion.tiny_mllm's random Qwen2-VL
+TINY_MLLM = "tiny"  # visadapt.diffusion.easyref.tiny_mllm's random Qwen2-VL
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_MLLM = "Qwen/Qwen2-VL-2B-Instruct"
 STAGES = (1, 2, 3)
-TARGET_CROPS = ("square", "keep-aspect")  # how a target becomes the UNet's pixels (easyref_data)
+TARGET_CROPS = ("square", "keep-aspect")  # how a target becomes the UNet's pixels (.data)
 SIZE_MULTIPLE = 64  # keep-aspect targets: sides rounded up to a multiple of this (the official stride)
 
 #: per stage: what the official scripts use (finetune_sdxl.py and scripts/*.sh)

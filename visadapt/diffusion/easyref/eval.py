@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from visadapt.utils import atomic_path, save_json_atomic
 
-from .easyref_config import EasyRefEvalConfig
-from .easyref_data import holdout_split, open_image, scan_groups
+from .config import EasyRefEvalConfig
+from .data import holdout_split, open_image, scan_groups
 
 __all__ = ["clip_image_scores", "clip_text_scores", "dino_scores", "load_clip", "load_dino", "evaluate_easyref",
            "result_grid"]
@@ -177,8 +177,11 @@ class EasyRefSampler:
     def from_config(cls, c: EasyRefEvalConfig) -> "EasyRefSampler":
         from visadapt.training import mixed_precision
 
-        from .easyref import EasyRefEncoder, checkpoint_sizes, install_easyref, load_easyref_state, read_easyref_file
-        from .easyref_train import adapter_file, load_mllm, load_sdxl
+        from ..train_common import HALF_DTYPES
+        from .encoder import EasyRefEncoder
+        from .files import checkpoint_sizes, load_easyref_state, read_easyref_file
+        from .train import adapter_file, load_mllm, load_sdxl
+        from .unet import install_easyref
 
         if not c.adapter:
             raise ValueError("Pass --adapter: the training run folder (or adapter file) to evaluate.")
@@ -187,10 +190,10 @@ class EasyRefSampler:
         pipe = load_sdxl(c.model)
         model, processor = load_mllm(c.mllm)
         encoder = EasyRefEncoder(model, processor, pipe.unet.config.cross_attention_dim, sizes["num_tokens"])
-        install_easyref(pipe.unet, num_tokens=sizes["num_tokens"], lora_rank=sizes["lora_rank"])
+        install_easyref(pipe.unet, num_tokens=sizes["num_tokens"], r=sizes["r"])
         load_easyref_state(pipe.unet, encoder, state)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision(c.precision), torch.float32)
+        dtype = HALF_DTYPES.get(mixed_precision(c.precision), torch.float32)
         pipe.to(device)
         encoder.to(device).eval()
         if dtype != torch.float32:
@@ -200,8 +203,8 @@ class EasyRefSampler:
 
     @torch.no_grad()
     def __call__(self, prompt: str, reference_images: Images, scale: float = 1.0, **kwargs):
-        from .easyref import set_easyref_scale
-        from .easyref_data import black_image
+        from .data import black_image
+        from .unet import set_easyref_scale
 
         cond = self.encoder.encode([list(reference_images)], [prompt])
         uncond = self.encoder.encode([[black_image()]], [""])

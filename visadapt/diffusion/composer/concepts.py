@@ -40,9 +40,9 @@ class Concept:
 
     Args:
         lora: a ``.safetensors`` LoRA file (peft/diffusers or kohya format), a folder written by
-            ``visadapt.export_lora``, a Mix-of-Show ED-LoRA ``.pth`` file (:mod:`visadapt.diffusion.edlora`; write
-            its new tokens, e.g. ``<cat1> <cat2>``, in ``prompt``) or the name of an adapter already loaded into the
-            pipeline.
+            ``visadapt.export_lora``, a Mix-of-Show ED-LoRA ``.pth`` file (:mod:`visadapt.diffusion.composer.edlora`;
+            write its new tokens, e.g. ``<cat1> <cat2>``, in ``prompt``) or the name of an adapter already loaded into
+            the pipeline.
         prompt: the regional prompt, encoded by the text encoder with this concept's LoRA active.
         box: ``[xmin, ymin, xmax, ymax]`` in [0, 1] (fractions of width and height).
         weight: multiplies the concept's LoRA deltas (UNet K/V/O and text encoder).

@@ -16,16 +16,16 @@ What trains (the rest is frozen):
 - stages 2 and 3: the same, plus the whole MLLM (vision tower and language layers; an untied ``lm_head``, which no
   forward uses, stays frozen) and a rank-128 LoRA on q/k/v/out of every UNet attention layer.
 
-Examples come from :class:`~visadapt.diffusion.easyref_data.EasyRefItems` (references, drops, truncation); the
+Examples come from :class:`~visadapt.diffusion.easyref.data.EasyRefItems` (references, drops, truncation); the
 MLLM's inputs are built in the data loader (padded / truncated to 256 tokens in stages 1-2, padded to the longest in
 stage 3). Stages 1-2 see square centre crops of the targets; stage 3 sees whole targets in their aspect ratio
 (``--target-crop keep-aspect``, with SDXL time ids to match), one example per device as the official stage 3.
 
 The run folder holds, besides what every run holds (``run_config.json``, ``results.json`` with the loss on a fixed
 evaluation batch before and after training, ``training_curve.png``, ``report.md``): ``easyref.safetensors`` (our
-layout, :func:`visadapt.diffusion.easyref.easyref_state_dict`) and ``official/model.safetensors`` (the
-official repository's key layout, :func:`visadapt.diffusion.easyref.to_official`, which its training script takes as
-``--pretrained_easy_ref_path``).
+layout, :func:`visadapt.diffusion.easyref.files.easyref_state_dict`) and ``official/model.safetensors`` (the
+official repository's key layout, :func:`visadapt.diffusion.easyref.files.to_official`, which its training script
+takes as ``--pretrained_easy_ref_path``).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import torch.nn.functional as F
 
 from visadapt.training import StepCallback, Trainer
 
-from .easyref_config import SIZE_MULTIPLE, TINY_MLLM, TINY_MODEL, EasyRefTrainConfig
-from .easyref_data import EasyRefItems, collate_items, group_summary, holdout_split, scan_groups
-from .train_common import denoising_target
+from ..train_common import denoising_target, halve_frozen_weights, training_scheduler
+from .config import SIZE_MULTIPLE, TINY_MLLM, TINY_MODEL, EasyRefTrainConfig
+from .data import EasyRefItems, collate_items, group_summary, holdout_split, scan_groups
 
 __all__ = ["EasyRefTrainer", "EasyRefTrainModel", "train_easyref", "load_mllm", "load_sdxl", "adapter_file",
            "ADAPTER_FILE", "OFFICIAL_FILE"]
@@ -56,7 +56,7 @@ EVAL_TIMESTEPS = 3  # timesteps per example in it
 def load_sdxl(model: str):
     """The base SDXL pipeline in fp32: ``tiny-sdxl`` (offline, random) or a hub id / local diffusers folder."""
     if model == TINY_MODEL:
-        from .tiny import tiny_pipeline
+        from ..tiny import tiny_pipeline
 
         return tiny_pipeline("sdxl")
     from diffusers import DiffusionPipeline
@@ -130,7 +130,7 @@ class EasyRefTrainModel(nn.Module):
                 mllm_inputs: dict[str, torch.Tensor], time_ids: torch.Tensor) -> torch.Tensor:
         """(B, 4, h, w) noisy latents, (B,) timesteps, B captions, the processor's tensors, (B, 6) time ids →
         (B, 4, h, w) prediction."""
-        from .easyref import unet_image_embeds
+        from .unet import unet_image_embeds
 
         embeds, pooled = self.text(captions, noisy.device)
         tokens = self.references(mllm_inputs)
@@ -175,7 +175,9 @@ class EasyRefTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
-        from .easyref import EasyRefEncoder, install_easyref, load_easyref_state, read_easyref_file
+        from .encoder import EasyRefEncoder
+        from .files import load_easyref_state, read_easyref_file
+        from .unet import install_easyref
 
         c, acc = self.cfg, self.accelerator
         self._one_target_size_per_device()
@@ -190,7 +192,7 @@ class EasyRefTrainer(Trainer):
             module.requires_grad_(False)
         torch.manual_seed(c.seed)  # reference tokens, projector: the same init for the same seed
         encoder = EasyRefEncoder(mllm, processor, pipe.unet.config.cross_attention_dim, num_queries=c.num_tokens)
-        install_easyref(pipe.unet, num_tokens=c.num_tokens, lora_rank=c.r)
+        install_easyref(pipe.unet, num_tokens=c.num_tokens, r=c.r)
         if c.init:
             load_easyref_state(pipe.unet, encoder, read_easyref_file(adapter_file(c.init)))
         self._select_trainable(pipe.unet, encoder)
@@ -198,11 +200,13 @@ class EasyRefTrainer(Trainer):
             pipe.unet.enable_gradient_checkpointing()
             if c.train_mllm:
                 getattr(mllm, "activation_checkpointing_enable", mllm.gradient_checkpointing_enable)()
-        self._halve_frozen_weights([pipe.unet, pipe.text_encoder, pipe.text_encoder_2, encoder])
+        # Under bf16/fp16 the frozen weights (not the VAE's, as the official code keeps it in fp32) go to that dtype:
+        # the frozen MLLM of stage 1 and SDXL's frozen UNet and text encoders take half the memory.
+        halve_frozen_weights([pipe.unet, pipe.text_encoder, pipe.text_encoder_2, encoder], acc.mixed_precision)
         pipe.to(acc.device)
         encoder.to(acc.device)
         self.encoder = encoder
-        self.noise_scheduler = self._training_scheduler()
+        self.noise_scheduler = training_scheduler(pipe)
         self.model = EasyRefTrainModel(pipe, encoder, c.train_mllm)
         self.train_set = self._items(train_groups, c.ref_drop, c.text_drop, c.both_drop, c.truncate_rate)
         self.eval_set = self._items(train_groups, 0.0, 0.0, 0.0, 0.0)
@@ -249,22 +253,6 @@ class EasyRefTrainer(Trainer):
         head, embed = getattr(mllm, "lm_head", None), mllm.get_input_embeddings()
         if head is not None and head.weight is not embed.weight:
             head.requires_grad_(False)  # never used to encode: a trainable lm_head would get no gradient
-
-    def _halve_frozen_weights(self, modules: Sequence[nn.Module]) -> None:
-        """Under bf16/fp16 the frozen weights (not the VAE's, as the official code keeps it in fp32) go to that
-        dtype: the frozen MLLM of stage 1 and SDXL's frozen UNet and text encoders take half the memory."""
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision)
-        if dtype is None:
-            return
-        for module in modules:
-            for param in module.parameters():
-                if not param.requires_grad:
-                    param.data = param.data.to(dtype)
-
-    def _training_scheduler(self):
-        from diffusers import DDPMScheduler
-
-        return DDPMScheduler.from_config(self.pipe.scheduler.config)
 
     def collate(self, items: list[dict]) -> dict:
         """Stack the examples and build the MLLM's inputs (in the loader's workers)."""
@@ -345,13 +333,13 @@ class EasyRefTrainer(Trainer):
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Our layout of what this stage trained (the MLLM's weights only when it trained), in fp32 on the CPU."""
-        from .easyref import easyref_state_dict
+        from .files import easyref_state_dict
 
         state = easyref_state_dict(self.pipe.unet, self.encoder, include_mllm=self.cfg.train_mllm)
         return {key: value.detach().float() for key, value in state.items()}
 
     def write_outputs(self, results: dict, state: dict) -> None:
-        from .easyref import save_easyref_file
+        from .files import save_easyref_file
 
         ours = self.adapter_state()
         meta = {"format": "visadapt-easyref", "stage": str(self.cfg.stage), "num_tokens": str(self.cfg.num_tokens),

@@ -35,7 +35,7 @@ from typing import Union
 
 import torch
 
-from visadapt.diffusion.lora_files import LoraFileError, _quiet_loading, fit_problems, keep_active_adapters
+from visadapt.diffusion.composer.lora_files import LoraFileError, fit_problems, keep_active_adapters, quiet_loading
 
 _LORA_KEY = re.compile(r"^(.+?)(?:\.lora_|_lora\.)(down|up)\.weight$")
 _PARTS = ("down_blocks", "mid_block", "up_blocks")
@@ -177,7 +177,7 @@ def load_edlora_concept(pipe, path: Union[str, os.PathLike], adapter_name: str) 
         raise EDLoRAError(f"{label} does not fit this base model; {len(problems)} LoRA matrices differ:\n  {listed}\n"
                           "Was it trained for another base (SD-1.x vs SD-2.x)?")
     if edlora.lora:
-        with keep_active_adapters(pipe), _quiet_loading():
+        with keep_active_adapters(pipe), quiet_loading():
             pipe.load_lora_weights(edlora.lora, adapter_name=adapter_name)
     tokens = add_tokens(pipe, adapter_name, edlora.embeddings)
     pipe.__dict__.setdefault("_edlora_tokens", {})[adapter_name] = tokens

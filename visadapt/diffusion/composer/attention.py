@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from visadapt import kernels
-from visadapt.diffusion.concepts import Box, box_masks
+from visadapt.diffusion.composer.concepts import Box, box_masks
 
 
 @dataclass
