@@ -296,7 +296,7 @@ def demo_concepts(pipe) -> tuple[list[dict], str]:
     """The demo's concepts (name, prompt, box, weight) and global prompt for ``pipe``."""
     if not is_world_model(pipe):
         return DEMO_CONCEPTS, DEMO_PROMPT
-    from visadapt.diffusion.world_demo import DEMO_CONCEPTS as WORLD
+    from visadapt.diffusion.concept.demo import DEMO_CONCEPTS as WORLD
 
     concepts = [dict(name=c.name, prompt=c.prompt, box=box, weight=1.0) for c, box in zip(WORLD, WORLD_DEMO_BOXES)]
     return concepts, " and ".join(c.prompt for c in WORLD)
@@ -306,12 +306,12 @@ def make_demo_loras(pipe, folder: Path, steps: Optional[int] = None) -> list[Pat
     """Two LoRA files that fit ``pipe``, one per :func:`demo_concepts` entry.
 
     On the embedded world model: two held-out shapes trained with the concept trainer on canvases rendered on the
-    fly (``steps`` each, default :data:`~visadapt.diffusion.world_demo.DEMO_STEPS`), cached in ``folder`` so a second
+    fly (``steps`` each, default :data:`~visadapt.diffusion.concept.demo.DEMO_STEPS`), cached in ``folder`` so a second
     call is instant. On any other model: two random LoRAs, enough to try the app.
     """
     if is_world_model(pipe):
-        from visadapt.diffusion.world_demo import DEMO_CONCEPTS as WORLD
-        from visadapt.diffusion.world_demo import DEMO_STEPS, train_demo_concept
+        from visadapt.diffusion.concept.demo import DEMO_CONCEPTS as WORLD
+        from visadapt.diffusion.concept.demo import DEMO_STEPS, train_demo_concept
 
         return [train_demo_concept(c, folder, steps=steps or DEMO_STEPS) for c in WORLD]
     from visadapt.diffusion.tiny import save_random_lora

@@ -1,7 +1,7 @@
 """Composition quality on the embedded world model: does each concept land in its box, unconfused and present?
 
 Two concept LoRAs are trained on two held-out shapes ("a sks hexagon" in orange, "a zwx heart" in blue;
-:data:`visadapt.diffusion.world_demo.DEMO_CONCEPTS`, the app's demo concepts, cached in ``--out``). Over seeds and
+:data:`visadapt.diffusion.concept.demo.DEMO_CONCEPTS`, the app's demo concepts, cached in ``--out``). Over seeds and
 two-box layouts (32×32 boxes on the 64×64 canvas: left|right, right|left, top/bottom, diagonal) four methods draw
 both concepts:
 
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from visadapt.diffusion import ComposerConfig, Concept
-from visadapt.diffusion.world_demo import DEMO_CONCEPTS, DEMO_STEPS, train_demo_concept
+from visadapt.diffusion.concept.demo import DEMO_CONCEPTS, DEMO_STEPS, train_demo_concept
 from visadapt.pipelines import LoRAComposerPipeline
 from visadapt.worlds import shapes as world
 from visadapt.worlds.judge import DemoCLIPJudge, object_crop

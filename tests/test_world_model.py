@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import pretrain_script
 
-from visadapt.diffusion.world_demo import DEMO_CONCEPTS
+from visadapt.diffusion.concept.demo import DEMO_CONCEPTS
 from visadapt.worlds import shapes as world
 from visadapt.worlds.judge import DemoCLIPJudge, object_crop, recognition
 from visadapt.worlds.models import DEMO_CLIP_DIR, WORLD_MODEL_DIR, load_world_model

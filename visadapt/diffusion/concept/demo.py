@@ -59,7 +59,7 @@ def write_concept_images(concept: DemoConcept, folder: Path, n: int = DEMO_IMAGE
 def concept_config(concept: DemoConcept, images: Path, steps: int = DEMO_STEPS, seed: int = 0):
     """The concept run: LoRA rank 8 on the composer's UNet targets and on the text encoder's attention, batch 4,
     lr 2e-3, no sample grids."""
-    from .concept.config import ConceptTrainConfig
+    from .config import ConceptTrainConfig
 
     return ConceptTrainConfig(images=str(images), trigger=concept.trigger, instance_prompt=concept.prompt,
                               name=concept.name, steps=steps, batch_size=4, lr=2e-3, r=8,
@@ -72,7 +72,7 @@ def train_demo_concept(concept: DemoConcept, out: Union[str, Path], steps: int =
     """Train ``concept`` on the world model in ``out/<name>`` (a ``visadapt concept train`` run folder) and return
     its diffusers LoRA file. A finished run with the same settings and model is reused, so a second call is instant.
     """
-    from .concept.train import train_concept
+    from .train import train_concept
 
     out = Path(out).resolve()  # the cache key holds the images' path: the same folder from any working directory
     images = write_concept_images(concept, out / "images" / concept.name, seed=seed)
