@@ -115,6 +115,39 @@ def test_imports_point_down_and_tasks_stay_apart():
     assert not found, "\n".join(found)
 
 
+def import_cycle(graph: dict[str, set[str]]) -> Optional[list[str]]:
+    """One cycle of the module graph (importer → imported), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> Optional[list[str]]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    return next((c for node in sorted(graph) if node not in state and (c := visit(node))), None)
+
+
+def test_the_import_graph_has_no_cycle():
+    """Every module-to-module import (function-level ones too; a package's ``__init__`` importing its own
+    submodules is the package, not a cycle)."""
+    graph: dict[str, set[str]] = {}
+    for path in sources():
+        importer = module_of(path)
+        graph.setdefault(importer, set()).update(
+            imported for _, imported in imports(path)
+            if imported != importer and not importer.startswith(imported + "."))
+    assert import_cycle(graph) is None, " → ".join(import_cycle(graph))
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
 @pytest.mark.parametrize("importer, imported, allowed", [
     ("visadapt.hyperspectral.train", "visadapt.fewshot.data", False),
     ("visadapt.adapters.layer", "visadapt.fewshot.model", False),

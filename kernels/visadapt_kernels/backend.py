@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 import torch
 
@@ -36,7 +35,7 @@ _backend = "auto"
 _deterministic = False
 _fuse_shrink = False
 # the test hook of the module docstring: "auto" sends interpreted CPU tensors through the self-check to Triton
-_AUTO_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" and \
+AUTO_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" and \
     os.environ.get("VISADAPT_KERNELS_AUTO_INTERPRET", "0") == "1"
 
 
@@ -89,25 +88,6 @@ def triton_available() -> bool:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def use_triton(op: str, x: torch.Tensor, lora_a: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
-    """True if ``op`` ("lora_linear", "block_lora_linear" or "routed_lora") on these tensors (None entries
-    skipped) runs the Triton kernels under the current backend. x is the op's activation (x, or dy in a backward)
-    and lora_a its adapter: under "auto" x's device and dtype and lora_a's dtype key the op's self-check."""
-    present = [t for t in (x, lora_a, *others) if t is not None]
-    if _backend == "eager" or not triton_available() or any(t.dtype not in TRITON_DTYPES for t in present):
-        return False
-    if _backend == "triton":
-        if not x.is_cuda and not interpreting():
-            raise RuntimeError("Kernel backend 'triton' on CPU tensors needs Triton's interpreter: set "
-                               "TRITON_INTERPRET=1 before importing visadapt.kernels.")
-        return True
-    if not x.is_cuda and not _AUTO_INTERPRET:
-        return False
-    from . import selfcheck  # here, not at the top: selfcheck imports this module
-
-    return selfcheck.passed(op, x.device, x.dtype, lora_a.dtype)
 
 
 set_backend(os.environ.get("VISADAPT_KERNELS", "auto"))

@@ -34,11 +34,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backend
+from . import backend, selfcheck
 from .lora import block_lora_linear_reference, check_block_lora, check_dropout_groups, check_lora, lora_linear_reference
 from .routed import ROW_TILE, RoutingPlan, check_index_range, routing_plan, routing_shapes
 
 _EMPTY = (0,)  # shape of the placeholder returned for a gradient nobody asked for (ops must return tensors)
+
+
+def use_triton(op: str, x: torch.Tensor, lora_a: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """True if ``op`` ("lora_linear", "block_lora_linear" or "routed_lora") on these tensors (None entries
+    skipped) runs the Triton kernels under the current backend. x is the op's activation (x, or dy in a backward)
+    and lora_a its adapter: under "auto" x's device and dtype and lora_a's dtype key the op's self-check."""
+    present = [t for t in (x, lora_a, *others) if t is not None]
+    chosen = backend.get_backend()
+    if chosen == "eager" or not backend.triton_available() or any(t.dtype not in backend.TRITON_DTYPES
+                                                                  for t in present):
+        return False
+    if chosen == "triton":
+        if not x.is_cuda and not backend.interpreting():
+            raise RuntimeError("Kernel backend 'triton' on CPU tensors needs Triton's interpreter: set "
+                               "TRITON_INTERPRET=1 before importing visadapt.kernels.")
+        return True
+    if not x.is_cuda and not backend.AUTO_INTERPRET:
+        return False
+    return selfcheck.passed(op, x.device, x.dtype, lora_a.dtype)
 
 
 def _hidden_dtype(lora_a: Tensor) -> torch.dtype:
@@ -206,7 +225,7 @@ def _lora_op(n_blocks: int) -> str:
 def _lora_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
               n_blocks: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(y (N, d_out) in x's dtype, h = s · x̃ Aᵀ (N, r), x̃ (N, c) for Block-LoRA or empty); x (N, d_in) 2-D."""
-    on_triton = backend.use_triton(_lora_op(n_blocks), x, lora_a, lora_b, weight, bias)
+    on_triton = use_triton(_lora_op(n_blocks), x, lora_a, lora_b, weight, bias)
     impl = _kernels().lora_forward if on_triton else _eager_lora_fwd
     y, h, x_lora = impl(x, weight, bias, lora_a, lora_b, n_blocks, scale)
     return y, h, saved_input(x_lora, n_blocks)
@@ -224,7 +243,7 @@ def _(x, weight, bias, lora_a, lora_b, n_blocks, scale):
 def _lora_bwd(dy: Tensor, x_lora: Tensor, h: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
               n_blocks: int, scale: float, need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx (N, d_in) or an empty placeholder, dA, dB); x_lora is x (LoRA) or x̃ (Block-LoRA)."""
-    if backend.use_triton(_lora_op(n_blocks), dy, lora_a, lora_b, x_lora, weight):
+    if use_triton(_lora_op(n_blocks), dy, lora_a, lora_b, x_lora, weight):
         dx, d_a, d_b = _kernels().lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x)
     else:
         dx, d_a, d_b = _eager_lora_bwd(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x)
@@ -271,7 +290,7 @@ def _routed_fwd(x: Tensor, lora_a: Tensor, lora_b: Tensor, index: Tensor,
     plan, a :class:`RoutingPlan` as a list, carries the routing)."""
     check_index_range(index, lora_a.shape[0])  # here, not in the wrapper: data-dependent, so not traced
     plan = RoutingPlan(*plan)
-    if backend.use_triton("routed_lora", x, lora_a, lora_b):
+    if use_triton("routed_lora", x, lora_a, lora_b):
         return _kernels().routed_forward(x, lora_a, lora_b, plan)
     return _eager_routed_fwd(x, lora_a, lora_b, plan)
 
@@ -288,7 +307,7 @@ def _routed_bwd(dy: Tensor, x: Tensor, h: Tensor, lora_a: Tensor, lora_b: Tensor
                 need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx (N, d_in) or an empty placeholder, dA (L, r, d_in), dB (L, d_out, r)), reusing the forward's plan."""
     plan = RoutingPlan(*plan)
-    if backend.use_triton("routed_lora", dy, lora_a, lora_b, x):
+    if use_triton("routed_lora", dy, lora_a, lora_b, x):
         dx, d_a, d_b = _kernels().routed_backward(dy, x, h, lora_a, lora_b, plan, need_x)
     else:
         dx, d_a, d_b = _eager_routed_bwd(dy, x, h, lora_a, lora_b, plan, need_x)
