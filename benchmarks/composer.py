@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from visadapt.utils.measure import MiB, PeakMemory, device_name, run_child
+from visadapt.utils.measure import MiB, PeakMemory, answer_worker, device_name, run_child
 
 RESULT_MARKER = "COMPOSER_BENCH_RESULT "
 MODES = ("set_adapters", "inject", "compose")
@@ -163,9 +163,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.worker:
-        mode, n = args.worker
-        print(RESULT_MARKER + json.dumps(run_worker(args, mode, int(n))), flush=True)
+    if answer_worker(args.worker, RESULT_MARKER, lambda mode, n: run_worker(args, mode, int(n))):
         return
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(f"device: {device_name(args.device)} | torch {torch.__version__} | model {args.model} | {args.size}px | "

@@ -11,7 +11,14 @@ import json
 import sys
 from pathlib import Path
 
-from visadapt.utils.cli import HelpFormatter, add_train_command, config_from_args, demo_overrides, typed_by_user
+from visadapt.utils.cli import (
+    HelpFormatter,
+    add_report_command,
+    add_train_command,
+    config_from_args,
+    demo_overrides,
+    typed_by_user,
+)
 
 from .config import DATASET_NAMES, DEMO_MODEL, TEMPLATE, TrainConfig
 
@@ -54,11 +61,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     zs.add_argument("--batch-size", type=int, default=256, help="images per batch")
     zs.set_defaults(func=_zeroshot)
 
-    report = sub.add_parser("report", help="accuracy-vs-shots plot and method table from several runs")
-    report.add_argument("runs", nargs="+", help="run folders (searched recursively for results.json; runs of "
-                                                "other tasks are skipped)")
-    report.add_argument("--out", required=True, help="folder for report.md and accuracy_vs_shots.png")
-    report.set_defaults(func=_report)
+    add_report_command(sub, _report, help="accuracy-vs-shots plot and method table from several runs",
+                       runs="run folders (searched recursively for results.json; runs of other tasks are skipped)",
+                       out="folder for report.md and accuracy_vs_shots.png")
 
 
 def default_pretrained(model: str, pretrained: str | None) -> str | None:

@@ -10,7 +10,14 @@ import argparse
 import json
 from pathlib import Path
 
-from visadapt.utils.cli import HelpFormatter, add_train_command, config_from_args, demo_overrides, typed_by_user
+from visadapt.utils.cli import (
+    HelpFormatter,
+    add_report_command,
+    add_train_command,
+    config_from_args,
+    demo_overrides,
+    typed_by_user,
+)
 
 from .config import IncrementalConfig, official_recipe
 
@@ -40,11 +47,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", help="also write the scores to this file")
     ev.set_defaults(func=_eval)
 
-    rp = sub.add_parser("report", help="put several runs side by side (table and per-session plot)",
-                        formatter_class=HelpFormatter)
-    rp.add_argument("runs", nargs="+", help="run folders (or folders holding runs)")
-    rp.add_argument("--out", required=True, help="folder for report.md, sessions.png and runs.json")
-    rp.set_defaults(func=_report)
+    add_report_command(sub, _report, help="put several runs side by side (table and per-session plot)",
+                       runs="run folders (or folders holding runs)",
+                       out="folder for report.md, sessions.png and runs.json")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from visadapt.utils.cli import HelpFormatter, add_train_command, config_from_args, demo_overrides
+from visadapt.utils.cli import HelpFormatter, add_report_command, add_train_command, config_from_args, demo_overrides
 
 from .config import DataSpec, TrackConfig
 
@@ -30,6 +30,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                       demo="a procedural video world on the shipped tiny ViT (no download, a few minutes on 2 CPU "
                            "cores): trains, tracks the held-out sequences and scores them next to a static box")
 
+    _add_eval_command(sub)
+    _add_run_command(sub)
+    add_report_command(sub, _report, help="put evaluated runs side by side (table and one success plot)",
+                       runs="run folders (or folders written by `track eval`)",
+                       out="folder for report.md and success_plot.png")
+
+
+def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="track and score annotated sequences with a trained run or official weights",
                         formatter_class=HelpFormatter)
     ev.add_argument("model", nargs="?", help="run folder (or any TrackingPipeline.save_pretrained folder); "
@@ -45,6 +53,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda when available)")
     ev.set_defaults(func=_eval)
 
+
+def _add_run_command(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="track one object through a video file or a frame folder",
                          formatter_class=HelpFormatter)
     run.add_argument("video", help="video file (read with PyAV) or folder of frames (sorted by name)")
@@ -55,12 +65,6 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--out", required=True, help="folder for boxes.txt and the annotated video (or frames)")
     run.add_argument("--device", default=None, help="cpu, cuda, … (default: cuda when available)")
     run.set_defaults(func=_run)
-
-    rp = sub.add_parser("report", help="put evaluated runs side by side (table and one success plot)",
-                        formatter_class=HelpFormatter)
-    rp.add_argument("runs", nargs="+", help="run folders (or folders written by `track eval`)")
-    rp.add_argument("--out", required=True, help="folder for report.md and success_plot.png")
-    rp.set_defaults(func=_report)
 
 
 def _train(args: argparse.Namespace) -> int:

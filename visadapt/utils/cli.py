@@ -187,6 +187,17 @@ def add_train_command(commands: argparse._SubParsersAction, config_class: type, 
     return train
 
 
+def add_report_command(commands: argparse._SubParsersAction, run: Callable, *, help: str, runs: str,
+                       out: str) -> argparse.ArgumentParser:
+    """A task's ``report`` command: run folders (``runs`` says which) side by side, written to ``--out`` (``out``
+    says what it holds); ``run(args)`` carries it out."""
+    report = commands.add_parser("report", help=help, formatter_class=HelpFormatter)
+    report.add_argument("runs", nargs="+", help=runs)
+    report.add_argument("--out", required=True, help=out)
+    report.set_defaults(func=run)
+    return report
+
+
 def demo_overrides(args: argparse.Namespace, config_class: type, fixed: Sequence[str], brings: str) -> dict:
     """The options the user typed next to ``--demo``, as config values; the demo's own choices (``fixed``: data,
     model, …, described by ``brings``) and ``--config`` are refused with a message naming the fix."""

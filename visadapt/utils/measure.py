@@ -13,7 +13,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -65,6 +65,15 @@ def device_name(device: str) -> str:
               if line.startswith("model name")]
     cores = len(os.sched_getaffinity(0))
     return f"{models[0] if models else 'unknown CPU'} ({cores} cores usable, {torch.get_num_threads()} torch threads)"
+
+
+def answer_worker(worker: Optional[Sequence[str]], marker: str, measure: Callable[..., dict]) -> bool:
+    """In a child started by :func:`run_child` (``worker``: its ``--worker`` values), print ``measure(*worker)``'s
+    row after ``marker`` and return True; in the parent (no ``worker``) return False."""
+    if not worker:
+        return False
+    print(marker + json.dumps(measure(*worker)), flush=True)
+    return True
 
 
 def run_child(script: str, marker: str, *worker_args: str) -> dict[str, Any]:
