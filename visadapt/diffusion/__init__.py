@@ -20,12 +20,16 @@ if TYPE_CHECKING:
     from .composer.decor import Decor, DecorProjector
     from .composer.lora_files import LoraFileError
     from .composer.refinement import ComposerConfig
+    from .concept.config import ConceptTrainConfig
+    from .concept.train import train_concept
     from .easyref.encoder import EasyRefEncoder, EasyRefInputError
+    from .easyref.tiny_mllm import tiny_qwen2vl
 
 _EXPORTS = {"Concept": "composer.concepts", "ComposerConfig": "composer.refinement", "Decor": "composer.decor",
             "DecorProjector": "composer.decor", "LoraFileError": "composer.lora_files",
-            "EasyRefEncoder": "easyref.encoder", "EasyRefInputError": "easyref.encoder"}
-__all__ = ["Concept", "ComposerConfig", "Decor", "DecorProjector", "LoraFileError", "EasyRefEncoder",
-           "EasyRefInputError"]
+            "EasyRefEncoder": "easyref.encoder", "EasyRefInputError": "easyref.encoder",
+            "ConceptTrainConfig": "concept.config", "train_concept": "concept.train",
+            "tiny_qwen2vl": "easyref.tiny_mllm"}
+__all__ = list(_EXPORTS)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
