@@ -337,6 +337,53 @@ def test_isolation_keeps_overlap_queries_isolated_when_boxes_cover_the_canvas(pi
     assert torch.isfinite(bias).all() and bool((bias == 0).any(1).all())
 
 
+def _official_box_masks(boxes, height: int, width: int) -> torch.Tensor:
+    """The official box → cells rule (multi_lora_sample.py): rows ceil(ymin·h) to floor(ymax·h), half-open, columns
+    likewise, with no snapping and no fallback for thin boxes; (n, height·width) bool."""
+    import math
+
+    masks = torch.zeros(len(boxes), height, width, dtype=torch.bool)
+    for mask, (xmin, ymin, xmax, ymax) in zip(masks, boxes):
+        mask[math.ceil(ymin * height):math.floor(ymax * height), math.ceil(xmin * width):math.floor(xmax * width)] = 1
+    return masks.flatten(1)
+
+
+def _official_self_attention(attn, hidden: torch.Tensor, masks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The official concept-isolated self-attention in ``dtype``: softmax(Q Kᵀ·scale + the summed −1e6 bias) V, then
+    to_out. hidden (B, N, C), masks (n, N) → (B, N, C) float64."""
+    def linear(layer, x):
+        return F.linear(x, layer.weight.to(dtype), None if layer.bias is None else layer.bias.to(dtype))
+
+    x = hidden.to(dtype)
+    q, k, v = (linear(p, x).unflatten(-1, (attn.heads, -1)).transpose(1, 2) for p in (attn.to_q, attn.to_k, attn.to_v))
+    probs = (_official_isolation_bias(masks).to(dtype) + q @ k.transpose(-1, -2) * attn.scale).softmax(-1)
+    return linear(attn.to_out[0], (probs @ v).transpose(1, 2).flatten(2)).double()
+
+
+@pytest.mark.parametrize("capture", [False, True])  # fused SDPA, and the explicit softmax of the refinement steps
+def test_isolation_output_is_the_official_with_three_overlapping_boxes_covering_the_canvas(pipe, capture):
+    name = next(n for n in pipe.unet.attn_processors if n.endswith("attn1.processor"))
+    attn = pipe.unet.get_submodule(name.removesuffix(".processor"))
+    hidden = torch.randn(2, 16 * 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    boxes = [[0, 0, 0.625, 0.625], [0.375, 0, 1, 0.625], [0, 0.375, 1, 1]]  # each overlaps both others, no background
+    masks = _official_box_masks(boxes, 16, 16)
+    composition = Composition(adapter_names=["x", "y", "z"], weights=[1, 1, 1], boxes=boxes, capture=capture,
+                              text_cond=torch.zeros(3, 77, 32), latent_size=(16, 16), loss_downsample=1)
+    with torch.no_grad():
+        ours = ComposerAttnProcessor(name)(attn, hidden, composition=composition).double()
+        exact = _official_self_attention(attn, hidden, masks, torch.float64)
+        official = _official_self_attention(attn, hidden, masks, torch.float32)
+    assert masks.any(0).all() and (masks.sum(0) == 3).any()
+    open_rows = (_official_isolation_bias(masks) == 0).any(1)  # queries with at least one unblocked key
+    assert open_rows.any() and not open_rows.all()
+    torch.testing.assert_close(ours, exact, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours[:, open_rows], official[:, open_rows], atol=1e-6, rtol=1e-5)
+    # Rows with every key blocked: the official fp32 scores carry −1e6 per blocking box, so they are rounded to
+    # 1/16 (1/8 past 2e6) before the softmax; ours subtracts the row's smallest count first (README, LoRA-Composer).
+    gap = (ours - official)[:, ~open_rows].abs().max() / official.abs().max()
+    assert 1e-3 < gap < 3e-2
+
+
 def test_default_concept_tokens_are_the_content_words(pipe):
     from visadapt.diffusion.composer.concepts import content_words, token_positions
 
