@@ -115,7 +115,9 @@ class Composition:
         canvas, a query in the overlap has every key blocked; the count still ranks them (keys in one box only are
         blocked less than keys in the overlap), so the softmax keeps the least-blocked keys. Here each row's
         smallest count is subtracted first: the softmax is the same (a constant per row), no row is all-blocked,
-        and nothing overflows in fp16 (the bias is clipped to half the dtype's most negative value).
+        and nothing overflows in fp16 (the bias is clipped to half the dtype's most negative value). Rows with an
+        unblocked key match the official output; only all-blocked rows differ, where the official fp32 scores
+        −1e6·count + QKᵀ are rounded to 1/16 (1/8 past 2e6) and its fp16 ones are all −inf (NaN rows).
         """
         key = (n_tokens, dtype, str(device))
         if key not in self._isolation:
