@@ -15,12 +15,20 @@ negative prompt. A diffusers ControlNet therefore sees the text tokens only: its
 embeddings and the text/time conditions, never ``image_embeds``, and its own attention processors are untouched;
 ``EasyRefControlNetPipeline`` is the SDXL ControlNet pipeline with the same two arguments.
 
+Sampling defaults are the released ``generate()``'s, not diffusers': :data:`EASYREF_STEPS` (30) steps and the negative
+prompt :data:`EASYREF_NEGATIVE_PROMPT` when the call gives none (``negative_prompt=None`` and no
+``negative_prompt_embeds``). Any value the caller passes wins, an explicit ``negative_prompt=""`` included (the released
+code encodes that empty text too; diffusers' zeroed negative embeddings come only from ``negative_prompt_embeds``).
+
 ``scale=0`` is the base model: the reference branch is skipped, the "easyref" LoRA is switched off for the call and no
-references are needed. With the LoRA on, a user's LoRAs combine with it through ``set_adapters`` as usual.
+references are needed. The call then equals the plain SDXL pipeline's bit for bit when that one is given the same
+steps and negative prompt (the defaults above included). With the LoRA on, a user's LoRAs combine with it through
+``set_adapters`` as usual.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +49,11 @@ from visadapt.diffusion.easyref.files import (
 from visadapt.diffusion.easyref.unet import ADAPTER_NAME, install_easyref, is_easyref_installed, set_easyref_scale
 
 PathLike = Union[str, os.PathLike]
+
+# The released EasyRef.generate()'s defaults (its samples are made with them): steps, and the negative prompt it uses
+# when given none. diffusers' SDXL defaults are 50 steps and a zeroed negative.
+EASYREF_STEPS = 30
+EASYREF_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 
 class EasyRefMixin:
@@ -158,12 +171,16 @@ class EasyRefMixin:
                  reference_prompt: Optional[Union[str, list[str]]] = None, **kwargs):
         """The base pipeline's call plus ``reference_images`` (PIL images / paths: one flat list shared by every
         prompt, or one list per prompt), ``scale`` (λ, 0 = the base model) and ``reference_prompt`` (the text the
-        MLLM reads after its instruction; defaults to ``prompt``)."""
+        MLLM reads after its instruction; defaults to ``prompt``).
+
+        With EasyRef loaded, ``num_inference_steps`` defaults to 30 and the negative prompt to
+        :data:`EASYREF_NEGATIVE_PROMPT`, as in the released code (see :meth:`with_easyref_defaults`)."""
         if self.easyref_encoder is None:
             if reference_images is not None:
                 raise EasyRefInputError("reference_images needs EasyRef: load it first with "
                                         "pipe.load_easyref(easyref=..., mllm=...).")
             return super().__call__(*args, **kwargs)
+        kwargs = self.with_easyref_defaults(args, kwargs)
         prompts = _prompts(args, kwargs, reference_prompt)
         cfg = kwargs.get("guidance_scale", 5.0) > 1 and self.unet.config.time_cond_proj_dim is None
         if scale == 0:
@@ -174,6 +191,20 @@ class EasyRefMixin:
         kwargs["ip_adapter_image_embeds"] = [embeds[:, None]]
         with self._easyref_call(tokens, scale):
             return super().__call__(*args, **kwargs)
+
+    def with_easyref_defaults(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` plus the released sampling defaults for what the call leaves unset (positional arguments
+        count as set): ``num_inference_steps`` = 30, and the negative prompt when neither ``negative_prompt`` (a
+        keyword None counts as unset, "" does not) nor ``negative_prompt_embeds`` is given."""
+        names = list(inspect.signature(super(EasyRefMixin, self).__call__).parameters)[:len(args)]
+        given = {**dict(zip(names, args)), **kwargs}
+        out = dict(kwargs)
+        if "num_inference_steps" not in given:
+            out["num_inference_steps"] = EASYREF_STEPS
+        unset = "negative_prompt" not in names and given.get("negative_prompt") is None
+        if unset and given.get("negative_prompt_embeds") is None:
+            out["negative_prompt"] = EASYREF_NEGATIVE_PROMPT
+        return out
 
     def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device,
                                         num_images_per_prompt, do_classifier_free_guidance):

@@ -21,6 +21,10 @@ from visadapt.diffusion.easyref.unet import install_easyref, set_easyref_scale, 
 from visadapt.diffusion.tiny import tiny_pipeline
 
 TOKENS = 8  # reference tokens in the tests (64 as released)
+# The released EasyRef.generate() (ip_adapter/ip_adapter.py): num_inference_steps=30, and this negative prompt when
+# negative_prompt is None.
+RELEASED_STEPS = 30
+RELEASED_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 WIDTH = 64  # the tiny SDXL's cross-attention width
 
 
@@ -259,7 +263,9 @@ def files(tmp_path_factory):
     loaded = StableDiffusionXLPipeline.from_pretrained(folder / "sdxl")  # reloading alone changes the last digits
     loaded.set_progress_bar_config(disable=True)
     return {"sdxl": folder / "sdxl", "official": folder / "official.safetensors", "state": official,
-            "user": folder / "user.safetensors", "cat": folder / "cat.safetensors", "plain": run(loaded)}
+            "user": folder / "user.safetensors", "cat": folder / "cat.safetensors", "plain": run(loaded),
+            "plain_released": run(loaded, negative_prompt=RELEASED_NEGATIVE), "plain_empty": run(loaded,
+                                                                                                negative_prompt="")}
 
 
 @pytest.fixture(scope="module")
@@ -282,12 +288,71 @@ def test_pipeline_loads_the_official_file(ref_pipe, files):
 
 
 def test_scale_zero_is_plain_sdxl_and_references_change_the_image(ref_pipe, files):
-    assert torch.equal(run(ref_pipe, scale=0), files["plain"])
+    # λ=0 is the plain SDXL pipeline given the same steps and negative prompt (EasyRef's default one, or the user's)
+    assert torch.equal(run(ref_pipe, scale=0), files["plain_released"])
+    assert torch.equal(run(ref_pipe, scale=0, negative_prompt=""), files["plain_empty"])
+    assert not torch.equal(files["plain_released"], files["plain"])
     with_refs = run(ref_pipe, reference_images=refs(2))
     assert torch.isfinite(with_refs).all() and not torch.allclose(with_refs, files["plain"])
     half = run(ref_pipe, reference_images=refs(2), scale=0.5)
     assert not torch.allclose(half, with_refs)
     assert ref_pipe.unet.active_adapters() == ["easyref"]  # the call restores the LoRA it switched off at λ=0
+
+
+class _Called(Exception):
+    """Stops a spied call, carrying the keyword arguments it got."""
+
+
+def _spy(monkeypatch, owner, name: str) -> None:
+    import functools
+
+    original = getattr(owner, name)
+
+    @functools.wraps(original)  # keeps the signature, which the defaults read positional arguments by
+    def spy(self, *args, **kwargs):
+        raise _Called(kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+
+
+def _kwargs_reaching(pipe, *args, **kwargs) -> dict:
+    with pytest.raises(_Called) as called:
+        pipe(*args, **kwargs)
+    return called.value.args[0]
+
+
+def test_easyref_calls_take_the_released_sampling_defaults(ref_pipe, monkeypatch):
+    """An EasyRef call unset → the released generate()'s 30 steps and negative prompt; anything given wins."""
+    from diffusers import StableDiffusionXLPipeline
+
+    _spy(monkeypatch, StableDiffusionXLPipeline, "__call__")
+    for scale in (0, 1):
+        got = _kwargs_reaching(ref_pipe, "a cat", scale=scale, reference_images=refs(1))
+        assert got["num_inference_steps"] == RELEASED_STEPS and got["negative_prompt"] == RELEASED_NEGATIVE
+    got = _kwargs_reaching(ref_pipe, "a cat", scale=0, num_inference_steps=4, negative_prompt="")
+    assert got["num_inference_steps"] == 4 and got["negative_prompt"] == ""  # "" is a negative prompt, as released
+    assert _kwargs_reaching(ref_pipe, "a cat", scale=0, negative_prompt=None)["negative_prompt"] == RELEASED_NEGATIVE
+    zeros = torch.zeros(1, 77, WIDTH)
+    got = _kwargs_reaching(ref_pipe, "a cat", scale=0, negative_prompt_embeds=zeros)
+    assert "negative_prompt" not in got and got["negative_prompt_embeds"] is zeros
+    got = _kwargs_reaching(ref_pipe, "a cat", None, 32, 32, 7, scale=0)  # steps given positionally
+    assert "num_inference_steps" not in got
+
+
+def test_composer_regions_read_the_easyref_negative_prompt(ref_pipe, files, monkeypatch):
+    """Composed calls fill EasyRef's defaults in before the concepts' regional negatives are encoded."""
+    from visadapt.diffusion import Concept
+    from visadapt.pipelines import LoRAComposerXLPipeline
+    from visadapt.pipelines.lora_composer import LoRAComposerMixin
+
+    pipe = LoRAComposerXLPipeline.from_pipe(ref_pipe)
+    def stop(self, args, kwargs):
+        raise _Called(kwargs)
+
+    monkeypatch.setattr(LoRAComposerMixin, "_call_arguments", stop)
+    concepts = [Concept(lora=files["cat"], prompt="a cat", box=[0, 0, 0.5, 1])]
+    got = _kwargs_reaching(pipe, "a cat in a park", concepts=concepts, scale=0)
+    assert got["negative_prompt"] == RELEASED_NEGATIVE and got["num_inference_steps"] == RELEASED_STEPS
 
 
 def test_reference_tokens_line_up_with_prompt_embeddings(ref_pipe):
@@ -484,6 +549,7 @@ def test_app_shows_reference_images_for_sdxl_and_generates_with_them(ref_pipe, t
     fast = dict(prompt="a cat", steps=2, width=32, height=32, latent_optimization=False, latent_reinit=False)
     image, settings = composer.generate(pipe, reference_images=[str(p) for p in paths], reference_scale=0.8, **fast)
     assert settings["references"] == {"images": ["ref0.png", "ref1.png"], "scale": 0.8}
+    assert settings["negative_prompt"] == RELEASED_NEGATIVE  # the app's empty field: EasyRef's default, recorded
     plain, _ = composer.generate(pipe, **fast)
     assert image.tobytes() != plain.tobytes()
     with pytest.raises(ValueError, match="--easyref"):
