@@ -38,7 +38,13 @@ import torch
 from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
 from visadapt.diffusion.composer.lora_files import active_adapters, set_active_adapters
-from visadapt.diffusion.easyref.encoder import NULL_REFERENCE_SIZE, EasyRefEncoder, EasyRefInputError, check_references
+from visadapt.diffusion.easyref.encoder import (
+    NULL_REFERENCE_SIZE,
+    EasyRefEncoder,
+    EasyRefInputError,
+    check_references,
+    load_processor,
+)
 from visadapt.diffusion.easyref.files import (
     checkpoint_sizes,
     easyref_state_dict,
@@ -288,10 +294,10 @@ def _hub_file(repo: str, weight_name: Optional[str]) -> str:
 def _load_mllm(mllm: Any, torch_dtype: Optional[torch.dtype]):
     if isinstance(mllm, (tuple, list)) and len(mllm) == 2:
         return mllm
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(mllm, dtype=torch_dtype, attn_implementation="sdpa")
-    return model.eval(), AutoProcessor.from_pretrained(mllm)
+    return model.eval(), load_processor(mllm)
 
 
 class EasyRefPipeline(EasyRefMixin, StableDiffusionXLPipeline):

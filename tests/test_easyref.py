@@ -62,6 +62,37 @@ def test_prepare_feeds_references_then_instruction(encoder):
     assert inputs["image_grid_thw"].shape == (3, 3)
 
 
+def test_loaded_processor_gives_the_released_pil_pixels(tmp_path):
+    """The released code's Qwen2-VL image processor was transformers 4.45's PIL one; transformers 5 loads a
+    torchvision one by default, whose pixels differ. Both loaders (pipeline, training) give the PIL pixels, also
+    through the encoder's 336 px sizing."""
+    from transformers import AutoProcessor, Qwen2VLImageProcessorPil
+
+    from visadapt.diffusion.easyref.encoder import _round_to_cells, reference_pixels
+    from visadapt.diffusion.easyref.tiny_mllm import tiny_qwen2vl_processor
+    from visadapt.diffusion.easyref.train import load_mllm
+    from visadapt.pipelines.easyref import _load_mllm
+
+    model, _ = tiny_qwen2vl()
+    model.save_pretrained(tmp_path)
+    tiny_qwen2vl_processor(336).save_pretrained(tmp_path)
+    image = _round_to_cells(refs(1, seed=5)[0].resize((420, 300), Image.BICUBIC))
+    min_pixels, max_pixels = reference_pixels(336)
+    slow = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)(images=[image], return_tensors="pt")
+
+    def pixels(processor) -> torch.Tensor:
+        out = processor(text=["<|image_pad|>"], images=[image], return_tensors="pt")
+        assert torch.equal(out["image_grid_thw"], slow["image_grid_thw"])
+        return out["pixel_values"]
+
+    default = pixels(AutoProcessor.from_pretrained(tmp_path))
+    assert (default - slow["pixel_values"]).abs().max() > 0.01  # transformers 5's default is not the released one
+    for _, processor in (_load_mllm(str(tmp_path), None), load_mllm(str(tmp_path))):
+        assert torch.equal(pixels(processor), slow["pixel_values"])
+    encoder = EasyRefEncoder(model, _load_mllm(str(tmp_path), None)[1], cross_attention_dim=WIDTH, image_size=336)
+    assert torch.equal(encoder.prepare([[image]], ["a cat"])["pixel_values"], slow["pixel_values"])
+
+
 def _official(encoder: EasyRefEncoder, inputs: dict) -> torch.Tensor:
     """The released computation, re-run through transformers' model forward (its own causal mask, no position ids
     → positions 0..L-1): truncated MLLM output after its norm, then a one-layer model on [H; R], last Q rows, MLP."""

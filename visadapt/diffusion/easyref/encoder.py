@@ -56,6 +56,20 @@ def reference_pixels(image_size: int = 336) -> tuple[int, int]:
     return (cells - 1) ** 2 * 28 * 28, (cells ** 2 + 1) * 28 * 28
 
 
+def load_processor(name_or_path: Union[str, os.PathLike]):
+    """Qwen2-VL's processor (hub id or folder) with the PIL image processor: the released code's pixels.
+
+    The released code ran transformers 4.45, whose Qwen2-VL image processor was the PIL one; transformers 5 loads a
+    torchvision one by default, whose resize gives other pixels (normalised, up to 0.015-0.03 apart, mean 5e-5, on
+    references sized for 336 px). A ``(model, processor)`` pair given to the pipeline keeps its own processor.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    processor.image_processor = AutoImageProcessor.from_pretrained(name_or_path, backend="pil")
+    return processor
+
+
 def _round_to_cells(image, factor: int = 28, min_pixels: int = 4 * 28 * 28, max_pixels: int = 16384 * 28 * 28):
     """Resize to multiples of ``factor`` px, as the official data path does before the processor resizes again."""
     from PIL import Image
