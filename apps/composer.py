@@ -708,7 +708,7 @@ def run_app(args: argparse.Namespace) -> int:
     if getattr(args, "easyref", None):
         if not hasattr(pipe, "load_easyref"):
             raise SystemExit("--easyref needs an SDXL --model (EasyRef conditions SDXL).")
-        pipe.load_easyref(args.easyref, mllm=args.mllm, torch_dtype=pipe.unet.dtype)
+        pipe.load_easyref(args.easyref, mllm=args.mllm)  # the MLLM picks its own dtype
     app = build_app(pipe, max_lora_mb=args.max_lora_mb, output_dir=args.outputs)
     # Gradio's own start-up lines would tell a command-line user to "set `share=True` in `launch()`".
     _, url, share_url = launch(app, host=args.host, port=args.port, share=args.share, max_lora_mb=args.max_lora_mb,

@@ -44,6 +44,7 @@ from visadapt.diffusion.easyref.encoder import (
     EasyRefInputError,
     check_references,
     load_processor,
+    mllm_dtype,
 )
 from visadapt.diffusion.easyref.files import (
     checkpoint_sizes,
@@ -74,10 +75,10 @@ class EasyRefMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, *args, easyref: Optional[PathLike] = None,
                         mllm: Any = None, encoder: Optional[EasyRefEncoder] = None, **kwargs):
         """diffusers' ``from_pretrained`` for the SDXL parts, then :meth:`load_easyref` when ``easyref``, ``mllm``
-        or ``encoder`` is given (``torch_dtype`` applies to the MLLM too)."""
+        or ``encoder`` is given (``torch_dtype`` is the SDXL parts' only: the MLLM runs in bf16 or fp32)."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         if easyref is not None or mllm is not None or encoder is not None:
-            pipe.load_easyref(easyref, mllm=mllm, encoder=encoder, torch_dtype=kwargs.get("torch_dtype"))
+            pipe.load_easyref(easyref, mllm=mllm, encoder=encoder)
         return pipe
 
     @classmethod
@@ -94,14 +95,17 @@ class EasyRefMixin:
 
     def load_easyref(self, easyref: Optional[PathLike] = None, *, mllm: Any = None,
                      encoder: Optional[EasyRefEncoder] = None, num_tokens: int = 64, r: int = 128,
-                     faithful: bool = True, image_size: int = 336, weight_name: Optional[str] = None,
-                     torch_dtype: Optional[torch.dtype] = None) -> EasyRefEncoder:
+                     faithful: bool = True, image_size: int = 336,
+                     weight_name: Optional[str] = None) -> EasyRefEncoder:
         """Install EasyRef in the UNet, attach the encoder, and load ``easyref`` weights when given.
 
         ``easyref``: a checkpoint file (ours or the official layout; ``.safetensors`` or a weights-only ``.bin``), a
         folder holding one, or a Hub repo id (``weight_name`` picks the file when there are several). Without it the
         adapter is fresh (``num_tokens``, LoRA rank ``r``; for training). ``mllm``: a Qwen2-VL Hub id or folder, or a
-        ``(model, processor)`` pair; or pass a ready ``encoder``.
+        ``(model, processor)`` pair; or pass a ready ``encoder``. The encoder runs in bf16 where the device computes
+        it natively and in fp32 elsewhere, whatever the UNet's dtype (:func:`~visadapt.diffusion.easyref.encoder.
+        mllm_dtype`; the released code ran it in bf16, and Qwen2-VL breaks in fp16); ``pipe.to(device)`` re-applies
+        that rule there.
         """
         state = _read_checkpoint(easyref, weight_name) if easyref is not None else None
         sizes = checkpoint_sizes(state) if state is not None else {"num_tokens": num_tokens, "r": r}
@@ -109,11 +113,9 @@ class EasyRefMixin:
             if mllm is None:
                 raise ValueError("EasyRef needs its multimodal LLM: pass mllm='Qwen/Qwen2-VL-2B-Instruct' (or a "
                                  "folder, or a (model, processor) pair), or encoder=EasyRefEncoder(...).")
-            model, processor = _load_mllm(mllm, torch_dtype)
+            model, processor = _load_mllm(mllm, mllm_dtype(self.unet.device))
             encoder = EasyRefEncoder(model, processor, self.unet.config.cross_attention_dim, sizes["num_tokens"],
                                      faithful=faithful, image_size=image_size)
-            if torch_dtype is not None:
-                encoder.to(torch_dtype)
         if encoder.num_queries != sizes["num_tokens"]:
             raise ValueError(f"The encoder has {encoder.num_queries} reference tokens, the checkpoint "
                              f"{sizes['num_tokens']}; build the encoder with num_queries={sizes['num_tokens']}.")
@@ -122,7 +124,7 @@ class EasyRefMixin:
         install_easyref(self.unet, num_tokens=sizes["num_tokens"], r=sizes["r"])
         if state is not None:
             load_easyref_state(self.unet, encoder, state)
-        encoder.to(self.unet.device)
+        encoder.place(self.unet.device)
         self.easyref_encoder = encoder
         return encoder
 
@@ -151,7 +153,7 @@ class EasyRefMixin:
     def to(self, *args, **kwargs):
         pipe = super().to(*args, **kwargs)
         if self.easyref_encoder is not None:
-            self.easyref_encoder.to(self.unet.device)
+            self.easyref_encoder.place(self.unet.device)  # its own dtype rule: a UNet's fp16 does not apply
         return pipe
 
     # -- the call ----------------------------------------------------------------------------------------------
@@ -160,7 +162,8 @@ class EasyRefMixin:
     def encode_references(self, reference_images: Any, prompts: Sequence[str],
                           do_classifier_free_guidance: bool = True) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(uncond, cond) reference tokens, (B, Q, D) each (uncond None without guidance), on the UNet's device and
-        dtype. ``reference_images``: one list per prompt, or one flat list for all."""
+        dtype (the encoder's bf16/fp32 output is cast here, where it enters the UNet). ``reference_images``: one list
+        per prompt, or one flat list for all."""
         encoder = self._require_encoder()
         groups = check_references(reference_images, len(prompts))
         cond = encoder.encode(groups, list(prompts))
@@ -291,7 +294,8 @@ def _hub_file(repo: str, weight_name: Optional[str]) -> str:
     return hf_hub_download(repo, weight_name)
 
 
-def _load_mllm(mllm: Any, torch_dtype: Optional[torch.dtype]):
+def _load_mllm(mllm: Any, torch_dtype: torch.dtype):
+    """(model, processor): a given pair as it is, else Qwen2-VL from a hub id or folder in ``torch_dtype``."""
     if isinstance(mllm, (tuple, list)) and len(mllm) == 2:
         return mllm
     from transformers import Qwen2VLForConditionalGeneration

@@ -330,6 +330,33 @@ def test_scale_zero_is_plain_sdxl_and_references_change_the_image(ref_pipe, file
     assert ref_pipe.unet.active_adapters() == ["easyref"]  # the call restores the LoRA it switched off at λ=0
 
 
+def test_mllm_runs_in_bf16_or_fp32_whatever_the_unet_dtype(files, monkeypatch):
+    """The released code runs Qwen2-VL (and its final layer and projector) in bf16 beside an fp16 UNet, casting the
+    tokens to fp16 for the UNet; Qwen2-VL gives garbage in fp16. So: bf16 where the device has it, fp32 elsewhere."""
+    from visadapt.diffusion.easyref import encoder as easyref_encoder
+    from visadapt.pipelines import EasyRefPipeline
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
+        assert easyref_encoder.mllm_dtype("cuda:0") == dtype
+    assert easyref_encoder.mllm_dtype("cpu") == torch.float32
+    monkeypatch.undo()
+
+    pipe = EasyRefPipeline.from_pretrained(files["sdxl"], easyref=files["official"], mllm=tiny_qwen2vl(),
+                                           dtype=torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.dtype == torch.float16
+    assert {p.dtype for p in pipe.easyref_encoder.parameters()} == {torch.float32}  # CPU: fp32, not the UNet's fp16
+    monkeypatch.setattr(easyref_encoder, "mllm_dtype", lambda device: torch.bfloat16)  # as on a bf16 GPU
+    pipe.to("cpu")
+    assert {p.dtype for p in pipe.easyref_encoder.parameters()} == {torch.bfloat16}
+    assert pipe.unet.dtype == torch.float16
+    uncond, cond = pipe.encode_references(refs(2), ["a cat"])
+    assert uncond.dtype == cond.dtype == torch.float16 and torch.isfinite(cond).all()
+    assert torch.isfinite(run(pipe, reference_images=refs(2))).all()
+
+
 class _Called(Exception):
     """Stops a spied call, carrying the keyword arguments it got."""
 
