@@ -171,7 +171,8 @@ def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_promp
     ``concepts``: dicts with the :data:`SLOT_FIELDS` keys (``lora`` a file path). ``decor_words``: comma-separated
     undesired words; DECOR is off when empty or ``decor_strength`` is 0. ``progress(step, total)`` is called after
     every sampling step. ``reference_images``: image paths for EasyRef (SDXL with EasyRef loaded), used at
-    ``reference_scale``.
+    ``reference_scale``. With EasyRef loaded an empty ``negative_prompt`` is EasyRef's default one (the settings
+    record the text used).
     """
     import torch
 
@@ -203,7 +204,7 @@ def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_promp
                  generator=torch.Generator().manual_seed(seed), callback_on_step_end=on_step_end,
                  **references).images[0]
     settings = {
-        "prompt": prompt or "", "negative_prompt": negative_prompt or "", "seed": seed, "steps": steps,
+        "prompt": prompt or "", "negative_prompt": _negative_used(pipe, negative_prompt), "seed": seed, "steps": steps,
         "guidance": float(guidance), "width": width, "height": height,
         "concepts": [{"name": c.adapter_name, "lora": Path(c.lora).name, "prompt": c.prompt,
                       "box": [round(v, 4) for v in c.box], "weight": c.weight} for c in built],
@@ -227,6 +228,15 @@ def _references(pipe, images: Optional[Sequence], scale: float) -> dict:
         raise ValueError("Reference images need EasyRef on an SDXL model: start the app with --model <SDXL> "
                          "--easyref <checkpoint> --mllm Qwen/Qwen2-VL-2B-Instruct, or clear the reference images.")
     return {"reference_images": images, "scale": float(scale)}
+
+
+def _negative_used(pipe, negative_prompt: Optional[str]) -> str:
+    """The negative prompt the pipeline used: the given one, else EasyRef's default when EasyRef is loaded."""
+    if negative_prompt or getattr(pipe, "easyref_encoder", None) is None:
+        return negative_prompt or ""
+    from visadapt.pipelines.easyref import EASYREF_NEGATIVE_PROMPT
+
+    return EASYREF_NEGATIVE_PROMPT
 
 
 def _drop_stale_adapters(pipe, keep: set[str]) -> None:
@@ -698,7 +708,7 @@ def run_app(args: argparse.Namespace) -> int:
     if getattr(args, "easyref", None):
         if not hasattr(pipe, "load_easyref"):
             raise SystemExit("--easyref needs an SDXL --model (EasyRef conditions SDXL).")
-        pipe.load_easyref(args.easyref, mllm=args.mllm, torch_dtype=pipe.unet.dtype)
+        pipe.load_easyref(args.easyref, mllm=args.mllm)  # the MLLM picks its own dtype
     app = build_app(pipe, max_lora_mb=args.max_lora_mb, output_dir=args.outputs)
     # Gradio's own start-up lines would tell a command-line user to "set `share=True` in `launch()`".
     _, url, share_url = launch(app, host=args.host, port=args.port, share=args.share, max_lora_mb=args.max_lora_mb,

@@ -15,12 +15,20 @@ negative prompt. A diffusers ControlNet therefore sees the text tokens only: its
 embeddings and the text/time conditions, never ``image_embeds``, and its own attention processors are untouched;
 ``EasyRefControlNetPipeline`` is the SDXL ControlNet pipeline with the same two arguments.
 
+Sampling defaults are the released ``generate()``'s, not diffusers': :data:`EASYREF_STEPS` (30) steps and the negative
+prompt :data:`EASYREF_NEGATIVE_PROMPT` when the call gives none (``negative_prompt=None`` and no
+``negative_prompt_embeds``). Any value the caller passes wins, an explicit ``negative_prompt=""`` included (the released
+code encodes that empty text too; diffusers' zeroed negative embeddings come only from ``negative_prompt_embeds``).
+
 ``scale=0`` is the base model: the reference branch is skipped, the "easyref" LoRA is switched off for the call and no
-references are needed. With the LoRA on, a user's LoRAs combine with it through ``set_adapters`` as usual.
+references are needed. The call then equals the plain SDXL pipeline's bit for bit when that one is given the same
+steps and negative prompt (the defaults above included). With the LoRA on, a user's LoRAs combine with it through
+``set_adapters`` as usual.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +38,14 @@ import torch
 from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
 from visadapt.diffusion.composer.lora_files import active_adapters, set_active_adapters
-from visadapt.diffusion.easyref.encoder import NULL_REFERENCE_SIZE, EasyRefEncoder, EasyRefInputError, check_references
+from visadapt.diffusion.easyref.encoder import (
+    NULL_REFERENCE_SIZE,
+    EasyRefEncoder,
+    EasyRefInputError,
+    check_references,
+    load_processor,
+    mllm_dtype,
+)
 from visadapt.diffusion.easyref.files import (
     checkpoint_sizes,
     easyref_state_dict,
@@ -41,6 +56,11 @@ from visadapt.diffusion.easyref.files import (
 from visadapt.diffusion.easyref.unet import ADAPTER_NAME, install_easyref, is_easyref_installed, set_easyref_scale
 
 PathLike = Union[str, os.PathLike]
+
+# The released EasyRef.generate()'s defaults (its samples are made with them): steps, and the negative prompt it uses
+# when given none. diffusers' SDXL defaults are 50 steps and a zeroed negative.
+EASYREF_STEPS = 30
+EASYREF_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 
 class EasyRefMixin:
@@ -55,10 +75,10 @@ class EasyRefMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, *args, easyref: Optional[PathLike] = None,
                         mllm: Any = None, encoder: Optional[EasyRefEncoder] = None, **kwargs):
         """diffusers' ``from_pretrained`` for the SDXL parts, then :meth:`load_easyref` when ``easyref``, ``mllm``
-        or ``encoder`` is given (``torch_dtype`` applies to the MLLM too)."""
+        or ``encoder`` is given (``torch_dtype`` is the SDXL parts' only: the MLLM runs in bf16 or fp32)."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         if easyref is not None or mllm is not None or encoder is not None:
-            pipe.load_easyref(easyref, mllm=mllm, encoder=encoder, torch_dtype=kwargs.get("torch_dtype"))
+            pipe.load_easyref(easyref, mllm=mllm, encoder=encoder)
         return pipe
 
     @classmethod
@@ -75,14 +95,17 @@ class EasyRefMixin:
 
     def load_easyref(self, easyref: Optional[PathLike] = None, *, mllm: Any = None,
                      encoder: Optional[EasyRefEncoder] = None, num_tokens: int = 64, r: int = 128,
-                     faithful: bool = True, image_size: int = 336, weight_name: Optional[str] = None,
-                     torch_dtype: Optional[torch.dtype] = None) -> EasyRefEncoder:
+                     faithful: bool = True, image_size: int = 336,
+                     weight_name: Optional[str] = None) -> EasyRefEncoder:
         """Install EasyRef in the UNet, attach the encoder, and load ``easyref`` weights when given.
 
         ``easyref``: a checkpoint file (ours or the official layout; ``.safetensors`` or a weights-only ``.bin``), a
         folder holding one, or a Hub repo id (``weight_name`` picks the file when there are several). Without it the
         adapter is fresh (``num_tokens``, LoRA rank ``r``; for training). ``mllm``: a Qwen2-VL Hub id or folder, or a
-        ``(model, processor)`` pair; or pass a ready ``encoder``.
+        ``(model, processor)`` pair; or pass a ready ``encoder``. The encoder runs in bf16 where the device computes
+        it natively and in fp32 elsewhere, whatever the UNet's dtype (:func:`~visadapt.diffusion.easyref.encoder.
+        mllm_dtype`; the released code ran it in bf16, and Qwen2-VL breaks in fp16); ``pipe.to(device)`` re-applies
+        that rule there.
         """
         state = _read_checkpoint(easyref, weight_name) if easyref is not None else None
         sizes = checkpoint_sizes(state) if state is not None else {"num_tokens": num_tokens, "r": r}
@@ -90,11 +113,9 @@ class EasyRefMixin:
             if mllm is None:
                 raise ValueError("EasyRef needs its multimodal LLM: pass mllm='Qwen/Qwen2-VL-2B-Instruct' (or a "
                                  "folder, or a (model, processor) pair), or encoder=EasyRefEncoder(...).")
-            model, processor = _load_mllm(mllm, torch_dtype)
+            model, processor = _load_mllm(mllm, mllm_dtype(self.unet.device))
             encoder = EasyRefEncoder(model, processor, self.unet.config.cross_attention_dim, sizes["num_tokens"],
                                      faithful=faithful, image_size=image_size)
-            if torch_dtype is not None:
-                encoder.to(torch_dtype)
         if encoder.num_queries != sizes["num_tokens"]:
             raise ValueError(f"The encoder has {encoder.num_queries} reference tokens, the checkpoint "
                              f"{sizes['num_tokens']}; build the encoder with num_queries={sizes['num_tokens']}.")
@@ -103,7 +124,7 @@ class EasyRefMixin:
         install_easyref(self.unet, num_tokens=sizes["num_tokens"], r=sizes["r"])
         if state is not None:
             load_easyref_state(self.unet, encoder, state)
-        encoder.to(self.unet.device)
+        encoder.place(self.unet.device)
         self.easyref_encoder = encoder
         return encoder
 
@@ -132,7 +153,7 @@ class EasyRefMixin:
     def to(self, *args, **kwargs):
         pipe = super().to(*args, **kwargs)
         if self.easyref_encoder is not None:
-            self.easyref_encoder.to(self.unet.device)
+            self.easyref_encoder.place(self.unet.device)  # its own dtype rule: a UNet's fp16 does not apply
         return pipe
 
     # -- the call ----------------------------------------------------------------------------------------------
@@ -141,7 +162,8 @@ class EasyRefMixin:
     def encode_references(self, reference_images: Any, prompts: Sequence[str],
                           do_classifier_free_guidance: bool = True) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(uncond, cond) reference tokens, (B, Q, D) each (uncond None without guidance), on the UNet's device and
-        dtype. ``reference_images``: one list per prompt, or one flat list for all."""
+        dtype (the encoder's bf16/fp32 output is cast here, where it enters the UNet). ``reference_images``: one list
+        per prompt, or one flat list for all."""
         encoder = self._require_encoder()
         groups = check_references(reference_images, len(prompts))
         cond = encoder.encode(groups, list(prompts))
@@ -158,12 +180,16 @@ class EasyRefMixin:
                  reference_prompt: Optional[Union[str, list[str]]] = None, **kwargs):
         """The base pipeline's call plus ``reference_images`` (PIL images / paths: one flat list shared by every
         prompt, or one list per prompt), ``scale`` (λ, 0 = the base model) and ``reference_prompt`` (the text the
-        MLLM reads after its instruction; defaults to ``prompt``)."""
+        MLLM reads after its instruction; defaults to ``prompt``).
+
+        With EasyRef loaded, ``num_inference_steps`` defaults to 30 and the negative prompt to
+        :data:`EASYREF_NEGATIVE_PROMPT`, as in the released code (see :meth:`with_easyref_defaults`)."""
         if self.easyref_encoder is None:
             if reference_images is not None:
                 raise EasyRefInputError("reference_images needs EasyRef: load it first with "
                                         "pipe.load_easyref(easyref=..., mllm=...).")
             return super().__call__(*args, **kwargs)
+        kwargs = self.with_easyref_defaults(args, kwargs)
         prompts = _prompts(args, kwargs, reference_prompt)
         cfg = kwargs.get("guidance_scale", 5.0) > 1 and self.unet.config.time_cond_proj_dim is None
         if scale == 0:
@@ -174,6 +200,20 @@ class EasyRefMixin:
         kwargs["ip_adapter_image_embeds"] = [embeds[:, None]]
         with self._easyref_call(tokens, scale):
             return super().__call__(*args, **kwargs)
+
+    def with_easyref_defaults(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` plus the released sampling defaults for what the call leaves unset (positional arguments
+        count as set): ``num_inference_steps`` = 30, and the negative prompt when neither ``negative_prompt`` (a
+        keyword None counts as unset, "" does not) nor ``negative_prompt_embeds`` is given."""
+        names = list(inspect.signature(super(EasyRefMixin, self).__call__).parameters)[:len(args)]
+        given = {**dict(zip(names, args)), **kwargs}
+        out = dict(kwargs)
+        if "num_inference_steps" not in given:
+            out["num_inference_steps"] = EASYREF_STEPS
+        unset = "negative_prompt" not in names and given.get("negative_prompt") is None
+        if unset and given.get("negative_prompt_embeds") is None:
+            out["negative_prompt"] = EASYREF_NEGATIVE_PROMPT
+        return out
 
     def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device,
                                         num_images_per_prompt, do_classifier_free_guidance):
@@ -254,13 +294,14 @@ def _hub_file(repo: str, weight_name: Optional[str]) -> str:
     return hf_hub_download(repo, weight_name)
 
 
-def _load_mllm(mllm: Any, torch_dtype: Optional[torch.dtype]):
+def _load_mllm(mllm: Any, torch_dtype: torch.dtype):
+    """(model, processor): a given pair as it is, else Qwen2-VL from a hub id or folder in ``torch_dtype``."""
     if isinstance(mllm, (tuple, list)) and len(mllm) == 2:
         return mllm
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(mllm, dtype=torch_dtype, attn_implementation="sdpa")
-    return model.eval(), AutoProcessor.from_pretrained(mllm)
+    return model.eval(), load_processor(mllm)
 
 
 class EasyRefPipeline(EasyRefMixin, StableDiffusionXLPipeline):

@@ -299,6 +299,13 @@ class LoRAComposerXLPipeline(LoRAComposerMixin, EasyRefMixin, StableDiffusionXLP
     their boxes.
     """
 
+    def __call__(self, *args, **kwargs):
+        """LoRA-Composer's call. With EasyRef loaded its sampling defaults are filled in first (30 steps, the
+        released negative prompt), so the concepts' regional negatives read the same negative prompt as the rest."""
+        if self.easyref_encoder is not None:
+            kwargs = self.with_easyref_defaults(args, kwargs)
+        return super().__call__(*args, **kwargs)
+
     def _extra_unet_inputs(self, batch: int) -> dict:
         """SDXL's added conditions for the conditional refinement pass, built as the pipeline builds them."""
         call, run = self._run.call, self._run

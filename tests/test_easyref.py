@@ -21,6 +21,10 @@ from visadapt.diffusion.easyref.unet import install_easyref, set_easyref_scale, 
 from visadapt.diffusion.tiny import tiny_pipeline
 
 TOKENS = 8  # reference tokens in the tests (64 as released)
+# The released EasyRef.generate() (ip_adapter/ip_adapter.py): num_inference_steps=30, and this negative prompt when
+# negative_prompt is None.
+RELEASED_STEPS = 30
+RELEASED_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 WIDTH = 64  # the tiny SDXL's cross-attention width
 
 
@@ -56,6 +60,37 @@ def test_prepare_feeds_references_then_instruction(encoder):
     assert user.startswith("<|vision_start|>") and user.count("<|vision_start|>") == 3
     assert user.endswith(INSTRUCTION + "a red car<|im_end|>\n<|im_start|>assistant\n")
     assert inputs["image_grid_thw"].shape == (3, 3)
+
+
+def test_loaded_processor_gives_the_released_pil_pixels(tmp_path):
+    """The released code's Qwen2-VL image processor was transformers 4.45's PIL one; transformers 5 loads a
+    torchvision one by default, whose pixels differ. Both loaders (pipeline, training) give the PIL pixels, also
+    through the encoder's 336 px sizing."""
+    from transformers import AutoProcessor, Qwen2VLImageProcessorPil
+
+    from visadapt.diffusion.easyref.encoder import _round_to_cells, reference_pixels
+    from visadapt.diffusion.easyref.tiny_mllm import tiny_qwen2vl_processor
+    from visadapt.diffusion.easyref.train import load_mllm
+    from visadapt.pipelines.easyref import _load_mllm
+
+    model, _ = tiny_qwen2vl()
+    model.save_pretrained(tmp_path)
+    tiny_qwen2vl_processor(336).save_pretrained(tmp_path)
+    image = _round_to_cells(refs(1, seed=5)[0].resize((420, 300), Image.BICUBIC))
+    min_pixels, max_pixels = reference_pixels(336)
+    slow = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)(images=[image], return_tensors="pt")
+
+    def pixels(processor) -> torch.Tensor:
+        out = processor(text=["<|image_pad|>"], images=[image], return_tensors="pt")
+        assert torch.equal(out["image_grid_thw"], slow["image_grid_thw"])
+        return out["pixel_values"]
+
+    default = pixels(AutoProcessor.from_pretrained(tmp_path))
+    assert (default - slow["pixel_values"]).abs().max() > 0.01  # transformers 5's default is not the released one
+    for _, processor in (_load_mllm(str(tmp_path), None), load_mllm(str(tmp_path))):
+        assert torch.equal(pixels(processor), slow["pixel_values"])
+    encoder = EasyRefEncoder(model, _load_mllm(str(tmp_path), None)[1], cross_attention_dim=WIDTH, image_size=336)
+    assert torch.equal(encoder.prepare([[image]], ["a cat"])["pixel_values"], slow["pixel_values"])
 
 
 def _official(encoder: EasyRefEncoder, inputs: dict) -> torch.Tensor:
@@ -259,7 +294,9 @@ def files(tmp_path_factory):
     loaded = StableDiffusionXLPipeline.from_pretrained(folder / "sdxl")  # reloading alone changes the last digits
     loaded.set_progress_bar_config(disable=True)
     return {"sdxl": folder / "sdxl", "official": folder / "official.safetensors", "state": official,
-            "user": folder / "user.safetensors", "cat": folder / "cat.safetensors", "plain": run(loaded)}
+            "user": folder / "user.safetensors", "cat": folder / "cat.safetensors", "plain": run(loaded),
+            "plain_released": run(loaded, negative_prompt=RELEASED_NEGATIVE), "plain_empty": run(loaded,
+                                                                                                negative_prompt="")}
 
 
 @pytest.fixture(scope="module")
@@ -282,12 +319,98 @@ def test_pipeline_loads_the_official_file(ref_pipe, files):
 
 
 def test_scale_zero_is_plain_sdxl_and_references_change_the_image(ref_pipe, files):
-    assert torch.equal(run(ref_pipe, scale=0), files["plain"])
+    # λ=0 is the plain SDXL pipeline given the same steps and negative prompt (EasyRef's default one, or the user's)
+    assert torch.equal(run(ref_pipe, scale=0), files["plain_released"])
+    assert torch.equal(run(ref_pipe, scale=0, negative_prompt=""), files["plain_empty"])
+    assert not torch.equal(files["plain_released"], files["plain"])
     with_refs = run(ref_pipe, reference_images=refs(2))
     assert torch.isfinite(with_refs).all() and not torch.allclose(with_refs, files["plain"])
     half = run(ref_pipe, reference_images=refs(2), scale=0.5)
     assert not torch.allclose(half, with_refs)
     assert ref_pipe.unet.active_adapters() == ["easyref"]  # the call restores the LoRA it switched off at λ=0
+
+
+def test_mllm_runs_in_bf16_or_fp32_whatever_the_unet_dtype(files, monkeypatch):
+    """The released code runs Qwen2-VL (and its final layer and projector) in bf16 beside an fp16 UNet, casting the
+    tokens to fp16 for the UNet; Qwen2-VL gives garbage in fp16. So: bf16 where the device has it, fp32 elsewhere."""
+    from visadapt.diffusion.easyref import encoder as easyref_encoder
+    from visadapt.pipelines import EasyRefPipeline
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native: n)
+        assert easyref_encoder.mllm_dtype("cuda:0") == dtype
+    assert easyref_encoder.mllm_dtype("cpu") == torch.float32
+    monkeypatch.undo()
+
+    pipe = EasyRefPipeline.from_pretrained(files["sdxl"], easyref=files["official"], mllm=tiny_qwen2vl(),
+                                           dtype=torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.dtype == torch.float16
+    assert {p.dtype for p in pipe.easyref_encoder.parameters()} == {torch.float32}  # CPU: fp32, not the UNet's fp16
+    monkeypatch.setattr(easyref_encoder, "mllm_dtype", lambda device: torch.bfloat16)  # as on a bf16 GPU
+    pipe.to("cpu")
+    assert {p.dtype for p in pipe.easyref_encoder.parameters()} == {torch.bfloat16}
+    assert pipe.unet.dtype == torch.float16
+    uncond, cond = pipe.encode_references(refs(2), ["a cat"])
+    assert uncond.dtype == cond.dtype == torch.float16 and torch.isfinite(cond).all()
+    assert torch.isfinite(run(pipe, reference_images=refs(2))).all()
+
+
+class _Called(Exception):
+    """Stops a spied call, carrying the keyword arguments it got."""
+
+
+def _spy(monkeypatch, owner, name: str) -> None:
+    import functools
+
+    original = getattr(owner, name)
+
+    @functools.wraps(original)  # keeps the signature, which the defaults read positional arguments by
+    def spy(self, *args, **kwargs):
+        raise _Called(kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+
+
+def _kwargs_reaching(pipe, *args, **kwargs) -> dict:
+    with pytest.raises(_Called) as called:
+        pipe(*args, **kwargs)
+    return called.value.args[0]
+
+
+def test_easyref_calls_take_the_released_sampling_defaults(ref_pipe, monkeypatch):
+    """An EasyRef call unset → the released generate()'s 30 steps and negative prompt; anything given wins."""
+    from diffusers import StableDiffusionXLPipeline
+
+    _spy(monkeypatch, StableDiffusionXLPipeline, "__call__")
+    for scale in (0, 1):
+        got = _kwargs_reaching(ref_pipe, "a cat", scale=scale, reference_images=refs(1))
+        assert got["num_inference_steps"] == RELEASED_STEPS and got["negative_prompt"] == RELEASED_NEGATIVE
+    got = _kwargs_reaching(ref_pipe, "a cat", scale=0, num_inference_steps=4, negative_prompt="")
+    assert got["num_inference_steps"] == 4 and got["negative_prompt"] == ""  # "" is a negative prompt, as released
+    assert _kwargs_reaching(ref_pipe, "a cat", scale=0, negative_prompt=None)["negative_prompt"] == RELEASED_NEGATIVE
+    zeros = torch.zeros(1, 77, WIDTH)
+    got = _kwargs_reaching(ref_pipe, "a cat", scale=0, negative_prompt_embeds=zeros)
+    assert "negative_prompt" not in got and got["negative_prompt_embeds"] is zeros
+    got = _kwargs_reaching(ref_pipe, "a cat", None, 32, 32, 7, scale=0)  # steps given positionally
+    assert "num_inference_steps" not in got
+
+
+def test_composer_regions_read_the_easyref_negative_prompt(ref_pipe, files, monkeypatch):
+    """Composed calls fill EasyRef's defaults in before the concepts' regional negatives are encoded."""
+    from visadapt.diffusion import Concept
+    from visadapt.pipelines import LoRAComposerXLPipeline
+    from visadapt.pipelines.lora_composer import LoRAComposerMixin
+
+    pipe = LoRAComposerXLPipeline.from_pipe(ref_pipe)
+    def stop(self, args, kwargs):
+        raise _Called(kwargs)
+
+    monkeypatch.setattr(LoRAComposerMixin, "_call_arguments", stop)
+    concepts = [Concept(lora=files["cat"], prompt="a cat", box=[0, 0, 0.5, 1])]
+    got = _kwargs_reaching(pipe, "a cat in a park", concepts=concepts, scale=0)
+    assert got["negative_prompt"] == RELEASED_NEGATIVE and got["num_inference_steps"] == RELEASED_STEPS
 
 
 def test_reference_tokens_line_up_with_prompt_embeddings(ref_pipe):
@@ -484,6 +607,7 @@ def test_app_shows_reference_images_for_sdxl_and_generates_with_them(ref_pipe, t
     fast = dict(prompt="a cat", steps=2, width=32, height=32, latent_optimization=False, latent_reinit=False)
     image, settings = composer.generate(pipe, reference_images=[str(p) for p in paths], reference_scale=0.8, **fast)
     assert settings["references"] == {"images": ["ref0.png", "ref1.png"], "scale": 0.8}
+    assert settings["negative_prompt"] == RELEASED_NEGATIVE  # the app's empty field: EasyRef's default, recorded
     plain, _ = composer.generate(pipe, **fast)
     assert image.tobytes() != plain.tobytes()
     with pytest.raises(ValueError, match="--easyref"):

@@ -56,6 +56,30 @@ def reference_pixels(image_size: int = 336) -> tuple[int, int]:
     return (cells - 1) ** 2 * 28 * 28, (cells ** 2 + 1) * 28 * 28
 
 
+def mllm_dtype(device: Union[str, torch.device]) -> torch.dtype:
+    """The dtype EasyRef's MLLM runs in on ``device``, whatever the UNet's: bf16 where the device computes it natively
+    (CUDA GPUs from Ampere on), fp32 elsewhere. The released code ran Qwen2-VL in bf16; in fp16 Qwen2-VL-2B's
+    activations overflow into garbage (transformers issue 33294)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_processor(name_or_path: Union[str, os.PathLike]):
+    """Qwen2-VL's processor (hub id or folder) with the PIL image processor: the released code's pixels.
+
+    The released code ran transformers 4.45, whose Qwen2-VL image processor was the PIL one; transformers 5 loads a
+    torchvision one by default, whose resize gives other pixels (normalised, up to 0.015-0.03 apart, mean 5e-5, on
+    references sized for 336 px). A ``(model, processor)`` pair given to the pipeline keeps its own processor.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    processor.image_processor = AutoImageProcessor.from_pretrained(name_or_path, backend="pil")
+    return processor
+
+
 def _round_to_cells(image, factor: int = 28, min_pixels: int = 4 * 28 * 28, max_pixels: int = 16384 * 28 * 28):
     """Resize to multiples of ``factor`` px, as the official data path does before the processor resizes again."""
     from PIL import Image
@@ -165,6 +189,11 @@ class EasyRefEncoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.reference_tokens.device
+
+    def place(self, device: Union[str, torch.device]) -> "EasyRefEncoder":
+        """Move to ``device`` in :func:`mllm_dtype` there (bf16 or fp32, never the UNet's fp16); the tokens are cast
+        to the UNet's dtype where they enter it."""
+        return self.to(device=device, dtype=mllm_dtype(device))
 
     # -- inputs --
 

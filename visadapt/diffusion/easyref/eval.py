@@ -195,10 +195,9 @@ class EasyRefSampler:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = HALF_DTYPES.get(mixed_precision(c.precision), torch.float32)
         pipe.to(device)
-        encoder.to(device).eval()
+        encoder.place(device).eval()  # bf16 or fp32 whatever the precision: Qwen2-VL breaks in fp16
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
-            encoder.to(dtype)
         return cls(pipe, encoder)
 
     @torch.no_grad()

@@ -50,10 +50,10 @@ def tiny_qwen2vl_processor(image_size: int = TINY_IMAGE_SIZE):
     """A ``Qwen2VLProcessor`` (tokenizer, image processor, chat template) built without downloads.
 
     Images are resized to about ``image_size`` px a side, as EasyRef sizes its references (see
-    :func:`visadapt.diffusion.easyref.encoder.reference_pixels`).
+    :func:`visadapt.diffusion.easyref.encoder.reference_pixels`), by the PIL image processor (the released pixels).
     """
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     from visadapt.diffusion.easyref.encoder import reference_pixels
 
@@ -61,7 +61,8 @@ def tiny_qwen2vl_processor(image_size: int = TINY_IMAGE_SIZE):
                                         eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="right")
     tokenizer.chat_template = CHAT_TEMPLATE
     min_pixels, max_pixels = reference_pixels(image_size)
-    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    # The PIL image processor, as :func:`~visadapt.diffusion.easyref.encoder.load_processor` loads for real models
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
     return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                             video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
 

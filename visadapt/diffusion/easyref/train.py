@@ -75,10 +75,12 @@ def load_mllm(name: str, seed: int = 0):
         from .tiny_mllm import tiny_qwen2vl
 
         return tiny_qwen2vl(seed=seed)
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from .encoder import load_processor
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(name, dtype=torch.float32, attn_implementation="sdpa")
-    return model, AutoProcessor.from_pretrained(name)
+    return model, load_processor(name)  # the PIL image processor, as the released training saw its pixels
 
 
 def adapter_file(path: Union[str, Path]) -> Path:
