@@ -77,6 +77,10 @@ def load_processor(name_or_path: Union[str, os.PathLike]):
 
     processor = AutoProcessor.from_pretrained(name_or_path)
     processor.image_processor = AutoImageProcessor.from_pretrained(name_or_path, backend="pil")
+    if "Pil" not in type(processor.image_processor).__name__:  # a transformers without image-processor backends
+        raise ImportError(f"EasyRef needs transformers' PIL image processor for Qwen2-VL (backend='pil'), which this "
+                          f"transformers did not give ({type(processor.image_processor).__name__}); upgrade it: pip "
+                          f"install -U transformers (tested with 5.25).")
     return processor
 
 
