@@ -61,6 +61,7 @@ def test_lasot_shift_flags_split_and_language(lasot):
     assert seq.boxes[0].tolist() == [0, 0, 4, 3]  # 1-based (1, 1) is pixel (0, 0)
     assert seq.boxes[1].tolist() == [4, 5, 10, 8]
     assert seq.visible.tolist() == [True, False, False]  # full occlusion in frame 2, out of view in frame 3
+    assert seq.meta.pop("visible_flags").tolist() == [True, False, False]  # the flags alone, for OPE
     assert seq.meta == {"category": "airplane", "language": "a red thing"}
     assert seq.dataset == "lasot" and len(seq) == 3
     assert seq.frames[0] == lasot / "airplane" / "airplane-1" / "img" / "00000001.jpg"
@@ -125,6 +126,27 @@ def test_got10k_train_test_and_vottrain_split_file(tmp_path):
     (tmp_path / "bad.txt").write_text("7\n")
     with pytest.raises(DatasetLayoutError, match="index 7"):
         read_got10k(tmp_path, "vottrain", split_file=tmp_path / "bad.txt")
+
+
+def test_scores_read_flags_where_the_official_evaluation_does(lasot, tmp_path):
+    from visadapt.tracking.evaluate import score
+
+    # LaSOT airplane-2, frame 1: no box but flagged visible — official OPE counts it a normalised-precision hit
+    seq = read_lasot(lasot, "test")[0]
+    pred = seq.boxes.copy()
+    pred[1] = [20, 20, 10, 8]
+    r = score([pred], [seq])
+    assert r["norm_precision"] == 1.0 and r["precision"] == 0.5 and r["strict"]["norm_precision"] == 0.5
+    # GOT-10k: the absence flag of frame 1 leaves OPE alone; AO bounds the boxes to the 40×30 image (frame 2's
+    # prediction starts 7 px left of it and moves in: IoU 7·8 / (80 + 80 − 56)); cover 0 drops frame 1 from AO
+    _got10k(tmp_path, "train", ["GOT-10k_Train_000001"])
+    seq = read_got10k(tmp_path, "train")[0]
+    pred = seq.boxes.copy()
+    pred[2, 0] = -7
+    r = score([pred], [seq])
+    exact = 20 / 21  # IoU 1 passes every threshold but τ = 1 (strict >); frame 2 misses (pixel-inclusive IoU 0)
+    assert r["auc"] == pytest.approx(2 * exact / 3) and r["strict"]["auc"] == pytest.approx(exact / 3)
+    assert r["ao"] == pytest.approx(56 / 104)
 
 
 def _trackingnet(root: Path, chunk: str, name: str, frames: int, test: bool = False) -> None:

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from visadapt.tracking.geometry import (
+    CropParams,
     box_from_crop,
     box_to_crop,
     crop_image,
+    crop_image_official,
     crop_params,
     jittered_crop_params,
     rasterise,
@@ -55,6 +57,28 @@ def test_crop_image_samples_at_the_mapped_positions_and_pads_with_the_mean():
     assert len(outside_rows) > 0
     mean = image.mean(dim=(1, 2)).view(3, 1, 1)
     torch.testing.assert_close(crop[:, outside_rows], mean.expand(3, len(outside_rows), 16))
+
+
+def test_official_crop_resizes_a_whole_pixel_window_and_reports_the_realised_scale():
+    # 100×100 image into a 50 px crop at s = 0.37, t = (3.3, −10.2). Official rule per axis: the image spans
+    # [t, t + 100 s] in the crop, clipped to [0, 50], widened to whole pixels (floor start, floor(end + 1 − 1e-4));
+    # mapped back ((u − t) / s), widened again and clipped to the image. x: [3.3, 40.3] → [3, 41) ← image
+    # [−0.81, 101.89] → [0, 100); y: [−10.2, 26.8] → [0, 27) ← image [27.57, 100.54] → [27, 100). Realised scale =
+    # window ratio (38 / 100, 27 / 73), shift = crop start − image start · scale.
+    image = torch.arange(3 * 100 * 100, dtype=torch.float32).view(3, 100, 100) % 251
+    fill = torch.tensor([1.0, 2.0, 3.0])
+    out, p = crop_image_official(image, CropParams((0.37, 0.37), (3.3, -10.2), 50), fill)
+    assert p.scale == pytest.approx((0.38, 27 / 73)) and p.size == 50
+    assert p.translation == pytest.approx((3.0, -27 * 27 / 73))
+    window = torch.nn.functional.interpolate(image[None, :, 27:100, 0:100], (27, 38), mode="bilinear",
+                                             align_corners=False)[0]
+    torch.testing.assert_close(out[:, 0:27, 3:41], window)
+    outside = torch.ones(50, 50, dtype=torch.bool)
+    outside[0:27, 3:41] = False
+    assert torch.equal(out[:, outside], fill[:, None].expand(3, int(outside.sum())))
+    # the realised scale differs from the asked one by 2.7 % here; a crop missing the image is all padding
+    missed, q = crop_image_official(image, CropParams((0.37, 0.37), (60.0, 0.0), 50), fill)
+    assert torch.equal(missed, fill.view(3, 1, 1).expand(3, 50, 50)) and q.translation == (60.0, 0.0)
 
 
 def test_rasterise_counts_every_touched_cell_and_clips():

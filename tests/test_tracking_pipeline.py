@@ -42,10 +42,14 @@ def test_from_official_loads_every_tensor(tmp_path, monkeypatch):
     import visadapt.tracking.pipeline as pipeline_module
 
     config = variant_config("B-224", **TINY)
-    monkeypatch.setattr(pipeline_module, "variant_config", lambda variant: config)  # tiny stand-in for ViT-B
+    monkeypatch.setattr(pipeline_module, "variant_config",
+                        lambda variant, **overrides: {**config, **overrides})  # tiny stand-in for ViT-B
     state = {k: v + 0.01 for k, v in _build(config).state_dict().items()}  # merged-layout official names
     save_file(state, tmp_path / "base.bin")
     pipe = TrackingPipeline.from_official("B-224", tmp_path / "base.bin")
+    # the released weights were trained and tested on the official crops and outside-the-frame reports
+    assert (pipe.tracker.crop, pipe.tracker.outside) == ("official", "clipped")
+    assert (pipe.config["crop"], pipe.config["outside"]) == ("official", "clipped")  # saved with the pipeline
     for name, value in pipe.model.state_dict().items():
         torch.testing.assert_close(value, state[name])
     with pytest.raises(FileNotFoundError, match="save_pretrained"):

@@ -55,8 +55,9 @@ def test_got10k_names_first_line_times_and_zip(tmp_path):
     tracker = tmp_path / "LoRAT-B-224"
     runs = [BOXES + r for r in range(3)]
     times = [[0.5, 0.01, 0.02], [0.4, 0.01, 0.03], [0.6, 0.02, 0.01]]
-    folder = write_got10k_sequence(tracker, "GOT-10k_Test_000001", runs, times, init_box=[1, 2, 3, 4])
-    write_got10k_sequence(tracker, "GOT-10k_Test_000002", runs[:1], times[:1])
+    folder = write_got10k_sequence(tracker, "GOT-10k_Test_000001", runs, times, init_box=[1, 2, 3, 4],
+                                   whole_pixels=False)
+    write_got10k_sequence(tracker, "GOT-10k_Test_000002", runs[:1], times[:1], whole_pixels=False)
     assert folder == tracker / "GOT-10k_Test_000001"
     assert sorted(p.name for p in folder.iterdir()) == [
         "GOT-10k_Test_000001_001.txt", "GOT-10k_Test_000001_002.txt", "GOT-10k_Test_000001_003.txt",
@@ -77,6 +78,15 @@ def test_got10k_names_first_line_times_and_zip(tmp_path):
     with pytest.raises(ValueError, match="1 sequences have no results.*GOT-10k_Test_000003"):
         zip_results(tracker, tmp_path / "other.zip", expected=["GOT-10k_Test_000001", "GOT-10k_Test_000003"])
     assert not (tmp_path / "other.zip").exists()
+
+
+def test_got10k_files_round_boxes_out_to_whole_pixels_by_default(tmp_path):
+    # The official adaptor's files: left/top floored, right/bottom (x + w, y + h) raised to the next whole pixel,
+    # unless within 1e-4 of one; integer boxes stay as they are.
+    boxes = np.array([[10.25, 20.5, 30.0, 40.0], [11.123456, 21.0, 29.5, 39.75], [3, 4, 5.00005, 6], [-2.5, 0, 1, 1]])
+    folder = write_got10k_sequence(tmp_path, "s", [boxes], [np.zeros(4)])
+    written = np.loadtxt(folder / "s_001.txt", delimiter=",")
+    np.testing.assert_array_equal(written, [[10, 20, 31, 41], [11, 21, 30, 40], [3, 4, 5, 6], [-3, 0, 2, 1]])
 
 
 def test_got10k_refuses_bad_runs(tmp_path):

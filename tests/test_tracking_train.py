@@ -46,6 +46,28 @@ def test_pairs_shapes_boxes_and_masks(world):
     assert (batch["z_mask"][:, 1:3, 1:3] == 1).all()
 
 
+def test_official_training_crops_map_boxes_with_the_realised_window(world):
+    # Official rule: the template crop is a whole-pixel image window resized onto a whole-pixel crop window, and the
+    # template box is mapped with the scale and shift that window pair realises, not with the asked ones.
+    from visadapt.tracking.geometry import box_to_crop, crop_image_official, crop_params
+    from visadapt.tracking.sampling import load_frame
+
+    settings = PairSettings(32, 64, (4, 4), 4.0, augment=False, crop="official")
+    official, exact = _pairs(world, settings=settings)[(3, 11)], _pairs(world, settings=_no_augment())[(3, 11)]
+    seq = load_sequences("got10k", world, "train")[int(official["sequence"].split("/")[1].split("_")[-1]) - 1]
+    z_box = torch.tensor(seq.boxes[official["frames"][0]], dtype=torch.float64)
+    z_box[2:] += z_box[:2]
+    asked = crop_params(z_box, 2.0, 32)
+    _, realised = crop_image_official(load_frame(seq.frames[official["frames"][0]]), asked)
+    torch.testing.assert_close(official["z_box"], box_to_crop(z_box, realised).clamp(0, 32).float())
+    torch.testing.assert_close(exact["z_box"], box_to_crop(z_box, asked).clamp(0, 32).float())
+    assert not torch.equal(official["z_box"], exact["z_box"])
+
+
+def _no_augment() -> PairSettings:
+    return PairSettings(32, 64, (4, 4), 4.0, augment=False)
+
+
 def test_pairs_are_deterministic_and_follow_the_quota(world):
     pairs = _pairs(world)
     a, b = pairs[(5, 3)], pairs[(5, 3)]

@@ -61,6 +61,9 @@ class TrackConfig(RunConfig):
     scale_jitter: float = option(0.25, "search-crop scale jitter: s / exp(N(0, 1) · this), per axis", group="data")
     augment: bool = option(True, "flips, colour jitter and DeiT-III 3-augment on the crops (official order)",
                            group="data")
+    crop: str = option("exact", "crops for training and the saved tracker: exact (sub-pixel) or official (whole-pixel "
+                       "windows at a realised scale, as the released checkpoints)", choices=("exact", "official"),
+                       group="data")
 
     variant: str = option("B-224", "paper variant (DINOv2 ViT and crop sizes), or demo: the tiny shipped ViT",
                           choices=VARIANT_NAMES, group="model")

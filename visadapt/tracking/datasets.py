@@ -327,7 +327,8 @@ def _lasot_sequence(folder: Path, kind: str) -> TrackingSequence:
         if flags is None:
             raise layout_error(kind, f"missing {folder / flag_file}", "restore the file from the dataset archive.")
         hidden |= flags.astype(bool)
-    meta: dict = {"category": folder.parent.name}
+    # the flags apart from box validity: official OPE treats a flagged-visible frame without a box differently
+    meta: dict = {"category": folder.parent.name, "visible_flags": ~hidden}
     language = folder / "nlp.txt"
     if language.is_file():
         meta["language"] = language.read_text(encoding="utf-8").strip()
@@ -538,7 +539,9 @@ def clean_sequence(sequence: TrackingSequence, size: Optional[tuple[int, int]] =
         return None
     first, last = int(np.argmax(keep)), len(keep) - int(np.argmax(keep[::-1]))
     boxes = np.where(keep[:, None], np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], 1), np.nan)
-    meta = {**sequence.meta, "first_frame": sequence.meta.get("first_frame", 0) + first}
+    # the raw flags are folded into ``visible`` here (and would no longer match the trimmed frames)
+    meta = {k: v for k, v in sequence.meta.items() if k != "visible_flags"}
+    meta["first_frame"] = sequence.meta.get("first_frame", 0) + first
     return replace(sequence, frames=sequence.frames[first:last], boxes=boxes[first:last],
                    visible=keep[first:last], meta=meta)
 

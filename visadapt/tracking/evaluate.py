@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .datasets import TrackingSequence
+from .datasets import TrackingSequence, image_size
 from .metrics import got10k_scores, ope_dataset, ope_sequence, plot_success_precision
 from .results import write_got10k_sequence, write_results, write_trackingnet_sequence, zip_results
 from .tracker import Tracker
@@ -47,15 +47,28 @@ def got10k_like(sequences: Sequence[TrackingSequence]) -> bool:
     return all(s.dataset == "got10k" or "cover" in s.meta for s in sequences)
 
 
+def visibility_flags(sequence: TrackingSequence) -> np.ndarray:
+    """(N,) the dataset's own visibility flags (LaSOT keeps them apart from box validity), else ``visible``."""
+    return sequence.meta.get("visible_flags", sequence.visible)
+
+
+def _ope(predictions: Sequence[np.ndarray], sequences: Sequence[TrackingSequence], protocol: str) -> list[dict]:
+    return [ope_sequence(p, s.boxes, visibility_flags(s), s.dataset, protocol) for p, s in zip(predictions, sequences)]
+
+
 def score(predictions: Sequence[np.ndarray], sequences: Sequence[TrackingSequence]) -> dict:
-    """OPE scores (and GOT-10k ones where they apply) with the mean curves as lists."""
-    per_seq = [ope_sequence(p, s.boxes, s.visible) for p, s in zip(predictions, sequences)]
+    """OPE scores by the official per-dataset rules (and GOT-10k ones, boxes bounded to the image, where they apply)
+    with the mean curves as lists; ``strict``: the OPE scores with every invalid frame a miss."""
+    per_seq = _ope(predictions, sequences, "official")
     ope = ope_dataset(per_seq)
     result = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in ope.items()}
     result["per_sequence_auc"] = {s.name: r["auc"] for s, r in zip(sequences, per_seq)}
+    strict = ope_dataset(_ope(predictions, sequences, "strict"))
+    result["strict"] = {k: strict[k] for k in ("auc", "precision", "norm_precision")}
     if got10k_like(sequences):
         visible = [s.meta["cover"] > 0 if "cover" in s.meta else s.visible for s in sequences]
-        result.update(got10k_scores([(p, s.boxes, v) for p, s, v in zip(predictions, sequences, visible)]))
+        result.update(got10k_scores([(p, s.boxes, v) for p, s, v in zip(predictions, sequences, visible)],
+                                    sizes=[image_size(s) for s in sequences]))
     return result
 
 

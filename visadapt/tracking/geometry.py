@@ -4,9 +4,10 @@ github.com/LitingLin/LoRAT: ``trackit/core/utils/siamfc_cropping.py`` and the ``
 Boxes are continuous xyxy in pixels (x2 = x + w). A crop is an isotropic scale ``s`` and a translation ``t``:
 crop pixel u = s·x + t per axis, image pixel x = (u − t) / s.
 
-:func:`crop_image` resamples with ``grid_sample`` at exactly (s, t). The official code instead copies an
-integer-aligned sub-rectangle and returns slightly adjusted (s, t); both keep image and boxes consistent, but pixel
-values of a crop can differ by a fraction of a pixel shift from the official ones.
+:func:`crop_image` resamples with ``grid_sample`` at exactly (s, t). The official code instead resizes a
+whole-pixel window of the image into a whole-pixel window of the crop and returns the (s, t) that this realises
+(:func:`crop_image_official`: up to a few % scale and a few px shift from the asked ones); the released checkpoints
+were trained and tested on those crops.
 """
 
 from __future__ import annotations
@@ -102,6 +103,55 @@ def crop_image(image: torch.Tensor, p: CropParams, fill: torch.Tensor | None = N
     out = F.grid_sample(shifted, grid.unsqueeze(0).to(image.device), mode="bilinear", padding_mode="zeros",
                         align_corners=False)
     return out[0] + fill.view(3, 1, 1)
+
+
+CROPS = ("exact", "official")
+
+
+def _pixel_span(start: float, end: float) -> tuple[int, int]:
+    """Whole pixels touched by [start, end): floor(start), floor(end + 1 − 1e-4) (official ``bbox_rasterize``)."""
+    return math.floor(start), math.floor(end + 1 - 1e-4)
+
+
+def _official_window(scale: float, shift: float, extent: int, size: int) -> tuple[int, int, int, int]:
+    """One axis of the official crop: the crop window [o1, o2) the image covers and the image window [i1, i2)
+    mapped into it, both in whole pixels."""
+    o1, o2 = _pixel_span(min(max(shift, 0.0), size), min(max(shift + scale * extent, 0.0), size))
+    o1, o2 = min(max(o1, 0), size), min(max(o2, 0), size)
+    i1, i2 = _pixel_span((o1 - shift) / scale, (o2 - shift) / scale)
+    return o1, o2, min(max(i1, 0), extent), min(max(i2, 0), extent)
+
+
+def crop_image_official(image: torch.Tensor, p: CropParams, fill: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, CropParams]:
+    """The official crop: image (3, H, W) float → ((3, S, S), the realised CropParams).
+
+    Per axis the crop window the image lands in is widened to whole pixels, mapped back and widened again to whole
+    image pixels; that image window is resized (bilinear, align_corners=False) onto the crop window and the rest is
+    ``fill`` (default: the image mean). The realised scale is crop window / image window and the shift puts the
+    windows' starts together, so boxes map exactly with the returned parameters, not with ``p``."""
+    _, h, w = image.shape
+    fill = image.mean(dim=(1, 2)) if fill is None else fill.to(image)
+    out = fill.view(3, 1, 1).expand(3, p.size, p.size).clone()
+    (ox1, ox2, ix1, ix2), (oy1, oy2, iy1, iy2) = (_official_window(p.scale[a], p.translation[a], extent, p.size)
+                                                  for a, extent in ((0, w), (1, h)))
+    if ox2 <= ox1 or oy2 <= oy1 or ix2 <= ix1 or iy2 <= iy1:
+        return out, p  # the image misses the crop: only padding
+    window = image[None, :, iy1:iy2, ix1:ix2]
+    out[:, oy1:oy2, ox1:ox2] = F.interpolate(window, (oy2 - oy1, ox2 - ox1), mode="bilinear", align_corners=False)[0]
+    sx, sy = (ox2 - ox1) / (ix2 - ix1), (oy2 - oy1) / (iy2 - iy1)
+    return out, CropParams((sx, sy), (ox1 - ix1 * sx, oy1 - iy1 * sy), p.size)
+
+
+def crop(image: torch.Tensor, p: CropParams, fill: torch.Tensor | None = None, kind: str = "exact"
+         ) -> tuple[torch.Tensor, CropParams]:
+    """``kind`` ``exact`` (:func:`crop_image`, ``p`` as asked) or ``official`` (:func:`crop_image_official`) →
+    ((3, S, S), the parameters that map image boxes into this crop)."""
+    if kind == "exact":
+        return crop_image(image, p, fill), p
+    if kind == "official":
+        return crop_image_official(image, p, fill)
+    raise ValueError(f"crop {kind!r}: choose one of {CROPS}.")
 
 
 def normalize(crop: torch.Tensor) -> torch.Tensor:

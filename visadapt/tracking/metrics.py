@@ -5,14 +5,21 @@ OPE (LaSOT, LaSOT_ext, TNL2K, …), per sequence, boxes xywh:
 
 - IoU with the pixel-inclusive convention (intersection side = min(x + w − 1) − max(x) + 1, clamped ≥ 0);
 - centre = (x + (w − 1)/2, y + (h − 1)/2); CLE = ‖c_p − c_g‖; normalised CLE divides the offset by the GT size;
-- invalid frames (GT w ≤ 0 or h ≤ 0, or not visible when flags are given) get IoU −1 and CLE ∞: failures, and
-  the denominator is every frame, frame 0 included;
+- a frame is invalid when its GT box has w ≤ 0 or h ≤ 0 (or no box), and, on LaSOT, LaSOT_ext and VastTrack
+  only, when the dataset flags the target as not visible (the official ``ope_metrics`` reads no other set's flags,
+  so GOT-10k's absence flags leave OPE alone);
+- invalid frames get IoU −1 (a success failure everywhere); for normalised precision they are hits, and on UAV-style
+  sets (name starting ``uav``) hits for precision too — except frames flagged invisible on LaSOT and VastTrack (not
+  LaSOT_ext), which are misses for both; the denominator is every frame, frame 0 included. ``protocol="strict"``
+  keeps our stricter rule instead: every invalid frame a miss, every dataset's flags read;
 - success SR(τ) = share of frames with IoU > τ for τ = 0, 0.05, …, 1 (21 values), AUC = their mean;
   precision = share with CLE ≤ 20 px; normalised precision = share with normalised CLE ≤ 0.2;
 - a dataset's score is the mean over sequences.
 
 GOT-10k: IoU (continuous, toolkit ``rect_iou``) of frames 1…N−1 where the target is visible, concatenated over
-all sequences; AO = mean, SR0.5 / SR0.75 = share above 0.5 / 0.75.
+all sequences; AO = mean, SR0.5 / SR0.75 = share above 0.5 / 0.75. With the image size given, both boxes are first
+bounded to the image as the toolkit does (x → [0, W], then w → [0, W − x]: a box reaching left of the image is moved
+in, not cut).
 """
 
 from __future__ import annotations
@@ -59,19 +66,55 @@ def _centres(b: np.ndarray) -> np.ndarray:
     return b[:, :2] + (b[:, 2:] - 1) / 2
 
 
-def ope_sequence(pred: Sequence, gt: Sequence, visible: Optional[Sequence[bool]] = None) -> dict:
-    """One sequence's OPE scores: ``auc``, ``precision`` (20 px), ``norm_precision`` (0.2) and the three curves."""
+FLAGGED_DATASETS = ("lasot", "lasot_ext", "lasot_extension", "vasttrack")  # whose visibility flags OPE reads
+INVISIBLE_MISS_DATASETS = ("lasot", "vasttrack")  # where flagged-invisible frames stay precision misses
+PROTOCOLS = ("official", "strict")
+HIT = -1.0  # an error below every threshold: the frame counts as a hit
+
+
+def _dataset_key(dataset: str) -> str:
+    return dataset.lower().replace("-", "_")
+
+
+def _invalid_frames(g: np.ndarray, visible: Optional[np.ndarray], key: str, protocol: str) -> np.ndarray:
+    """(N,) bool: frames without a usable GT box, plus the flagged-invisible ones where the protocol reads flags."""
+    invalid = ~(np.isfinite(g).all(1) & (np.nan_to_num(g[:, 2]) > 0) & (np.nan_to_num(g[:, 3]) > 0))
+    if visible is not None and (protocol == "strict" or key in FLAGGED_DATASETS):
+        invalid |= ~visible
+    return invalid
+
+
+def _frame_errors(p: np.ndarray, g: np.ndarray, visible: Optional[np.ndarray], dataset: str, protocol: str
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N,) IoU, CLE and normalised CLE with the invalid frames set to a miss (−1 / ∞) or a hit (−1 for errors)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r}: choose one of {PROTOCOLS}.")
+    key, official = _dataset_key(dataset), protocol == "official"
+    invalid = _invalid_frames(g, visible, key, protocol)
+    offset = _centres(p) - _centres(g)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cle, norm_cle = np.linalg.norm(offset, axis=1), np.linalg.norm(offset / g[:, 2:], axis=1)
+    iou = np.where(invalid, -1.0, iou_pixel_inclusive(p, g))
+    cle = np.where(invalid, HIT if official and key.startswith("uav") else np.inf, cle)
+    norm_cle = np.where(invalid, HIT if official else np.inf, norm_cle)
+    if official and visible is not None and key in INVISIBLE_MISS_DATASETS:
+        cle, norm_cle = np.where(visible, cle, np.inf), np.where(visible, norm_cle, np.inf)
+    return iou, cle, norm_cle
+
+
+def ope_sequence(pred: Sequence, gt: Sequence, visible: Optional[Sequence[bool]] = None, dataset: str = "",
+                 protocol: str = "official") -> dict:
+    """One sequence's OPE scores: ``auc``, ``precision`` (20 px), ``norm_precision`` (0.2) and the three curves.
+
+    ``pred``, ``gt``: (N, 4) xywh; ``visible``: (N,) the dataset's visibility flags (None: no flags); ``dataset``
+    (a reader name such as ``lasot``, ``lasot_ext``, ``uav123``) picks the official per-dataset rules for invalid
+    frames (module docstring); ``protocol="strict"`` counts every invalid frame as a miss instead.
+    """
     p, g = _boxes(pred), _boxes(gt)
     if len(p) != len(g):
         raise ValueError(f"{len(p)} predicted boxes for {len(g)} ground-truth frames; give one box per frame.")
-    valid = (g[:, 2] > 0) & (g[:, 3] > 0)
-    if visible is not None:
-        valid &= np.asarray(visible, dtype=bool)
-    iou = np.where(valid, iou_pixel_inclusive(p, g), -1.0)
-    offset = _centres(p) - _centres(g)
-    cle = np.where(valid, np.linalg.norm(offset, axis=1), np.inf)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        norm_cle = np.where(valid, np.linalg.norm(offset / np.where(valid[:, None], g[:, 2:], 1), axis=1), np.inf)
+    flags = None if visible is None else np.asarray(visible, dtype=bool).reshape(-1)
+    iou, cle, norm_cle = _frame_errors(p, g, flags, dataset, protocol)
     success = (iou[None, :] > SUCCESS_THRESHOLDS[:, None]).mean(axis=1)
     precision = (cle[None, :] <= PRECISION_THRESHOLDS[:, None]).mean(axis=1)
     norm_precision = (norm_cle[None, :] <= NORM_PRECISION_THRESHOLDS[:, None]).mean(axis=1)
@@ -89,13 +132,28 @@ def ope_dataset(sequences: Sequence[dict]) -> dict:
                 else float(np.mean([s[k] for s in sequences]))) for k in keys}
 
 
-def got10k_scores(sequences: Sequence[tuple]) -> dict:
+def bound_to_image(boxes: Sequence, size: tuple[int, int]) -> np.ndarray:
+    """(N, 4) xywh bounded to a ``size`` = (W, H) image as the GOT-10k toolkit's ``rect_iou`` does: x, y clipped to
+    [0, W] / [0, H], then w, h to [0, W − x] / [0, H − y] (a box starting left of the image is moved in, not cut)."""
+    b = _boxes(boxes).copy()
+    for i, extent in enumerate(size):
+        b[:, i] = np.clip(b[:, i], 0, extent)
+        b[:, i + 2] = np.clip(b[:, i + 2], 0, extent - b[:, i])
+    return b
+
+
+def got10k_scores(sequences: Sequence[tuple], sizes: Optional[Sequence[Optional[tuple[int, int]]]] = None) -> dict:
     """GOT-10k AO / SR0.5 / SR0.75 over ``(pred, gt, visible)`` triples (visible: cover > 0 per frame, or None).
 
     Frame 0 (the initialisation) is excluded; IoUs of all remaining visible frames are pooled (frame-weighted).
+    ``sizes``: each sequence's image (W, H); where given, both boxes are bounded to it first (:func:`bound_to_image`,
+    the toolkit's rule), otherwise the IoU is the unbounded one.
     """
     ious = []
-    for pred, gt, visible in sequences:
+    for i, (pred, gt, visible) in enumerate(sequences):
+        size = sizes[i] if sizes is not None else None
+        if size is not None:
+            pred, gt = bound_to_image(pred, size), bound_to_image(gt, size)
         iou = iou_continuous(pred, gt)[1:]
         if visible is not None:
             iou = iou[np.asarray(visible, dtype=bool)[1:]]

@@ -52,7 +52,9 @@ class TrackingPipeline:
 
     ``save_pretrained`` writes ``pipeline.json`` (architecture, crop sizes and factors, window influence) and
     ``model.safetensors`` (every weight, adapters merged); ``from_pretrained`` reads them with safetensors only.
-    ``from_official`` builds a paper variant from a released LoRAT weight file.
+    ``from_official`` builds a paper variant from a released LoRAT weight file, tracking as the official code does
+    (config ``crop: official``, ``outside: clipped``; see :class:`Tracker`); other pipelines default to exact crops
+    and keep the previous box for a prediction wholly outside the frame.
     """
 
     def __init__(self, model: LoRAT, config: dict, device: Optional[Union[str, torch.device]] = None) -> None:
@@ -60,12 +62,13 @@ class TrackingPipeline:
         self.model = model.to(device) if device is not None else model
         self.tracker = Tracker(self.model, config["template_size"], config["search_size"],
                                config["search_area_factor"], config["template_area_factor"],
-                               config["window_influence"])
+                               config["window_influence"], crop=config.get("crop", "exact"),
+                               outside=config.get("outside", "previous"))
 
     @classmethod
     def from_official(cls, variant: str, weights: Union[str, Path], device=None) -> "TrackingPipeline":
         """A paper variant with a released weight file (``base.bin``, ``large-378.bin`` …), merged on load."""
-        config = variant_config(variant)
+        config = variant_config(variant, crop="official", outside="clipped")  # what the weights were tested with
         model = _build(config)
         load_official(model, weights)
         return cls(model, config, device)

@@ -4,7 +4,8 @@
   ``<sequence>_time.txt`` (seconds per frame); :func:`write_results` / :func:`read_results`.
 * GOT-10k test server (the got10k toolkit's layout): ``<tracker>/<sequence>/<sequence>_001.txt`` … ``_003.txt``
   (one file per run; line 1 is the initial box), and ``<sequence>_time.txt`` with one column of seconds per run;
-  :func:`write_got10k_sequence`, then :func:`zip_results` on the tracker folder.
+  :func:`write_got10k_sequence`, then :func:`zip_results` on the tracker folder. Boxes are rounded out to whole
+  pixels by default, as the official LoRAT adaptor writes them (:func:`whole_pixel_boxes`).
 * TrackingNet test server (pytracking's layout): ``<sequence>.txt`` per sequence, zipped flat;
   :func:`write_trackingnet_sequence`, then :func:`zip_results`.
 
@@ -89,15 +90,25 @@ def read_results(path: PathLike, name: Optional[str] = None) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64)
 
 
+def whole_pixel_boxes(boxes: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """(N, 4) xywh → (N, 4) xywh of whole pixels covering each box: x1, y1 floored, x2, y2 = ⌊x + w + 1 − eps⌋ (the
+    official adaptor's rounding: an end within ``eps`` past a whole pixel does not claim the next one)."""
+    b = np.asarray(boxes, dtype=np.float64)
+    start = np.floor(b[:, :2])
+    end = np.floor(b[:, :2] + b[:, 2:] + 1 - eps)
+    return np.concatenate([start, end - start], axis=1)
+
+
 def write_got10k_sequence(tracker_dir: PathLike, name: str, runs: Sequence[np.ndarray],
                           times: Sequence[Sequence[float]], init_box: Optional[Sequence[float]] = None,
-                          frames: Optional[int] = None) -> Path:
+                          frames: Optional[int] = None, whole_pixels: bool = True) -> Path:
     """Write one GOT-10k test sequence for the server: ``<tracker_dir>/<name>/<name>_00r.txt`` for run r = 1…len(runs)
     and ``<name>_time.txt`` (N rows, one column per run), as the got10k toolkit writes them.
 
     ``runs``: 1 to 3 arrays of (N, 4) xywh boxes (the protocol runs a tracker 3 times; all are submitted).
     ``init_box``, when given, is written as line 1 of every run (the toolkit does the same); otherwise line 1 must
-    already be the initial box. Returns the sequence folder.
+    already be the initial box. ``whole_pixels`` (default, the official adaptor's files) rounds every box out to
+    whole pixels (:func:`whole_pixel_boxes`); False writes the boxes as they are. Returns the sequence folder.
     """
     if not 1 <= len(runs) <= GOT10K_MAX_RUNS:
         raise ValueError(f"{name}: {len(runs)} runs; GOT-10k takes 1 to {GOT10K_MAX_RUNS}.")
@@ -106,6 +117,8 @@ def write_got10k_sequence(tracker_dir: PathLike, name: str, runs: Sequence[np.nd
     checked = [_with_init(_checked_boxes(b, f"{name} run {r}", frames), init_box, name) for r, b in enumerate(runs, 1)]
     if len({len(b) for b in checked}) != 1:
         raise ValueError(f"{name}: the runs have different lengths {[len(b) for b in checked]}.")
+    if whole_pixels:
+        checked = [whole_pixel_boxes(b) for b in checked]
     n = len(checked[0])
     time_table = np.stack([_checked_times(t, n, f"{name} run {r}") for r, t in enumerate(times, 1)], 1)
     folder = Path(tracker_dir) / name

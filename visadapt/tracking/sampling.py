@@ -10,7 +10,8 @@
   frame (a length-1 track, e.g. a COCO object, always uses one image twice);
 - crops: template area factor 2 without jitter, search area factor 4 (5 at 378 px) with the scale / translation
   jitter of :func:`~visadapt.tracking.geometry.jittered_crop_params` (a pair whose jitter never fits is dropped and
-  another pair is drawn);
+  another pair is drawn); sampled exactly, or (``crop="official"``) as the official whole-pixel windows with the
+  boxes mapped by the scale and shift those realise;
 - augmentation, in the official order: horizontal flip (p 0.5, template and search independently), colour jitter
   (brightness, contrast, saturation factors U(0.6, 1.4), random order, independently), then DeiT-III's 3-augment
   applied jointly (one of grayscale, solarize at 128, Gaussian blur radius U(0.1, 2), same choice and parameters for
@@ -35,7 +36,7 @@ from .geometry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     box_to_crop,
-    crop_image,
+    crop,
     crop_params,
     jittered_crop_params,
     template_mask,
@@ -56,6 +57,7 @@ class PairSettings:
     translation_jitter: float = 3.0
     min_object_size: float = 10.0
     augment: bool = True
+    crop: str = "exact"  # or "official": whole-pixel windows (geometry.crop_image_official), boxes mapped to match
 
 
 def load_frame(path) -> torch.Tensor:
@@ -175,8 +177,9 @@ class TrainingPairs(Dataset):
         z_params = crop_params(z_box, cfg.template_area_factor, cfg.template_size)
         z_image = load_frame(seq.frames[z_index])
         x_image = z_image if x_index == z_index else load_frame(seq.frames[x_index])
-        z = crop_image(z_image, z_params) / 255
-        x = crop_image(x_image, x_params) / 255
+        z, z_params = crop(z_image, z_params, kind=cfg.crop)
+        x, x_params = crop(x_image, x_params, kind=cfg.crop)
+        z, x = z / 255, x / 255
         zb, xb = box_to_crop(z_box, z_params), box_to_crop(x_box, x_params)
         if cfg.augment:
             if rng.random() < 0.5:

@@ -6,6 +6,11 @@ of every later search crop) are cached. Each frame: search crop (factor 4 at 224
 previous box (w, h clamped ≥ 10 px), one forward of template + search, score p = sigmoid(logits), pick
 argmax((1 − 0.45)·p + 0.45·hann), map that cell's box back to the frame and clip it. No template update.
 Boxes at this API are xywh in frame pixels (continuous, x2 = x + w).
+
+``crop="official"`` takes the official whole-pixel crops (:func:`geometry.crop_image_official`), on which the
+released checkpoints were trained and tested; ``outside="clipped"`` reports a prediction that falls wholly outside
+the frame as the official code does, as its zero-area clipped box (the default reports the previous box; either way
+the search continues around the previous box).
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import numpy as np
 import torch
 
 from .datasets import read_frame
-from .geometry import box_from_crop, box_to_crop, crop_image, crop_params, normalize, template_mask
+from .geometry import CROPS, box_from_crop, box_to_crop, crop, crop_params, normalize, template_mask
 from .model import LoRAT, LoRATVariant
 
 Frame = Union[torch.Tensor, np.ndarray]
+OUTSIDE = ("previous", "clipped")  # what a prediction wholly outside the frame is reported as
 
 
 def hann_window(grid: tuple[int, int]) -> torch.Tensor:
@@ -60,7 +66,10 @@ class Tracker:
 
     def __init__(self, model: LoRAT, template_size: int, search_size: int, search_area_factor: float,
                  template_area_factor: float = 2.0, window_influence: float = 0.45, min_box_size: float = 10.0,
-                 device: Optional[Union[str, torch.device]] = None) -> None:
+                 device: Optional[Union[str, torch.device]] = None, crop: str = "exact",
+                 outside: str = "previous") -> None:
+        if crop not in CROPS or outside not in OUTSIDE:
+            raise ValueError(f"crop {crop!r} / outside {outside!r}: choose crop from {CROPS}, outside from {OUTSIDE}.")
         patch = model.patch_size
         if template_size != model.z_grid[0] * patch or search_size != model.x_grid[0] * patch:
             raise ValueError(f"Crop sizes {template_size}/{search_size} px do not match the model's grids "
@@ -70,6 +79,7 @@ class Tracker:
         self.template_size, self.search_size = template_size, search_size
         self.template_factor, self.search_factor = template_area_factor, search_area_factor
         self.window_influence, self.min_box_size = window_influence, min_box_size
+        self.crop, self.outside = crop, outside
         self._z: Optional[torch.Tensor] = None
 
     @classmethod
@@ -90,7 +100,8 @@ class Tracker:
             raise ValueError(f"The initial box {tuple(box)} has no area; give x,y,w,h with w > 0 and h > 0.")
         params = crop_params(xyxy, self.template_factor, self.template_size)
         fill = image.mean(dim=(1, 2))
-        z = normalize(crop_image(image, params, fill))
+        z, params = crop(image, params, fill, self.crop)
+        z = normalize(z)
         mask = template_mask(box_to_crop(xyxy, params), self.template_size, self.model.z_grid)
         dtype = next(self.model.parameters()).dtype  # crops are float32; a bf16/fp16 model takes its own dtype
         return z.unsqueeze(0).to(self.device, dtype), mask.unsqueeze(0).to(self.device), fill, xyxy
@@ -102,21 +113,24 @@ class Tracker:
         return torch.cat((centre - size / 2, centre + size / 2))
 
     def search(self, image: torch.Tensor, state: torch.Tensor, fill: torch.Tensor):
-        """Search crop (3, Sx, Sx) around ``state`` (w, h clamped ≥ ``min_box_size``) and its crop parameters."""
+        """Search crop (3, Sx, Sx) around ``state`` (w, h clamped ≥ ``min_box_size``) and the crop parameters it
+        realises."""
         params = crop_params(self._search_box(state), self.search_factor, self.search_size)
-        return normalize(crop_image(image, params, fill)), params
+        x, params = crop(image, params, fill, self.crop)
+        return normalize(x), params
 
     def update(self, score_map: torch.Tensor, boxes: torch.Tensor, params, state: torch.Tensor,
-               image_hw: tuple[int, int]) -> tuple[torch.Tensor, float]:
-        """One sample's outputs → (new state xyxy, confidence); the state stays when the box leaves the image."""
+               image_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One sample's outputs → (new state xyxy, reported box xyxy, confidence); the state stays when the box
+        leaves the image, and the reported box is then the state or the zero-area clipped box (``outside``)."""
         box, score, _ = decode_best(score_map, boxes, self.window_influence)
         frame_box = box_from_crop(box.double().cpu() * self.search_size, params)
         h, w = image_hw
         clipped = torch.stack((frame_box[0].clamp(0, w), frame_box[1].clamp(0, h),
                                frame_box[2].clamp(0, w), frame_box[3].clamp(0, h)))
         if clipped[2] > clipped[0] and clipped[3] > clipped[1]:
-            state = clipped
-        return state, score
+            return clipped, clipped, score
+        return state, clipped if self.outside == "clipped" else state, score
 
     @torch.no_grad()
     def track(self, frame: Frame) -> tuple[tuple[float, float, float, float], float]:
@@ -126,9 +140,9 @@ class Tracker:
         image = _as_chw(frame)
         x, params = self.search(image, self._state, self._fill)
         out = self.model(self._z, x.unsqueeze(0).to(self.device, self._z.dtype), self._z_mask)
-        self._state, score = self.update(out["score_map"][0], out["boxes"][0], params, self._state,
-                                         tuple(image.shape[1:]))
-        return _xywh(self._state), score
+        self._state, box, score = self.update(out["score_map"][0], out["boxes"][0], params, self._state,
+                                              tuple(image.shape[1:]))
+        return _xywh(box), score
 
     @torch.no_grad()
     def track_many(self, videos: Sequence[Sequence[Frame]], boxes: Sequence, batch_size: int = 16,
@@ -156,9 +170,9 @@ class Tracker:
                 x = torch.stack([c[0] for c in crops]).to(self.device, z.dtype)
                 out = self.model(z[active], x, z_mask[active])
                 for j, k in enumerate(active):
-                    states[k], score = self.update(out["score_map"][j], out["boxes"][j], crops[j][1], states[k],
-                                                   tuple(images[j].shape[1:]))
-                    tracks[k].append(_xywh(states[k]))
+                    states[k], box, score = self.update(out["score_map"][j], out["boxes"][j], crops[j][1],
+                                                        states[k], tuple(images[j].shape[1:]))
+                    tracks[k].append(_xywh(box))
                     scores[k].append(score)
                 if progress is not None:
                     progress(len(active))

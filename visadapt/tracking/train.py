@@ -31,7 +31,11 @@ from .sampling import PairSettings, TrainingPairs, collate_pairs
 
 
 def model_config(cfg: TrackConfig) -> dict:
-    """The pipeline config (architecture and crops) of ``cfg.variant``."""
+    """The pipeline config (architecture and crops) of ``cfg.variant``; tracking takes the crops training took."""
+    return {**_variant_model_config(cfg), "crop": cfg.crop}
+
+
+def _variant_model_config(cfg: TrackConfig) -> dict:
     if cfg.variant == "demo":
         from visadapt.worlds.models import demo_vit_config
 
@@ -80,7 +84,7 @@ def pair_settings(config: dict, cfg: TrackConfig) -> PairSettings:
     return PairSettings(config["template_size"], config["search_size"], tuple(config["z_grid"]),
                         config["search_area_factor"], config["template_area_factor"], max_gap=cfg.max_gap,
                         scale_jitter=cfg.scale_jitter, translation_jitter=cfg.translation_jitter,
-                        augment=cfg.augment)
+                        augment=cfg.augment, crop=cfg.crop)
 
 
 def load_mix(cfg: TrackConfig) -> dict[str, list[TrackingSequence]]:
