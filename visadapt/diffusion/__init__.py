@@ -30,6 +30,7 @@ _EXPORTS = {"Concept": "composer.concepts", "ComposerConfig": "composer.refineme
             "EasyRefEncoder": "easyref.encoder", "EasyRefInputError": "easyref.encoder",
             "ConceptTrainConfig": "concept.config", "train_concept": "concept.train",
             "tiny_qwen2vl": "easyref.tiny_mllm"}
-__all__ = list(_EXPORTS)
+__all__ = ["Concept", "ComposerConfig", "Decor", "DecorProjector", "LoraFileError", "EasyRefEncoder",
+           "EasyRefInputError", "ConceptTrainConfig", "train_concept", "tiny_qwen2vl"]
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
