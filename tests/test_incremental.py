@@ -271,3 +271,15 @@ def test_official_recipe_fills_only_what_the_user_did_not_type():
     assert (plain.lr, plain.epochs_base, plain.ft_start_layer) == (0.1, 25, 500)
     with pytest.raises(ValueError, match="no fscil settings"):
         _config(parse(["incremental", "train", "--out", "x", "--official-recipe", "--dataset", "dtd"]))
+
+
+def test_official_recipe_trains_in_fp32_unless_precision_is_typed():
+    # the official code has no autocast: every session runs in fp32
+    from visadapt.cli import build_parser
+    from visadapt.incremental.cli import _config
+
+    parse = build_parser().parse_args
+    base = ["incremental", "train", "--out", "x", "--dataset", "cifar100"]
+    assert _config(parse([*base, "--official-recipe"])).precision == "no"
+    assert _config(parse([*base, "--official-recipe", "--precision", "bf16"])).precision == "bf16"
+    assert _config(parse(base)).precision == "auto"

@@ -73,16 +73,18 @@ _FSCIL_RECIPES = {"cifar100": (0.001, 25, 12, 11, 10, 0.01), "mini_imagenet": (0
 
 
 def official_recipe(setting: str, dataset: str) -> dict:
-    """The CoACT code's per-dataset settings (README recipe + constants) as config fields; {} if it has none."""
+    """The CoACT code's per-dataset settings (README recipe + constants) as config fields; {} if it has none.
+    Every recipe trains in fp32 (``precision="no"``): the code has no autocast."""
     if setting == "fscil" and dataset in _FSCIL_RECIPES:
         lr, epochs, blocks, layer, epoch, enc = _FSCIL_RECIPES[dataset]
         return dict(lr=lr, epochs_base=epochs, adapt_blocks=blocks, ft_start_layer=layer, ft_start_epoch=epoch,
-                    encoder_lr_factor=enc, shots=5, epochs_incremental=0, incremental_layers=["classifier", "pet"])
+                    encoder_lr_factor=enc, shots=5, epochs_incremental=0, incremental_layers=["classifier", "pet"],
+                    precision="no")
     if setting == "fscit" and dataset in _FSCIT_RECIPES:
         lr, epochs, layer, epoch, enc, layers, inc_epochs, inc_lr = _FSCIT_RECIPES[dataset]
         recipe = dict(lr=lr, epochs_base=epochs, adapt_blocks=12, ft_start_layer=layer, ft_start_epoch=epoch,
                       encoder_lr_factor=enc, shots=10, epochs_incremental=inc_epochs,
-                      incremental_layers=layers.split(","))
+                      incremental_layers=layers.split(","), precision="no")
         if inc_lr is not None:
             recipe["inc_lr_factor"] = inc_lr
         return recipe
