@@ -283,3 +283,26 @@ def test_official_recipe_trains_in_fp32_unless_precision_is_typed():
     assert _config(parse([*base, "--official-recipe"])).precision == "no"
     assert _config(parse([*base, "--official-recipe", "--precision", "bf16"])).precision == "bf16"
     assert _config(parse(base)).precision == "auto"
+
+
+def test_official_all_accuracy_is_the_mean_of_per_batch_accuracies():
+    # the official test() averages each test batch's accuracy (batches of 100 in test-set order), so a short last
+    # batch weighs as much as a full one; "all" stays per image
+    from visadapt.incremental.metrics import OFFICIAL_TEST_BATCH
+
+    plan = SessionPlan(4, 2, 2, 2)
+    labels = np.repeat([0, 1, 2, 3], [60, 60, 60, 50])  # 230 images: batches of 100, 100 and 30
+    pred = labels.copy()
+    pred[200:] = 0  # the last batch (30 images) all wrong
+    pred[:10] = 1  # 10 wrong in the first batch
+    r = session_accuracy(pred, labels, plan, 1)
+    assert OFFICIAL_TEST_BATCH == 100
+    assert r["all"] == pytest.approx(100 * 190 / 230)
+    assert r["all_per_batch"] == pytest.approx(100 * (0.9 + 1.0 + 0.0) / 3)
+    s = summarize([session_accuracy(pred[:120], labels[:120], plan, 0), r])
+    assert s["average_accuracy_per_batch"] == pytest.approx((100 * (0.9 + 1.0) / 2 + r["all_per_batch"]) / 2)
+    assert s["last_accuracy_per_batch"] == r["all_per_batch"]
+    from visadapt.incremental.train import run_report
+
+    run = {"dataset": "cub200", "setting": "fscil", "recipe": "coact", "sessions": [r], **s}
+    assert f"| {s['average_accuracy_per_batch']:.2f} / {r['all_per_batch']:.2f} |" in run_report([run])
