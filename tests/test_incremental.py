@@ -267,8 +267,9 @@ def test_official_recipe_fills_only_what_the_user_did_not_type():
                          "dtd", "--lr", "0.25"]))
     assert (cfg.lr, cfg.epochs_base, cfg.ft_start_layer, cfg.ft_start_epoch, cfg.shots) == (0.25, 30, -1, 10, 10)
     assert cfg.incremental_layers == ["classifier", "pet"] and cfg.inc_lr_factor == 0.001
+    assert cfg.shared_inc_optimizer  # the code builds one optimizer for every later session
     plain = _config(parse(["incremental", "train", "--out", "x", "--dataset", "dtd"]))
-    assert (plain.lr, plain.epochs_base, plain.ft_start_layer) == (0.1, 25, 500)
+    assert (plain.lr, plain.epochs_base, plain.ft_start_layer) == (0.1, 25, 500) and not plain.shared_inc_optimizer
     with pytest.raises(ValueError, match="no fscil settings"):
         _config(parse(["incremental", "train", "--out", "x", "--official-recipe", "--dataset", "dtd"]))
 

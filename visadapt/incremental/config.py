@@ -74,17 +74,19 @@ _FSCIL_RECIPES = {"cifar100": (0.001, 25, 12, 11, 10, 0.01), "mini_imagenet": (0
 
 def official_recipe(setting: str, dataset: str) -> dict:
     """The CoACT code's per-dataset settings (README recipe + constants) as config fields; {} if it has none.
-    Every recipe trains in fp32 (``precision="no"``): the code has no autocast."""
+    Every recipe trains in fp32 (``precision="no"``): the code has no autocast; and builds one optimizer for all
+    later sessions (``shared_inc_optimizer``), as the code does after session 0."""
     if setting == "fscil" and dataset in _FSCIL_RECIPES:
         lr, epochs, blocks, layer, epoch, enc = _FSCIL_RECIPES[dataset]
         return dict(lr=lr, epochs_base=epochs, adapt_blocks=blocks, ft_start_layer=layer, ft_start_epoch=epoch,
                     encoder_lr_factor=enc, shots=5, epochs_incremental=0, incremental_layers=["classifier", "pet"],
-                    precision="no")
+                    precision="no", shared_inc_optimizer=True)
     if setting == "fscit" and dataset in _FSCIT_RECIPES:
         lr, epochs, layer, epoch, enc, layers, inc_epochs, inc_lr = _FSCIT_RECIPES[dataset]
         recipe = dict(lr=lr, epochs_base=epochs, adapt_blocks=12, ft_start_layer=layer, ft_start_epoch=epoch,
                       encoder_lr_factor=enc, shots=10, epochs_incremental=inc_epochs,
-                      incremental_layers=layers.split(","), precision="no")
+                      incremental_layers=layers.split(","), precision="no",
+                      shared_inc_optimizer=True)
         if inc_lr is not None:
             recipe["inc_lr_factor"] = inc_lr
         return recipe
@@ -160,6 +162,9 @@ class IncrementalConfig(RunConfig):
                                  group="optimisation")
     encoder_lr_factor: float = option(0.01, "lr factor of the joined backbone blocks", group="optimisation")
     inc_lr_factor: float = option(0.001, "lr factor of the later sessions (constant)", group="optimisation")
+    shared_inc_optimizer: bool = option(False, "one SGD for all later sessions, so its momentum carries from one "
+                                        "session into the next (official, on under --official-recipe); off: a "
+                                        "fresh SGD per session", group="optimisation")
     temperature: float = option(0.07, "SupCon temperature", group="optimisation")
     ema_momentum: float = option(0.999, "teacher EMA momentum, per step", group="optimisation")
     ce_weight: float = option(1.0, "cross-entropy weight of session 0", group="optimisation")

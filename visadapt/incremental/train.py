@@ -3,8 +3,9 @@
 A run folder holds ``run_config.json``, ``index_list.txt`` (the few-shot pools, official format), one folder per
 session (``session_<s>/``: the Trainer's ``run_config.json``, ``results.json``, ``training_curve.png``,
 ``report.md`` and ``model.safetensors``, the weights that session can change: adapter, classifier, the
-controlled-fine-tuning blocks and their teacher copies), then ``results.json`` (per-session base / novel / all
-accuracy, per-group accuracy, average accuracy, performance drop, base forgetting, harmonic means),
+controlled-fine-tuning blocks and their teacher copies; with ``--shared-inc-optimizer`` a later session also keeps
+``momentum.safetensors``, the SGD momentum the next session starts from), then ``results.json`` (per-session
+base / novel / all accuracy, per-group accuracy, average accuracy, performance drop, base forgetting, harmonic means),
 ``sessions.png``, ``groups.png``, ``report.md`` and the pipeline (``pipeline.json`` + ``model.safetensors``).
 
 A session that finished is never rerun; ``resume=True`` continues the interrupted session from its checkpoint,
@@ -59,6 +60,7 @@ from .sessions import (
 )
 
 WEIGHTS = "model.safetensors"
+MOMENTUM = "momentum.safetensors"  # --shared-inc-optimizer: the SGD momentum a later session ends with
 RESUME_FREE = frozenset({"checkpoint_every", "workers", "eval_batch_size", "precision"})
 
 
@@ -77,6 +79,7 @@ class Stream:
     out: Path
     base: Optional[CoactModel] = None
     sessions: list = field(default_factory=list)
+    inc_optimizer: Optional[torch.optim.SGD] = None  # --shared-inc-optimizer: the later sessions' one SGD
 
     @property
     def image_size(self) -> int:
@@ -182,8 +185,30 @@ class SessionTrainer(Trainer):
         params = [named[n] for n in names] or [named["classifier.weight"]]
         for p in params:
             p.requires_grad_(bool(names))
-        optimizer = torch.optim.SGD(params, lr=c.lr * c.inc_lr_factor, **sgd)
+        optimizer = self.stream.inc_optimizer if c.shared_inc_optimizer else None
+        if optimizer is None:
+            optimizer = torch.optim.SGD(params, lr=c.lr * c.inc_lr_factor, **sgd)
+            if c.shared_inc_optimizer:
+                self._load_momentum(optimizer)
+                self.stream.inc_optimizer = optimizer
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def _load_momentum(self, optimizer: torch.optim.SGD) -> None:
+        """A resumed run's shared SGD starts from the momentum the previous session ended with (saved by it)."""
+        path = self.stream.out / f"session_{self.session - 1}" / MOMENTUM
+        if self.session < 2 or not path.exists():
+            return
+        params = optimizer.param_groups[0]["params"]
+        for index, buffer in load_file(str(path)).items():
+            optimizer.state[params[int(index)]]["momentum_buffer"] = buffer.to(params[int(index)])
+
+    def _save_momentum(self) -> None:
+        optimizer = self.stream.inc_optimizer
+        params = optimizer.param_groups[0]["params"]
+        buffers = {str(i): optimizer.state[p]["momentum_buffer"].detach().contiguous().cpu()
+                   for i, p in enumerate(params) if optimizer.state[p].get("momentum_buffer") is not None}
+        with atomic_path(self.out / MOMENTUM) as tmp:
+            save_file(buffers, tmp)
 
     # ---------------------------------------------------------------------------------------------- training
     def before_training(self, state: dict) -> None:
@@ -283,6 +308,8 @@ class SessionTrainer(Trainer):
     def write_outputs(self, results: dict, state: dict) -> None:
         with atomic_path(self.out / WEIGHTS) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.checkpoint_tensors().items()}, tmp)
+        if self.session > 0 and self.stream.inc_optimizer is not None:
+            self._save_momentum()  # the next session continues from it, also after a resume
 
     def report(self, results: dict) -> str:
         return (f"# Session {self.session}\n\nall {results['all']:.2f} %, base {results['base']:.2f} %"
