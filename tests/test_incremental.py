@@ -307,3 +307,14 @@ def test_official_all_accuracy_is_the_mean_of_per_batch_accuracies():
 
     run = {"dataset": "cub200", "setting": "fscil", "recipe": "coact", "sessions": [r], **s}
     assert f"| {s['average_accuracy_per_batch']:.2f} / {r['all_per_batch']:.2f} |" in run_report([run])
+
+
+def test_an_index_list_that_does_not_match_the_training_split_is_refused():
+    # an official list indexes the training split in the reader's order: its rows must carry their class's label
+    labels = np.repeat(np.arange(4), 3)
+    plan = SessionPlan(4, 2, 2, 2)
+    assert session_rows(1, plan, "fscil", 1, {2: [6], 3: [9]}, labels) == [6, 9]
+    with pytest.raises(ValueError, match="sample 0 of class 2 is labelled 0"):
+        session_rows(1, plan, "fscil", 1, {2: [0], 3: [9]}, labels)
+    with pytest.raises(ValueError, match="sample 40 of class 3 is out of range"):
+        session_rows(1, plan, "fscil", 1, {2: [6], 3: [40]}, labels)

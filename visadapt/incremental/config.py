@@ -115,12 +115,15 @@ class IncrementalConfig(RunConfig):
     root: Optional[str] = option(None, "folder holding the dataset's files", group="data")
     shots: int = option(5, "training images per novel class (and per base class under fscit)", group="data")
     index_list: Optional[str] = option(None, "few-shot pools in the official `class_id sample_index` format (the "
-                                       "first --shots lines of a class are used); none: drawn with --split-seed "
-                                       "and saved as index_list.txt", group="data")
+                                       "first --shots lines of a class are used); none: the official list shipped "
+                                       "for cifar100, cub200 and mini_imagenet (first 5 a class = CEC's samples), "
+                                       "else drawn with --split-seed; draw: drawn with --split-seed. Saved as "
+                                       "index_list.txt", group="data")
     cec_sessions: Optional[str] = option(None, "folder of CEC's session_<s>.txt files (training rows, or image "
                                          "paths for CUB/miniImageNet): their samples become the pools",
                                          group="data")
-    split_seed: int = option(1, "seed of the few-shot pools when no --index-list is given", group="data")
+    split_seed: int = option(1, "seed of drawn few-shot pools (--index-list draw, or a dataset without a standard "
+                             "list)", group="data")
     base_classes: Optional[int] = option(None, "classes of session 0 (none: the spec table's)", group="data")
     way: Optional[int] = option(None, "new classes per session (none: the table's)", group="data")
     sessions: Optional[int] = option(None, "sessions including session 0 (none: the table's)", group="data")

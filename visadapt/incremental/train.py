@@ -50,12 +50,14 @@ from .losses import consistency, ema_update, normalized, supcon
 from .metrics import plot_group_heatmap, plot_sessions, session_accuracy, summarize
 from .model import Backbone, CoactModel, Encoder, adapter_config, load_backbone
 from .sessions import (
+    DRAW,
     SessionPlan,
     cec_session_to_pools,
     draw_pools,
     plan_for,
     read_index_list,
     session_rows,
+    standard_index_list,
     write_index_list,
 )
 
@@ -346,10 +348,13 @@ def _pools(cfg: IncrementalConfig, data: IncrementalData, out: Path) -> dict:
         return read_index_list(saved)
     if cfg.index_list and cfg.cec_sessions:
         raise ValueError("Pass --index-list or --cec-sessions, not both.")
-    if cfg.index_list:
+    standard = standard_index_list(cfg.dataset)
+    if cfg.index_list and cfg.index_list != DRAW:
         pools = read_index_list(cfg.index_list)
     elif cfg.cec_sessions:
         pools = _cec_pools(Path(cfg.cec_sessions), data)
+    elif standard and cfg.index_list != DRAW:  # the published numbers' samples
+        pools = read_index_list(standard)
     else:
         pools = draw_pools(data.train.labels, cfg.split_seed)
     write_index_list(pools, saved)
@@ -382,7 +387,7 @@ def validate(cfg: IncrementalConfig, has_data: bool) -> None:
         raise ValueError(f"--incremental-layers {sorted(unknown)}: choose among classifier, pet.")
     for name in ("index_list", "peft_config"):
         value = getattr(cfg, name)
-        if value and not Path(value).is_file():
+        if value and value != DRAW and not Path(value).is_file():
             raise FileNotFoundError(f"--{name.replace('_', '-')} {value}: no such file.")
 
 
