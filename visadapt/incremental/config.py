@@ -25,6 +25,8 @@ with the best *test* accuracy), runs are seeded (the code never seeds), the EMA 
 train (for them it is the identity: teacher and student both hold the pretrained value), and the frozen base-session
 model stays frozen in later sessions (the code's forward also moves that model's teacher toward its student by EMA,
 by about 0.1 % of their difference a step, which would make the base model differ from session to session).
+Without ``--official-recipe`` two more defaults are ours: fp16 autocast on CUDA (the code trains in fp32) and a
+fresh SGD per later session (the code's one SGD carries momentum across them: ``shared_inc_optimizer``).
 """
 
 from __future__ import annotations
