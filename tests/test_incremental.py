@@ -267,7 +267,54 @@ def test_official_recipe_fills_only_what_the_user_did_not_type():
                          "dtd", "--lr", "0.25"]))
     assert (cfg.lr, cfg.epochs_base, cfg.ft_start_layer, cfg.ft_start_epoch, cfg.shots) == (0.25, 30, -1, 10, 10)
     assert cfg.incremental_layers == ["classifier", "pet"] and cfg.inc_lr_factor == 0.001
+    assert cfg.shared_inc_optimizer  # the code builds one optimizer for every later session
     plain = _config(parse(["incremental", "train", "--out", "x", "--dataset", "dtd"]))
-    assert (plain.lr, plain.epochs_base, plain.ft_start_layer) == (0.1, 25, 500)
+    assert (plain.lr, plain.epochs_base, plain.ft_start_layer) == (0.1, 25, 500) and not plain.shared_inc_optimizer
     with pytest.raises(ValueError, match="no fscil settings"):
         _config(parse(["incremental", "train", "--out", "x", "--official-recipe", "--dataset", "dtd"]))
+
+
+def test_official_recipe_trains_in_fp32_unless_precision_is_typed():
+    # the official code has no autocast: every session runs in fp32
+    from visadapt.cli import build_parser
+    from visadapt.incremental.cli import _config
+
+    parse = build_parser().parse_args
+    base = ["incremental", "train", "--out", "x", "--dataset", "cifar100"]
+    assert _config(parse([*base, "--official-recipe"])).precision == "no"
+    assert _config(parse([*base, "--official-recipe", "--precision", "bf16"])).precision == "bf16"
+    assert _config(parse(base)).precision == "auto"
+
+
+def test_official_all_accuracy_is_the_mean_of_per_batch_accuracies():
+    # the official test() averages each test batch's accuracy (batches of 100 in test-set order), so a short last
+    # batch weighs as much as a full one; "all" stays per image
+    from visadapt.incremental.metrics import OFFICIAL_TEST_BATCH
+
+    plan = SessionPlan(4, 2, 2, 2)
+    labels = np.repeat([0, 1, 2, 3], [60, 60, 60, 50])  # 230 images: batches of 100, 100 and 30
+    pred = labels.copy()
+    pred[200:] = 0  # the last batch (30 images) all wrong
+    pred[:10] = 1  # 10 wrong in the first batch
+    r = session_accuracy(pred, labels, plan, 1)
+    assert OFFICIAL_TEST_BATCH == 100
+    assert r["all"] == pytest.approx(100 * 190 / 230)
+    assert r["all_per_batch"] == pytest.approx(100 * (0.9 + 1.0 + 0.0) / 3)
+    s = summarize([session_accuracy(pred[:120], labels[:120], plan, 0), r])
+    assert s["average_accuracy_per_batch"] == pytest.approx((100 * (0.9 + 1.0) / 2 + r["all_per_batch"]) / 2)
+    assert s["last_accuracy_per_batch"] == r["all_per_batch"]
+    from visadapt.incremental.train import run_report
+
+    run = {"dataset": "cub200", "setting": "fscil", "recipe": "coact", "sessions": [r], **s}
+    assert f"| {s['average_accuracy_per_batch']:.2f} / {r['all_per_batch']:.2f} |" in run_report([run])
+
+
+def test_an_index_list_that_does_not_match_the_training_split_is_refused():
+    # an official list indexes the training split in the reader's order: its rows must carry their class's label
+    labels = np.repeat(np.arange(4), 3)
+    plan = SessionPlan(4, 2, 2, 2)
+    assert session_rows(1, plan, "fscil", 1, {2: [6], 3: [9]}, labels) == [6, 9]
+    with pytest.raises(ValueError, match="sample 0 of class 2 is labelled 0"):
+        session_rows(1, plan, "fscil", 1, {2: [0], 3: [9]}, labels)
+    with pytest.raises(ValueError, match="sample 40 of class 3 is out of range"):
+        session_rows(1, plan, "fscil", 1, {2: [6], 3: [40]}, labels)

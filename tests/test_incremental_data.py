@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -114,3 +115,52 @@ def test_coop_split_files(tmp_path):
     data = load_dataset("dtd", str(tmp_path))  # found in a child folder of --root
     assert data.class_names == ["banded", "woven"] and list(data.train.labels) == [0, 1]
     assert data.test.names == ["images/woven/c.jpg"] and np.asarray(data.test.load(0)).shape == (8, 8, 3)
+
+
+def _write_cifar_for_standard_list(root, pools):
+    """A CIFAR-100 layout with the real train split's 50,000 rows (blank images): the rows the official list names
+    for classes 60-64 carry their class, two free rows each base class, every other row class 99."""
+    labels = np.full(50000, 99)
+    listed = {row for rows in pools.values() for row in rows}
+    free = iter(sorted(set(range(50000)) - listed))
+    for c in range(60):
+        labels[[next(free), next(free)]] = c
+    for c in range(60, 65):
+        labels[pools[c]] = c
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split, split_labels in (("train", labels), ("test", np.arange(100))):
+        with open(folder / split, "wb") as f:
+            pickle.dump({b"filenames": [b"x.png"] * len(split_labels), b"fine_labels": split_labels.tolist(),
+                         b"coarse_labels": split_labels.tolist(),
+                         b"data": np.zeros((len(split_labels), 3072), np.uint8)}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"class{i}".encode() for i in range(100)]}, f)
+
+
+def test_official_recipe_on_cifar100_trains_on_the_standard_samples(tmp_path):
+    # the official code reads its shipped index list, the first --shots lines of a class (CEC's 5-shot samples
+    # first), whenever it runs CIFAR-100; no flag picks them
+    from visadapt.cli import main
+    from visadapt.incremental.sessions import read_index_list, standard_index_list
+
+    standard = standard_index_list("cifar100")
+    assert standard is not None and standard.parent.name == "index_lists"
+    pools = read_index_list(standard)
+    assert len(pools) == 100 and {len(p) for p in pools.values()} == {32}
+    _write_cifar_for_standard_list(tmp_path / "data", pools)
+    small = ["--backbone", "visadapt-demo-clip", "--sessions", "2", "--epochs-base", "0", "--adapt-blocks", "2",
+             "--ft-start-layer", "500", "--seed", "1"]
+    run = tmp_path / "official"
+    assert main(["incremental", "train", "--official-recipe", "--dataset", "cifar100", "--root",
+                 str(tmp_path / "data"), "--out", str(run), *small]) == 0
+    assert read_index_list(run / "index_list.txt") == pools
+    config = json.loads((run / "run_config.json").read_text())
+    assert config["index_list"] is None and config["shots"] == 5
+    session = json.loads((run / "session_1" / "results.json").read_text())
+    assert session["train_images"] == 25 and session["new_classes"] == [60, 61, 62, 63, 64]
+    # a user's own draw stays an option
+    drawn = tmp_path / "drawn"
+    assert main(["incremental", "train", "--official-recipe", "--index-list", "draw", "--dataset", "cifar100",
+                 "--root", str(tmp_path / "data"), "--out", str(drawn), *small]) == 0
+    assert read_index_list(drawn / "index_list.txt")[60] != pools[60]

@@ -146,3 +146,47 @@ def test_demo_coact_forgets_less_than_naive_fine_tuning(tmp_path):
     assert coact["base_forgetting"] < naive["base_forgetting"]
     assert np.mean(coact["base"][1:]) > np.mean(naive["base"][1:])
     assert (tmp_path / "sessions.png").is_file() and (tmp_path / "comparison.json").is_file()
+
+
+def _momentum_at_session_edges(monkeypatch):
+    """{(session, "start" | "end"): [momentum buffers]} of every session's SGD, recorded as the sessions run."""
+    from visadapt.incremental.train import SessionTrainer
+
+    seen: dict = {}
+
+    def buffers(trainer):
+        sgd = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it once prepared
+        return [sgd.state[p]["momentum_buffer"].clone() for p in sgd.param_groups[0]["params"]
+                if "momentum_buffer" in sgd.state[p]]
+
+    start, evaluate = SessionTrainer.before_training, SessionTrainer.evaluate
+    monkeypatch.setattr(SessionTrainer, "before_training",
+                        lambda self, state: (seen.__setitem__((self.session, "start"), buffers(self)),
+                                             start(self, state))[1])
+    monkeypatch.setattr(SessionTrainer, "evaluate",
+                        lambda self, state: (seen.__setitem__((self.session, "end"), buffers(self)),
+                                             evaluate(self, state))[1])
+    return seen
+
+
+def test_shared_incremental_optimizer_carries_momentum_into_the_next_session(tmp_path, data, monkeypatch):
+    # official rule: after session 0 one SGD serves every later session, so session 2 starts with the momentum
+    # session 1 ended with; a fresh SGD per session starts each session from none
+    seen = _momentum_at_session_edges(monkeypatch)
+    fresh = train(IncrementalConfig(**SMALL), tmp_path / "fresh", data=data)
+    assert seen[(1, "start")] == [] and seen[(2, "start")] == [] and seen[(1, "end")]
+    seen.clear()
+    shared_cfg = IncrementalConfig(**SMALL, shared_inc_optimizer=True)
+    shared = train(shared_cfg, tmp_path / "shared", data=data)
+    assert seen[(1, "start")] == [] and len(seen[(2, "start")]) == len(seen[(1, "end")]) > 0
+    for got, want in zip(seen[(2, "start")], seen[(1, "end")]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert shared["sessions"][1]["all"] == fresh["sessions"][1]["all"]  # session 1 starts from none either way
+    w_fresh, w_shared = _weights(tmp_path / "fresh"), _weights(tmp_path / "shared")
+    assert all(torch.equal(w_fresh[1][k], w_shared[1][k]) for k in w_fresh[1])
+    assert not all(torch.equal(w_fresh[2][k], w_shared[2][k]) for k in w_fresh[2])
+    # stopped between sessions 1 and 2, the resumed run reloads the saved momentum: the same session 2
+    run = tmp_path / "stopped"
+    train(shared_cfg, run, data=data, stop_after=1)
+    train(shared_cfg, run, resume=True, data=data)
+    assert all(torch.equal(w_shared[2][k], _weights(run)[2][k]) for k in w_shared[2])

@@ -120,7 +120,7 @@ def _eval(args: argparse.Namespace) -> int:
     r = session_accuracy(logits.argmax(1).numpy(), labels.numpy(), plan, session)
     novel = f", novel {r['novel']:.2f}%" if r["novel"] is not None else ""
     print(f"session {session} ({r['classes_seen']} classes, {r['num_test']} test images): all {r['all']:.2f}%, "
-          f"base {r['base']:.2f}%{novel}")
+          f"base {r['base']:.2f}%{novel}; all per batch (official) {r['all_per_batch']:.2f}%")
     if args.json:
         save_json_atomic(r, args.json)
     return 0

@@ -25,6 +25,8 @@ with the best *test* accuracy), runs are seeded (the code never seeds), the EMA 
 train (for them it is the identity: teacher and student both hold the pretrained value), and the frozen base-session
 model stays frozen in later sessions (the code's forward also moves that model's teacher toward its student by EMA,
 by about 0.1 % of their difference a step, which would make the base model differ from session to session).
+Without ``--official-recipe`` two more defaults are ours: fp16 autocast on CUDA (the code trains in fp32) and a
+fresh SGD per later session (the code's one SGD carries momentum across them: ``shared_inc_optimizer``).
 """
 
 from __future__ import annotations
@@ -73,16 +75,20 @@ _FSCIL_RECIPES = {"cifar100": (0.001, 25, 12, 11, 10, 0.01), "mini_imagenet": (0
 
 
 def official_recipe(setting: str, dataset: str) -> dict:
-    """The CoACT code's per-dataset settings (README recipe + constants) as config fields; {} if it has none."""
+    """The CoACT code's per-dataset settings (README recipe + constants) as config fields; {} if it has none.
+    Every recipe trains in fp32 (``precision="no"``): the code has no autocast; and builds one optimizer for all
+    later sessions (``shared_inc_optimizer``), as the code does after session 0."""
     if setting == "fscil" and dataset in _FSCIL_RECIPES:
         lr, epochs, blocks, layer, epoch, enc = _FSCIL_RECIPES[dataset]
         return dict(lr=lr, epochs_base=epochs, adapt_blocks=blocks, ft_start_layer=layer, ft_start_epoch=epoch,
-                    encoder_lr_factor=enc, shots=5, epochs_incremental=0, incremental_layers=["classifier", "pet"])
+                    encoder_lr_factor=enc, shots=5, epochs_incremental=0, incremental_layers=["classifier", "pet"],
+                    precision="no", shared_inc_optimizer=True)
     if setting == "fscit" and dataset in _FSCIT_RECIPES:
         lr, epochs, layer, epoch, enc, layers, inc_epochs, inc_lr = _FSCIT_RECIPES[dataset]
         recipe = dict(lr=lr, epochs_base=epochs, adapt_blocks=12, ft_start_layer=layer, ft_start_epoch=epoch,
                       encoder_lr_factor=enc, shots=10, epochs_incremental=inc_epochs,
-                      incremental_layers=layers.split(","))
+                      incremental_layers=layers.split(","), precision="no",
+                      shared_inc_optimizer=True)
         if inc_lr is not None:
             recipe["inc_lr_factor"] = inc_lr
         return recipe
@@ -111,12 +117,15 @@ class IncrementalConfig(RunConfig):
     root: Optional[str] = option(None, "folder holding the dataset's files", group="data")
     shots: int = option(5, "training images per novel class (and per base class under fscit)", group="data")
     index_list: Optional[str] = option(None, "few-shot pools in the official `class_id sample_index` format (the "
-                                       "first --shots lines of a class are used); none: drawn with --split-seed "
-                                       "and saved as index_list.txt", group="data")
+                                       "first --shots lines of a class are used); none: the official list shipped "
+                                       "for cifar100, cub200 and mini_imagenet (first 5 a class = CEC's samples), "
+                                       "else drawn with --split-seed; draw: drawn with --split-seed. Saved as "
+                                       "index_list.txt", group="data")
     cec_sessions: Optional[str] = option(None, "folder of CEC's session_<s>.txt files (training rows, or image "
                                          "paths for CUB/miniImageNet): their samples become the pools",
                                          group="data")
-    split_seed: int = option(1, "seed of the few-shot pools when no --index-list is given", group="data")
+    split_seed: int = option(1, "seed of drawn few-shot pools (--index-list draw, or a dataset without a standard "
+                             "list)", group="data")
     base_classes: Optional[int] = option(None, "classes of session 0 (none: the spec table's)", group="data")
     way: Optional[int] = option(None, "new classes per session (none: the table's)", group="data")
     sessions: Optional[int] = option(None, "sessions including session 0 (none: the table's)", group="data")
@@ -158,6 +167,9 @@ class IncrementalConfig(RunConfig):
                                  group="optimisation")
     encoder_lr_factor: float = option(0.01, "lr factor of the joined backbone blocks", group="optimisation")
     inc_lr_factor: float = option(0.001, "lr factor of the later sessions (constant)", group="optimisation")
+    shared_inc_optimizer: bool = option(False, "one SGD for all later sessions, so its momentum carries from one "
+                                        "session into the next (official, on under --official-recipe); off: a "
+                                        "fresh SGD per session", group="optimisation")
     temperature: float = option(0.07, "SupCon temperature", group="optimisation")
     ema_momentum: float = option(0.999, "teacher EMA momentum, per step", group="optimisation")
     ce_weight: float = option(1.0, "cross-entropy weight of session 0", group="optimisation")

@@ -4,7 +4,8 @@ Session 0 holds classes ``0 .. B-1``; session s >= 1 adds classes ``B + (s-1)·W
 session s is every test image of the classes seen so far (labels are contiguous, so no masking of later classes is
 needed). Index lists use the official format (``dataloaders/index_list/<dataset>_index_list.txt``): one
 ``<class_id> <sample_index>`` pair per line, ``sample_index`` a row of the training split in the loader's order; a
-class's K shots are its first K lines.
+class's K shots are its first K lines. The official lists of CIFAR-100, CUB-200 and miniImageNet ship in
+``index_lists/`` (where they come from: its README) and are the default pools of those datasets.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from visadapt.utils import write_text_atomic
 from .config import FSCIL_TABLE, FSCIT_TABLE
 
 POOL_SIZE = 32  # the official pools hold up to 32 samples a class
+DRAW = "draw"  # --index-list draw: pools drawn with --split-seed instead of the standard list
+STANDARD_LISTS = Path(__file__).parent / "index_lists"
+
+
+def standard_index_list(dataset: str | None) -> Path | None:
+    """The shipped official index list of ``dataset`` (its first 5 per class are CEC's samples); None if none."""
+    path = STANDARD_LISTS / f"{dataset}_index_list.txt"
+    return path if dataset and path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,7 @@ def write_index_list(pools: dict[int, Sequence[int]], path: str | Path) -> None:
 
 def draw_pools(train_labels: Sequence[int], seed: int, pool_size: int = POOL_SIZE) -> "OrderedDict[int, list[int]]":
     """A pool of up to ``pool_size`` training rows per class, drawn with ``random.Random(seed)`` (the official pools
-    were drawn once, unseeded; CEC's 5-shot samples come first in theirs: pass an index list to use them)."""
+    were drawn once, unseeded; CEC's 5-shot samples come first in theirs, which ship as the standard lists)."""
     rows: dict[int, list[int]] = {}
     for row, label in enumerate(train_labels):
         rows.setdefault(int(label), []).append(row)
@@ -120,7 +129,19 @@ def session_rows(session: int, plan: SessionPlan, setting: str, shots: int, pool
             raise ValueError(f"Class {c} has {len(pool)} samples in the index list; --shots {shots} needs that "
                              "many. Lower --shots or extend the list.")
         rows.extend(pool[:shots])
+    _check_labels(rows, classes, shots, train_labels)
     return rows
+
+
+def _check_labels(rows: Sequence[int], classes: range, shots: int, train_labels: Sequence[int]) -> None:
+    """Every listed row exists and has its class's label: a list made for another release or order fails here
+    instead of training on mislabelled images."""
+    for i, row in enumerate(rows):
+        c = classes[i // shots]
+        if not 0 <= row < len(train_labels) or int(train_labels[row]) != c:
+            found = "out of range" if not 0 <= row < len(train_labels) else f"labelled {int(train_labels[row])}"
+            raise ValueError(f"Index list: sample {row} of class {c} is {found} in this training split; the list "
+                             "does not match these files (pass --index-list draw to draw pools from them).")
 
 
 def cec_session_to_pools(lines: Sequence[str], train_names: Sequence[str], train_labels: Sequence[int]

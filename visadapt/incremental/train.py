@@ -3,8 +3,9 @@
 A run folder holds ``run_config.json``, ``index_list.txt`` (the few-shot pools, official format), one folder per
 session (``session_<s>/``: the Trainer's ``run_config.json``, ``results.json``, ``training_curve.png``,
 ``report.md`` and ``model.safetensors``, the weights that session can change: adapter, classifier, the
-controlled-fine-tuning blocks and their teacher copies), then ``results.json`` (per-session base / novel / all
-accuracy, per-group accuracy, average accuracy, performance drop, base forgetting, harmonic means),
+controlled-fine-tuning blocks and their teacher copies; with ``--shared-inc-optimizer`` a later session also keeps
+``momentum.safetensors``, the SGD momentum the next session starts from), then ``results.json`` (per-session
+base / novel / all accuracy, per-group accuracy, average accuracy, performance drop, base forgetting, harmonic means),
 ``sessions.png``, ``groups.png``, ``report.md`` and the pipeline (``pipeline.json`` + ``model.safetensors``).
 
 A session that finished is never rerun; ``resume=True`` continues the interrupted session from its checkpoint,
@@ -49,16 +50,19 @@ from .losses import consistency, ema_update, normalized, supcon
 from .metrics import plot_group_heatmap, plot_sessions, session_accuracy, summarize
 from .model import Backbone, CoactModel, Encoder, adapter_config, load_backbone
 from .sessions import (
+    DRAW,
     SessionPlan,
     cec_session_to_pools,
     draw_pools,
     plan_for,
     read_index_list,
     session_rows,
+    standard_index_list,
     write_index_list,
 )
 
 WEIGHTS = "model.safetensors"
+MOMENTUM = "momentum.safetensors"  # --shared-inc-optimizer: the SGD momentum a later session ends with
 RESUME_FREE = frozenset({"checkpoint_every", "workers", "eval_batch_size", "precision"})
 
 
@@ -77,6 +81,7 @@ class Stream:
     out: Path
     base: Optional[CoactModel] = None
     sessions: list = field(default_factory=list)
+    inc_optimizer: Optional[torch.optim.SGD] = None  # --shared-inc-optimizer: the later sessions' one SGD
 
     @property
     def image_size(self) -> int:
@@ -182,8 +187,30 @@ class SessionTrainer(Trainer):
         params = [named[n] for n in names] or [named["classifier.weight"]]
         for p in params:
             p.requires_grad_(bool(names))
-        optimizer = torch.optim.SGD(params, lr=c.lr * c.inc_lr_factor, **sgd)
+        optimizer = self.stream.inc_optimizer if c.shared_inc_optimizer else None
+        if optimizer is None:
+            optimizer = torch.optim.SGD(params, lr=c.lr * c.inc_lr_factor, **sgd)
+            if c.shared_inc_optimizer:
+                self._load_momentum(optimizer)
+                self.stream.inc_optimizer = optimizer
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def _load_momentum(self, optimizer: torch.optim.SGD) -> None:
+        """A resumed run's shared SGD starts from the momentum the previous session ended with (saved by it)."""
+        path = self.stream.out / f"session_{self.session - 1}" / MOMENTUM
+        if self.session < 2 or not path.exists():
+            return
+        params = optimizer.param_groups[0]["params"]
+        for index, buffer in load_file(str(path)).items():
+            optimizer.state[params[int(index)]]["momentum_buffer"] = buffer.to(params[int(index)])
+
+    def _save_momentum(self) -> None:
+        optimizer = self.stream.inc_optimizer
+        params = optimizer.param_groups[0]["params"]
+        buffers = {str(i): optimizer.state[p]["momentum_buffer"].detach().contiguous().cpu()
+                   for i, p in enumerate(params) if optimizer.state[p].get("momentum_buffer") is not None}
+        with atomic_path(self.out / MOMENTUM) as tmp:
+            save_file(buffers, tmp)
 
     # ---------------------------------------------------------------------------------------------- training
     def before_training(self, state: dict) -> None:
@@ -283,6 +310,8 @@ class SessionTrainer(Trainer):
     def write_outputs(self, results: dict, state: dict) -> None:
         with atomic_path(self.out / WEIGHTS) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.checkpoint_tensors().items()}, tmp)
+        if self.session > 0 and self.stream.inc_optimizer is not None:
+            self._save_momentum()  # the next session continues from it, also after a resume
 
     def report(self, results: dict) -> str:
         return (f"# Session {self.session}\n\nall {results['all']:.2f} %, base {results['base']:.2f} %"
@@ -319,10 +348,13 @@ def _pools(cfg: IncrementalConfig, data: IncrementalData, out: Path) -> dict:
         return read_index_list(saved)
     if cfg.index_list and cfg.cec_sessions:
         raise ValueError("Pass --index-list or --cec-sessions, not both.")
-    if cfg.index_list:
+    standard = standard_index_list(cfg.dataset)
+    if cfg.index_list and cfg.index_list != DRAW:
         pools = read_index_list(cfg.index_list)
     elif cfg.cec_sessions:
         pools = _cec_pools(Path(cfg.cec_sessions), data)
+    elif standard and cfg.index_list != DRAW:  # the published numbers' samples
+        pools = read_index_list(standard)
     else:
         pools = draw_pools(data.train.labels, cfg.split_seed)
     write_index_list(pools, saved)
@@ -355,7 +387,7 @@ def validate(cfg: IncrementalConfig, has_data: bool) -> None:
         raise ValueError(f"--incremental-layers {sorted(unknown)}: choose among classifier, pet.")
     for name in ("index_list", "peft_config"):
         value = getattr(cfg, name)
-        if value and not Path(value).is_file():
+        if value and value != DRAW and not Path(value).is_file():
             raise FileNotFoundError(f"--{name.replace('_', '-')} {value}: no such file.")
 
 
@@ -428,14 +460,16 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def run_report(runs: Sequence[dict], names: Optional[Sequence[str]] = None) -> str:
-    """Markdown: one row per run (summary metrics) and one table of per-session accuracy per run."""
+    """Markdown: one row per run (summary metrics; the official per-batch 'all' in its own column) and one table of
+    per-session accuracy per run."""
     names = list(names or [r["recipe"] for r in runs])
     lines = ["# Class-incremental runs", "", "| run | dataset | setting | avg acc | last acc | PD | base forgetting |"
-             " final HM |", "|---|---|---|---|---|---|---|---|"]
+             " final HM | avg / last acc per batch (official) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in zip(names, runs):
         lines.append(f"| {name} | {r['dataset']} | {r['setting']} | {_fmt(r['average_accuracy'])} | "
                      f"{_fmt(r['last_accuracy'])} | {_fmt(r['performance_drop'])} | {_fmt(r['base_forgetting'])} | "
-                     f"{_fmt(r['harmonic_mean'][-1])} |")
+                     f"{_fmt(r['harmonic_mean'][-1])} | {_fmt(r.get('average_accuracy_per_batch'))} / "
+                     f"{_fmt(r.get('last_accuracy_per_batch'))} |")
     for name, r in zip(names, runs):
         lines += ["", f"## {name}: per session (all / base / novel, %)", "",
                   "| " + " | ".join(str(s["session"]) for s in r["sessions"]) + " |",
