@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import UntrustedFileError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -121,3 +123,71 @@ def recover_dir(out_dir: str | os.PathLike) -> Path:
     if not out.exists() and old.exists():
         os.replace(old, out)
     return out
+
+
+# ------------------------------------------------------------------------------------------- untrusted weight files
+_REPLACE = "Replace it with the file the run or the release wrote (nothing in it was run)"
+
+
+def _head(path: Path, n: int = 8) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _why_not_safetensors(path: Path, err: Exception) -> UntrustedFileError:
+    head, text = _head(path), str(err)
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        reason = "not a safetensors file (it is a pickle or a torch zip, refused: pickles can carry code)"
+    elif "incomplete metadata" in text or "header too small" in text or "not fully covered" in text:
+        reason = "truncated safetensors file"
+    else:
+        reason = f"not a safetensors file ({text})"
+    return UntrustedFileError(path, reason, _REPLACE)
+
+
+def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
+    """``safetensors.torch.load_file``, with a file that is not one (a pickle, a truncated file) refused as
+    :class:`~visadapt.utils.errors.UntrustedFileError` naming the file and why."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as err:
+        raise _why_not_safetensors(Path(path), err) from err
+
+
+@contextmanager
+def open_safetensors(path: str | os.PathLike, framework: str = "pt") -> Iterator[Any]:
+    """``safetensors.safe_open`` with the refusals of :func:`load_safetensors`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(path), framework=framework)
+    except SafetensorError as err:
+        raise _why_not_safetensors(Path(path), err) from err
+    with handle:
+        yield handle
+
+
+def torch_load_weights(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU: tensors and plain containers only. A pickle that asks for
+    anything else ("refusing to unpickle code") or a truncated file is refused as
+    :class:`~visadapt.utils.errors.UntrustedFileError` naming the file and why."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()
+        detail = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), "")
+        raise UntrustedFileError(path, "refusing to unpickle code" + (f" ({detail.strip()})" if detail else ""),
+                                 _REPLACE) from err
+    except (EOFError, RuntimeError) as err:
+        text = str(err)
+        if isinstance(err, RuntimeError) and not any(s in text for s in ("zip archive", "PytorchStreamReader",
+                                                                          "unexpected EOF", "truncated")):
+            raise
+        raise UntrustedFileError(path, "truncated file (the pickle or zip archive ends early)", _REPLACE) from err
