@@ -46,12 +46,19 @@ from accelerate.utils import (
     is_compiled_module,
     set_seed,
 )
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from visadapt.run_config import RunConfig
-from visadapt.utils import TrainingDiverged, recover_dir, replace_dir, save_json_atomic, write_text_atomic
+from visadapt.utils import (
+    TrainingDiverged,
+    load_safetensors,
+    recover_dir,
+    replace_dir,
+    save_json_atomic,
+    write_text_atomic,
+)
 from visadapt.version import __version__
 
 StepCallback = Callable[[int, dict], None]
@@ -249,7 +256,7 @@ def load_checkpoint(folder: Path, optimizer) -> tuple[dict, dict[str, torch.Tens
         how = "with" if sharded else "without"
         raise ValueError(f"--resume: the checkpoint in {folder} was written by a run {how} DeepSpeed; resume it "
                          f"{how} DeepSpeed (the same accelerate launch as the interrupted run).")
-    tensors = load_file(str(folder / "state.safetensors"))
+    tensors = load_safetensors(folder / "state.safetensors")
     if optimizer is not None:
         opt_state: dict = {"state": {}, "param_groups": meta.pop("param_groups")}
         for key, value in tensors.items():
@@ -575,7 +582,7 @@ class Trainer:
             if meta["num_processes"] != acc.num_processes:
                 raise ValueError(f"--resume: {self.ckpt} holds the ZeRO shards of {meta['num_processes']} processes; "
                                  f"resume with as many (accelerate launch --num_processes {meta['num_processes']}).")
-            meta["rng"] = load_file(str(self.ckpt / f"rng-{acc.process_index}.safetensors"))
+            meta["rng"] = load_safetensors(self.ckpt / f"rng-{acc.process_index}.safetensors")
         self.load_checkpoint_tensors(tensors)
         self.scheduler.load_state_dict(meta.pop("scheduler"))
         return meta

@@ -24,10 +24,10 @@ def check_finite_file(path: Union[str, os.PathLike]) -> None:
 
     Tensors are read one at a time (safetensors only, nothing is unpickled), so memory stays at one tensor.
     """
-    from safetensors import safe_open
+    from visadapt.utils import open_safetensors
 
     path = Path(path)
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path) as handle:
         bad = [key for key in handle.keys() if not _finite(handle.get_tensor(key))]
     if bad:
         raise NonFiniteWeightsError(f"{path.name} holds NaN or inf weights in {len(bad)} tensor(s): "

@@ -10,11 +10,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from visadapt.utils import PIPELINE_CONFIG, read_pipeline_config, staged_dir
+from visadapt.utils import PIPELINE_CONFIG, load_safetensors, read_pipeline_config, staged_dir
 
 from .data import PCA, PatchSet, collate_batch
 from .metrics import confusion_matrix, scores
@@ -93,12 +93,12 @@ class HyperspectralPipeline:
         cfg = read_pipeline_config(path, "a run of `visadapt hsi train` or HyperspectralPipeline.save_pretrained")
         model = build_model(cfg["model"], cfg["in_chans"], cfg["patch_size"], cfg["num_classes"],
                             **cfg.get("model_kwargs", {}))
-        missing, unexpected = model.load_state_dict(load_file(str(path / cfg.get("weights", "model.safetensors"))),
+        missing, unexpected = model.load_state_dict(load_safetensors(path / cfg.get("weights", "model.safetensors")),
                                                     strict=False)
         if missing or unexpected:
             raise ValueError(f"{path / cfg.get('weights', 'model.safetensors')} does not match {cfg['model']} with "
                              f"{cfg.get('model_kwargs', {})}: missing {missing[:5]}, unexpected {unexpected[:5]}.")
-        pca = PCA.from_tensors(load_file(str(path / cfg.get("pca", "pca.safetensors"))))
+        pca = PCA.from_tensors(load_safetensors(path / cfg.get("pca", "pca.safetensors")))
         return cls(model, pca, cfg).to(device)
 
     def save_pretrained(self, path: Union[str, Path]) -> Path:

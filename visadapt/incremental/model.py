@@ -89,7 +89,7 @@ def hf_vit_to_timm(state: dict[str, torch.Tensor], depth: int) -> tuple[dict[str
 
 def _hf_files(source: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, weights) of a HF ViT checkpoint folder or hub id."""
-    from safetensors.torch import load_file
+    from visadapt.utils import load_safetensors, torch_load_weights
 
     folder = Path(source).expanduser()
     if not folder.is_dir():
@@ -112,7 +112,7 @@ def _hf_files(source: str) -> tuple[dict, dict[str, torch.Tensor]]:
     if not (folder / "config.json").is_file() or weights is None:
         raise FileNotFoundError(f"{folder}: a HF ViT folder needs config.json and model.safetensors (or "
                                 "pytorch_model.bin).")
-    state = load_file(str(weights)) if weights.suffix == ".safetensors" else torch.load(weights, weights_only=True)
+    state = load_safetensors(weights) if weights.suffix == ".safetensors" else torch_load_weights(weights)
     return json.loads((folder / "config.json").read_text()), state
 
 

@@ -15,10 +15,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torchvision import transforms as T
 
-from visadapt.utils import PIPELINE_CONFIG, read_pipeline_config, staged_dir
+from visadapt.utils import PIPELINE_CONFIG, load_safetensors, read_pipeline_config, staged_dir
 
 from .config import IncrementalConfig
 from .data import eval_transform
@@ -67,13 +67,13 @@ class IncrementalClassifierPipeline:
         model = CoactModel(backbone, meta["num_classes"], adapter_config(cfg, backbone), cfg.classifier,
                            cfg.cosine_scale)
         if session is None:
-            tensors = load_file(str(path / meta["weights"]))
+            tensors = load_safetensors(path / meta["weights"])
             rows, names = tensors.pop(ROWS), meta["class_names"]
         else:
             sessions = meta.get("sessions", {})
             if str(session) not in sessions:
                 raise ValueError(f"{path} holds sessions {sorted(map(int, sessions))}; session {session} is not one.")
-            tensors = load_file(str(path / sessions[str(session)]))
+            tensors = load_safetensors(path / sessions[str(session)])
             seen = meta["seen_by_session"][session]
             rows, names = tensors["classifier.weight"][:seen], meta["all_class_names"][:seen]
         model.load_tracked(tensors)

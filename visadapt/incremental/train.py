@@ -27,12 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from visadapt.training import RUN_CONFIG, ShotBatches, StepCallback, Trainer
-from visadapt.utils import atomic_path, save_json_atomic, write_text_atomic
+from visadapt.utils import atomic_path, load_safetensors, save_json_atomic, write_text_atomic
 from visadapt.utils.modules import trainable_parameters
 
 from .config import IncrementalConfig
@@ -133,7 +133,7 @@ class SessionTrainer(Trainer):
         st, c, s = self.stream, self.cfg, self.session
         model = st.model
         if s > 0:
-            model.load_tracked(load_file(str(st.out / f"session_{s - 1}" / WEIGHTS)))
+            model.load_tracked(load_safetensors(st.out / f"session_{s - 1}" / WEIGHTS))
             if st.base is None:
                 st.base = self._frozen_base()
         model.requires_grad_(False)
@@ -153,7 +153,7 @@ class SessionTrainer(Trainer):
 
     def _frozen_base(self) -> CoactModel:
         base = copy.deepcopy(self.stream.model)
-        base.load_tracked(load_file(str(self.stream.out / "session_0" / WEIGHTS)))
+        base.load_tracked(load_safetensors(self.stream.out / "session_0" / WEIGHTS))
         return base.requires_grad_(False).eval()
 
     def _set_prototypes(self, source: ImageSource) -> None:
@@ -201,7 +201,7 @@ class SessionTrainer(Trainer):
         if self.session < 2 or not path.exists():
             return
         params = optimizer.param_groups[0]["params"]
-        for index, buffer in load_file(str(path)).items():
+        for index, buffer in load_safetensors(path).items():
             optimizer.state[params[int(index)]]["momentum_buffer"] = buffer.to(params[int(index)])
 
     def _save_momentum(self) -> None:
@@ -449,7 +449,7 @@ def finish(stream: Stream, wall_s: float) -> dict:
     write_text_atomic(run_report([results]), out / "report.md")
     last = stream.plan.sessions - 1
     # a resumed run may have skipped every session: the pipeline takes the last one's weights from its folder
-    stream.model.load_tracked(load_file(str(out / f"session_{last}" / WEIGHTS)))
+    stream.model.load_tracked(load_safetensors(out / f"session_{last}" / WEIGHTS))
     pipe = IncrementalClassifierPipeline.from_stream(stream, last)
     pipe.save_pretrained(out, session_weights={s: f"session_{s}/{WEIGHTS}" for s in range(last + 1)})
     return results

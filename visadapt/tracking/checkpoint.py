@@ -47,6 +47,7 @@ from peft.tuners.lora import LoraLayer
 
 from visadapt.adapters import LowRankLayer
 from visadapt.adapters.block_lora import BlockLoraFactors
+from visadapt.utils import load_safetensors, torch_load_weights
 
 _LORA = re.compile(r"^(?P<module>.+)\.lora\.(?P<what>A|B|alpha|use_rslora)$")
 _QKV_PART = re.compile(r"^(?P<module>.+\.attn\.qkv)\.(?P<part>[qkv])$")
@@ -60,10 +61,8 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     with path.open("rb") as f:
         head = f.read(9)
     if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte little-endian header length, then JSON
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return load_safetensors(path)
+    state = torch_load_weights(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a flat state dict of tensors (the official LoRAT weight files are).")
     return state

@@ -14,9 +14,9 @@ from typing import Any, Iterable, Optional, Union
 import numpy as np
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from visadapt.utils import PIPELINE_CONFIG, read_pipeline_config, staged_dir
+from visadapt.utils import PIPELINE_CONFIG, load_safetensors, read_pipeline_config, staged_dir
 
 from .checkpoint import load_official
 from .model import LoRAT, build_vit, get_variant, merge
@@ -78,7 +78,7 @@ class TrackingPipeline:
         path = Path(path)
         config = read_pipeline_config(path, "TrackingPipeline.save_pretrained")
         model = _build(config)
-        state = load_file(str(path / WEIGHTS_NAME))
+        state = load_safetensors(path / WEIGHTS_NAME)
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(f"{path / WEIGHTS_NAME} does not match {CONFIG_NAME}: missing {result.missing_keys[:5]}, "

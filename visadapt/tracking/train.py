@@ -15,10 +15,10 @@ from typing import Optional, Sequence
 
 import peft
 import torch
-from safetensors.torch import load_file
 
 from visadapt.adapters.methods import read_peft_config
 from visadapt.training import ShotBatches, StepCallback, Trainer
+from visadapt.utils import load_safetensors
 
 from .config import TrackConfig
 from .datasets import TrackingSequence, load_sequences
@@ -61,7 +61,7 @@ def build_model(cfg: TrackConfig) -> tuple[LoRAT, dict]:
             if path.suffix != ".safetensors" or not path.is_file():
                 raise ValueError(f"--weights {path}: give an existing timm .safetensors file of "
                                  f"{config['timm_name']}.")
-            missing, unexpected = vit.load_state_dict(load_file(str(path)), strict=False)
+            missing, unexpected = vit.load_state_dict(load_safetensors(path), strict=False)
             if missing:
                 raise ValueError(f"--weights {path} does not fit {config['timm_name']}: missing {missing[:3]}.")
     drop_path = get_variant(cfg.variant).drop_path if cfg.variant != "demo" else None

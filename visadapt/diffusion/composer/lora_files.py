@@ -104,10 +104,10 @@ def _peft_adapter_state_dict(pipe, path: Path) -> dict[str, torch.Tensor]:
     """A one-model peft adapter (``base_model.model.<module>.lora_A.weight``) keyed by the pipeline component whose
     modules it fits (``unet.<module>.lora_A.weight``), its scale lora_alpha / r folded into B so that diffusers'
     loader, which takes alpha = r, reproduces it."""
-    from safetensors.torch import load_file
+    from visadapt.utils import load_safetensors
 
     # Only the LoRA pairs: a concept cannot carry fully trained modules (peft's modules_to_save).
-    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(path)).items() if ".lora_" in k}
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_safetensors(path).items() if ".lora_" in k}
     scale = _peft_scale(path)
     if scale != 1.0:
         state = {k: v * scale if ".lora_B." in k else v for k, v in state.items()}

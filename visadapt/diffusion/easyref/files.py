@@ -16,6 +16,8 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from visadapt.utils import load_safetensors, torch_load_weights
+
 from .encoder import EasyRefEncoder
 from .unet import ADAPTER_NAME
 
@@ -192,11 +194,9 @@ def read_easyref_file(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"No EasyRef checkpoint at {str(path)!r}.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = load_safetensors(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load_weights(path)
         state = state.get("module", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{str(path)!r} holds no EasyRef weights.")
