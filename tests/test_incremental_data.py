@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from visadapt.incremental.data import load_dataset
-from visadapt.utils import DatasetLayoutError
+from visadapt.utils import DatasetLayoutError, UntrustedFileError
 
 
 def _write_cifar(root, n_classes=100, per_class=2):
@@ -49,7 +49,7 @@ def test_cifar_reader_refuses_code_in_a_pickle(tmp_path):
     _write_cifar(tmp_path, n_classes=2, per_class=1)
     with open(tmp_path / "cifar-100-python" / "meta", "wb") as f:
         pickle.dump({b"fine_label_names": _Payload()}, f)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+    with pytest.raises(UntrustedFileError, match="meta: refusing to unpickle code"):
         load_dataset("cifar100", str(tmp_path))
 
 

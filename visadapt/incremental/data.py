@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from visadapt.utils import DatasetLayoutError
+from visadapt.utils import DatasetLayoutError, UntrustedFileError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -78,22 +78,87 @@ def pil_source(images: Sequence[Image.Image], labels: Sequence[int], prefix: str
 
 
 # ----------------------------------------------------------------------------------------------------- CIFAR-100
-class _CifarUnpickler(pickle.Unpickler):
-    """Builds the CIFAR-100 dicts (lists, bytes, numbers, numpy arrays) and nothing else."""
+MAX_ARRAY_BYTES = 1 << 30  # one array of a CIFAR-100 file; the largest real one (train images) is 154 MB
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+
+class _ArrayTooLarge(pickle.UnpicklingError):
+    pass
+
+
+class _BoundedArray(np.ndarray):
+    """What the unpickler builds arrays as: the shape and dtype are checked before numpy allocates anything."""
+
+    def __setstate__(self, state):
+        shape, dtype = state[1], state[2]
+        count = 1
+        for n in shape:
+            count *= int(n)
+        if count * getattr(dtype, "itemsize", 1) > MAX_ARRAY_BYTES:
+            raise _ArrayTooLarge(f"an array of shape {tuple(shape)} and dtype {dtype} (over {MAX_ARRAY_BYTES >> 20} "
+                                 "MiB; CIFAR-100 arrays are smaller)")
+        if getattr(dtype, "hasobject", False):
+            raise pickle.UnpicklingError("refusing to unpickle an object array (not part of a CIFAR-100 file)")
+        super().__setstate__(state)
+
+
+def _reconstruct(subtype, shape, dtype):
+    return np.ndarray.__new__(_BoundedArray, (0,), dtype="u1")
+
+
+def _scalar(dtype, data=None):
+    if getattr(dtype, "hasobject", False) or getattr(dtype, "itemsize", 0) > MAX_ARRAY_BYTES:
+        raise pickle.UnpicklingError(f"refusing to unpickle a numpy scalar of dtype {dtype}.")
+    return np.frombuffer(data, dtype=dtype, count=1)[0] if data is not None else dtype.type()
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds the CIFAR-100 dicts (lists, bytes, numbers, numpy arrays up to ``MAX_ARRAY_BYTES``) and nothing else."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+               ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("numpy.core.multiarray", "scalar"): _scalar, ("numpy._core.multiarray", "scalar"): _scalar}
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not part of a CIFAR-100 file.")
-        return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"refusing to unpickle code ({module}.{name}: not part of a CIFAR-100 "
+                                         "file)")
+        return self.ALLOWED[(module, name)]
+
+
+def _plain(value):
+    """The unpickled value with every bounded array turned back into a plain ndarray."""
+    if isinstance(value, np.ndarray):
+        return np.asarray(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _cifar_file(path: Path) -> dict:
-    with open(path, "rb") as f:
-        raw = _CifarUnpickler(f, encoding="bytes").load()
+    """One CIFAR-100 pickle, read with :class:`_CifarUnpickler`; a file that asks for anything else, is truncated
+    or asks for a huge array is refused as :class:`~visadapt.utils.UntrustedFileError` (nothing in it is run)."""
+    fix = "Replace it with the file from the official cifar-100-python.tar.gz"
+    try:
+        with open(path, "rb") as f:
+            raw = _plain(_CifarUnpickler(f, encoding="bytes").load())
+    except _ArrayTooLarge as err:
+        raise UntrustedFileError(path, f"array too large: {err}", fix) from err
+    except pickle.UnpicklingError as err:
+        reason = str(err).rstrip(".")
+        if "truncated" in reason or "ran out of input" in reason.lower():
+            reason = "truncated file"
+        elif not reason.startswith("refusing"):
+            reason = f"not a CIFAR-100 pickle ({reason})"
+        raise UntrustedFileError(path, reason, fix) from err
+    except EOFError as err:
+        raise UntrustedFileError(path, "truncated file (the pickle ends early)", fix) from err
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as err:
+        raise UntrustedFileError(path, f"not a CIFAR-100 pickle ({type(err).__name__}: {err})", fix) from err
+    if not isinstance(raw, dict):
+        raise UntrustedFileError(path, f"not a CIFAR-100 pickle (it holds a {type(raw).__name__}, not a dict)", fix)
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
 
 
