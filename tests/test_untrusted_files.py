@@ -1,0 +1,213 @@
+"""Untrusted weight, checkpoint and dataset files are refused with one error naming the file and why, never run.
+
+The evil files carry a ``__reduce__`` that would create a marker file through ``os.system``; every test checks the
+marker is never there (the refusal happens before anything in the file is called).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from visadapt.utils import UntrustedFileError, load_safetensors, open_safetensors, torch_load_weights
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _HugeArray:
+    """Pickles as numpy's own array reduce, asking for a 10 TB uint8 array with an empty buffer."""
+
+    def __reduce__(self):
+        return (np.core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+                (1, (10 ** 13,), np.dtype("u1"), False, b""))
+
+
+class _HugeObjectArray:
+    def __reduce__(self):
+        return (np.core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+                (1, (10 ** 12,), np.dtype("O"), False, []))
+
+
+class _Codecs:
+    def __reduce__(self):
+        import _codecs
+
+        return _codecs.encode, ("x", "rot13")
+
+
+@pytest.fixture
+def marker(tmp_path):
+    path = tmp_path / "PWNED"
+    yield path
+    assert not path.exists(), "the pickle's code ran"
+
+
+def _raw_pickle(path, marker):
+    path.write_bytes(pickle.dumps({"w": _Evil(marker)}))
+    return path
+
+
+def _zip_pickle(path, marker):
+    torch.save({"w": _Evil(marker)}, path)
+    return path
+
+
+def _truncated(path, writer):
+    writer(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _good_safetensors(path):
+    save_file({"w": torch.zeros(64)}, str(path))
+
+
+def _good_torch(path):
+    torch.save({"w": torch.zeros(64)}, path)
+
+
+# ------------------------------------------------------------------------------------------------------ the loaders
+@pytest.mark.parametrize("make", [_raw_pickle, _zip_pickle])
+def test_load_safetensors_refuses_a_pickle(tmp_path, marker, make):
+    path = make(tmp_path / "model.safetensors", marker)
+    with pytest.raises(UntrustedFileError, match=r"model\.safetensors: not a safetensors file"):
+        load_safetensors(path)
+    with pytest.raises(UntrustedFileError, match="not a safetensors file"):
+        with open_safetensors(path):
+            pass
+
+
+def test_load_safetensors_names_a_truncated_file(tmp_path):
+    path = _truncated(tmp_path / "state.safetensors", _good_safetensors)
+    with pytest.raises(UntrustedFileError, match=r"state\.safetensors: truncated"):
+        load_safetensors(path)
+
+
+@pytest.mark.parametrize("make", [_raw_pickle, _zip_pickle])
+def test_torch_load_weights_refuses_code(tmp_path, marker, make):
+    path = make(tmp_path / "evil.bin", marker)
+    with pytest.raises(UntrustedFileError, match=r"evil\.bin: refusing to unpickle code"):
+        torch_load_weights(path)
+
+
+def test_torch_load_weights_names_a_truncated_file(tmp_path):
+    path = _truncated(tmp_path / "weights.bin", _good_torch)
+    with pytest.raises(UntrustedFileError, match=r"weights\.bin: truncated"):
+        torch_load_weights(path)
+
+
+def test_good_files_still_load(tmp_path):
+    _good_safetensors(tmp_path / "a.safetensors")
+    _good_torch(tmp_path / "a.bin")
+    assert load_safetensors(tmp_path / "a.safetensors")["w"].shape == (64,)
+    assert torch_load_weights(tmp_path / "a.bin")["w"].shape == (64,)
+
+
+# ------------------------------------------------------------------------------------------------------ the callers
+@pytest.mark.parametrize("make", [_raw_pickle, _zip_pickle])
+def test_tracking_official_weights_refuse_code(tmp_path, marker, make):  # track eval|run --weights
+    from visadapt.tracking.checkpoint import read_state_dict
+
+    with pytest.raises(UntrustedFileError, match="evil.bin: refusing to unpickle code"):
+        read_state_dict(make(tmp_path / "evil.bin", marker))
+
+
+def test_tracking_official_weights_truncated(tmp_path):
+    from visadapt.tracking.checkpoint import read_state_dict
+
+    with pytest.raises(UntrustedFileError, match="truncated"):
+        read_state_dict(_truncated(tmp_path / "base.bin", _good_torch))
+
+
+def test_easyref_files_refuse_pickles(tmp_path, marker):  # easyref train --init / eval --adapter
+    from visadapt.diffusion.easyref.files import read_easyref_file
+
+    with pytest.raises(UntrustedFileError, match="evil.bin: refusing to unpickle code"):
+        read_easyref_file(_zip_pickle(tmp_path / "evil.bin", marker))
+    with pytest.raises(UntrustedFileError, match="easyref.safetensors: not a safetensors file"):
+        read_easyref_file(_raw_pickle(tmp_path / "easyref.safetensors", marker))
+
+
+def test_hf_vit_folder_refuses_a_pickled_bin(tmp_path, marker):  # --backbone hf-vit:DIR
+    from visadapt.incremental.model import _hf_files
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    _zip_pickle(tmp_path / "pytorch_model.bin", marker)
+    with pytest.raises(UntrustedFileError, match="pytorch_model.bin: refusing to unpickle code"):
+        _hf_files(str(tmp_path))
+
+
+def test_trainer_resume_refuses_a_pickled_checkpoint(tmp_path, marker):  # --resume, visadapt/training.py
+    from visadapt.training import load_checkpoint
+
+    (tmp_path / "state.json").write_text(json.dumps({"step": 1, "param_groups": []}))
+    _raw_pickle(tmp_path / "state.safetensors", marker)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(UntrustedFileError, match="state.safetensors: not a safetensors file"):
+        load_checkpoint(tmp_path, optimizer)
+
+
+# ------------------------------------------------------------------------------------------------------- CIFAR-100
+def _cifar(root, meta_value):
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        with open(folder / split, "wb") as f:
+            pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [0]}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": meta_value}, f)
+    return folder / "meta"
+
+
+@pytest.mark.parametrize("payload, global_name", [(None, "posix.system"), (_Codecs(), "_codecs.encode")])
+def test_cifar_refuses_code(tmp_path, marker, payload, global_name):
+    from visadapt.incremental.data import load_dataset
+
+    _cifar(tmp_path, payload if payload is not None else _Evil(marker))
+    with pytest.raises(UntrustedFileError, match=rf"meta: refusing to unpickle code \({global_name}"):
+        load_dataset("cifar100", str(tmp_path))
+
+
+def test_cifar_names_a_truncated_file(tmp_path):
+    from visadapt.incremental.data import load_dataset
+
+    meta = _cifar(tmp_path, [b"apple"])
+    meta.write_bytes(meta.read_bytes()[:-5])
+    with pytest.raises(UntrustedFileError, match="meta: truncated"):
+        load_dataset("cifar100", str(tmp_path))
+
+
+@pytest.mark.parametrize("huge", [_HugeArray(), _HugeObjectArray()])
+def test_cifar_refuses_a_huge_array_before_allocating(tmp_path, huge):
+    from visadapt.incremental.data import load_dataset
+
+    _cifar(tmp_path, huge)
+    with pytest.raises(UntrustedFileError, match="meta: array too large"):
+        load_dataset("cifar100", str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------------- through the CLI
+def test_cli_prints_one_line_naming_the_file(tmp_path, marker, capsys):
+    from visadapt.cli import main
+
+    evil = _zip_pickle(tmp_path / "evil.bin", marker)
+    code = main(["track", "eval", "--variant", "B-224", "--weights", str(evil), "--data",
+                 f"got10k:{tmp_path / 'none'}", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    first = err.strip().splitlines()[0]
+    assert str(evil) in first and "refusing to unpickle code" in first
