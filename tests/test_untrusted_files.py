@@ -211,3 +211,20 @@ def test_cli_prints_one_line_naming_the_file(tmp_path, marker, capsys):
     assert "Traceback" not in err
     first = err.strip().splitlines()[0]
     assert str(evil) in first and "refusing to unpickle code" in first
+
+
+def test_cli_track_eval_run_folder_with_a_pickled_model_file(tmp_path, marker, capsys):
+    from visadapt.cli import main
+    from visadapt.tracking.config import TrackConfig
+    from visadapt.tracking.pipeline import TrackingPipeline
+    from visadapt.tracking.train import build_model, model_config
+
+    cfg = TrackConfig(variant="demo", r=4, lora_alpha=8.0)
+    model, _ = build_model(cfg)
+    run = tmp_path / "run"
+    TrackingPipeline(model, model_config(cfg)).save_pretrained(run)
+    _raw_pickle(run / "model.safetensors", marker)
+    code = main(["track", "eval", str(run), "--data", f"got10k:{tmp_path / 'none'}", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"{run / 'model.safetensors'}: not a safetensors file" in err.splitlines()[0]
