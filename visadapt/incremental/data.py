@@ -3,7 +3,9 @@
 - **CIFAR-100**: ``cifar-100-python/{train,test,meta}`` of the official archive. These files are Python pickles.
   They are read with a restricted unpickler that builds only dicts, lists, strings, bytes, numbers and numpy arrays
   (``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``, ``numpy.dtype``) and refuses any other global, so a
-  tampered file cannot run code; only files with these standard names are opened.
+  tampered file cannot run code; arrays over ``MAX_ARRAY_BYTES`` (1 GiB) are refused before numpy allocates them.
+  Any refusal (code, truncated file, huge array) is an ``UntrustedFileError`` naming the file; only files with
+  these standard names are opened.
 - **CUB-200-2011**: ``images.txt``, ``image_class_labels.txt``, ``train_test_split.txt``, ``classes.txt`` and
   ``images/``; the training split keeps ``images.txt`` order (index-list rows count in it); label = class id − 1.
 - **miniImageNet** (CEC's release): ``split/train.csv`` and ``split/test.csv`` (``filename,label``) and ``images/``;
