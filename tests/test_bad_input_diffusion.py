@@ -52,3 +52,77 @@ def test_train_refuses_bad_numbers(kwargs, message, groups, tmp_path):
     cfg = EasyRefTrainConfig(stage=1, data=str(groups), model="tiny-sdxl", mllm="tiny", steps=1, **kwargs)
     with pytest.raises(ValueError, match=message.replace("-", r"\-")):
         EasyRefTrainer(cfg, tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------------------------- huge images
+def huge_png(path, width: int = 20000, height: int = 20000):
+    """A PNG whose header claims ``width`` x ``height`` (the pixels are never there: PIL refuses on open)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+    return path
+
+
+def assert_names_the_limit(err, path):
+    text = str(err)
+    assert str(path) in text and "20000x20000" in text and "VISADAPT_MAX_IMAGE_PIXELS" in text
+    assert "PIL.Image.MAX_IMAGE_PIXELS" in text
+
+
+def test_easyref_training_item_refuses_a_huge_image(groups):
+    from visadapt.diffusion.easyref.data import EasyRefItems, scan_groups
+    from visadapt.utils import DatasetLayoutError
+
+    found = scan_groups(groups)
+    huge = huge_png(found[0].images[0])
+    items = EasyRefItems(found, stage=1, resolution=32)
+    with pytest.raises(DatasetLayoutError) as err:
+        items[(0, 0)]
+    assert_names_the_limit(err.value, huge)
+
+
+def test_easyref_eval_refuses_a_huge_reference(groups, tmp_path):
+    from visadapt.diffusion.easyref.data import scan_groups
+    from visadapt.diffusion.easyref.eval import evaluate_easyref
+
+    huge = huge_png(scan_groups(groups)[0].images[0])
+    cfg = EasyRefEvalConfig(data=str(groups), model="tiny-sdxl", mllm="tiny")
+    with pytest.raises(ValueError) as err:
+        evaluate_easyref(cfg, tmp_path / "out", pipe=object(), clip=object(), dino=object())
+    assert_names_the_limit(err.value, huge)
+
+
+def test_concept_train_command_refuses_a_huge_image_in_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(folder / f"{i}.png")
+    huge = huge_png(folder / "3.png")
+    code = main(["concept", "train", "--out", str(tmp_path / "run"), "--model", "tiny-sd", "--images", str(folder),
+                 "--trigger", "sks", "--instance-prompt", "a photo of sks toy", "--steps", "1", "--sample-every",
+                 "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert_names_the_limit(err, huge)
+
+
+def test_the_env_var_raises_the_limit(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from visadapt.diffusion.train_common import open_rgb
+
+    Image.new("RGB", (48, 48)).save(tmp_path / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # refused over 2000 pixels
+    with pytest.raises(ValueError, match="48x48 .2304 pixels.*limit of 1000 pixels"):
+        open_rgb(tmp_path / "a.png")
+    monkeypatch.setenv("VISADAPT_MAX_IMAGE_PIXELS", "5000")
+    assert open_rgb(tmp_path / "a.png").size == (48, 48)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's own setting is left as it was

@@ -58,7 +58,7 @@ from torch.utils.data import Dataset
 
 from visadapt.utils import DatasetLayoutError
 
-from ..train_common import centre_crop_pixels
+from ..train_common import centre_crop_pixels, open_rgb
 from .config import SIZE_MULTIPLE, TARGET_CROPS
 
 __all__ = ["LAYOUT", "IMAGE_SUFFIXES", "ImageGroup", "EasyRefItems", "scan_groups", "holdout_split", "open_image",
@@ -184,15 +184,9 @@ def holdout_split(groups: Sequence[ImageGroup]) -> tuple[list[ImageGroup], list[
 
 
 def open_image(path: Path):
-    """The image at ``path`` as upright RGB; an unreadable file raises :class:`DatasetLayoutError` naming it."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as opened:
-            return ImageOps.exif_transpose(opened).convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise DatasetLayoutError(f"{path}: cannot read the image ({err}); replace or remove it (and its .txt).") \
-            from err
+    """The image at ``path`` as upright RGB; an unreadable or too large file raises :class:`DatasetLayoutError`
+    naming it (:func:`~visadapt.diffusion.train_common.open_rgb`)."""
+    return open_rgb(path, DatasetLayoutError, "replace or remove it (and its .txt)")
 
 
 def aspect_size(width: int, height: int, resolution: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
