@@ -126,3 +126,27 @@ def test_the_env_var_raises_the_limit(tmp_path, monkeypatch):
     monkeypatch.setenv("VISADAPT_MAX_IMAGE_PIXELS", "5000")
     assert open_rgb(tmp_path / "a.png").size == (48, 48)
     assert Image.MAX_IMAGE_PIXELS == 1000  # PIL's own setting is left as it was
+
+
+# ----------------------------------------------------------------------------------------------- face boxes
+@pytest.mark.parametrize("box", ["5000 5000 6000 6000", "10 10 60 30", "-4 0 20 20"])
+def test_stage_two_refuses_a_face_box_outside_the_image(box, groups):
+    from visadapt.diffusion.easyref.data import EasyRefItems, scan_groups
+    from visadapt.utils import DatasetLayoutError
+
+    image = sorted((groups / sorted(p.name for p in groups.iterdir())[0]).glob("*.png"))[0]
+    image.with_suffix(".face.txt").write_text(box + "\n")
+    items = EasyRefItems(scan_groups(groups), stage=2, resolution=32, ref_drop=0, text_drop=0, both_drop=0)
+    with pytest.raises(DatasetLayoutError) as err:
+        items[(0, 0)]
+    text = str(err.value)
+    assert str(image.with_suffix(".face.txt")) in text and box in text and "48x48" in text
+
+
+def test_stage_two_takes_a_face_box_on_the_image_edge(groups):
+    from visadapt.diffusion.easyref.data import EasyRefItems, scan_groups
+
+    image = sorted((groups / sorted(p.name for p in groups.iterdir())[0]).glob("*.png"))[0]
+    image.with_suffix(".face.txt").write_text("0 0 48 48\n")
+    items = EasyRefItems(scan_groups(groups), stage=2, resolution=32, ref_drop=0, text_drop=0, both_drop=0)
+    assert items[(0, 0)]["references"][0].size == (48, 48)
