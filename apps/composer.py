@@ -687,8 +687,10 @@ def launch(app, *, host: str = "127.0.0.1", port: Optional[int] = None, share: b
            prevent_thread_lock: bool = False, quiet: bool = False):
     """Serve ``app``; uploads over ``max_lora_mb`` are refused by the server before they reach the disk."""
     allowed = [str(output_dir)] if output_dir else None
+    # show_error: errors Gradio raises before the handler (a server-side path sent as a LoRA "upload") reach the
+    # caller with their message instead of a null one; the handler's own errors are gr.Error already
     return app.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_lora_mb * 2**20),
-                      allowed_paths=allowed, prevent_thread_lock=prevent_thread_lock, quiet=quiet)
+                      allowed_paths=allowed, prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=True)
 
 
 # -- command line ----------------------------------------------------------------------------------------------

@@ -248,7 +248,7 @@ def test_bad_uploads_show_errors_and_the_app_keeps_working(client, loras, tmp_pa
     assert "seed 2" in gallery[0]["caption"] and Image.open(png).size == (64, 64)
 
 
-def raw_api_error(client, loras, **override) -> str:
+def raw_api_error(client, loras, lora_path=None, **override) -> str:
     """POST /generate with a hand-written JSON body (gradio_client refuses to send NaN) and return the error event's
     data (the message the page shows)."""
     import httpx
@@ -260,6 +260,8 @@ def raw_api_error(client, loras, **override) -> str:
                   xmin_1=0, ymin_1=0, xmax_1=0.5, ymax_1=1,
                   lora_1={"path": uploaded, "meta": {"_type": "gradio.FileData"}})
     values.update(override)
+    if lora_path is not None:  # a path on the server instead of an upload
+        values["lora_1"] = {"path": lora_path, "meta": {"_type": "gradio.FileData"}}
     data = [values.get(p["parameter_name"], p.get("parameter_default")) for p in endpoint["parameters"]]
     body = json.dumps({"data": data}, allow_nan=True)
     event = httpx.post(f"{base}/call/generate", content=body,
@@ -278,3 +280,7 @@ def test_api_refuses_nan_with_a_message_and_one_log_line(client, loras, caplog):
             assert message in raw_api_error(client, loras, **override)
         refused = [r for r in caplog.records if r.name == composer.log.name]
         assert len(refused) == 1 and message in refused[0].getMessage() and refused[0].exc_info is None
+
+
+def test_api_refuses_a_server_side_path_with_a_message(client, loras):
+    assert "not uploaded by a user" in raw_api_error(client, loras, lora_path=str(loras[0]))
