@@ -150,3 +150,20 @@ def test_stage_two_takes_a_face_box_on_the_image_edge(groups):
     image.with_suffix(".face.txt").write_text("0 0 48 48\n")
     items = EasyRefItems(scan_groups(groups), stage=2, resolution=32, ref_drop=0, text_drop=0, both_drop=0)
     assert items[(0, 0)]["references"][0].size == (48, 48)
+
+
+def test_the_pipeline_refuses_a_huge_reference_image(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from visadapt.diffusion.easyref.encoder import EasyRefInputError, load_reference
+
+    huge = huge_png(tmp_path / "ref.png")
+    with pytest.raises(EasyRefInputError) as err:
+        load_reference(str(huge))
+    assert_names_the_limit(err.value, huge)
+    Image.new("RGB", (48, 48)).save(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(EasyRefInputError, match="limit of 1000 pixels"):
+        load_reference(str(tmp_path / "small.png"))
+    monkeypatch.setenv("VISADAPT_MAX_IMAGE_PIXELS", "none")  # the env var lifts the limit here too
+    assert load_reference(str(tmp_path / "small.png")).size == (48, 48)

@@ -3,6 +3,7 @@ frozen weights, the UNet's target, the image files and the image crop."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Iterable, Union
@@ -88,6 +89,25 @@ def _claimed_size(path: Path) -> str:
         Image.MAX_IMAGE_PIXELS = limit
 
 
+@contextlib.contextmanager
+def pixel_limit():
+    """PIL's decompression-bomb limit set from :data:`MAX_PIXELS_ENV` for the block (as it was when unset)."""
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, _pixel_limit()
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def too_large(path: Path, limit: Any) -> str:
+    """The message for an image PIL refused as a decompression bomb: the file, its size, the limit, the fix."""
+    return (f"{path}: the image is {_claimed_size(path)}, over twice PIL's decompression-bomb limit of {limit} "
+            f"pixels; downscale it, or if you trust the file raise the limit: set {MAX_PIXELS_ENV}=<pixels> (or none) "
+            "in the environment, or PIL.Image.MAX_IMAGE_PIXELS in Python.")
+
+
 def open_rgb(path: Union[str, Path], error: type = ValueError, fix: str = "replace or remove it"):
     """The image file at ``path`` as upright RGB (EXIF orientation applied). An unreadable file, or one over PIL's
     decompression-bomb limit, raises ``error`` (a ``ValueError`` subclass) naming the file and ``fix``; the limit
@@ -95,17 +115,11 @@ def open_rgb(path: Union[str, Path], error: type = ValueError, fix: str = "repla
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, _pixel_limit()
-    try:
-        with Image.open(path) as opened:
-            return ImageOps.exif_transpose(opened).convert("RGB")
-    except Image.DecompressionBombError:
-        shown = Image.MAX_IMAGE_PIXELS
-        raise error(f"{path}: the image is {_claimed_size(path)}, over twice PIL's decompression-bomb limit of "
-                    f"{shown} pixels; downscale it, or if you trust the file raise the limit: set "
-                    f"{MAX_PIXELS_ENV}=<pixels> (or none) in the environment, or PIL.Image.MAX_IMAGE_PIXELS in "
-                    "Python.") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise error(f"{path}: cannot read the image ({err}); {fix}.") from err
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+    with pixel_limit():
+        try:
+            with Image.open(path) as opened:
+                return ImageOps.exif_transpose(opened).convert("RGB")
+        except Image.DecompressionBombError:
+            raise error(too_large(path, Image.MAX_IMAGE_PIXELS)) from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise error(f"{path}: cannot read the image ({err}); {fix}.") from err
