@@ -28,6 +28,7 @@ import argparse
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -120,6 +121,17 @@ def default_size(pipe) -> int:
 
 # -- checks and the one generate function ---------------------------------------------------------------------
 
+def _number(label: str, value: Any) -> float:
+    """``value`` as a finite float; NaN, infinity or a non-number (the API takes any JSON) raise a ValueError."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{label} must be a finite number, got {value!r}.")
+    return number
+
+
 def check_lora_file(path: Optional[str], slot: int, max_bytes: int) -> Path:
     """An uploaded LoRA must exist, be ``.safetensors`` (or an ED-LoRA ``.pth``, read with ``weights_only=True``) and
     fit the size limit (its content is checked on load)."""
@@ -154,8 +166,10 @@ def make_concepts(slots: Sequence[dict], max_bytes: int) -> list:
         box = [values.get(k) for k in ("xmin", "ymin", "xmax", "ymax")]
         if any(v is None for v in box):
             raise ValueError(f"Concept {slot}: the box needs all four numbers xmin, ymin, xmax, ymax in [0, 1].")
-        concepts.append(Concept(lora=path, prompt=values.get("prompt") or "", box=box,
-                                weight=float(values.get("weight", 1.0)), name=name or f"concept{slot}"))
+        box = [_number(f"Concept {slot}: {k}", v) for k, v in zip(("xmin", "ymin", "xmax", "ymax"), box)]
+        weight = _number(f"Concept {slot}: weight", values.get("weight", 1.0))
+        concepts.append(Concept(lora=path, prompt=values.get("prompt") or "", box=box, weight=weight,
+                                name=name or f"concept{slot}"))
     return concepts
 
 
@@ -180,7 +194,10 @@ def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_promp
     from visadapt.version import __version__
 
     multiple = size_multiple(pipe)
-    width, height, steps, seed = int(width), int(height), int(steps), int(seed)
+    width, height, steps, seed = (int(_number(label, v)) for label, v in (("Width", width), ("Height", height),
+                                                                          ("Steps", steps), ("Seed", seed)))
+    guidance, decor_strength = _number("Guidance", guidance), _number("DECOR strength", decor_strength or 0.0)
+    reference_scale = _number("Reference scale", reference_scale)
     for label, value in (("width", width), ("height", height)):
         if value <= 0 or value % multiple:
             raise ValueError(f"Image {label} {value} must be a positive multiple of {multiple} for this model.")
@@ -465,7 +482,7 @@ def sampling_fields(pipe) -> dict[str, Any]:
     multiple, size = size_multiple(pipe), default_size(pipe)
     tiny = pipe.unet.config.sample_size <= 32 and not is_world_model(pipe)
     with gr.Row():
-        seed = gr.Number(value=0, precision=0, label="Seed")
+        seed = gr.Number(value=0, label="Seed")  # no precision: Gradio's int() of NaN fails without a message
         steps = gr.Slider(1, 100, value=3 if tiny else 30, step=1, label="Steps")
         guidance = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="Guidance")
     with gr.Row():
@@ -628,6 +645,7 @@ def generate_on_click(pipe, run: "gr.Button", history: "gr.State", inputs: dict[
             image, settings = generate(pipe, concepts=concepts, max_lora_bytes=max_bytes,
                                        progress=lambda s, t: progress((s, t), desc=f"step {s}/{t}"), **values)
         except ValueError as err:  # LoraFileError is one: the message says what to fix
+            log.warning("generate refused: %s", err)  # one line per refused request, no traceback
             raise gr.Error(str(err), print_exception=False) from None
         except Exception as err:  # anything else still ends in the page, not in a dead app
             log.exception("generate failed")
@@ -669,8 +687,10 @@ def launch(app, *, host: str = "127.0.0.1", port: Optional[int] = None, share: b
            prevent_thread_lock: bool = False, quiet: bool = False):
     """Serve ``app``; uploads over ``max_lora_mb`` are refused by the server before they reach the disk."""
     allowed = [str(output_dir)] if output_dir else None
+    # show_error: errors Gradio raises before the handler (a server-side path sent as a LoRA "upload") reach the
+    # caller with their message instead of a null one; the handler's own errors are gr.Error already
     return app.launch(server_name=host, server_port=port, share=share, max_file_size=int(max_lora_mb * 2**20),
-                      allowed_paths=allowed, prevent_thread_lock=prevent_thread_lock, quiet=quiet)
+                      allowed_paths=allowed, prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=True)
 
 
 # -- command line ----------------------------------------------------------------------------------------------

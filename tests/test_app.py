@@ -167,6 +167,20 @@ def test_the_served_app_names_the_share_flag(monkeypatch, capsys):
     assert "start the app with --share" in out and "share=True" not in out
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(slots=[dict(weight=float("nan")), {}]), "Concept 1: weight must be a finite number"),
+    (dict(slots=[{}, dict(xmax=float("inf"))]), "Concept 2: xmax must be a finite number"),
+    (dict(guidance=float("nan")), "Guidance must be a finite number"),
+    (dict(seed=float("nan")), "Seed must be a finite number"),
+    (dict(steps="many"), "Steps must be a number"),
+    (dict(decor_words="grass", decor_strength=float("nan")), "DECOR strength must be a finite number"),
+])
+def test_non_finite_numbers_are_refused_with_a_message(pipe, loras, change, message):
+    kwargs = {**FAST, **{k: v for k, v in change.items() if k != "slots"}}
+    with pytest.raises(ValueError, match=message):
+        composer.generate(pipe, prompt="x", concepts=two(loras, **change), **kwargs)
+
+
 # -- the served app through its API ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -232,3 +246,41 @@ def test_bad_uploads_show_errors_and_the_app_keeps_working(client, loras, tmp_pa
         api_call(client, loras, xmin_2=1.0)
     gallery, png, settings = api_call(client, loras, seed=2)  # still serving
     assert "seed 2" in gallery[0]["caption"] and Image.open(png).size == (64, 64)
+
+
+def raw_api_error(client, loras, lora_path=None, **override) -> str:
+    """POST /generate with a hand-written JSON body (gradio_client refuses to send NaN) and return the error event's
+    data (the message the page shows)."""
+    import httpx
+
+    endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
+    base = client.src.rstrip("/") + "/gradio_api"
+    uploaded = httpx.post(f"{base}/upload", files={"files": (loras[0].name, loras[0].read_bytes())}).json()[0]
+    values = dict(prompt="a cat and a dog", n_concepts=1, seed=1, **FAST, name_1="cat", prompt_1="a photo of a cat",
+                  xmin_1=0, ymin_1=0, xmax_1=0.5, ymax_1=1,
+                  lora_1={"path": uploaded, "meta": {"_type": "gradio.FileData"}})
+    values.update(override)
+    if lora_path is not None:  # a path on the server instead of an upload
+        values["lora_1"] = {"path": lora_path, "meta": {"_type": "gradio.FileData"}}
+    data = [values.get(p["parameter_name"], p.get("parameter_default")) for p in endpoint["parameters"]]
+    body = json.dumps({"data": data}, allow_nan=True)
+    event = httpx.post(f"{base}/call/generate", content=body,
+                       headers={"content-type": "application/json"}).json()["event_id"]
+    stream = httpx.get(f"{base}/call/generate/{event}", timeout=120).text
+    assert "event: error" in stream, stream
+    return stream.split("event: error", 1)[1]
+
+
+def test_api_refuses_nan_with_a_message_and_one_log_line(client, loras, caplog):
+    for override, message in ((dict(seed=float("nan")), "Seed must be a finite number"),
+                              (dict(weight_1=float("nan")), "Concept 1: weight must be a finite number"),
+                              (dict(guidance=float("nan")), "Guidance must be a finite number")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=composer.log.name):
+            assert message in raw_api_error(client, loras, **override)
+        refused = [r for r in caplog.records if r.name == composer.log.name]
+        assert len(refused) == 1 and message in refused[0].getMessage() and refused[0].exc_info is None
+
+
+def test_api_refuses_a_server_side_path_with_a_message(client, loras):
+    assert "not uploaded by a user" in raw_api_error(client, loras, lora_path=str(loras[0]))

@@ -36,10 +36,10 @@ from torch.utils.data import Dataset
 import visadapt
 from visadapt.adapters.methods import peft_config, read_peft_config
 from visadapt.training import StepCallback, Trainer
-from visadapt.utils import atomic_path, write_text_atomic
+from visadapt.utils import DatasetLayoutError, atomic_path, write_text_atomic
 
 from ..composer.concepts import adapter_name_for
-from ..train_common import centre_crop_pixels, denoising_target, halve_frozen_weights, training_scheduler
+from ..train_common import centre_crop_pixels, denoising_target, halve_frozen_weights, open_rgb, training_scheduler
 from .config import MIN_IMAGES, TINY_MODELS, ConceptTrainConfig
 
 __all__ = ["ConceptTrainConfig", "ConceptTrainer", "train_concept"]
@@ -95,12 +95,11 @@ def check_instance_inputs(cfg: ConceptTrainConfig, need_model: bool = True) -> N
 def load_images(files: Sequence[Path], resolution: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Images resized (shorter side) and centre-cropped: ((N, 3, R, R) in [-1, 1], (N, 6) SDXL time ids
     (original h, w, crop top, left, target h, w), names of the images that were not already R×R)."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     pixels, time_ids, resized = [], [], []
     for path in files:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")  # phone photos: upright, as viewers show them
+        image = open_rgb(path, DatasetLayoutError, "replace or remove it from --images")  # phone photos: upright
         if image.size != (resolution, resolution):
             resized.append(path.name)
         image_pixels, image_time_ids, _ = centre_crop_pixels(image, resolution, Image.Resampling.BICUBIC)

@@ -58,7 +58,7 @@ from torch.utils.data import Dataset
 
 from visadapt.utils import DatasetLayoutError
 
-from ..train_common import centre_crop_pixels
+from ..train_common import centre_crop_pixels, open_rgb
 from .config import SIZE_MULTIPLE, TARGET_CROPS
 
 __all__ = ["LAYOUT", "IMAGE_SUFFIXES", "ImageGroup", "EasyRefItems", "scan_groups", "holdout_split", "open_image",
@@ -127,6 +127,19 @@ def _read_face(image: Path) -> Optional[tuple[float, float, float, float]]:
     return x1, y1, x2, y2
 
 
+def checked_face(image: Path, box: tuple[float, float, float, float],
+                 size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``box`` if it lies inside the (upright) image of ``size`` (width, height); else a
+    :class:`DatasetLayoutError` naming the file, the box and the size (the crop would take the whole image)."""
+    x1, y1, x2, y2 = box
+    width, height = size
+    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+        raise _layout_error(f"{image.with_suffix('.face.txt')}: the face box {x1:g} {y1:g} {x2:g} {y2:g} is not inside "
+                            f"the {width}x{height} image {image.name} (x1 y1 x2 y2 in its pixels, 0 <= x <= {width}, "
+                            f"0 <= y <= {height}); fix the box (clip it to the image) or remove the file.")
+    return box
+
+
 def face_crop(image, box: tuple[float, float, float, float], rng: random.Random):
     """The official face reference: a square around ``box`` (side = its longer side), each side pushed out by a
     random 0-49 % of the box (as far as the image allows), shifted back inside the image, flipped with p = 0.5."""
@@ -184,15 +197,9 @@ def holdout_split(groups: Sequence[ImageGroup]) -> tuple[list[ImageGroup], list[
 
 
 def open_image(path: Path):
-    """The image at ``path`` as upright RGB; an unreadable file raises :class:`DatasetLayoutError` naming it."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as opened:
-            return ImageOps.exif_transpose(opened).convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise DatasetLayoutError(f"{path}: cannot read the image ({err}); replace or remove it (and its .txt).") \
-            from err
+    """The image at ``path`` as upright RGB; an unreadable or too large file raises :class:`DatasetLayoutError`
+    naming it (:func:`~visadapt.diffusion.train_common.open_rgb`)."""
+    return open_rgb(path, DatasetLayoutError, "replace or remove it (and its .txt)")
 
 
 def aspect_size(width: int, height: int, resolution: int, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
@@ -275,7 +282,7 @@ class EasyRefItems(Dataset):
         if self.stage == 3:
             refs = [open_image(p) for p in self.reference_files(group, i, rng)]
         elif self.stage == 2 and group.face(i) is not None:
-            refs = [face_crop(image, group.face(i), rng)]
+            refs = [face_crop(image, checked_face(group.images[i], group.face(i), image.size), rng)]
         else:  # the official code crops the reference as the target when it crops, else reads the file as it is
             refs = [shown if self.target_crop == "square" else image]
         draw, dropped = rng.random(), False

@@ -111,12 +111,17 @@ def load_reference(image: ImageLike, where: str = "reference image"):
         path = Path(image)
         if not path.is_file():
             raise EasyRefInputError(f"{where}: no file at {str(path)!r}; pass an existing image path or a PIL image.")
-        try:
-            with Image.open(path) as opened:
-                return opened.convert("RGB")
-        except (UnidentifiedImageError, OSError) as error:
-            raise EasyRefInputError(f"{where}: {str(path)!r} is not a readable image ({error}); pass a PNG/JPEG/WebP "
-                                    "file or a PIL image.") from None
+        from ..train_common import pixel_limit, too_large
+
+        with pixel_limit():
+            try:
+                with Image.open(path) as opened:
+                    return opened.convert("RGB")
+            except Image.DecompressionBombError:
+                raise EasyRefInputError(f"{where}: {too_large(path, Image.MAX_IMAGE_PIXELS)}") from None
+            except (UnidentifiedImageError, OSError) as error:
+                raise EasyRefInputError(f"{where}: {str(path)!r} is not a readable image ({error}); pass a "
+                                        "PNG/JPEG/WebP file or a PIL image.") from None
     raise EasyRefInputError(f"{where}: got {type(image).__name__}; pass a PIL image or an image file path.")
 
 

@@ -174,6 +174,11 @@ class EasyRefTrainer(Trainer):
             raise ValueError("--max-seq-len must be >= 0 (0: pad to the longest example).")
         if c.size_multiple < 1:
             raise ValueError("--size-multiple must be >= 1.")
+        if c.resolution is not None and c.resolution < 1:
+            raise ValueError(f"--resolution {c.resolution}: pass a positive size, or leave it out for the pipeline's.")
+        if c.lr <= 0 or c.weight_decay < 0:
+            raise ValueError(f"--lr {c.lr} / --weight-decay {c.weight_decay}: pass a learning rate > 0 and a weight "
+                             "decay >= 0.")
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
