@@ -78,3 +78,16 @@ def test_groundtruth_with_more_rows_than_frames_is_refused(tmp_path, pipeline_di
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(seq / "groundtruth.txt") in err and "20 boxes for 12 frames" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_track_train_refuses_sequences_whose_boxes_all_lie_outside_the_frame(tmp_path, capsys):
+    for name in ("a", "b"):
+        seq = _frame_folder(tmp_path / "data" / name, 4)
+        np.savetxt(seq / "groundtruth.txt", [[300, 300, 20, 20]] * 4, fmt="%d", delimiter=",")
+    code = main(["track", "train", "--variant", "demo", "--data", f"folder:{tmp_path / 'data' / 'a'}", "--data",
+                 f"folder:{tmp_path / 'data' / 'b'}", "--epochs", "1", "--samples-per-epoch", "2", "--out",
+                 str(tmp_path / "run")])
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert "no annotated box overlaps its frame" in line and "64x64" in line and "(300.0, 300.0, 20.0, 20.0)" in line
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
