@@ -91,3 +91,50 @@ def test_track_train_refuses_sequences_whose_boxes_all_lie_outside_the_frame(tmp
     line = _one_line_error(capsys)
     assert "no annotated box overlaps its frame" in line and "64x64" in line and "(300.0, 300.0, 20.0, 20.0)" in line
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+# --- incremental -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """4 classes of 3 tiny images each in the imagefolder layout (train rows 0..11, class c at rows 3c..3c+2)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(4):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def _incremental(root, out, *extra):
+    return main(["incremental", "train", "--dataset", "imagefolder", "--root", str(root), "--base-classes", "2",
+                 "--way", "1", "--sessions", "3", "--shots", "1", "--backbone", "visadapt-demo-clip",
+                 "--epochs-base", "0", "--epochs-incremental", "0", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("row", ["99999", "-1", "12"])
+def test_incremental_refuses_an_index_list_row_out_of_range_before_training(tmp_path, image_folder, capsys, row):
+    index_list = tmp_path / "list.txt"
+    index_list.write_text(f"2 6\n3 {row}\n")
+    assert _incremental(image_folder, tmp_path / "run", "--index-list", str(index_list)) == 2
+    line = _one_line_error(capsys)
+    assert f"{index_list}:2: sample index {row} is outside 0..11" in line
+    assert not list((tmp_path / "run").glob("session_*"))
+
+
+def test_read_index_list_names_the_line_of_a_bad_row(tmp_path):
+    from visadapt.incremental.sessions import read_index_list
+
+    path = tmp_path / "list.txt"
+    path.write_text("0 1\n\n1 -1\n")
+    assert read_index_list(path) == {0: [1], 1: [-1]}  # without the split size: parsed as written
+    with pytest.raises(ValueError, match=r"list.txt:3: sample index -1 is outside 0\.\.4"):
+        read_index_list(path, 5)
+    path.write_text("-2 1\n")
+    with pytest.raises(ValueError, match=r"list.txt:1: class id -2 is negative"):
+        read_index_list(path, 5)

@@ -345,16 +345,16 @@ def _check_run(out: Path, cfg: IncrementalConfig, resume: bool) -> None:
 def _pools(cfg: IncrementalConfig, data: IncrementalData, out: Path) -> dict:
     saved = out / "index_list.txt"
     if saved.exists():
-        return read_index_list(saved)
+        return read_index_list(saved, len(data.train.labels))
     if cfg.index_list and cfg.cec_sessions:
         raise ValueError("Pass --index-list or --cec-sessions, not both.")
     standard = standard_index_list(cfg.dataset)
     if cfg.index_list and cfg.index_list != DRAW:
-        pools = read_index_list(cfg.index_list)
+        pools = read_index_list(cfg.index_list, len(data.train.labels))
     elif cfg.cec_sessions:
         pools = _cec_pools(Path(cfg.cec_sessions), data)
     elif standard and cfg.index_list != DRAW:  # the published numbers' samples
-        pools = read_index_list(standard)
+        pools = read_index_list(standard, len(data.train.labels))
     else:
         pools = draw_pools(data.train.labels, cfg.split_seed)
     write_index_list(pools, saved)
