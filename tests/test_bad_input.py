@@ -138,3 +138,11 @@ def test_read_index_list_names_the_line_of_a_bad_row(tmp_path):
     path.write_text("-2 1\n")
     with pytest.raises(ValueError, match=r"list.txt:1: class id -2 is negative"):
         read_index_list(path, 5)
+
+
+@pytest.mark.parametrize("flag", ["--sessions", "--way", "--base-classes", "--shots"])
+def test_incremental_refuses_zero_sessions_way_base_classes_and_shots(tmp_path, image_folder, capsys, flag):
+    assert _incremental(image_folder, tmp_path / "run", flag, "0") == 2
+    line = _one_line_error(capsys)
+    assert flag in line and ">= 1" in line
+    assert not (tmp_path / "run").exists()
