@@ -146,3 +146,49 @@ def test_incremental_refuses_zero_sessions_way_base_classes_and_shots(tmp_path, 
     line = _one_line_error(capsys)
     assert flag in line and ">= 1" in line
     assert not (tmp_path / "run").exists()
+
+
+# --- hyperspectral ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hsi_scene(tmp_path_factory):
+    from visadapt.worlds.spectra import synthetic_scene, write_scene_mat
+
+    scene = synthetic_scene(height=24, width=24, bands=20, classes=3, seed=1)
+    data, gt = write_scene_mat(scene, tmp_path_factory.mktemp("scene"), "small")
+    return scene, data, gt
+
+
+def _hsi_train(data, gt, out, *extra):
+    return main(["hsi", "train", "--data", str(data), "--data-key", "small", "--gt", str(gt), "--gt-key", "small_gt",
+                 "--out", str(out), "--model", "lola_specvit_tiny", "--pca", "4", "--patch", "5", "--epochs", "1",
+                 *extra])
+
+
+def test_hsi_train_refuses_an_unknown_model_with_the_valid_names(hsi_scene, tmp_path, capsys):
+    _, data, gt = hsi_scene
+    assert _hsi_train(data, gt, tmp_path / "run", "--model", "lola_specvit_nope") == 2
+    line = _one_line_error(capsys)
+    assert "lola_specvit_nope" in line and "lola_specvit_base, lola_specvit_small, lola_specvit_tiny" in line
+
+
+def test_hsi_train_refuses_a_per_class_count_a_class_cannot_give(hsi_scene, tmp_path, capsys):
+    scene, data, gt = hsi_scene
+    assert _hsi_train(data, gt, tmp_path / "run", "--train", "1000") == 2
+    line = _one_line_error(capsys)
+    sizes = np.bincount(scene.gt.ravel())[1:]
+    smallest = int(sizes.argmin())
+    assert "--train 1000: 3 class(es)" in line and f"class {smallest + 1} ({sizes[smallest]})" in line
+    assert f"below {sizes[smallest]}" in line
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_stratified_split_names_the_short_classes():
+    from visadapt.hyperspectral.data import stratified_split
+
+    gt = np.zeros((10, 10), dtype=np.int64)
+    gt[:2] = 1  # 20 pixels
+    gt[2:3] = 2  # 10 pixels
+    with pytest.raises(ValueError, match=r"1 class\(es\).*grass \(10\)\. Lower --train below 10"):
+        stratified_split(gt, 10, class_names=["tree", "grass"])
+    assert len(stratified_split(gt, 9).train) == 18  # 9 per class, one test pixel left in class 2
