@@ -423,8 +423,8 @@ def train(cfg: IncrementalConfig, out_dir: str | Path, resume: bool = False, dat
     validate(cfg, data is not None)
     _check_run(out, cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
+    stream = build_stream(cfg, out, data, backbone)  # refuses a bad schedule or index list before out holds a run
     save_json_atomic(cfg.to_json(), out / RUN_CONFIG)
-    stream = build_stream(cfg, out, data, backbone)
     for s in range(stream.plan.sessions):
         folder = out / f"session_{s}"
         if (folder / "results.json").exists():
