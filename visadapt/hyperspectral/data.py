@@ -382,10 +382,11 @@ def _per_class_counts(sizes: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def stratified_split(gt: np.ndarray, train: Union[float, int], seed: int = 345,
-                     val: Union[float, int] = 0) -> Split:
+                     val: Union[float, int] = 0, class_names: Optional[Sequence[str]] = None) -> Split:
     """Pick training pixels per class: ``train`` < 1 is a fraction of each class (the release: 0.1; README: 0.02),
-    an integer ≥ 1 a count per class (capped so every class keeps at least one test pixel). ``val`` takes a
-    fraction or per-class count *of the training pixels* for validation. Same (gt, train, val, seed) → same split.
+    an integer ≥ 1 a count per class (a class without more pixels than that, one left to test, is an error that
+    names it with ``class_names``). ``val`` takes a fraction or per-class count *of the training pixels* for
+    validation. Same (gt, train, val, seed) → same split.
     """
     gt = np.asarray(gt)
     labels = gt[gt > 0]
@@ -398,7 +399,14 @@ def stratified_split(gt: np.ndarray, train: Union[float, int], seed: int = 345,
         raise ValueError(f"A training fraction must be in (0, 1), got {train}.")
     if isinstance(train, int) and train < 1:
         raise ValueError(f"A per-class training count must be >= 1, got {train}.")
-    counts = _per_class_counts(sizes, train) if isinstance(train, float) else np.minimum(train, sizes - 1)
+    if isinstance(train, int) and (sizes <= train).any():
+        short = [(int(n), int(c)) for n, c in sorted(zip(sizes, classes)) if n <= train]
+        named = ", ".join(f"{class_names[c - 1] if class_names and c <= len(class_names) else f'class {c}'} ({n})"
+                          for n, c in short[:5])
+        raise ValueError(f"--train {train}: {len(short)} class(es) hold too few labelled pixels for {train} training "
+                         f"pixels and at least one test pixel: {named}. Lower --train below {int(sizes.min())}, or "
+                         "pass a fraction (e.g. --train 0.1).")
+    counts = _per_class_counts(sizes, train) if isinstance(train, float) else np.full(len(sizes), train)
     if (counts < 1).any():
         few = [int(c) for c in classes[counts < 1]]
         raise ValueError(f"Classes {few} get no training pixel at this fraction; use a larger fraction or a count.")

@@ -27,7 +27,7 @@ from visadapt.utils.modules import trainable_parameters
 from .config import HSITrainConfig
 from .data import PatchSet, Scene, Split, collate_batch, fit_pca, load_scene, stratified_split
 from .metrics import confusion_matrix, plot_class_map, plot_confusion, save_class_map_png, scores
-from .model import build_model, lola_peft_model, set_trainable
+from .model import MODEL_ARGS, build_model, lola_peft_model, set_trainable
 from .pipeline import HyperspectralPipeline, predict_labels
 from .report import run_summary
 from .schedule import LoLASchedule, lola_param_groups
@@ -54,6 +54,9 @@ class HSITrainer(Trainer):
                              "form is not a peft layer, and peft trains only the LoRA factors (freeze 'official').")
         if c.epochs < 1:
             raise ValueError("epochs must be >= 1.")
+        if c.model not in MODEL_ARGS:
+            raise ValueError(f"--model {c.model!r} is not a LoLA-SpecViT model; choose one of "
+                             f"{', '.join(MODEL_ARGS)}.")
         if self._scene is None and not (c.dataset and c.root) and not (c.data and c.gt):
             raise ValueError("Pass --dataset and --root, or --data and --gt (with their keys), or --demo.")
 
@@ -87,7 +90,7 @@ class HSITrainer(Trainer):
             return Split.load(path, scene.gt)
         if self.cfg.split_file:
             return Split.load(self.cfg.split_file, scene.gt)
-        return stratified_split(scene.gt, self.cfg.train, self.cfg.split_seed, self.cfg.val)
+        return stratified_split(scene.gt, self.cfg.train, self.cfg.split_seed, self.cfg.val, scene.class_names)
 
     def _build(self, num_classes: int) -> nn.Module:
         c = self.cfg

@@ -87,8 +87,9 @@ def plan_for(setting: str, dataset: str | None, num_classes: int, base: int | No
     return SessionPlan(num_classes, b, w, s)
 
 
-def read_index_list(path: str | Path) -> "OrderedDict[int, list[int]]":
-    """``{class_id: [sample_index, ...]}`` in file order from an official index list."""
+def read_index_list(path: str | Path, num_rows: int | None = None) -> "OrderedDict[int, list[int]]":
+    """``{class_id: [sample_index, ...]}`` in file order from an official index list; with ``num_rows`` (the size
+    of the training split) a negative or out-of-range class id or sample index is refused with its line."""
     pools: OrderedDict[int, list[int]] = OrderedDict()
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -96,7 +97,14 @@ def read_index_list(path: str | Path) -> "OrderedDict[int, list[int]]":
         parts = line.split()
         if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
             raise ValueError(f"{path}:{number}: expected `<class_id> <sample_index>` (two integers), got {line!r}.")
-        pools.setdefault(int(parts[0]), []).append(int(parts[1]))
+        label, row = int(parts[0]), int(parts[1])
+        if label < 0:
+            raise ValueError(f"{path}:{number}: class id {label} is negative; class ids start at 0.")
+        if num_rows is not None and not 0 <= row < num_rows:
+            raise ValueError(f"{path}:{number}: sample index {row} is outside 0..{num_rows - 1}, the rows of this "
+                             f"{num_rows}-image training split; fix the line, or pass --index-list draw to draw "
+                             "pools from these files.")
+        pools.setdefault(label, []).append(row)
     return pools
 
 

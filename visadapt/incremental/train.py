@@ -345,16 +345,16 @@ def _check_run(out: Path, cfg: IncrementalConfig, resume: bool) -> None:
 def _pools(cfg: IncrementalConfig, data: IncrementalData, out: Path) -> dict:
     saved = out / "index_list.txt"
     if saved.exists():
-        return read_index_list(saved)
+        return read_index_list(saved, len(data.train.labels))
     if cfg.index_list and cfg.cec_sessions:
         raise ValueError("Pass --index-list or --cec-sessions, not both.")
     standard = standard_index_list(cfg.dataset)
     if cfg.index_list and cfg.index_list != DRAW:
-        pools = read_index_list(cfg.index_list)
+        pools = read_index_list(cfg.index_list, len(data.train.labels))
     elif cfg.cec_sessions:
         pools = _cec_pools(Path(cfg.cec_sessions), data)
     elif standard and cfg.index_list != DRAW:  # the published numbers' samples
-        pools = read_index_list(standard)
+        pools = read_index_list(standard, len(data.train.labels))
     else:
         pools = draw_pools(data.train.labels, cfg.split_seed)
     write_index_list(pools, saved)
@@ -380,6 +380,11 @@ def validate(cfg: IncrementalConfig, has_data: bool) -> None:
         raise ValueError("Pass --dataset and --root (or --demo).")
     if cfg.shots < 1 or cfg.batch_size < 1:
         raise ValueError("--shots and --batch-size must be >= 1.")
+    for name in ("base_classes", "way", "sessions"):  # 0 would silently mean "the spec table's"
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {value}: must be >= 1; leave {flag} out for the spec table's schedule.")
     if cfg.epochs_base < 0 or cfg.epochs_incremental < 0:
         raise ValueError("--epochs-base and --epochs-incremental must be >= 0.")
     unknown = set(cfg.incremental_layers) - {"classifier", "pet"}
@@ -418,8 +423,8 @@ def train(cfg: IncrementalConfig, out_dir: str | Path, resume: bool = False, dat
     validate(cfg, data is not None)
     _check_run(out, cfg, resume)
     out.mkdir(parents=True, exist_ok=True)
+    stream = build_stream(cfg, out, data, backbone)  # refuses a bad schedule or index list before out holds a run
     save_json_atomic(cfg.to_json(), out / RUN_CONFIG)
-    stream = build_stream(cfg, out, data, backbone)
     for s in range(stream.plan.sessions):
         folder = out / f"session_{s}"
         if (folder / "results.json").exists():

@@ -202,10 +202,14 @@ def read_flags(path: Path, n: int, kind: str) -> Optional[np.ndarray]:
         raise layout_error(kind, f"{path} holds something other than integers", "write 0/1 per frame.") from None
 
 
-def _pad_boxes(boxes: np.ndarray, n: int) -> np.ndarray:
-    """Boxes for the first frames only (test splits) become (n, 4) with NaN rows after them."""
-    if len(boxes) >= n:
-        return boxes[:n]
+def _pad_boxes(boxes: np.ndarray, n: int, path: Path, kind: str) -> np.ndarray:
+    """Boxes for the first frames only (test splits) become (n, 4) with NaN rows after them; more boxes than
+    frames is a layout error (frames missing, or the file of another sequence)."""
+    if len(boxes) > n:
+        raise layout_error(kind, f"{path} has {len(boxes)} boxes for {n} frames",
+                           f"give one x,y,w,h line per frame (at most {n}), or restore the missing frames.")
+    if len(boxes) == n:
+        return boxes
     return np.concatenate([boxes, np.full((n - len(boxes), 4), np.nan)])
 
 
@@ -244,7 +248,7 @@ def read_folder(root: PathLike, split: Optional[str] = None) -> list[TrackingSeq
         raise layout_error("folder", f"{root} is not a folder", "pass the sequence folder.")
     frame_dir = root / "img" if (root / "img").is_dir() else root
     frames = _frames(frame_dir, "folder")
-    boxes = _pad_boxes(read_boxes(root / "groundtruth.txt", "folder"), len(frames))
+    boxes = _pad_boxes(read_boxes(root / "groundtruth.txt", "folder"), len(frames), root / "groundtruth.txt", "folder")
     return [TrackingSequence(root.name, frames, boxes, _visible(boxes), "folder")]
 
 
@@ -308,7 +312,7 @@ def _got10k_sequence(split_dir: Path, name: str, test: bool) -> TrackingSequence
     boxes = read_boxes(folder / "groundtruth.txt", "got10k")
     # train/val annotate every frame, so the names follow from the count; test annotates frame 1 only
     frames = _frames(folder, "got10k") if test else _named_frames(folder, "{:08d}.jpg", len(boxes), 1, "got10k")
-    boxes = _pad_boxes(boxes, len(frames))
+    boxes = _pad_boxes(boxes, len(frames), folder / "groundtruth.txt", "got10k")
     absence = read_flags(folder / "absence.label", len(frames), "got10k")
     cover = read_flags(folder / "cover.label", len(frames), "got10k")
     meta = {"cover": cover} if cover is not None else {}
@@ -428,7 +432,7 @@ def read_trackingnet(root: PathLike, split: str = "train") -> list[TrackingSeque
             boxes = read_boxes(anno, "trackingnet")
             if chunk.name == "TEST":
                 frames = _numeric_frames(folder)
-                boxes = _pad_boxes(boxes[:1], len(frames))
+                boxes = _pad_boxes(boxes[:1], len(frames), anno, "trackingnet")
             else:
                 frames = _named_frames(folder, "{}.jpg", len(boxes), 0, "trackingnet")
             sequences.append(TrackingSequence(anno.stem, frames, boxes, _visible(boxes), "trackingnet",

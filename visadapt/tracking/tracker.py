@@ -98,6 +98,11 @@ class Tracker:
         xyxy = _xywh_to_xyxy(box)
         if not (xyxy[2] > xyxy[0] and xyxy[3] > xyxy[1]):
             raise ValueError(f"The initial box {tuple(box)} has no area; give x,y,w,h with w > 0 and h > 0.")
+        height, width = image.shape[1:]
+        if not (xyxy[2] > 0 and xyxy[0] < width and xyxy[3] > 0 and xyxy[1] < height):
+            raise ValueError(f"The initial box x,y,w,h = {tuple(float(v) for v in box)} lies outside the "
+                             f"{width}x{height} first frame; give a box that overlaps the target in it "
+                             f"(0 <= x < {width}, 0 <= y < {height}, in pixels).")
         params = crop_params(xyxy, self.template_factor, self.template_size)
         fill = image.mean(dim=(1, 2))
         z, params = crop(image, params, fill, self.crop)

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import peft
 import torch
 
@@ -21,7 +22,7 @@ from visadapt.training import ShotBatches, StepCallback, Trainer
 from visadapt.utils import load_safetensors
 
 from .config import TrackConfig
-from .datasets import TrackingSequence, load_sequences
+from .datasets import TrackingSequence, image_size, load_sequences
 from .evaluate import STATIC, curves, score, static_boxes, track_dataset, write_predictions
 from .losses import lorat_loss
 from .metrics import plot_success_precision
@@ -95,7 +96,29 @@ def load_mix(cfg: TrackConfig) -> dict[str, list[TrackingSequence]]:
         if key in mix:
             key = str(spec)
         mix[key] = load_sequences(spec.name, spec.root, spec.split)
+        _check_boxes_in_frame(str(spec), mix[key])
     return mix
+
+
+def _check_boxes_in_frame(name: str, sequences: list[TrackingSequence]) -> None:
+    """Refuse a dataset none of whose visible boxes overlaps its frame (boxes of another image size, or not
+    in pixels): training would sample crops of background only. Stops at the first sequence that has one, so a
+    good dataset costs one frame header."""
+    example = None
+    for sequence in sequences:
+        boxes = sequence.boxes[np.asarray(sequence.visible, dtype=bool)]
+        if not len(boxes):
+            continue
+        width, height = image_size(sequence)
+        inside = (boxes[:, 0] + boxes[:, 2] > 0) & (boxes[:, 0] < width) & (boxes[:, 1] + boxes[:, 3] > 0) & (
+            boxes[:, 1] < height)
+        if inside.any():
+            return
+        if example is None:
+            example = f"{sequence.name}: box x,y,w,h = {tuple(float(v) for v in boxes[0])} on {width}x{height} frames"
+    if example is not None:
+        raise ValueError(f"--data {name}: no annotated box overlaps its frame (e.g. {example}); write the boxes "
+                         "as x,y,w,h in pixels of the frames they annotate.")
 
 
 def lr_lambda(cfg: TrackConfig, steps_per_epoch: int, total: int):

@@ -1,0 +1,194 @@
+"""Bad input to the newer commands (tracking, incremental, hyperspectral): refused before any work with one line
+that names the value, the valid range and the fix, never a traceback or a silent run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from visadapt.cli import main
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("visadapt: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --- tracking --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    from visadapt.tracking.config import TrackConfig
+    from visadapt.tracking.pipeline import TrackingPipeline
+    from visadapt.tracking.train import build_model, model_config
+
+    folder = tmp_path_factory.mktemp("tracker")
+    cfg = TrackConfig(variant="demo", r=4, lora_alpha=8.0)
+    torch.manual_seed(0)
+    model, _ = build_model(cfg)
+    TrackingPipeline(model, model_config(cfg)).save_pretrained(folder)
+    return folder
+
+
+def _frame_folder(folder, n, size=64):
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:08d}.png")
+    return folder
+
+
+@pytest.mark.parametrize("box", ["500,500,20,20", "-30,-30,20,20", "10,70,5,5"])
+def test_track_run_refuses_a_first_box_outside_the_frame(tmp_path, pipeline_dir, capsys, box):
+    frames = _frame_folder(tmp_path / "frames", 3)
+    code = main(["track", "run", str(frames), f"--box={box}", "--model", str(pipeline_dir), "--out",
+                 str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert "64x64" in line and "outside" in line
+    assert not (tmp_path / "out" / "boxes.txt").exists()
+
+
+def test_track_eval_refuses_a_first_groundtruth_box_outside_the_frame(tmp_path, pipeline_dir, capsys):
+    seq = _frame_folder(tmp_path / "seq", 4)
+    np.savetxt(seq / "groundtruth.txt", [[500, 500, 20, 20]] + [[10, 10, 20, 20]] * 3, fmt="%d", delimiter=",")
+    code = main(["track", "eval", str(pipeline_dir), "--data", f"folder:{seq}", "--out", str(tmp_path / "out"),
+                 "--device", "cpu"])
+    assert code == 2
+    assert "outside the 64x64 first frame" in _one_line_error(capsys)
+
+
+def test_groundtruth_with_more_rows_than_frames_is_refused(tmp_path, pipeline_dir, capsys):
+    from visadapt.tracking.datasets import read_folder
+    from visadapt.utils import DatasetLayoutError
+
+    seq = _frame_folder(tmp_path / "seq", 12)
+    np.savetxt(seq / "groundtruth.txt", [[10, 10, 20, 20]] * 20, fmt="%d", delimiter=",")
+    with pytest.raises(DatasetLayoutError, match="20 boxes for 12 frames"):
+        read_folder(seq)
+    code = main(["track", "eval", str(pipeline_dir), "--data", f"folder:{seq}", "--out", str(tmp_path / "out"),
+                 "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(seq / "groundtruth.txt") in err and "20 boxes for 12 frames" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_track_train_refuses_sequences_whose_boxes_all_lie_outside_the_frame(tmp_path, capsys):
+    for name in ("a", "b"):
+        seq = _frame_folder(tmp_path / "data" / name, 4)
+        np.savetxt(seq / "groundtruth.txt", [[300, 300, 20, 20]] * 4, fmt="%d", delimiter=",")
+    code = main(["track", "train", "--variant", "demo", "--data", f"folder:{tmp_path / 'data' / 'a'}", "--data",
+                 f"folder:{tmp_path / 'data' / 'b'}", "--epochs", "1", "--samples-per-epoch", "2", "--out",
+                 str(tmp_path / "run")])
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert "no annotated box overlaps its frame" in line and "64x64" in line and "(300.0, 300.0, 20.0, 20.0)" in line
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+# --- incremental -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """4 classes of 3 tiny images each in the imagefolder layout (train rows 0..11, class c at rows 3c..3c+2)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(4):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def _incremental(root, out, *extra):
+    return main(["incremental", "train", "--dataset", "imagefolder", "--root", str(root), "--base-classes", "2",
+                 "--way", "1", "--sessions", "3", "--shots", "1", "--backbone", "visadapt-demo-clip",
+                 "--epochs-base", "0", "--epochs-incremental", "0", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("row", ["99999", "-1", "12"])
+def test_incremental_refuses_an_index_list_row_out_of_range_before_training(tmp_path, image_folder, capsys, row):
+    index_list = tmp_path / "list.txt"
+    index_list.write_text(f"2 6\n3 {row}\n")
+    assert _incremental(image_folder, tmp_path / "run", "--index-list", str(index_list)) == 2
+    line = _one_line_error(capsys)
+    assert f"{index_list}:2: sample index {row} is outside 0..11" in line
+    assert not list((tmp_path / "run").iterdir())  # nothing half-written: the fixed list reruns into the same --out
+
+
+def test_read_index_list_names_the_line_of_a_bad_row(tmp_path):
+    from visadapt.incremental.sessions import read_index_list
+
+    path = tmp_path / "list.txt"
+    path.write_text("0 1\n\n1 -1\n")
+    assert read_index_list(path) == {0: [1], 1: [-1]}  # without the split size: parsed as written
+    with pytest.raises(ValueError, match=r"list.txt:3: sample index -1 is outside 0\.\.4"):
+        read_index_list(path, 5)
+    path.write_text("-2 1\n")
+    with pytest.raises(ValueError, match=r"list.txt:1: class id -2 is negative"):
+        read_index_list(path, 5)
+
+
+@pytest.mark.parametrize("flag", ["--sessions", "--way", "--base-classes", "--shots"])
+def test_incremental_refuses_zero_sessions_way_base_classes_and_shots(tmp_path, image_folder, capsys, flag):
+    assert _incremental(image_folder, tmp_path / "run", flag, "0") == 2
+    line = _one_line_error(capsys)
+    assert flag in line and ">= 1" in line
+    assert not (tmp_path / "run").exists()
+
+
+# --- hyperspectral ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hsi_scene(tmp_path_factory):
+    from visadapt.worlds.spectra import synthetic_scene, write_scene_mat
+
+    scene = synthetic_scene(height=24, width=24, bands=20, classes=3, seed=1)
+    data, gt = write_scene_mat(scene, tmp_path_factory.mktemp("scene"), "small")
+    return scene, data, gt
+
+
+def _hsi_train(data, gt, out, *extra):
+    return main(["hsi", "train", "--data", str(data), "--data-key", "small", "--gt", str(gt), "--gt-key", "small_gt",
+                 "--out", str(out), "--model", "lola_specvit_tiny", "--pca", "4", "--patch", "5", "--epochs", "1",
+                 *extra])
+
+
+def test_hsi_train_refuses_an_unknown_model_with_the_valid_names(hsi_scene, tmp_path, capsys):
+    _, data, gt = hsi_scene
+    assert _hsi_train(data, gt, tmp_path / "run", "--model", "lola_specvit_nope") == 2
+    line = _one_line_error(capsys)
+    assert "lola_specvit_nope" in line and "lola_specvit_base, lola_specvit_small, lola_specvit_tiny" in line
+
+
+def test_hsi_train_refuses_a_per_class_count_a_class_cannot_give(hsi_scene, tmp_path, capsys):
+    scene, data, gt = hsi_scene
+    assert _hsi_train(data, gt, tmp_path / "run", "--train", "1000") == 2
+    line = _one_line_error(capsys)
+    sizes = np.bincount(scene.gt.ravel())[1:]
+    smallest = int(sizes.argmin())
+    assert "--train 1000: 3 class(es)" in line and f"class {smallest + 1} ({sizes[smallest]})" in line
+    assert f"below {sizes[smallest]}" in line
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_stratified_split_names_the_short_classes():
+    from visadapt.hyperspectral.data import stratified_split
+
+    gt = np.zeros((10, 10), dtype=np.int64)
+    gt[:2] = 1  # 20 pixels
+    gt[2:3] = 2  # 10 pixels
+    with pytest.raises(ValueError, match=r"1 class\(es\).*grass \(10\)\. Lower --train below 10"):
+        stratified_split(gt, 10, class_names=["tree", "grass"])
+    assert len(stratified_split(gt, 9).train) == 18  # 9 per class, one test pixel left in class 2
