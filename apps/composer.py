@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 def load_pipeline(model: Optional[str] = None, device: Optional[str] = None):
     """A LoRA-Composer pipeline: ``model`` is a hub id or a local diffusers folder (SD or SDXL); None → the
-    embedded world model (:mod:`visadapt.worlds.models`).
+    embedded world model (:mod:`visadapt.utils.worlds.models`).
 
     The class follows the checkpoint's ``model_index.json`` (``StableDiffusionXLPipeline`` → the XL composer).
     A folder is loaded with ``local_files_only``. float16 on CUDA, float32 on the CPU.
@@ -73,7 +73,7 @@ def load_pipeline(model: Optional[str] = None, device: Optional[str] = None):
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
-        from visadapt.worlds.models import load_world_model
+        from visadapt.utils.worlds.models import load_world_model
 
         return load_world_model(pipeline_class=LoRAComposerPipeline, device=device)
     from diffusers import DiffusionPipeline
@@ -313,7 +313,7 @@ def draw_boxes(width: int, height: int, boxes: Sequence[tuple[str, Sequence[Opti
 
 
 def is_world_model(pipe) -> bool:
-    from visadapt.worlds.models import WORLD_MODEL_DIR
+    from visadapt.utils.worlds.models import WORLD_MODEL_DIR
 
     name = getattr(pipe, "name_or_path", None)
     return bool(name) and Path(name).resolve() == WORLD_MODEL_DIR.resolve()

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from visadapt.diffusion import ComposerConfig, Concept
 from visadapt.diffusion.concept.demo import DEMO_CONCEPTS, DEMO_STEPS, train_demo_concept
 from visadapt.pipelines import LoRAComposerPipeline
-from visadapt.worlds import shapes as world
-from visadapt.worlds.judge import DemoCLIPJudge, object_crop
-from visadapt.worlds.models import WORLD_MODEL_DIR, load_world_model
+from visadapt.utils.worlds import shapes as world
+from visadapt.utils.worlds.judge import DemoCLIPJudge, object_crop
+from visadapt.utils.worlds.models import WORLD_MODEL_DIR, load_world_model
 
 LAYOUTS = {
     "left|right": [(0.0, 0.25, 0.5, 0.75), (0.5, 0.25, 1.0, 0.75)],

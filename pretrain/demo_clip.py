@@ -1,6 +1,6 @@
-"""Pretrain the tiny demo CLIP on the shapes world (:mod:`visadapt.worlds.shapes`), seen shapes only.
+"""Pretrain the tiny demo CLIP on the shapes world (:mod:`visadapt.utils.worlds.shapes`), seen shapes only.
 
-    python pretrain/demo_clip.py --out visadapt/worlds/demo_clip [--steps N --seed S]
+    python pretrain/demo_clip.py --out visadapt/utils/worlds/demo_clip [--steps N --seed S]
 
 A standard open_clip ``CLIP`` (ViT image tower, CLIP-BPE text tower) shrunk to a few MB, trained with the CLIP
 contrastive loss on freshly rendered (image, caption) batches, and written as an open_clip ``local-dir:`` folder
@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from visadapt.utils import staged_dir
-from visadapt.worlds import shapes as world
-from visadapt.worlds.models import DEMO_CLIP_DIR
+from visadapt.utils.worlds import shapes as world
+from visadapt.utils.worlds.models import DEMO_CLIP_DIR
 
 CONTEXT_LENGTH = 20  # the longest caption is 18 tokens with start and end
 MODEL_CFG = {

@@ -1,8 +1,8 @@
 """Pretrain the tiny demo ViT of ``visadapt track train --demo`` as a whole tracker on the procedural world.
 
-    python pretrain/demo_vit.py --out visadapt/worlds/demo_vit [--steps N --seed S]
+    python pretrain/demo_vit.py --out visadapt/utils/worlds/demo_vit [--steps N --seed S]
 
-A DINOv2-layout timm ViT (patch 8, 64 wide, 4 deep; :data:`~visadapt.worlds.models.DEMO_ARCH`) inside a
+A DINOv2-layout timm ViT (patch 8, 64 wide, 4 deep; :data:`~visadapt.utils.worlds.models.DEMO_ARCH`) inside a
 :class:`~visadapt.tracking.model.LoRAT` is trained from random weights, every parameter (backbone, position table,
 token types, head), with the LoRAT loss on (template, search) pairs of the video world's ``pretrain`` kind (shapes and
 textures the demo never shows), with a milder search-crop shift than LoRAT's (translation jitter 1 instead of 3:
@@ -35,8 +35,8 @@ from visadapt.tracking.model import LoRAT, build_vit
 from visadapt.tracking.sampling import PairSettings, TrainingPairs, collate_pairs
 from visadapt.tracking.tracker import Tracker
 from visadapt.utils import staged_dir
-from visadapt.worlds.models import DEMO_ARCH, DEMO_VIT_DIR
-from visadapt.worlds.video import write_world
+from visadapt.utils.worlds.models import DEMO_ARCH, DEMO_VIT_DIR
+from visadapt.utils.worlds.video import write_world
 
 
 def pair_settings(arch: dict = DEMO_ARCH, augment: bool = True, translation_jitter: float = 3.0) -> PairSettings:

@@ -1,6 +1,6 @@
 """Pretrain the embedded world model: a tiny Stable Diffusion pipeline that draws the shapes world's canvases.
 
-    OMP_NUM_THREADS=1 python pretrain/world_model.py --out visadapt/worlds/world_model
+    OMP_NUM_THREADS=1 python pretrain/world_model.py --out visadapt/utils/worlds/world_model
 
 Each stage has a step count and a time budget (``--vae-minutes`` 5, ``--unet-minutes`` 25) and its learning rate
 follows a cosine over whichever runs out first, so the run ends on time however busy the machine is; ``--init
@@ -9,7 +9,7 @@ shipped weights came from two runs (seed 0, one torch thread, on two CPU cores s
 
 1. this command with the defaults: 355 VAE steps and 2152 UNet steps (batch 16) in 32.6 minutes (shape 22.5 %,
    colour 47.5 % in the final check: the VAE's reconstructions had lost much of the colour);
-2. ``--init visadapt/worlds/world_model --vae-lr 5e-4 --vae-minutes 12 --vae-steps 2000 --unet-minutes 80
+2. ``--init visadapt/utils/worlds/world_model --vae-lr 5e-4 --vae-minutes 12 --vae-steps 2000 --unet-minutes 80
    --unet-steps 20000 --pool 8192 --save-every 10 --eval-seeds 2 --out <folder>`` (then copied here): 1663 VAE
    steps (now with the foreground weight; reconstruction MSE 0.0034 on fresh canvases) and 10151 UNet steps in 94.5
    minutes. The final check printed shape 81.9 % (chance 10 %; 86.9 % on renders of the same prompts) and colour
@@ -17,19 +17,19 @@ shipped weights came from two runs (seed 0, one torch thread, on two CPU cores s
 
 The pipeline is diffusers' ``StableDiffusionPipeline`` layout, small enough to ship (a few MB of fp16 safetensors):
 
-* text encoder: the demo CLIP's text tower (:data:`visadapt.worlds.models.DEMO_CLIP_DIR`) converted to a transformers
-  ``CLIPTextModel`` (same weights, same outputs) and kept frozen; its tokenizer is CLIP's BPE with a context of 20
-  tokens, padded with token 0 as open_clip pads;
+* text encoder: the demo CLIP's text tower (:data:`visadapt.utils.worlds.models.DEMO_CLIP_DIR`) converted to a
+  transformers ``CLIPTextModel`` (same weights, same outputs) and kept frozen; its tokenizer is CLIP's BPE with a
+  context of 20 tokens, padded with token 0 as open_clip pads;
 * VAE: an ``AutoencoderKL`` with factor 4 (64×64 canvases → 16×16×4 latents), trained here first;
 * UNet: a ``UNet2DConditionModel`` with cross-attention at 16×16 and 8×8, so a box of half the canvas covers whole
   cells at both levels; trained second, on the VAE's latents, with the noise-prediction loss;
 * scheduler: DPM-Solver with SD-1.x's noise schedule (as the tiny random pipelines).
 
-Training images are canvases of :func:`visadapt.worlds.shapes.sample_canvas` (one or two seen shapes, solid colours,
-free positions) captioned "a red star" / "a red star and a blue circle". The held-out shapes never appear: they are
-the concepts a user teaches the model with ``visadapt concept train``. At the end the script reloads the folder and
-prints how often the demo CLIP recognises the shape and the colour of samples for "a <colour> <shape>"
-(:func:`visadapt.worlds.judge.recognition`).
+Training images are canvases of :func:`visadapt.utils.worlds.shapes.sample_canvas` (one or two seen shapes, solid
+colours, free positions) captioned "a red star" / "a red star and a blue circle". The held-out shapes never appear:
+they are the concepts a user teaches the model with ``visadapt concept train``. At the end the script reloads the
+folder and prints how often the demo CLIP recognises the shape and the colour of samples for "a <colour> <shape>"
+(:func:`visadapt.utils.worlds.judge.recognition`).
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 
 from visadapt.utils import replace_dir
-from visadapt.worlds import shapes as world
-from visadapt.worlds.judge import recognition
-from visadapt.worlds.models import DEMO_CLIP_DIR, WORLD_MODEL_DIR, load_world_model
+from visadapt.utils.worlds import shapes as world
+from visadapt.utils.worlds.judge import recognition
+from visadapt.utils.worlds.models import DEMO_CLIP_DIR, WORLD_MODEL_DIR, load_world_model
 
 CONTEXT_LENGTH = 20  # the demo CLIP's positions
 LATENT_SIZE = world.CANVAS_SIZE // 4

@@ -152,7 +152,7 @@ def test_incremental_refuses_zero_sessions_way_base_classes_and_shots(tmp_path, 
 
 @pytest.fixture(scope="module")
 def hsi_scene(tmp_path_factory):
-    from visadapt.worlds.spectra import synthetic_scene, write_scene_mat
+    from visadapt.utils.worlds.spectra import synthetic_scene, write_scene_mat
 
     scene = synthetic_scene(height=24, width=24, bands=20, classes=3, seed=1)
     data, gt = write_scene_mat(scene, tmp_path_factory.mktemp("scene"), "small")

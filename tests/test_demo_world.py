@@ -1,4 +1,4 @@
-"""The shapes world of the few-shot demo and the tiny CLIP pretrained on it (visadapt.worlds.shapes,
+"""The shapes world of the few-shot demo and the tiny CLIP pretrained on it (visadapt.utils.worlds.shapes,
 pretrain/demo_clip.py)."""
 
 import json
@@ -12,8 +12,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
 from visadapt.fewshot.model import DEMO_MODEL, resolve_model_name
-from visadapt.worlds import shapes as world
-from visadapt.worlds.models import DEMO_CLIP_DIR
+from visadapt.utils.worlds import shapes as world
+from visadapt.utils.worlds.models import DEMO_CLIP_DIR
 
 demo_pretrain = pretrain_script("demo_clip")
 

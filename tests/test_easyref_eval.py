@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from visadapt.diffusion.easyref.eval import clip_image_scores, clip_text_scores, dino_scores, load_clip, result_grid
-from visadapt.worlds.models import DEMO_CLIP_DIR
-from visadapt.worlds.shapes import Scene, render
+from visadapt.utils.worlds.models import DEMO_CLIP_DIR
+from visadapt.utils.worlds.shapes import Scene, render
 
 
 @pytest.fixture(scope="module")

@@ -119,7 +119,7 @@ def test_a_wheel_installs_the_kernels_as_visadapt_kernels_and_ships_the_worlds_w
     lists = sorted(p.name for p in (ROOT / "visadapt" / "incremental" / "index_lists").iterdir())
     assert all((target / "visadapt" / "incremental" / "index_lists" / n).is_file() for n in lists), lists
     code = ("import visadapt.kernels as k, visadapt.utils.measure\n"
-            "from visadapt.worlds.models import demo_vit_config\n"
+            "from visadapt.utils.worlds.models import demo_vit_config\n"
             "print(k.__file__); print(callable(k.lora_linear) and callable(k.set_backend))\n"
             "print(demo_vit_config()['timm_name'])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(PYTHONPATH=str(target)),

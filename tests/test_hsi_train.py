@@ -11,7 +11,7 @@ from visadapt.cli import main
 from visadapt.hyperspectral.data import scene_from_arrays
 from visadapt.hyperspectral.train import HSITrainConfig, train
 from visadapt.pipelines import HyperspectralPipeline
-from visadapt.worlds.spectra import synthetic_scene, write_scene_mat
+from visadapt.utils.worlds.spectra import synthetic_scene, write_scene_mat
 
 SMALL = dict(model="lola_specvit_tiny", pca_components=6, patch_size=7, train=0.15, batch_size=32, grad_accum=2,
              lr=3e-3, warmup_epochs=1, t0=2, eta_min=1e-5, seed=0, split_seed=0, eval_batch_size=512)

@@ -1,8 +1,9 @@
 """The package's layers, read from the source: imports point down, and no task imports another task.
 
-utils ← worlds ← kernels ← adapters ← tasks ← pipelines ← apps / cli; ``visadapt.utils`` (and ``visadapt.version``)
-may be used by every layer and uses none; ``visadapt.worlds`` (the embedded worlds and their shipped models) uses
-only utils; ``visadapt.training`` and ``visadapt.run_config`` are the tasks' shared core. Every import counts, those
+kernels ← adapters ← tasks ← pipelines ← apps / cli; ``visadapt.utils`` (and ``visadapt.version``) may be used by
+every layer and uses none; its ``worlds`` (the embedded worlds and their shipped models) sit on top of the other
+helpers: they use utils, and no other helper uses them; ``visadapt.training`` and ``visadapt.run_config`` are the
+tasks' shared core. Every import counts, those
 inside functions too.
 """
 
@@ -36,10 +37,10 @@ def layer(module: str) -> tuple[int, Optional[str]]:
     """(layer, task name) of a visadapt module."""
     parts = module.split(".")
     second = parts[1] if len(parts) > 1 else ""
+    if parts[1:3] == ["utils", "worlds"]:
+        return WORLDS, None
     if second in ("utils", "version"):
         return UTILS, None
-    if second == "worlds":
-        return WORLDS, None
     if second == "kernels":
         return KERNELS, None
     if second in ("", "adapters", "_registry"):  # the root package exports the adapters
@@ -154,14 +155,14 @@ def test_the_import_graph_has_no_cycle():
     ("visadapt.kernels.ops", "visadapt.adapters.layer", False),
     ("visadapt.fewshot.train", "visadapt.pipelines.fewshot_clip", False),
     ("visadapt.utils.io", "visadapt.training", False),
-    ("visadapt.utils.io", "visadapt.worlds.shapes", False),
-    ("visadapt.worlds.models", "visadapt.tracking.model", False),
-    ("visadapt.worlds.judge", "visadapt.adapters.layer", False),
-    ("visadapt.worlds.shapes", "visadapt.kernels", False),
-    ("visadapt.worlds.judge", "visadapt.worlds.shapes", True),
-    ("visadapt.worlds.models", "visadapt.utils.io", True),
-    ("visadapt.tracking.train", "visadapt.worlds.models", True),
-    ("visadapt.apps.composer", "visadapt.worlds.models", True),
+    ("visadapt.utils.io", "visadapt.utils.worlds.shapes", False),
+    ("visadapt.utils.worlds.models", "visadapt.tracking.model", False),
+    ("visadapt.utils.worlds.judge", "visadapt.adapters.layer", False),
+    ("visadapt.utils.worlds.shapes", "visadapt.kernels", False),
+    ("visadapt.utils.worlds.judge", "visadapt.utils.worlds.shapes", True),
+    ("visadapt.utils.worlds.models", "visadapt.utils.io", True),
+    ("visadapt.tracking.train", "visadapt.utils.worlds.models", True),
+    ("visadapt.apps.composer", "visadapt.utils.worlds.models", True),
     ("visadapt.fewshot.train", "visadapt.training", True),
     ("visadapt.pipelines.lora_composer", "visadapt.diffusion.composer.attention", True),
     ("visadapt.apps.composer", "visadapt.pipelines", True),

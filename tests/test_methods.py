@@ -28,8 +28,8 @@ from visadapt.fewshot.config import TrainConfig
 from visadapt.incremental.config import IncrementalConfig
 from visadapt.incremental.demo import demo_data
 from visadapt.tracking.config import TrackConfig
-from visadapt.worlds.shapes import write_task
-from visadapt.worlds.video import write_world
+from visadapt.utils.worlds.shapes import write_task
+from visadapt.utils.worlds.video import write_world
 
 VARIANT = "lora-random-b"  # LoRA whose B starts random instead of zero: a trivial method with another init
 COMMANDS = (("fewshot", "train"), ("incremental", "train"), ("track", "train"), ("concept", "train"))

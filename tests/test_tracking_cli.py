@@ -16,7 +16,7 @@ from visadapt.tracking.config import TrackConfig
 from visadapt.tracking.pipeline import TrackingPipeline
 from visadapt.tracking.results import whole_pixel_boxes
 from visadapt.tracking.train import build_model, model_config
-from visadapt.worlds.video import generate_sequence, write_world
+from visadapt.utils.worlds.video import generate_sequence, write_world
 
 av = pytest.importorskip("av")
 

@@ -15,7 +15,7 @@ from visadapt.tracking.losses import lorat_loss
 from visadapt.tracking.pipeline import TrackingPipeline
 from visadapt.tracking.sampling import PairSettings, TrainingPairs, collate_pairs, hflip, three_augment
 from visadapt.tracking.train import build_model, model_config, train
-from visadapt.worlds.video import write_world
+from visadapt.utils.worlds.video import write_world
 
 SETTINGS = PairSettings(32, 64, (4, 4), 4.0)
 

@@ -4,7 +4,7 @@ holding the hard cases it promises (out-of-view frames, occlusion, scale change)
 import numpy as np
 
 from visadapt.tracking.datasets import load_sequences
-from visadapt.worlds.video import FRAME_H, FRAME_W, generate_sequence, write_world
+from visadapt.utils.worlds.video import FRAME_H, FRAME_W, generate_sequence, write_world
 
 
 def test_sequences_are_a_function_of_seed_and_index():

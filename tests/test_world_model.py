@@ -13,9 +13,9 @@ import torch
 from conftest import pretrain_script
 
 from visadapt.diffusion.concept.demo import DEMO_CONCEPTS
-from visadapt.worlds import shapes as world
-from visadapt.worlds.judge import DemoCLIPJudge, object_crop, recognition
-from visadapt.worlds.models import DEMO_CLIP_DIR, WORLD_MODEL_DIR, load_world_model
+from visadapt.utils.worlds import shapes as world
+from visadapt.utils.worlds.judge import DemoCLIPJudge, object_crop, recognition
+from visadapt.utils.worlds.models import DEMO_CLIP_DIR, WORLD_MODEL_DIR, load_world_model
 
 
 @pytest.fixture(scope="module")

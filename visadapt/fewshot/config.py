@@ -18,7 +18,7 @@ from visadapt.adapters.methods import METHODS
 from visadapt.run_config import RunConfig
 from visadapt.utils.cli import option
 
-DEMO_MODEL = "visadapt-demo-clip"  # the tiny CLIP shipped in visadapt/worlds/demo_clip (see visadapt.worlds)
+DEMO_MODEL = "visadapt-demo-clip"  # the tiny CLIP shipped in visadapt/utils/worlds/demo_clip
 TEMPLATE = "a photo of a {}."
 LOGIT_SCALE = 100.0
 TOWERS = ("vision", "text")

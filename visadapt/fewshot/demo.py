@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from visadapt.worlds.shapes import write_task
+from visadapt.utils.worlds.shapes import write_task
 
 from .config import DEMO_MODEL, TrainConfig
 from .report import run_summary

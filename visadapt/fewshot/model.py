@@ -41,7 +41,7 @@ class ClipBundle:
 def resolve_model_name(model: str) -> str:
     """``visadapt-demo-clip`` → open_clip's ``local-dir:`` name of the shipped demo weights; others unchanged."""
     if model == DEMO_MODEL:
-        from visadapt.worlds.models import DEMO_CLIP_DIR
+        from visadapt.utils.worlds.models import DEMO_CLIP_DIR
 
         return f"local-dir:{DEMO_CLIP_DIR}"
     return model

@@ -1,5 +1,5 @@
-"""``visadapt hsi train --demo``: a synthetic scene of the spectra world (:mod:`visadapt.worlds.spectra`), and a tiny
-model trained on it through the same ``.mat`` loader as real data.
+"""``visadapt hsi train --demo``: a synthetic scene of the spectra world (:mod:`visadapt.utils.worlds.spectra`), and a
+tiny model trained on it through the same ``.mat`` loader as real data.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
-from visadapt.worlds.spectra import CLASSES, synthetic_scene, write_scene_mat
+from visadapt.utils.worlds.spectra import CLASSES, synthetic_scene, write_scene_mat
 
 from .config import HSITrainConfig
 from .report import run_summary

@@ -1,7 +1,7 @@
 """``visadapt incremental train --demo``: a class-incremental stream of shapes on the tiny demo CLIP's vision
 tower, CoACT next to two baselines in one command, no download.
 
-The shapes world (:mod:`visadapt.worlds.shapes`) draws 15 shapes: the demo CLIP was pretrained on the first ten
+The shapes world (:mod:`visadapt.utils.worlds.shapes`) draws 15 shapes: the demo CLIP was pretrained on the first ten
 (``SEEN_SHAPES``), never on the last five (``HELDOUT_SHAPES``). Session 0 holds five seen shapes with every
 training image; each later session adds two shapes (the last ones held-out) with ``shots`` images each. The three
 runs share data, seed and schedule: ``coact``, ``finetune`` (naive per-session LoRA fine-tuning: CE only, adapter
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from visadapt.utils import save_json_atomic, write_text_atomic
-from visadapt.worlds.shapes import HELDOUT_SHAPES, SEEN_SHAPES, shape_samples
+from visadapt.utils.worlds.shapes import HELDOUT_SHAPES, SEEN_SHAPES, shape_samples
 
 from .config import DEMO_BACKBONE, IncrementalConfig
 from .data import IncrementalData, pil_source

@@ -176,7 +176,7 @@ def load_backbone(cfg: IncrementalConfig) -> Backbone:
     """The backbone ``--backbone`` names (see the module docstring)."""
     spec = cfg.backbone
     if spec == DEMO_BACKBONE:
-        from visadapt.worlds.models import DEMO_CLIP_DIR
+        from visadapt.utils.worlds.models import DEMO_CLIP_DIR
 
         return load_open_clip(f"local-dir:{DEMO_CLIP_DIR}", None)
     kind, _, name = spec.partition(":")

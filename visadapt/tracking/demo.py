@@ -1,8 +1,8 @@
 """``visadapt track train --demo``: LoRAT adapted to a procedural video world on the shipped tiny ViT, no download.
 
-The demo backbone (the demo ViT of :mod:`visadapt.worlds.models`) was pretrained as a whole tracker on the
-``pretrain`` kind of the video world (:mod:`visadapt.worlds.video`). The demo writes the ``demo`` kind (other shapes
-and textures, distractors of the target's shape, occlusion, scale change, out-of-view frames) as a GOT-10k-layout
+The demo backbone (the demo ViT of :mod:`visadapt.utils.worlds.models`) was pretrained as a whole tracker on the
+``pretrain`` kind of the video world (:mod:`visadapt.utils.worlds.video`). The demo writes the ``demo`` kind (other
+shapes and textures, distractors of the target's shape, occlusion, scale change, out-of-view frames) as a GOT-10k-layout
 dataset under ``<out>/data`` (``train`` and the held-out ``val`` sequences), trains LoRA and a fresh head on
 ``train``, tracks ``val`` and scores it next to the static-box baseline (the first box kept for every frame).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from visadapt.worlds.video import write_world
+from visadapt.utils.worlds.video import write_world
 
 from .config import TrackConfig
 

@@ -38,7 +38,7 @@ def model_config(cfg: TrackConfig) -> dict:
 
 def _variant_model_config(cfg: TrackConfig) -> dict:
     if cfg.variant == "demo":
-        from visadapt.worlds.models import demo_vit_config
+        from visadapt.utils.worlds.models import demo_vit_config
 
         shipped = demo_vit_config()
         return {"variant": "demo", **{k: shipped[k] for k in ("timm_name", "vit_kwargs", "z_grid", "x_grid",
@@ -51,7 +51,7 @@ def build_model(cfg: TrackConfig) -> tuple[LoRAT, dict]:
     """The backbone with its pretrained weights, LoRAT around it, adapters added; and the pipeline config."""
     config = model_config(cfg)
     if cfg.variant == "demo" and not cfg.weights:
-        from visadapt.worlds.models import load_demo_vit
+        from visadapt.utils.worlds.models import load_demo_vit
 
         vit = load_demo_vit()
     else:

@@ -1,4 +1,4 @@
-"""Demo concepts taught to the embedded world model (:mod:`visadapt.worlds.models`): two held-out shapes of the
+"""Demo concepts taught to the embedded world model (:mod:`visadapt.utils.worlds.models`): two held-out shapes of the
 shapes world, each in one colour under a trigger word, trained with the concept trainer on rendered canvases. The
 composer app and the composition benchmark compose them.
 """
@@ -14,8 +14,8 @@ from typing import Union
 import numpy as np
 
 from visadapt.utils import atomic_path, save_json_atomic
-from visadapt.worlds import shapes as world
-from visadapt.worlds.models import WORLD_MODEL_DIR, load_world_model
+from visadapt.utils.worlds import shapes as world
+from visadapt.utils.worlds.models import WORLD_MODEL_DIR, load_world_model
 
 # -- demo concepts: held-out shapes taught to the world model ------------------------------------------------------
 

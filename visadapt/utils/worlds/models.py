@@ -1,16 +1,17 @@
 """The models shipped with the worlds: where their weights lie and how to load them.
 
 - the demo CLIP (:data:`DEMO_CLIP_DIR`, an open_clip ``local-dir:`` folder; ``visadapt-demo-clip`` in the few-shot
-  and incremental tasks), pretrained on the shapes world (:mod:`visadapt.worlds.shapes`);
+  and incremental tasks), pretrained on the shapes world (:mod:`visadapt.utils.worlds.shapes`);
 - the demo ViT (:data:`DEMO_VIT_DIR`: ``config.json`` holds the timm architecture, a DINOv2-layout ViT shrunk to
   patch 8, 64 wide, 4 deep, and the crop settings it was pretrained with; ``model.safetensors`` its weights in timm
-  names), pretrained as a whole tracker on the ``pretrain`` kind of the video world (:mod:`visadapt.worlds.video`);
-  only the backbone is shipped, so the tracking demo trains a fresh head (and LoRA) on the ``demo`` kind;
+  names), pretrained as a whole tracker on the ``pretrain`` kind of the video world
+  (:mod:`visadapt.utils.worlds.video`); only the backbone is shipped, so the tracking demo trains a fresh head (and
+  LoRA) on the ``demo`` kind;
 - the world model (:data:`WORLD_MODEL_DIR`), a tiny Stable Diffusion pipeline that draws the shapes world's 64×64
   canvases from prompts such as "a red star" or "a red star and a blue circle", judged by
-  :mod:`visadapt.worlds.judge`.
+  :mod:`visadapt.utils.worlds.judge`.
 
-How each was pretrained: :mod:`visadapt.worlds`.
+How each was pretrained: :mod:`visadapt.utils.worlds`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def demo_vit_config() -> dict:
     path = DEMO_VIT_DIR / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall visadapt, or rebuild the demo ViT with "
-                                "`python pretrain/demo_vit.py --out visadapt/worlds/demo_vit`.")
+                                "`python pretrain/demo_vit.py --out visadapt/utils/worlds/demo_vit`.")
     return json.loads(path.read_text())
 
 

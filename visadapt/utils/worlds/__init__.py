@@ -1,7 +1,8 @@
 """The embedded worlds: procedural data that needs no download, and the small models shipped pretrained on them.
 
-Each task's ``--demo`` takes one of these worlds and runs the task on it. The worlds are a layer below the tasks:
-they may use :mod:`visadapt.utils` (and numpy, PIL, torch, open_clip, timm, diffusers), never an adapter or a task.
+Each task's ``--demo`` takes one of these worlds and runs the task on it. The worlds are helpers below the tasks
+(in :mod:`visadapt.utils`): they may use the other helpers (and numpy, PIL, torch, open_clip, timm, diffusers),
+never an adapter or a task.
 
 ===============  =========================================================  ========================================
 world            what it draws; what it ships                               how the shipped model was pretrained

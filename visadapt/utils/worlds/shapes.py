@@ -14,7 +14,7 @@ square never turns into a diamond), a random background level and pixel noise. :
 varied words ("a large red striped circle", "a photo of a small blue square with dots", "a picture of a pink
 shape", ...), often leaving attributes out.
 
-The demo CLIP (:data:`visadapt.worlds.models.DEMO_CLIP_DIR`, ``--model visadapt-demo-clip``; trained by
+The demo CLIP (:data:`visadapt.utils.worlds.models.DEMO_CLIP_DIR`, ``--model visadapt-demo-clip``; trained by
 ``pretrain/demo_clip.py``) only ever sees ``SEEN_SHAPES``: the ``HELDOUT_SHAPES`` never appear in its
 pretraining images, and their names never appear in its captions (none of their BPE tokens does either), so
 zero-shot accuracy on them is near chance. They are the

@@ -2,7 +2,7 @@
 
 :func:`object_crop` cuts the 32×32 window around the drawn shape (the size the demo CLIP sees),
 :class:`DemoCLIPJudge` names its shape and colour zero-shot, and :func:`recognition` measures how often both match
-the prompt (the world model's shape recognition that its pretraining reports, see :mod:`visadapt.worlds`).
+the prompt (the world model's shape recognition that its pretraining reports, see :mod:`visadapt.utils.worlds`).
 """
 
 from __future__ import annotations
