@@ -112,10 +112,11 @@ def test_a_wheel_installs_the_kernels_as_visadapt_kernels_and_ships_the_worlds_w
                               str(wheel)], env=_env(), capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-3000:]
     assert not (target / "kernels").exists() and (target / "visadapt" / "kernels" / "selfcheck.py").is_file()
-    shipped = ROOT / "visadapt" / "worlds"
+    shipped = ROOT / "visadapt" / "utils" / "worlds"
     weights = sorted(p.relative_to(shipped) for folder in ("demo_clip", "demo_vit", "world_model")
                      for p in (shipped / folder).rglob("*") if p.is_file())
-    assert len(weights) == 15 and all((target / "visadapt" / "worlds" / p).is_file() for p in weights), weights
+    installed = target / "visadapt" / "utils" / "worlds"
+    assert len(weights) == 15 and all((installed / p).is_file() for p in weights), weights
     lists = sorted(p.name for p in (ROOT / "visadapt" / "incremental" / "index_lists").iterdir())
     assert all((target / "visadapt" / "incremental" / "index_lists" / n).is_file() for n in lists), lists
     code = ("import visadapt.kernels as k, visadapt.utils.measure\n"
