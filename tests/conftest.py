@@ -53,3 +53,18 @@ def pretrain_script(name: str):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tracking_pipeline_dir(tmp_path_factory):
+    """A demo-architecture tracker (shipped backbone, fresh adapters and head) saved as a pipeline folder."""
+    from visadapt.tracking.config import TrackConfig
+    from visadapt.tracking.pipeline import TrackingPipeline
+    from visadapt.tracking.train import build_model, model_config
+
+    folder = tmp_path_factory.mktemp("tracker")
+    cfg = TrackConfig(variant="demo", r=4, lora_alpha=8.0)
+    torch.manual_seed(0)
+    model, _ = build_model(cfg)
+    TrackingPipeline(model, model_config(cfg)).save_pretrained(folder)
+    return folder

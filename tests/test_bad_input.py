@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from visadapt.cli import main
 
@@ -20,20 +19,6 @@ def _one_line_error(capsys) -> str:
 
 # --- tracking --------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    from visadapt.tracking.config import TrackConfig
-    from visadapt.tracking.pipeline import TrackingPipeline
-    from visadapt.tracking.train import build_model, model_config
-
-    folder = tmp_path_factory.mktemp("tracker")
-    cfg = TrackConfig(variant="demo", r=4, lora_alpha=8.0)
-    torch.manual_seed(0)
-    model, _ = build_model(cfg)
-    TrackingPipeline(model, model_config(cfg)).save_pretrained(folder)
-    return folder
-
-
 def _frame_folder(folder, n, size=64):
     from PIL import Image
 
@@ -45,9 +30,9 @@ def _frame_folder(folder, n, size=64):
 
 
 @pytest.mark.parametrize("box", ["500,500,20,20", "-30,-30,20,20", "10,70,5,5"])
-def test_track_run_refuses_a_first_box_outside_the_frame(tmp_path, pipeline_dir, capsys, box):
+def test_track_run_refuses_a_first_box_outside_the_frame(tmp_path, tracking_pipeline_dir, capsys, box):
     frames = _frame_folder(tmp_path / "frames", 3)
-    code = main(["track", "run", str(frames), f"--box={box}", "--model", str(pipeline_dir), "--out",
+    code = main(["track", "run", str(frames), f"--box={box}", "--model", str(tracking_pipeline_dir), "--out",
                  str(tmp_path / "out"), "--device", "cpu"])
     assert code == 2
     line = _one_line_error(capsys)
@@ -55,16 +40,16 @@ def test_track_run_refuses_a_first_box_outside_the_frame(tmp_path, pipeline_dir,
     assert not (tmp_path / "out" / "boxes.txt").exists()
 
 
-def test_track_eval_refuses_a_first_groundtruth_box_outside_the_frame(tmp_path, pipeline_dir, capsys):
+def test_track_eval_refuses_a_first_groundtruth_box_outside_the_frame(tmp_path, tracking_pipeline_dir, capsys):
     seq = _frame_folder(tmp_path / "seq", 4)
     np.savetxt(seq / "groundtruth.txt", [[500, 500, 20, 20]] + [[10, 10, 20, 20]] * 3, fmt="%d", delimiter=",")
-    code = main(["track", "eval", str(pipeline_dir), "--data", f"folder:{seq}", "--out", str(tmp_path / "out"),
+    code = main(["track", "eval", str(tracking_pipeline_dir), "--data", f"folder:{seq}", "--out", str(tmp_path / "out"),
                  "--device", "cpu"])
     assert code == 2
     assert "outside the 64x64 first frame" in _one_line_error(capsys)
 
 
-def test_groundtruth_with_more_rows_than_frames_is_refused(tmp_path, pipeline_dir, capsys):
+def test_groundtruth_with_more_rows_than_frames_is_refused(tmp_path, tracking_pipeline_dir, capsys):
     from visadapt.tracking.datasets import read_folder
     from visadapt.utils import DatasetLayoutError
 
@@ -72,7 +57,7 @@ def test_groundtruth_with_more_rows_than_frames_is_refused(tmp_path, pipeline_di
     np.savetxt(seq / "groundtruth.txt", [[10, 10, 20, 20]] * 20, fmt="%d", delimiter=",")
     with pytest.raises(DatasetLayoutError, match="20 boxes for 12 frames"):
         read_folder(seq)
-    code = main(["track", "eval", str(pipeline_dir), "--data", f"folder:{seq}", "--out", str(tmp_path / "out"),
+    code = main(["track", "eval", str(tracking_pipeline_dir), "--data", f"folder:{seq}", "--out", str(tmp_path / "out"),
                  "--device", "cpu"])
     assert code == 2
     err = capsys.readouterr().err

@@ -9,27 +9,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from visadapt.cli import main
-from visadapt.tracking.config import TrackConfig
-from visadapt.tracking.pipeline import TrackingPipeline
 from visadapt.tracking.results import whole_pixel_boxes
-from visadapt.tracking.train import build_model, model_config
 from visadapt.utils.worlds.video import generate_sequence, write_world
 
 av = pytest.importorskip("av")
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory):
-    """A demo-architecture tracker (shipped backbone, fresh adapters and head) saved as a pipeline folder."""
-    folder = tmp_path_factory.mktemp("tracker")
-    cfg = TrackConfig(variant="demo", r=4, lora_alpha=8.0)
-    torch.manual_seed(0)
-    model, _ = build_model(cfg)
-    TrackingPipeline(model, model_config(cfg)).save_pretrained(folder)
-    return folder
 
 
 def _write_mp4(path, frames, fps=10):
@@ -42,12 +27,12 @@ def _write_mp4(path, frames, fps=10):
         container.mux(stream.encode())
 
 
-def test_run_on_a_video_writes_the_annotated_video_and_boxes(tmp_path, pipeline_dir, capsys):
+def test_run_on_a_video_writes_the_annotated_video_and_boxes(tmp_path, tracking_pipeline_dir, capsys):
     seq = generate_sequence(0, 1, 8, "demo")
     _write_mp4(tmp_path / "clip.mp4", seq["frames"])
     x, y, w, h = seq["boxes"][0]
     code = main(["track", "run", str(tmp_path / "clip.mp4"), "--box", f"{x},{y},{w},{h}", "--model",
-                 str(pipeline_dir), "--out", str(tmp_path / "out"), "--device", "cpu"])
+                 str(tracking_pipeline_dir), "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert code == 0
     boxes = np.loadtxt(tmp_path / "out" / "boxes.txt", delimiter=",")
     assert boxes.shape == (8, 5)
@@ -65,18 +50,18 @@ def test_run_on_a_video_writes_the_annotated_video_and_boxes(tmp_path, pipeline_
     for i, frame in enumerate(seq["frames"][:3]):
         Image.fromarray(frame).save(tmp_path / "frames" / f"{i:04d}.png")
     assert main(["track", "run", str(tmp_path / "frames"), "--box", f"{x},{y},{w},{h}", "--model",
-                 str(pipeline_dir), "--out", str(tmp_path / "out2"), "--device", "cpu"]) == 0
+                 str(tracking_pipeline_dir), "--out", str(tmp_path / "out2"), "--device", "cpu"]) == 0
     assert len(list((tmp_path / "out2" / "frames").glob("*.jpg"))) == 3
-    assert main(["track", "run", str(tmp_path / "frames"), "--box", "1,2,0,4", "--model", str(pipeline_dir),
+    assert main(["track", "run", str(tmp_path / "frames"), "--box", "1,2,0,4", "--model", str(tracking_pipeline_dir),
                  "--out", str(tmp_path / "out3")]) == 2
     assert "w > 0" in capsys.readouterr().err
 
 
-def test_eval_then_report_two_runs(tmp_path, pipeline_dir, capsys):
+def test_eval_then_report_two_runs(tmp_path, tracking_pipeline_dir, capsys):
     write_world(tmp_path / "data", "val", n_sequences=3, n_frames=12, seed=4, kind="demo")
     data = f"got10k:{tmp_path / 'data'}:val"
     for name, batch in (("a", "3"), ("b", "1")):
-        assert main(["track", "eval", str(pipeline_dir), "--data", data, "--out", str(tmp_path / name),
+        assert main(["track", "eval", str(tracking_pipeline_dir), "--data", data, "--out", str(tmp_path / name),
                      "--batch-size", batch, "--device", "cpu"]) == 0
         assert sorted(p.name for p in (tmp_path / name / "results").iterdir())[0] == "World_Val_000001.txt"
         assert (tmp_path / name / "success_plot.png").stat().st_size > 0
@@ -93,9 +78,9 @@ def test_eval_then_report_two_runs(tmp_path, pipeline_dir, capsys):
     assert report.count("| ") >= 4 and (tmp_path / "cmp" / "success_plot.png").stat().st_size > 0
 
 
-def test_wrong_layout_and_bad_input_exit_with_code_2(tmp_path, pipeline_dir, capsys):
+def test_wrong_layout_and_bad_input_exit_with_code_2(tmp_path, tracking_pipeline_dir, capsys):
     (tmp_path / "GOT" / "val").mkdir(parents=True)
-    code = main(["track", "eval", str(pipeline_dir), "--data", f"got10k:{tmp_path / 'GOT'}:val", "--out",
+    code = main(["track", "eval", str(tracking_pipeline_dir), "--data", f"got10k:{tmp_path / 'GOT'}:val", "--out",
                  str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "list.txt" in err and "Expected layout" in err
@@ -114,7 +99,7 @@ def test_help_does_not_import_torch():
     assert out.strip() == "False"
 
 
-def test_eval_on_a_test_split_writes_the_server_submission_without_scores(tmp_path, pipeline_dir, capsys):
+def test_eval_on_a_test_split_writes_the_server_submission_without_scores(tmp_path, tracking_pipeline_dir, capsys):
     """GOT-10k's test split is annotated on frame 1 only: tracked, written in the server's layout and zipped, not
     scored (there is nothing to score against)."""
     import zipfile
@@ -123,8 +108,8 @@ def test_eval_on_a_test_split_writes_the_server_submission_without_scores(tmp_pa
     for gt in (tmp_path / "data" / "test").glob("*/groundtruth.txt"):
         gt.write_text(gt.read_text().splitlines()[0] + "\n")
     out = tmp_path / "sub"
-    assert main(["track", "eval", str(pipeline_dir), "--data", f"got10k:{tmp_path / 'data'}:test", "--out", str(out),
-                 "--server-format", "got10k", "--device", "cpu"]) == 0
+    assert main(["track", "eval", str(tracking_pipeline_dir), "--data", f"got10k:{tmp_path / 'data'}:test",
+                 "--out", str(out), "--server-format", "got10k", "--device", "cpu"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert "tracker" not in results and not (out / "success_plot.png").exists()
     names = sorted(zipfile.ZipFile(out / results["server_zip"]).namelist())
