@@ -238,6 +238,39 @@ def test_fused_p_one_drops_the_whole_branch(launches):
     assert torch.equal(a.grad, torch.zeros_like(a)) and launches
 
 
+def _compiled_matches_eager():
+    """A training step with dropout in three groups, compiled with fullgraph=True (no graph break) and not: the same
+    output and gradients after the same manual_seed."""
+    torch._dynamo.reset()
+    t = case(1, 6, (2, 5), 20, 6)
+
+    def step(x, a, b):
+        return kernels.lora_linear(x, t["weight"], t["bias"], a, b, SCALE, 0.25, True, [2, 2, 2])
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        a, b = t["lora_a"].clone().requires_grad_(True), t["lora_b"].clone().requires_grad_(True)
+        torch.manual_seed(8)
+        out = fn(t["x"], a, b)
+        out.backward(torch.ones_like(out))
+        results.append((out, a.grad, b.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the eager path of CPU tensors")
+def test_torch_compile_traces_eager_dropout_training():
+    _compiled_matches_eager()
+
+
+@fused_only
+def test_fused_dropout_under_torch_compile(launches):
+    """The wrapper decides the route outside the trace (the self-check must not be traced) and draws the seed in
+    the graph."""
+    _compiled_matches_eager()
+    assert set(launches) == set(KERNELS)
+
+
 # --- a resumed training run through the fused path ----------------------------------------------------------------
 
 

@@ -49,19 +49,29 @@ def use_triton(op: str, x: torch.Tensor, lora_a: torch.Tensor, *others: Optional
     """True if ``op`` ("lora_linear", "block_lora_linear" or "routed_lora") on these tensors (None entries
     skipped) runs the Triton kernels under the current backend. x is the op's activation (x, or dy in a backward)
     and lora_a its adapter: under "auto" x's device and dtype and lora_a's dtype key the op's self-check."""
-    present = [t for t in (x, lora_a, *others) if t is not None]
+    dtypes = tuple(t.dtype for t in (x, lora_a, *others) if t is not None)
+    return _route(op, x.device, dtypes)
+
+
+def _route(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """:func:`use_triton` on the tensors' device and dtypes (x's first, then the adapter's, then the others')."""
     chosen = backend.get_backend()
-    if chosen == "eager" or not backend.triton_available() or any(t.dtype not in backend.TRITON_DTYPES
-                                                                  for t in present):
+    if chosen == "eager" or not backend.triton_available() or any(d not in backend.TRITON_DTYPES for d in dtypes):
         return False
     if chosen == "triton":
-        if not x.is_cuda and not backend.interpreting():
+        if device.type != "cuda" and not backend.interpreting():
             raise RuntimeError("Kernel backend 'triton' on CPU tensors needs Triton's interpreter: set "
                                "TRITON_INTERPRET=1 before importing visadapt.kernels.")
         return True
-    if not x.is_cuda and not backend.AUTO_INTERPRET:
+    if device.type != "cuda" and not backend.AUTO_INTERPRET:
         return False
-    return selfcheck.passed(op, x.device, x.dtype, lora_a.dtype)
+    return selfcheck.passed(op, device, dtypes[0], dtypes[1])
+
+
+# The dropout route is decided in the public wrappers, where torch.compile traces: it must run there, not be traced
+# (the first call's self-check launches kernels and reads results back). It is a constant of the process for a
+# device and dtypes unless set_backend is called, which a compiled graph then does not see for its dropout calls.
+_compiled_route = torch.compiler.assume_constant_result(_route)
 
 
 def _hidden_dtype(lora_a: Tensor) -> torch.dtype:
@@ -424,8 +434,9 @@ def _fused_dropout(op: str, x: Tensor, weight: Optional[Tensor], bias: Optional[
                    rng: Optional[DropoutRng]) -> Optional[FusedDropout]:
     """The fused dropout of this call where the Triton kernels run it (drawing the seed then), else None."""
     groups = fusable_groups(lora_a.shape[0], groups)
-    dtypes_x = _autocast(x)[0]  # the route is decided on the dtype the op will see
-    if groups is None or not use_triton(op, dtypes_x, lora_a, lora_b, weight, bias):
+    x, weight, bias = _autocast(x, weight, bias)  # the route is decided on the dtypes the op will see
+    dtypes = tuple(t.dtype for t in (x, lora_a, lora_b, weight, bias) if t is not None)  # use_triton's order
+    if groups is None or not _compiled_route(op, x.device, dtypes):
         return None
     seed, offset = seed_tensor(rng, x.device)
     return FusedDropout(float(dropout_p), seed, offset, groups)
