@@ -38,7 +38,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 fused_only = pytest.mark.skipif(
     not kernel_backend.triton_available() or not (torch.cuda.is_available() or INTERPRETED),
     reason="needs CUDA, or the TRITON_INTERPRET=1 subprocess (test_fused_dropout_under_the_interpreter)")
-TOL = {torch.float32: 1e-4, torch.float16: 3e-3}
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# bf16 only on a GPU: under the interpreter, bf16 tl.dot multiplies raw bit patterns (triton issue 11584)
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
+              not torch.cuda.is_available(), reason="bf16 tl.dot is wrong in Triton's interpreter"))]
 SCALE = 0.75
 KERNELS = ("_shrink_kernel", "_linear_expand_kernel", "_reduce_kernel")
 
@@ -180,7 +184,7 @@ def test_fused_keep_rate_is_within_a_binomial_bound(p):
 
 
 @fused_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_blocks,r,groups,weight", [(1, 3, None, True), (1, 6, [2, 1, 3], True),
                                                       (3, 6, [2, 4], True), (1, 4, [1, 3], False)],
                          ids=["lora", "lora-qkv", "block3-2groups", "delta-only"])

@@ -6,8 +6,9 @@ Each public function validates shapes, flattens x to (N, d_in) and calls a forwa
 (``triton_kernels.py``) or the eager formulas below, as :mod:`.backend` decides at run time (under "auto", after
 the one-time self-check of :mod:`.selfcheck`).
 
-What the backward keeps: x in its own dtype (Block-LoRA: only the chunk sum x̃, n times narrower) and
-h = s · x̃ Aᵀ (N, r) in fp32 — not the (N, d_out) delta, and no fp32 copy of a 16-bit x. Gradients: x, A, B
+What the backward keeps: x in its own dtype (Block-LoRA: only the chunk sum x̃, n times narrower; with fused
+dropout x itself) and h = s · x̃ Aᵀ (N, r) in fp32 — not the (N, d_out) delta, no fp32 copy of a 16-bit x, and no
+dropout mask (the kernels redraw it from the saved seed). Gradients: x, A, B
 always; W and b too when they require grad (plain matmuls: W is frozen in every adapter of visadapt).
 
 Under autocast, x, W and b are cast to autocast's dtype first (as F.linear would); the op bodies run with
