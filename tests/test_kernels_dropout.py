@@ -242,6 +242,18 @@ def test_fused_p_one_drops_the_whole_branch(launches):
     assert torch.equal(a.grad, torch.zeros_like(a)) and launches
 
 
+@fused_only
+@pytest.mark.parametrize("n_blocks", [1, 3])
+def test_fused_dropout_op_passes_opcheck(launches, n_blocks):
+    """The op with its dropout arguments: schema, fake shapes (x̃ not returned, dx of d_in columns) and autograd."""
+    t = case(n_blocks, 4, (6,), 12, 5)
+    x, a, b = (t[k].clone().requires_grad_(True) for k in ("x", "lora_a", "lora_b"))
+    seed = torch.tensor([3], dtype=torch.int64, device=DEVICE)
+    torch.library.opcheck(torch.ops.visadapt.lora_fwd.default,
+                          (x, t["weight"], t["bias"], a, b, n_blocks, SCALE, 0.25, seed, 2, [1, 3]))
+    assert launches
+
+
 def _compiled_matches_eager():
     """A training step with dropout in three groups, compiled with fullgraph=True (no graph break) and not: the same
     output and gradients after the same manual_seed."""
