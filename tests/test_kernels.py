@@ -707,4 +707,4 @@ def test_triton_kernels_compile_for_h100_without_a_gpu():
     for atomic in (True, False):
         lower(tk._reduce_kernel, dict(U="*bf16", V="*fp32", O="*fp32", **drop, **tables),
               dict(ROUTED=False, ATOMIC=atomic, TILE=1024, BM=32, BP=128, BQ=16, DROPOUT=True, NG=3, **rank_side))
-    lower(tk._dropout_mask_kernel, dict(O="*i8", **drop), dict(BM=32, BK=32))
+    lower(tk._dropout_mask_kernel, dict(O="*i8", **drop), dict(NG=3, BM=32, BK=32))

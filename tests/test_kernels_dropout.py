@@ -155,15 +155,15 @@ def launches(monkeypatch):
 @fused_only
 def test_fused_masks_are_reproducible_from_seed_and_offset():
     """The mask is a function of (seed, offset) alone: equal for equal pairs, other for another seed, and
-    counter-based: offset k shifts the flat stream by k, group g starts g·N·d_in further."""
+    counter-based: offset k shifts each group's flat stream by k elements."""
     shape = (3, 7, 10)  # 21 rows of 10
     m = kernels.dropout_mask(shape, 0.5, (2024, 0), n_groups=2, device=DEVICE)
     assert m.shape == (2, *shape) and m.dtype == torch.bool
     assert torch.equal(m, kernels.dropout_mask(shape, 0.5, (2024, 0), n_groups=2, device=DEVICE))
     assert not torch.equal(m, kernels.dropout_mask(shape, 0.5, (2025, 0), n_groups=2, device=DEVICE))
-    flat = m.flatten()
-    shifted = kernels.dropout_mask(shape, 0.5, (2024, 13), n_groups=1, device=DEVICE).flatten()
-    assert torch.equal(shifted, flat[13:13 + shifted.numel()])
+    shifted = kernels.dropout_mask(shape, 0.5, (2024, 13), n_groups=2, device=DEVICE).flatten(1)
+    assert torch.equal(shifted[:, :-13], m.flatten(1)[:, 13:])
+    assert torch.equal(m[:1], kernels.dropout_mask(shape, 0.5, (2024, 0), n_groups=1, device=DEVICE))
     seed = torch.tensor([2024], dtype=torch.int64, device=DEVICE)  # a seed tensor draws as its int does
     assert torch.equal(m, kernels.dropout_mask(shape, 0.5, (seed, 0), n_groups=2, device=DEVICE))
 

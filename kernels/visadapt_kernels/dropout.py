@@ -1,9 +1,10 @@
 """Dropout inside the fused LoRA kernels: counter-based masks, and where their seed comes from.
 
 The fused path never stores a mask. Element (g, i, k) — dropout group g (a row group of A, see
-``dropout_groups``), flattened row i of x (N rows), input column k (d_in columns) — is kept when the Philox
-uniform ``tl.rand(seed, offset + (g·N + i)·d_in + k)`` is ≥ p, and kept values are scaled by 1 / (1 − p). The
-forward's shrink, the backward's dx GEMM and its dA reduction each regenerate the mask from (seed, offset) and the
+``dropout_groups``), flattened row i of x (N rows), input column k (d_in columns) — is kept when the g-th of the
+four Philox4x32-10 uniforms ``tl.rand4x(seed, offset + i·d_in + k)`` is ≥ p, and kept values are scaled by
+1 / (1 − p): one Philox call per element serves up to four groups (q, k, v), hence :data:`MAX_GROUPS`. The
+forward's shrink, the backward's dx GEMM and its dA reduction each regenerate the masks from (seed, offset) and the
 element's indices, as fused attention kernels do for attention dropout. So the mask is a pure function of
 (seed, offset, shape, p): :func:`visadapt.kernels.dropout_mask` writes out the one a call used.
 
@@ -20,8 +21,7 @@ Where (seed, offset) come from (the caller's side):
   offset or step counter has to be threaded through the adapters or stored.
 - An explicit ``dropout_rng=(seed, offset)`` (an int or a one-element int64 tensor, and an int ≥ 0) fixes the
   masks, e.g. to replay a step or to derive them from (run seed, step, layer) in one's own loop. A caller that
-  makes several fused calls with one seed must give them offsets at least G·N·d_in apart (G groups), or their
-  masks overlap.
+  makes several fused calls with one seed must give them offsets at least N·d_in apart, or their masks overlap.
 
 What differs from eager dropout: the fused path's masks come from Philox counters, not from torch's RNG stream, so
 for one ``torch.manual_seed`` they differ from the masks ``F.dropout`` draws on the eager path (CPU tensors, the
@@ -36,7 +36,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-#: at most this many dropout groups (q, k, v of a fused projection plus one) run fused; more take the eager path
+#: at most this many dropout groups run fused (the four outputs of one Philox call); more take the eager path
 MAX_GROUPS = 4
 _SEED_HIGH = 2 ** 62  # seeds are drawn below this (Philox keys are 64-bit)
 

@@ -109,14 +109,28 @@ def _rows(rows, rmask, TOKENS, PAIRS, ROUTED: tl.constexpr):
 
 
 @triton.jit
-def _keep(seed, offset, g, rows, cols, M, K, drop_p):
-    """Dropout keep mask of group g at (rows, cols) of the (M, K) input x: the Philox uniform at counter
-    offset + (g·M + row)·K + col is ≥ drop_p (int64 counters, as G·M·K can pass 2³¹; tl.rand feeds their high
-    32 bits to Philox, so counters below 2³² draw what int32 counters would). Every kernel that needs the mask
-    regenerates it from these indices, so it never exists in memory."""
-    base = rows.to(tl.int64) + g * M  # g·M < 2³¹ for g ≤ 3 and any real token count; ·K below is int64
-    ctr = offset + base[:, None] * K + cols.to(tl.int64)[None, :]
-    return tl.rand(seed, ctr) >= drop_p
+def _uniforms(seed, offset, rows, cols, K):
+    """The four Philox uniforms of each element (rows, cols) of the (M, K) input x: one Philox4x32-10 call at
+    counter offset + row·K + col (int64: M·K can pass 2³¹; tl.rand4x feeds the high 32 bits to Philox, so counters
+    below 2³² draw what int32 counters would). Dropout group g (≤ 4 groups) keeps the element when the g-th is ≥ p,
+    so all q/k/v masks cost one Philox call per element. Every kernel that needs the masks redraws them from these
+    indices: they never exist in memory."""
+    ctr = offset + rows.to(tl.int64)[:, None] * K + cols.to(tl.int64)[None, :]
+    return tl.rand4x(seed, ctr)
+
+
+@triton.jit
+def _pick(g: tl.constexpr, u0, u1, u2, u3):
+    """Group g's uniforms (g is a compile-time constant: no select runs)."""
+    if g == 0:
+        u = u0
+    elif g == 1:
+        u = u1
+    elif g == 2:
+        u = u2
+    else:
+        u = u3
+    return u
 
 
 @triton.jit
@@ -127,14 +141,16 @@ def _rank_group(rj, B1, B2, B3):
 
 
 @triton.jit
-def _dropout_mask_kernel(SEED, O, offset, M, K, drop_p, BM: tl.constexpr, BK: tl.constexpr):
-    """O[g, m, k] = the keep mask of group g (program_id(2)) at (m, k), as int8: what the fused kernels use."""
-    g = tl.program_id(2)
+def _dropout_mask_kernel(SEED, O, offset, M, K, drop_p, NG: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """O[g, m, k] = the keep mask of group g at (m, k), as int8: what the fused kernels draw."""
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rk = tl.program_id(1) * BK + tl.arange(0, BK)
-    keep = _keep(tl.load(SEED), offset, g, rm, rk, M, K, drop_p)
-    out = (rm.to(tl.int64) + g * M)[:, None] * K + rk[None, :]
-    tl.store(O + out, keep.to(tl.int8), mask=(rm[:, None] < M) & (rk[None, :] < K))
+    u0, u1, u2, u3 = _uniforms(tl.load(SEED), offset, rm, rk, K)
+    mask = (rm[:, None] < M) & (rk[None, :] < K)
+    for g in tl.static_range(NG):
+        keep = _pick(g, u0, u1, u2, u3) >= drop_p
+        out = (rm.to(tl.int64) + g * M)[:, None] * K + rk[None, :]  # row g·M + m of the (G·M, K) output
+        tl.store(O + out, keep.to(tl.int8), mask=mask)
 
 
 @triton.jit
@@ -146,7 +162,7 @@ def _shrink_kernel(X, A, H, TOKENS, PAIRS, PAIR_SCALE, TILE_ADAPTER, TILE_START,
     """H[pair, j] = s · Σ_k X[tok, k] · A[l, j, k]; s = scale (dense) or PAIR_SCALE[pair] (routed).
 
     DROPOUT (dense only): H[m, j] = s / (1 - p) · Σ_k keep_g(j)[m, k] X[m, k] A[j, k % AC], the mask of rank
-    column j's group (:func:`_rank_group`) regenerated per tile (:func:`_keep`); AC < K is Block-LoRA's A_s, read
+    column j's group (:func:`_rank_group`) regenerated per tile (:func:`_uniforms`); AC < K is Block-LoRA's A_s, read
     at column k mod c, so the chunk sum of the dropped x never has to exist."""
     adapter, start, end = _tile(tl.program_id(0), TILE_ADAPTER, TILE_START, TILE_END, M, BM, ROUTED)
     if adapter < 0:
@@ -166,8 +182,9 @@ def _shrink_kernel(X, A, H, TOKENS, PAIRS, PAIR_SCALE, TILE_ADAPTER, TILE_START,
         if DROPOUT:
             a = tl.load(a_base + rj[None, :] * saj + (rk[:, None] % AC) * sak,
                         mask=(rj[None, :] < R) & (rk[:, None] < K), other=0.0)
+            u0, u1, u2, u3 = _uniforms(seed, offset, rows, rk, K)
             for g in tl.static_range(NG):
-                x_g = tl.where(_keep(seed, offset, g, rows, rk, M, K, drop_p), x, 0.0)
+                x_g = tl.where(_pick(g, u0, u1, u2, u3) >= drop_p, x, 0.0)
                 a_g = tl.where(group[None, :] == g, a, 0.0)
                 acc = tl.dot(x_g.to(DOT), a_g.to(DOT), acc, input_precision=PREC)
         else:
@@ -200,7 +217,7 @@ def _linear_expand_kernel(X, W, BIAS, H, E, Y, S, M, N, K, R, C, SC, scale, sxm,
 
     DROPOUT (the dx GEMM of a dropout LoRA: Y = dx, N = d_in): the epilogue adds Σ_g keep_g ⊙ (H_g Ẽ_gᵀ) / (1 - p),
     one rank-r dot per dropout group g (H's columns of that group), masked by the group's keep mask of x at
-    (m, n), regenerated here (:func:`_keep`) exactly as the forward's shrink drew it."""
+    (m, n), regenerated here (:func:`_uniforms`) exactly as the forward's shrink drew it."""
     # grouped program order: GROUP_M row-tiles share each W column-tile while it is in L2
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
@@ -240,9 +257,10 @@ def _linear_expand_kernel(X, W, BIAS, H, E, Y, S, M, N, K, R, C, SC, scale, sxm,
     if DROPOUT:
         seed = tl.load(SEED)
         group = _rank_group(rj, B1, B2, B3)
+        u0, u1, u2, u3 = _uniforms(seed, offset, rm, rn, N)
         for g in tl.static_range(NG):
             part = tl.dot(tl.where(group[None, :] == g, h, 0.0).to(DOT), e.to(DOT), input_precision=PREC)
-            acc += tl.where(_keep(seed, offset, g, rm, rn, M, N, drop_p), part * inv_keep, 0.0)
+            acc += tl.where(_pick(g, u0, u1, u2, u3) >= drop_p, part * inv_keep, 0.0)
     else:
         acc = tl.dot(h.to(DOT), e.to(DOT), acc, input_precision=PREC)
     tl.store(Y + rm[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
@@ -288,7 +306,7 @@ def _reduce_kernel(U, V, O, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE_END, M
     or, dense, into its own slot t of a partials buffer that the launcher sums in a fixed order.
 
     DROPOUT (dense dAᵀ of a dropout LoRA: U = x (M, P = d_in), V = g): O[p, q] = Σ_rows keep_g(q)[row, p] U V / (1-p),
-    the mask of V's column group regenerated per tile (:func:`_keep`), one dot per group."""
+    the mask of V's column group regenerated per tile (:func:`_uniforms`), one dot per group."""
     adapter, start, end = _tile(tl.program_id(0), TILE_ADAPTER, TILE_START, TILE_END, M, TILE, ROUTED)
     if adapter < 0:
         return
@@ -305,8 +323,9 @@ def _reduce_kernel(U, V, O, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE_END, M
         u = tl.load(U + tok[:, None] * sum_ + rp[None, :] * sup, mask=rmask[:, None] & (rp[None, :] < P), other=0.0)
         v = tl.load(V + pair[:, None] * svm + rq[None, :], mask=rmask[:, None] & (rq[None, :] < Q), other=0.0)
         if DROPOUT:
+            u0, u1, u2, u3 = _uniforms(seed, offset, rows, rp, P)
             for g in tl.static_range(NG):
-                u_g = tl.where(_keep(seed, offset, g, rows, rp, M, P, drop_p), u, 0.0)
+                u_g = tl.where(_pick(g, u0, u1, u2, u3) >= drop_p, u, 0.0)
                 v_g = tl.where(group[None, :] == g, v, 0.0)
                 acc = tl.dot(tl.trans(u_g.to(DOT)), v_g.to(DOT), acc, input_precision=PREC)
         else:
@@ -541,10 +560,11 @@ def routed_backward(dy, x, h, lora_a, lora_b, routing: RoutingPlan, need_x: bool
 
 def dropout_keep_mask(dropout: FusedDropout, n_rows: int, n_cols: int) -> torch.Tensor:
     """The keep masks (groups, n_rows, n_cols) bool that the fused kernels draw for an (n_rows, n_cols) input
-    under ``dropout``: the same :func:`_keep` on the same counters, written out (for tests and debugging)."""
+    under ``dropout``: the same :func:`_uniforms` on the same counters, written out (for tests and debugging)."""
     out = torch.empty(len(dropout.groups), n_rows, n_cols, device=dropout.seed.device, dtype=torch.int8)
     if out.numel():
         bm, bk = 32, 32
-        grid = (triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bk), len(dropout.groups))
-        _dropout_mask_kernel[grid](dropout.seed, out, dropout.offset, n_rows, n_cols, dropout.p, BM=bm, BK=bk)
+        grid = (triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bk))
+        _dropout_mask_kernel[grid](dropout.seed, out, dropout.offset, n_rows, n_cols, dropout.p,
+                                   NG=len(dropout.groups), BM=bm, BK=bk)
     return out.bool()
