@@ -23,7 +23,8 @@ CPU (or --device cpu): no Triton path, "fused" times the eager ops; the table sa
 
 ``--model`` prints the cost model instead (no GPU needed): per op, the bytes each kernel moves per token and the
 kernel launches of one fwd+bwd, counted by running the op on this machine (torch ops under the profiler, each
-Triton launch as one; with TRITON_INTERPRET=1 VISADAPT_KERNELS=triton the Triton path is counted).
+Triton launch as one; with TRITON_INTERPRET=1 VISADAPT_KERNELS=triton the Triton path is counted), including
+training with dropout 0.25 in three groups; then the bytes per token each op keeps for its backward (counted).
 
     python benchmarks/kernel_ops.py                      # the full grid on the GPU
     python benchmarks/kernel_ops.py --quick --device cpu # smoke run
@@ -259,6 +260,10 @@ def kernel_bytes(op: str, d_in: int, d_out: int, r: int, act: int, n_blocks: int
                 ("dA, dB in the dx GEMM", act * d_in)]
     if op == "routed":
         return _routed_bytes(d_in, d_out, r, act, k)
+    if op in ("lora-dropout", "block-dropout"):  # masks redrawn in registers; Block-LoRA reads x, not x̃
+        return [("shrink h = s drop(x) Ãᵀ", act * d_in + h), ("base GEMM + expand", act * (d_in + d_out) + h),
+                ("shrink g = s dy B", act * d_out + h), ("dx GEMM + Σ_g keep_g ⊙ g_g Ã_g", act * (d_out + d_in) + h),
+                ("reduce dB = dyᵀ h", act * d_out + h), ("reduce dA = Σ_g (keep_g ⊙ x)ᵀ g_g", act * d_in + h)]
     c = d_in if op == "lora" else d_in // n_blocks
     rows = [("chunk sum x̃", act * d_in + act * c)] if op == "block" else []
     if fused_shrink:  # h and g come out of the GEMMs' main loops: only their fp32 writes remain
@@ -364,6 +369,11 @@ def print_model(args):
     if hasattr(kernels.backend, "set_fuse_shrink"):
         calls["lora, fused shrink"] = calls["lora"]
         calls["block, fused shrink"] = calls["block"]
+    # training with dropout 0.25 in three groups (q, k, v of a fused projection, as CLIP-LoRA's protocol)
+    groups = [r - 2 * (r // 3), r // 3, r // 3]
+    calls["lora-dropout"] = (lambda: kernels.lora_linear(x, w, bias, a, b, 2.0, 0.25, True, groups), [x, a, b])
+    calls["block-dropout"] = (lambda: kernels.block_lora_linear(x, w, bias, a_s, b, args.n_blocks, 2.0, 0.25, True,
+                                                                groups), [x, a_s, b])
     path = "Triton (interpreted)" if os.environ.get("TRITON_INTERPRET") == "1" and kernels.get_backend() == "triton" \
         else "eager"
     exact = getattr(kernels, "deterministic", bool)()  # (absent before the deterministic mode existed)
@@ -384,6 +394,40 @@ def print_model(args):
     ideal = sum(v for _, v in kernel_bytes("ideal", d, d, r, act))
     print(f"| limit (one read per GEMM) | 2 | {ideal} | {ideal / base_bytes:.2f} | "
           f"{'; '.join(f'{k} {v}' for k, v in kernel_bytes('ideal', d, d, r, act))} |")
+    print_saved(args, d, r, groups)
+
+
+def print_saved(args, d: int, r: int, groups: list[int]) -> None:
+    """Bytes per token that the forward keeps for the backward (counted: the per-token tensors that autograd saves,
+    at d = 1024, r = 16, in --dtype, on this machine's path), with and without dropout."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    n = 8
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(dtype).requires_grad_(True)
+    w, bias = (torch.randn(d, d, generator=gen) / d ** 0.5).to(dtype), torch.randn(d, generator=gen).to(dtype)
+    a = torch.randn(r, d, generator=gen).requires_grad_(True)
+    a_s = torch.randn(r, d // args.n_blocks, generator=gen).requires_grad_(True)
+    b = torch.randn(d, r, generator=gen).requires_grad_(True)
+    calls = {"lora": lambda p: kernels.lora_linear(x, w, bias, a, b, 2.0, p, True, groups),
+             "block": lambda p: kernels.block_lora_linear(x, w, bias, a_s, b, args.n_blocks, 2.0, p, True, groups)}
+    print(f"\nsaved for backward, bytes/token (counted: per-token tensors autograd keeps, d = {d}, r = {r}, "
+          f"{args.dtype} x, fp32 adapters, dropout in 3 groups; backend {kernels.get_backend()})\n")
+    print("| op | p = 0 | p = 0.25, training |")
+    print("|---|---|---|")
+    for name, fn in calls.items():
+        cells = []
+        for p in (0.0, 0.25):
+            seen = {}
+
+            def pack(t, seen=seen):
+                if t.dim() and t.shape[0] == n:  # per-token tensors only (weights are not)
+                    seen[(t.data_ptr(), tuple(t.shape), t.dtype)] = t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                fn(p)
+            cells.append(str(sum(seen.values()) // n))
+        print(f"| {name} | {' | '.join(cells)} |")
 
 
 # ----------------------------------------------------------------------------------------------------------------

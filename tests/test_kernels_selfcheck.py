@@ -156,11 +156,44 @@ def test_passing_kernels_route_to_triton(monkeypatch, op, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("error", kernels.KernelSelfCheckWarning)
         results = [run(op, dtype) for _ in range(2)]
-    # the check's two cases (with and without W; k = 1 and k = 2), then the two calls
-    assert len(forward) == 2 + 2 and len(backward) == 2 + 2, (forward, backward)
+    # the check's cases (with and without W, and with dropout; k = 1 and k = 2), then the two calls
+    checks = 2 if op == "routed_lora" else 3
+    assert len(forward) == checks + 2 and len(backward) == checks + 2, (forward, backward)
     assert list(selfcheck.results().values()) == [True]
     for got in results:
         assert_equal(got, want)
+
+
+def ignore_dropout(real, *args):
+    return real(*args[:7])  # the launcher without its dropout argument: y unmasked
+
+
+@auto_runs_triton
+@pytest.mark.parametrize("op", ["lora_linear", "block_lora_linear"])
+def test_dropout_kernels_that_ignore_the_mask_fail_the_check(monkeypatch, op):
+    """The check's dropout case catches a forward that does not drop; then training calls with dropout take the
+    eager reference (F.dropout's masks from torch's RNG), as every call of that op does."""
+    calls = spy(monkeypatch, "lora_forward", ignore_dropout)
+    x = torch.randn(6, 48, device=DEVICE)
+    a, b = torch.randn(4, 48 if op == "lora_linear" else 16, device=DEVICE), torch.randn(8, 4, device=DEVICE)
+
+    def train_call():
+        if op == "lora_linear":
+            return kernels.lora_linear(x, None, None, a, b, 1.0, 0.5, True)
+        return kernels.block_lora_linear(x, None, None, a, b, 3, 1.0, 0.5, True)
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        torch.manual_seed(4)
+        got = train_call()
+    messages = self_check_warnings(record)
+    assert len(messages) == 1, messages
+    if op == "lora_linear":  # (Block-LoRA's backward then fails on the chunk sum it gets instead of x)
+        assert "y differs" in messages[0] and "(dropout 0.25 in two groups)" in messages[0], messages
+    assert len(calls) == 3  # the check's three cases; the call itself ran eager
+    kernels.set_backend("eager")
+    torch.manual_seed(4)
+    torch.testing.assert_close(got, train_call(), atol=0, rtol=0)
 
 
 @auto_runs_triton
@@ -223,4 +256,5 @@ def test_selfcheck_under_the_interpreter():
     assert proc.returncode == 0, tail
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "failed" not in summary, tail
-    assert int(summary.split(" passed")[0].split()[-1]) >= 16, tail  # 9 failing, 4 passing, forced, state, bf16
+    # 9 failing, 4 passing, 2 dropout, forced, state, bf16
+    assert int(summary.split(" passed")[0].split()[-1]) >= 18, tail

@@ -15,15 +15,16 @@ pass a one-time self-check per (op, device, dtype) against the references (:mod:
 raises kernel errors; ``eager`` never touches Triton. :func:`set_deterministic` (or
 ``VISADAPT_KERNELS_DETERMINISTIC=1``, or torch's ``use_deterministic_algorithms``) makes them run-to-run exact.
 The plain-autograd ``*_reference`` functions are the specification: every backend must match them within dtype
-tolerance.
+tolerance. Dropout on the low-rank branch runs inside the kernels where they run (Philox masks from a seed drawn
+per call, :mod:`.dropout`); :func:`dropout_mask` writes out the masks a (seed, offset) gives.
 """
 
 from .backend import deterministic, get_backend, set_backend, set_deterministic
 from .lora import block_lora_linear_reference, lora_linear_reference
-from .ops import block_lora_linear, lora_linear, routed_lora
+from .ops import block_lora_linear, dropout_mask, lora_linear, routed_lora
 from .routed import routed_lora_reference
 from .selfcheck import KernelSelfCheckWarning
 
 __all__ = ["lora_linear", "block_lora_linear", "routed_lora", "set_backend", "get_backend", "set_deterministic",
            "deterministic", "lora_linear_reference", "block_lora_linear_reference", "routed_lora_reference",
-           "KernelSelfCheckWarning"]
+           "KernelSelfCheckWarning", "dropout_mask"]

@@ -24,12 +24,17 @@ import torch.nn.functional as F
 
 
 def _delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, n_blocks: int,
-           dropout_p: float, training: bool, dropout_groups: Optional[Sequence[int]]) -> torch.Tensor:
+           dropout_p: float, training: bool, dropout_groups: Optional[Sequence[int]],
+           dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """s · (drop(x̃) Aᵀ) Bᵀ in the adapter's dtype (adapters are usually kept in fp32 for mixed-precision training),
-    with one dropout mask per row group of A. x̃ is x summed over its n_blocks input chunks."""
+    with one dropout mask per row group of A (``dropout_mask[g]`` when given). x̃ is x summed over its n_blocks
+    input chunks."""
     hidden = []
-    for a_group in lora_a.split(list(dropout_groups or [lora_a.shape[0]])):
-        x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
+    for g, a_group in enumerate(lora_a.split(list(dropout_groups or [lora_a.shape[0]]))):
+        if dropout_p > 0 and training and dropout_mask is not None:
+            x_lora = x * dropout_mask[g] * (1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0)
+        else:
+            x_lora = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
         if n_blocks > 1:
             x_lora = x_lora.unflatten(-1, (n_blocks, x.shape[-1] // n_blocks)).sum(-2)
         hidden.append(F.linear(x_lora.to(lora_a.dtype), a_group))
@@ -51,6 +56,13 @@ def check_dropout_groups(lora_a: torch.Tensor, dropout_groups: Optional[Sequence
     if dropout_groups is not None and (sum(dropout_groups) != lora_a.shape[0] or min(dropout_groups) < 1):
         raise ValueError(f"dropout_groups {list(dropout_groups)} must be positive sizes of A's row groups, summing "
                          f"to its {lora_a.shape[0]} rows.")
+
+
+def _check_mask(mask: Optional[torch.Tensor], x: torch.Tensor, lora_a: torch.Tensor,
+                groups: Optional[Sequence[int]]) -> None:
+    want = (len(groups) if groups is not None else 1, *x.shape)
+    if mask is not None and tuple(mask.shape) != want:
+        raise ValueError(f"dropout_mask has shape {tuple(mask.shape)}; expected (groups, *x.shape) = {want}.")
 
 
 def check_lora(x: torch.Tensor, weight: Optional[torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
@@ -85,11 +97,16 @@ def lora_linear_reference(
     dropout_p: float = 0.0,
     training: bool = False,
     dropout_groups: Optional[Sequence[int]] = None,
+    dropout_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Eager reference of ``lora_linear``: y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ, A (r, d_in), B (d_out, r)."""
+    """Eager reference of ``lora_linear``: y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ, A (r, d_in), B (d_out, r).
+
+    ``dropout_mask`` (groups, *x.shape) bool, optional: the keep masks to apply instead of drawing them with
+    ``F.dropout`` (e.g. :func:`visadapt.kernels.dropout_mask`, the masks of the fused path)."""
     check_lora(x, weight, lora_a, lora_b)
     check_dropout_groups(lora_a, dropout_groups)
-    delta = _delta(x, lora_a, lora_b, scale, 1, dropout_p, training, dropout_groups)
+    _check_mask(dropout_mask, x, lora_a, dropout_groups)
+    delta = _delta(x, lora_a, lora_b, scale, 1, dropout_p, training, dropout_groups, dropout_mask)
     return _combine(_base(x, weight, bias), delta, x.dtype)
 
 
@@ -104,6 +121,7 @@ def block_lora_linear_reference(
     dropout_p: float = 0.0,
     training: bool = False,
     dropout_groups: Optional[Sequence[int]] = None,
+    dropout_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Eager reference of ``block_lora_linear``.
 
@@ -111,9 +129,11 @@ def block_lora_linear_reference(
 
     Equal to ``lora_linear`` with A = [A_s | A_s | … | A_s], but the n chunks are summed first
     (x̃ = Σ_j x[..., j·c:(j+1)·c], c = d_in / n), so the down-projection is one (N, c)·(c, r) product and only x̃
-    is saved for the backward pass.
+    is saved for the backward pass. ``dropout_mask`` as in :func:`lora_linear_reference` (masks of x, before the
+    chunk sum).
     """
     check_block_lora(x, weight, a_shared, lora_b, n_blocks)
     check_dropout_groups(a_shared, dropout_groups)
-    delta = _delta(x, a_shared, lora_b, scale, n_blocks, dropout_p, training, dropout_groups)
+    _check_mask(dropout_mask, x, a_shared, dropout_groups)
+    delta = _delta(x, a_shared, lora_b, scale, n_blocks, dropout_p, training, dropout_groups, dropout_mask)
     return _combine(_base(x, weight, bias), delta, x.dtype)

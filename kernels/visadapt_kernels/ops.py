@@ -6,8 +6,9 @@ Each public function validates shapes, flattens x to (N, d_in) and calls a forwa
 (``triton_kernels.py``) or the eager formulas below, as :mod:`.backend` decides at run time (under "auto", after
 the one-time self-check of :mod:`.selfcheck`).
 
-What the backward keeps: x in its own dtype (Block-LoRA: only the chunk sum x̃, n times narrower) and
-h = s · x̃ Aᵀ (N, r) in fp32 — not the (N, d_out) delta, and no fp32 copy of a 16-bit x. Gradients: x, A, B
+What the backward keeps: x in its own dtype (Block-LoRA: only the chunk sum x̃, n times narrower; with fused
+dropout x itself) and h = s · x̃ Aᵀ (N, r) in fp32 — not the (N, d_out) delta, no fp32 copy of a 16-bit x, and no
+dropout mask (the kernels redraw it from the saved seed). Gradients: x, A, B
 always; W and b too when they require grad (plain matmuls: W is frozen in every adapter of visadapt).
 
 Under autocast, x, W and b are cast to autocast's dtype first (as F.linear would); the op bodies run with
@@ -20,14 +21,17 @@ hands it to both ops: the forward and the backward (Triton kernels, or the eager
 All outputs are dense (contiguous) tensors, as the fakes promise. In deterministic mode
 (:func:`.backend.deterministic`) no floating-point atomics run; the eager formulas have none anyway.
 
-Dropout (p > 0 while training) takes the documented eager fallback: the plain-autograd reference function with
-``torch.nn.functional.dropout``, so the masks come from torch's RNG exactly as in eager PyTorch (one per row group
-of A with ``dropout_groups``: the q, k, v parts of a fused projection draw their own).
+Dropout (p > 0 while training) runs where the kernels run: the public wrapper asks the backend (as the op body
+would) and, on the Triton path, draws the call's seed (:mod:`.dropout`) and hands (p, seed, offset, groups) to
+``lora_fwd``; the kernels draw one Philox mask per row group of A (``dropout_groups``: the q, k, v parts of a fused
+projection draw their own) and ``lora_bwd`` redraws them from the saved seed. Elsewhere the plain-autograd
+reference runs with ``torch.nn.functional.dropout``, so the masks come from torch's RNG exactly as in eager PyTorch.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backend, selfcheck
+from .dropout import MAX_GROUPS, DropoutRng, FusedDropout, check_dropout_p, fusable_groups, seed_tensor
 from .lora import block_lora_linear_reference, check_block_lora, check_dropout_groups, check_lora, lora_linear_reference
 from .routed import ROW_TILE, RoutingPlan, check_index_range, routing_plan, routing_shapes
 
@@ -45,19 +50,29 @@ def use_triton(op: str, x: torch.Tensor, lora_a: torch.Tensor, *others: Optional
     """True if ``op`` ("lora_linear", "block_lora_linear" or "routed_lora") on these tensors (None entries
     skipped) runs the Triton kernels under the current backend. x is the op's activation (x, or dy in a backward)
     and lora_a its adapter: under "auto" x's device and dtype and lora_a's dtype key the op's self-check."""
-    present = [t for t in (x, lora_a, *others) if t is not None]
+    dtypes = tuple(t.dtype for t in (x, lora_a, *others) if t is not None)
+    return _route(op, x.device, dtypes)
+
+
+def _route(op: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """:func:`use_triton` on the tensors' device and dtypes (x's first, then the adapter's, then the others')."""
     chosen = backend.get_backend()
-    if chosen == "eager" or not backend.triton_available() or any(t.dtype not in backend.TRITON_DTYPES
-                                                                  for t in present):
+    if chosen == "eager" or not backend.triton_available() or any(d not in backend.TRITON_DTYPES for d in dtypes):
         return False
     if chosen == "triton":
-        if not x.is_cuda and not backend.interpreting():
+        if device.type != "cuda" and not backend.interpreting():
             raise RuntimeError("Kernel backend 'triton' on CPU tensors needs Triton's interpreter: set "
                                "TRITON_INTERPRET=1 before importing visadapt.kernels.")
         return True
-    if not x.is_cuda and not backend.AUTO_INTERPRET:
+    if device.type != "cuda" and not backend.AUTO_INTERPRET:
         return False
-    return selfcheck.passed(op, x.device, x.dtype, lora_a.dtype)
+    return selfcheck.passed(op, device, dtypes[0], dtypes[1])
+
+
+# The dropout route is decided in the public wrappers, where torch.compile traces: it must run there, not be traced
+# (the first call's self-check launches kernels and reads results back). It is a constant of the process for a
+# device and dtypes unless set_backend is called, which a compiled graph then does not see for its dropout calls.
+_compiled_route = torch.compiler.assume_constant_result(_route)
 
 
 def _hidden_dtype(lora_a: Tensor) -> torch.dtype:
@@ -220,11 +235,26 @@ def _lora_op(n_blocks: int) -> str:
     return "lora_linear" if n_blocks == 1 else "block_lora_linear"
 
 
+def _dropout(dropout_p: float, seed: Optional[Tensor], offset: int, groups: Optional[list[int]],
+             rank: int) -> Optional[FusedDropout]:
+    """The fused dropout of an op call (None without a seed: no dropout)."""
+    return None if seed is None else FusedDropout(dropout_p, seed, offset, tuple(groups or (rank,)))
+
+
 @torch.library.custom_op("visadapt::lora_fwd", mutates_args=())
 @_no_autocast
 def _lora_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-              n_blocks: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(y (N, d_out) in x's dtype, h = s · x̃ Aᵀ (N, r), x̃ (N, c) for Block-LoRA or empty); x (N, d_in) 2-D."""
+              n_blocks: int, scale: float, dropout_p: float = 0.0, seed: Optional[Tensor] = None, offset: int = 0,
+              groups: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(y (N, d_out) in x's dtype, h = s · x̃ Aᵀ (N, r), x̃ (N, c) for Block-LoRA or empty); x (N, d_in) 2-D.
+
+    With a ``seed`` (fused dropout, see :mod:`.dropout`; the wrapper passes one only where the Triton kernels run)
+    the kernels drop the low-rank input with the Philox masks of (seed, offset), one per row group of A, and the
+    backward keeps x (not x̃): it regenerates the masks instead of storing them."""
+    dropout = _dropout(dropout_p, seed, offset, groups, lora_a.shape[0])
+    if dropout is not None:  # only Triton can redraw the masks; the wrapper checked that it runs here
+        y, h, _ = _kernels().lora_forward(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout)
+        return y, h, x.new_empty(_EMPTY)
     on_triton = use_triton(_lora_op(n_blocks), x, lora_a, lora_b, weight, bias)
     impl = _kernels().lora_forward if on_triton else _eager_lora_fwd
     y, h, x_lora = impl(x, weight, bias, lora_a, lora_b, n_blocks, scale)
@@ -232,47 +262,56 @@ def _lora_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_
 
 
 @_lora_fwd.register_fake
-def _(x, weight, bias, lora_a, lora_b, n_blocks, scale):
+def _(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout_p=0.0, seed=None, offset=0, groups=None):
     return (x.new_empty(x.shape[0], lora_b.shape[0]),
             x.new_empty(x.shape[0], lora_a.shape[0], dtype=_hidden_dtype(lora_a)),
-            x.new_empty(x.shape[0], lora_a.shape[1]) if n_blocks > 1 else x.new_empty(_EMPTY))
+            x.new_empty(x.shape[0], lora_a.shape[1]) if n_blocks > 1 and seed is None else x.new_empty(_EMPTY))
 
 
 @torch.library.custom_op("visadapt::lora_bwd", mutates_args=())
 @_no_autocast
 def _lora_bwd(dy: Tensor, x_lora: Tensor, h: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-              n_blocks: int, scale: float, need_x: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx (N, d_in) or an empty placeholder, dA, dB); x_lora is x (LoRA) or x̃ (Block-LoRA)."""
-    if use_triton(_lora_op(n_blocks), dy, lora_a, lora_b, x_lora, weight):
-        dx, d_a, d_b = _kernels().lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x)
+              n_blocks: int, scale: float, need_x: bool, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+              offset: int = 0, groups: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx (N, d_in) or an empty placeholder, dA, dB); x_lora is x (LoRA, or any op with fused dropout) or x̃
+    (Block-LoRA without dropout)."""
+    dropout = _dropout(dropout_p, seed, offset, groups, lora_a.shape[0])
+    if dropout is not None or use_triton(_lora_op(n_blocks), dy, lora_a, lora_b, x_lora, weight):
+        dx, d_a, d_b = _kernels().lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x,
+                                                dropout)
     else:
         dx, d_a, d_b = _eager_lora_bwd(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x)
     return _or_empty(dx, x_lora), d_a, d_b
 
 
 @_lora_bwd.register_fake
-def _(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x):
-    dx = x_lora.new_empty(dy.shape[0], x_lora.shape[1] * n_blocks) if need_x else x_lora.new_empty(_EMPTY)
+def _(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, scale, need_x, dropout_p=0.0, seed=None, offset=0,
+      groups=None):
+    d_in = x_lora.shape[1] * (n_blocks if seed is None else 1)
+    dx = x_lora.new_empty(dy.shape[0], d_in) if need_x else x_lora.new_empty(_EMPTY)
     return dx, lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
 def _lora_setup(ctx, inputs, output):
-    x, weight, _, lora_a, lora_b, n_blocks, scale = inputs
-    # W's own gradient (rare: W is frozen in visadapt's adapters) needs the full x even for Block-LoRA
-    keep_x = n_blocks == 1 or ctx.needs_input_grad[1]
-    ctx.save_for_backward(x if n_blocks == 1 else output[2], weight, lora_a, lora_b, output[1],
-                          x if keep_x else None)
-    ctx.n_blocks, ctx.scale = n_blocks, scale
+    x, weight, _, lora_a, lora_b, n_blocks, scale, dropout_p, seed, offset, groups = inputs
+    # W's own gradient (rare: W is frozen in visadapt's adapters) needs the full x even for Block-LoRA; fused
+    # dropout keeps x too (its masks are drawn on x's indices), never a mask
+    keep_x = n_blocks == 1 or seed is not None
+    ctx.save_for_backward(x if keep_x else output[2], weight, lora_a, lora_b, output[1],
+                          x if keep_x or ctx.needs_input_grad[1] else None, seed)
+    ctx.n_blocks, ctx.scale, ctx.dropout = n_blocks, scale, (dropout_p, offset, groups)
 
 
 def _lora_backward(ctx, dy, _dh, _dx_lora):
-    x_lora, weight, lora_a, lora_b, h, x = ctx.saved_tensors
+    x_lora, weight, lora_a, lora_b, h, x, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
+    dropout_p, offset, groups = ctx.dropout
     dx, d_a, d_b = torch.ops.visadapt.lora_bwd(dy, x_lora, h, weight, lora_a, lora_b, ctx.n_blocks, ctx.scale,
-                                               need[0])
+                                               need[0], dropout_p, seed, offset, groups)
     d_w = (dy.T @ x).to(weight.dtype) if need[1] else None
     d_bias = dy.sum(0).to(dy.dtype) if need[2] else None
-    return (dx if need[0] else None), d_w, d_bias, (d_a if need[3] else None), (d_b if need[4] else None), None, None
+    return ((dx if need[0] else None), d_w, d_bias, (d_a if need[3] else None), (d_b if need[4] else None),
+            None, None, None, None, None, None)
 
 
 torch.library.register_autograd("visadapt::lora_fwd", _lora_backward, setup_context=_lora_setup)
@@ -342,42 +381,73 @@ torch.library.register_autograd("visadapt::routed_fwd", _routed_backward, setup_
 
 def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                 scale: float, dropout_p: float = 0.0, training: bool = False,
-                dropout_groups: Optional[Sequence[int]] = None) -> Tensor:
+                dropout_groups: Optional[Sequence[int]] = None, dropout_rng: Optional[DropoutRng] = None) -> Tensor:
     """y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ.
 
     x (..., d_in); weight (d_out, d_in) or None (then the delta alone is returned); bias (d_out,) or None;
     lora_a (r, d_in); lora_b (d_out, r); result (..., d_out) in x's dtype. Adapter math accumulates in fp32.
-    Dropout applies to the low-rank branch only; p > 0 while training runs the eager reference. dropout_groups:
-    sizes of consecutive row groups of A (summing to r) that each draw their own mask, e.g. the q, k, v pairs
-    stacked into one fused projection; None draws one mask for all of A.
+
+    Dropout (p > 0 while training) applies to the low-rank branch only. dropout_groups: sizes of consecutive row
+    groups of A (summing to r) that each draw their own mask, e.g. the q, k, v pairs stacked into one fused
+    projection; None draws one mask for all of A. Where the Triton kernels run (as for p = 0, and up to
+    :data:`~.dropout.MAX_GROUPS` groups) dropout runs inside them: Philox masks drawn from (seed, offset) in the
+    forward and redrawn in the backward, never stored (:mod:`.dropout`); ``dropout_rng`` = (seed, offset) fixes
+    them, None draws the seed from torch's generator of x's device. Elsewhere (CPU, the eager backend) the eager
+    reference runs with ``F.dropout``'s masks from torch's RNG, and ``dropout_rng`` is not used. The two paths draw
+    different masks for one ``torch.manual_seed``.
     """
     check_lora(x, weight, lora_a, lora_b)
     check_dropout_groups(lora_a, dropout_groups)
+    check_dropout_p(dropout_p)
     if dropout_p > 0 and training:
-        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, dropout_groups)
+        fused = _fused_dropout("lora_linear", x, weight, bias, lora_a, lora_b, dropout_p, dropout_groups, dropout_rng)
+        if fused is None:
+            return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p, training, dropout_groups)
+        return _call_lora(x, weight, bias, lora_a, lora_b, 1, scale, fused)
     return _call_lora(x, weight, bias, lora_a, lora_b, 1, scale)
 
 
 def block_lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], a_shared: Tensor,
                       lora_b: Tensor, n_blocks: int, scale: float, dropout_p: float = 0.0,
-                      training: bool = False, dropout_groups: Optional[Sequence[int]] = None) -> Tensor:
+                      training: bool = False, dropout_groups: Optional[Sequence[int]] = None,
+                      dropout_rng: Optional[DropoutRng] = None) -> Tensor:
     """Block-LoRA: y = x Wᵀ + b + s · (x̃ A_sᵀ) Bᵀ with x̃ = Σ_j x[..., j·c:(j+1)·c], c = d_in / n_blocks.
 
     a_shared (r, c) is shared by the n input chunks, i.e. a LoRA with A = [A_s | … | A_s] that is never
-    materialised (the kernels read A_s at column k mod c). Other shapes and dropout as in :func:`lora_linear`.
+    materialised (the kernels read A_s at column k mod c). Other shapes and dropout as in :func:`lora_linear`
+    (the mask acts on x, before the chunk sum; the fused path then keeps x, not x̃, for the backward).
     """
     check_block_lora(x, weight, a_shared, lora_b, n_blocks)
     check_dropout_groups(a_shared, dropout_groups)
+    check_dropout_p(dropout_p)
     if dropout_p > 0 and training:
-        return block_lora_linear_reference(x, weight, bias, a_shared, lora_b, n_blocks, scale, dropout_p, training,
-                                           dropout_groups)
+        fused = _fused_dropout("block_lora_linear", x, weight, bias, a_shared, lora_b, dropout_p, dropout_groups,
+                               dropout_rng)
+        if fused is None:
+            return block_lora_linear_reference(x, weight, bias, a_shared, lora_b, n_blocks, scale, dropout_p,
+                                               training, dropout_groups)
+        return _call_lora(x, weight, bias, a_shared, lora_b, n_blocks, scale, fused)
     return _call_lora(x, weight, bias, a_shared, lora_b, n_blocks, scale)
 
 
-def _call_lora(x, weight, bias, lora_a, lora_b, n_blocks, scale):
+def _fused_dropout(op: str, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor,
+                   lora_b: Tensor, dropout_p: float, groups: Optional[Sequence[int]],
+                   rng: Optional[DropoutRng]) -> Optional[FusedDropout]:
+    """The fused dropout of this call where the Triton kernels run it (drawing the seed then), else None."""
+    groups = fusable_groups(lora_a.shape[0], groups)
+    x, weight, bias = _autocast(x, weight, bias)  # the route is decided on the dtypes the op will see
+    dtypes = tuple(t.dtype for t in (x, lora_a, lora_b, weight, bias) if t is not None)  # use_triton's order
+    if groups is None or not _compiled_route(op, x.device, dtypes):
+        return None
+    seed, offset = seed_tensor(rng, x.device)
+    return FusedDropout(float(dropout_p), seed, offset, groups)
+
+
+def _call_lora(x, weight, bias, lora_a, lora_b, n_blocks, scale, dropout: Optional[FusedDropout] = None):
     x, weight, bias = _autocast(x, weight, bias)
+    drop = () if dropout is None else (dropout.p, dropout.seed, dropout.offset, list(dropout.groups))
     y, _, _ = torch.ops.visadapt.lora_fwd(x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, n_blocks,
-                                       float(scale))
+                                       float(scale), *drop)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -396,3 +466,22 @@ def routed_lora(x: Tensor, lora_a: Tensor, lora_b: Tensor, scales: Union[Tensor,
     plan = routing_plan(index, scales, weights, lora_a.shape[0], one_reduce_tile_per_adapter=backend.deterministic())
     delta, _ = torch.ops.visadapt.routed_fwd(x.reshape(-1, x.shape[-1]), lora_a, lora_b, index, list(plan))
     return delta.reshape(*x.shape[:-1], delta.shape[-1])
+
+
+def dropout_mask(shape: Sequence[int], dropout_p: float, dropout_rng: DropoutRng, n_groups: int = 1,
+                 device: Union[str, torch.device] = "cuda") -> Tensor:
+    """The keep masks (n_groups, *shape) bool that the fused kernels draw for an x of ``shape`` (..., d_in) with
+    dropout ``dropout_p`` and ``dropout_rng`` = (seed, offset): written out by a small Triton kernel that calls the
+    kernels' own mask function, for checking the fused path against the eager reference (``dropout_mask=`` of
+    :func:`.lora_linear_reference`). Needs the Triton kernels: CUDA, or CPU under ``TRITON_INTERPRET=1``."""
+    check_dropout_p(dropout_p)
+    device = torch.device(device)
+    if not backend.triton_available() or (device.type != "cuda" and not backend.interpreting()):
+        raise RuntimeError("dropout_mask runs a Triton kernel: it needs triton and a CUDA device (or, for CPU "
+                           "tensors, TRITON_INTERPRET=1 set before importing visadapt.kernels).")
+    if n_groups < 1 or n_groups > MAX_GROUPS:
+        raise ValueError(f"n_groups must be between 1 and {MAX_GROUPS}, got {n_groups}.")
+    seed, offset = seed_tensor(dropout_rng, device)
+    rows = math.prod(shape[:-1])
+    dropout = FusedDropout(float(dropout_p), seed, offset, (1,) * n_groups)
+    return _kernels().dropout_keep_mask(dropout, rows, shape[-1]).reshape(n_groups, *shape)

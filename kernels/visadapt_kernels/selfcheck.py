@@ -2,7 +2,9 @@
 
 The first time per process that ``auto`` would send an op to Triton on a given device and dtype, :func:`passed`
 runs that op's Triton forward and backward on small tensors of that device and dtype and compares y, dx, dA and dB
-with the op's plain-autograd reference (``*_reference``, in float64). A compile error, a launch failure (any
+with the op's plain-autograd reference (``*_reference``, in float64); for the LoRA ops also once with dropout in
+two groups (the reference applying the masks the kernels' generator writes out), since training calls with dropout
+take the same route as the others. A compile error, a launch failure (any
 exception) or a mismatch beyond the dtype's tolerance warns once (:class:`KernelSelfCheckWarning`) and sends that
 (op, device, dtypes) to the eager formulas for the rest of the process; a pass changes nothing, the check only
 decides the route. Each key is checked once. ``VISADAPT_KERNELS=triton`` never comes here (forced: errors raise),
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .backend import deterministic
+from .dropout import FusedDropout
 from .lora import block_lora_linear_reference, lora_linear_reference
 from .routed import routed_lora_reference, routing_plan
 
@@ -36,6 +39,7 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 # check are mostly the specialisations the real layers use; none is a multiple of the tiles (rows 32/64, columns
 # 32/64/128, rank 16), so the masked edges run too.
 _ROWS, _D_IN, _D_OUT, _RANK, _BLOCKS, _ADAPTERS, _SCALE = 48, 48, 80, 4, 3, 3, 0.75
+_SEED = 20261206  # of the dropout case's Philox masks
 
 Key = tuple[str, torch.device, torch.dtype, torch.dtype]  # (op, device, activation dtype, adapter dtype)
 _results: dict[Key, bool] = {}
@@ -140,23 +144,33 @@ def _check_lora(n_blocks: int) -> Callable[[torch.device, torch.dtype, torch.dty
         for w, b, case in ((weight, bias, "with W and bias"), (None, None, "delta only, weight=None")):
             if problem := _compare_lora(x, dy, w, b, lora_a, lora_b, n_blocks):
                 return f"{problem} ({case})"
+        # training with dropout: two groups, the masks written out by the kernels' own generator
+        dropout = FusedDropout(0.25, torch.tensor([_SEED], dtype=torch.int64, device=device), 3, (1, _RANK - 1))
+        if problem := _compare_lora(x, dy, weight, bias, lora_a, lora_b, n_blocks, dropout):
+            return f"{problem} (dropout 0.25 in two groups)"
         return None
 
     return check
 
 
 def _compare_lora(x: Tensor, dy: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_a: Tensor,
-                  lora_b: Tensor, n_blocks: int) -> Optional[str]:
-    """The Triton forward and backward (x (N, d_in), dy (N, d_out)) against the reference's, in float64."""
+                  lora_b: Tensor, n_blocks: int, dropout: Optional[FusedDropout] = None) -> Optional[str]:
+    """The Triton forward and backward (x (N, d_in), dy (N, d_out)) against the reference's, in float64; with
+    ``dropout``, the reference applies the masks that the kernels' generator writes out for it."""
     kernels = _triton()
-    y, h, x_lora = kernels.lora_forward(x, weight, bias, lora_a, lora_b, n_blocks, _SCALE)
-    got = (y, *kernels.lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, _SCALE, True))
+    extra = () if dropout is None else (dropout,)  # positional: tests patch the launchers with (*args) spies
+    y, h, x_lora = kernels.lora_forward(x, weight, bias, lora_a, lora_b, n_blocks, _SCALE, *extra)
+    got = (y, *kernels.lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks, _SCALE, True, *extra))
     w64, b64 = (None if t is None else t.double() for t in (weight, bias))
+    p, groups, mask = 0.0, None, None
+    if dropout is not None:
+        p, groups = dropout.p, list(dropout.groups)
+        mask = kernels.dropout_keep_mask(dropout, *x.shape)
 
     def reference(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         if n_blocks == 1:
-            return lora_linear_reference(x, w64, b64, a, b, _SCALE)
-        return block_lora_linear_reference(x, w64, b64, a, b, n_blocks, _SCALE)
+            return lora_linear_reference(x, w64, b64, a, b, _SCALE, p, p > 0, groups, mask)
+        return block_lora_linear_reference(x, w64, b64, a, b, n_blocks, _SCALE, p, p > 0, groups, mask)
 
     want, vjp = torch.func.vjp(reference, x.double(), lora_a.double(), lora_b.double())
     return _mismatch(got, (want, *vjp(dy.double())), _tolerance(x.dtype, lora_a.dtype))

@@ -27,6 +27,7 @@ do not; h, g and the gradients accumulate in fp32.
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .backend import deterministic, fuse_shrink, interpreting
+from .dropout import FusedDropout
 from .routed import REDUCE_TILE, ROW_TILE, RoutingPlan
 
 _DOT_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -107,11 +109,61 @@ def _rows(rows, rmask, TOKENS, PAIRS, ROUTED: tl.constexpr):
 
 
 @triton.jit
+def _uniforms(seed, offset, rows, cols, K):
+    """The four Philox uniforms of each element (rows, cols) of the (M, K) input x: one Philox4x32-10 call at
+    counter offset + row·K + col (int64: M·K can pass 2³¹; tl.rand4x feeds the high 32 bits to Philox, so counters
+    below 2³² draw what int32 counters would). Dropout group g (≤ 4 groups) keeps the element when the g-th is ≥ p,
+    so all q/k/v masks cost one Philox call per element. Every kernel that needs the masks redraws them from these
+    indices: they never exist in memory."""
+    ctr = offset + rows.to(tl.int64)[:, None] * K + cols.to(tl.int64)[None, :]
+    return tl.rand4x(seed, ctr)
+
+
+@triton.jit
+def _pick(g: tl.constexpr, u0, u1, u2, u3):
+    """Group g's uniforms (g is a compile-time constant: no select runs)."""
+    if g == 0:
+        u = u0
+    elif g == 1:
+        u = u1
+    elif g == 2:
+        u = u2
+    else:
+        u = u3
+    return u
+
+
+@triton.jit
+def _rank_group(rj, B1, B2, B3):
+    """Dropout group (0..3) of each rank column j: groups are the consecutive column ranges [0, B1), [B1, B2), ...,
+    unused bounds equal R (padded columns j ≥ R, zero anyway, fall in no iterated group)."""
+    return (rj >= B1).to(tl.int32) + (rj >= B2).to(tl.int32) + (rj >= B3).to(tl.int32)
+
+
+@triton.jit
+def _dropout_mask_kernel(SEED, O, offset, M, K, drop_p, NG: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """O[g, m, k] = the keep mask of group g at (m, k), as int8: what the fused kernels draw."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rk = tl.program_id(1) * BK + tl.arange(0, BK)
+    u0, u1, u2, u3 = _uniforms(tl.load(SEED), offset, rm, rk, K)
+    mask = (rm[:, None] < M) & (rk[None, :] < K)
+    for g in tl.static_range(NG):
+        keep = _pick(g, u0, u1, u2, u3) >= drop_p
+        out = (rm.to(tl.int64) + g * M)[:, None] * K + rk[None, :]  # row g·M + m of the (G·M, K) output
+        tl.store(O + out, keep.to(tl.int8), mask=mask)
+
+
+@triton.jit
 def _shrink_kernel(X, A, H, TOKENS, PAIRS, PAIR_SCALE, TILE_ADAPTER, TILE_START, TILE_END,
-                   M, K, R, scale, sxm, sxk, sal, saj, sak, shm,
+                   M, K, R, scale, sxm, sxk, sal, saj, sak, shm, SEED, offset, drop_p, inv_keep, AC, B1, B2, B3,
                    ROUTED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                   BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-    """H[pair, j] = s · Σ_k X[tok, k] · A[l, j, k]; s = scale (dense) or PAIR_SCALE[pair] (routed)."""
+                   BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                   DROPOUT: tl.constexpr = False, NG: tl.constexpr = 1):
+    """H[pair, j] = s · Σ_k X[tok, k] · A[l, j, k]; s = scale (dense) or PAIR_SCALE[pair] (routed).
+
+    DROPOUT (dense only): H[m, j] = s / (1 - p) · Σ_k keep_g(j)[m, k] X[m, k] A[j, k % AC], the mask of rank
+    column j's group (:func:`_rank_group`) regenerated per tile (:func:`_uniforms`); AC < K is Block-LoRA's A_s, read
+    at column k mod c, so the chunk sum of the dropped x never has to exist."""
     adapter, start, end = _tile(tl.program_id(0), TILE_ADAPTER, TILE_START, TILE_END, M, BM, ROUTED)
     if adapter < 0:
         return
@@ -121,14 +173,28 @@ def _shrink_kernel(X, A, H, TOKENS, PAIRS, PAIR_SCALE, TILE_ADAPTER, TILE_START,
     rj = tl.arange(0, BR)
     a_base = A + adapter.to(tl.int64) * sal
     acc = tl.zeros((BM, BR), dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(SEED)
+        group = _rank_group(rj, B1, B2, B3)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
         x = tl.load(X + tok[:, None] * sxm + rk[None, :] * sxk, mask=rmask[:, None] & (rk[None, :] < K), other=0.0)
-        a = tl.load(a_base + rj[None, :] * saj + rk[:, None] * sak,
-                    mask=(rj[None, :] < R) & (rk[:, None] < K), other=0.0)
-        acc = tl.dot(x.to(DOT), a.to(DOT), acc, input_precision=PREC)
+        if DROPOUT:
+            a = tl.load(a_base + rj[None, :] * saj + (rk[:, None] % AC) * sak,
+                        mask=(rj[None, :] < R) & (rk[:, None] < K), other=0.0)
+            u0, u1, u2, u3 = _uniforms(seed, offset, rows, rk, K)
+            for g in tl.static_range(NG):
+                x_g = tl.where(_pick(g, u0, u1, u2, u3) >= drop_p, x, 0.0)
+                a_g = tl.where(group[None, :] == g, a, 0.0)
+                acc = tl.dot(x_g.to(DOT), a_g.to(DOT), acc, input_precision=PREC)
+        else:
+            a = tl.load(a_base + rj[None, :] * saj + rk[:, None] * sak,
+                        mask=(rj[None, :] < R) & (rk[:, None] < K), other=0.0)
+            acc = tl.dot(x.to(DOT), a.to(DOT), acc, input_precision=PREC)
     if ROUTED:
         acc = acc * tl.load(PAIR_SCALE + pair, mask=rmask, other=0.0)[:, None]
+    elif DROPOUT:
+        acc = acc * (scale * inv_keep)
     else:
         acc = acc * scale
     tl.store(H + pair[:, None] * shm + rj[None, :], acc, mask=rmask[:, None] & (rj[None, :] < R))
@@ -137,16 +203,21 @@ def _shrink_kernel(X, A, H, TOKENS, PAIRS, PAIR_SCALE, TILE_ADAPTER, TILE_START,
 @triton.autotune(configs=_LINEAR_CONFIGS, key=["N", "K", "R", "HAS_W", "FUSE_SHRINK"])
 @triton.jit
 def _linear_expand_kernel(X, W, BIAS, H, E, Y, S, M, N, K, R, C, SC, scale, sxm, sxk, swn, swk, shm, sen, sej, ssj,
-                          ssk, sym, syn, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr,
+                          ssk, sym, syn, SEED, offset, drop_p, inv_keep, B1, B2, B3,
+                          HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_SHRINK: tl.constexpr,
                           DOT: tl.constexpr, PREC: tl.constexpr, SDOT: tl.constexpr, PREC_BASE: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-                          GROUP_M: tl.constexpr = 8):
+                          GROUP_M: tl.constexpr = 8, DROPOUT: tl.constexpr = False, NG: tl.constexpr = 1):
     """Y[m, n] = Σ_k X[m, k] W[n, k] + bias[n] + Σ_j H[m, j] E[n % C, j]   (M×N output tiles, fp32 accumulator).
 
     The up-projection rides in the epilogue of the base GEMM, so the (N, d_out) delta is never written or
     re-read; HAS_W=False leaves the delta alone. FUSE_SHRINK (needs HAS_W): H is not read but computed in the
     main loop from the X tiles it already loads, H[m, j] = scale · Σ_k X[m, k] S[j, k % SC], and stored by the
-    programs of the first column tile (the others recompute it: r / BN extra FLOPs, one read of X saved)."""
+    programs of the first column tile (the others recompute it: r / BN extra FLOPs, one read of X saved).
+
+    DROPOUT (the dx GEMM of a dropout LoRA: Y = dx, N = d_in): the epilogue adds Σ_g keep_g ⊙ (H_g Ẽ_gᵀ) / (1 - p),
+    one rank-r dot per dropout group g (H's columns of that group), masked by the group's keep mask of x at
+    (m, n), regenerated here (:func:`_uniforms`) exactly as the forward's shrink drew it."""
     # grouped program order: GROUP_M row-tiles share each W column-tile while it is in L2
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
@@ -183,7 +254,15 @@ def _linear_expand_kernel(X, W, BIAS, H, E, Y, S, M, N, K, R, C, SC, scale, sxm,
         h = tl.load(H + rm[:, None] * shm + rj[None, :], mask=hmask, other=0.0)
     e = tl.load(E + (rn[None, :] % C) * sen + rj[:, None] * sej, mask=nmask[None, :] & (rj[:, None] < R),
                 other=0.0)
-    acc = tl.dot(h.to(DOT), e.to(DOT), acc, input_precision=PREC)
+    if DROPOUT:
+        seed = tl.load(SEED)
+        group = _rank_group(rj, B1, B2, B3)
+        u0, u1, u2, u3 = _uniforms(seed, offset, rm, rn, N)
+        for g in tl.static_range(NG):
+            part = tl.dot(tl.where(group[None, :] == g, h, 0.0).to(DOT), e.to(DOT), input_precision=PREC)
+            acc += tl.where(_pick(g, u0, u1, u2, u3) >= drop_p, part * inv_keep, 0.0)
+    else:
+        acc = tl.dot(h.to(DOT), e.to(DOT), acc, input_precision=PREC)
     tl.store(Y + rm[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
              mask=mmask[:, None] & nmask[None, :])
 
@@ -216,26 +295,43 @@ def _routed_expand_kernel(H, E, Y, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE
 
 @triton.jit
 def _reduce_kernel(U, V, O, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE_END, M, P, Q, sum_, sup, svm, sol, sop,
-                   soq, ROUTED: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                   TILE: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr):
+                   soq, SEED, offset, drop_p, inv_keep, B1, B2, B3,
+                   ROUTED: tl.constexpr, ATOMIC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                   TILE: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
+                   DROPOUT: tl.constexpr = False, NG: tl.constexpr = 1):
     """O[l, p, q] += Σ_rows U[tok, p] V[pair, q] over one tile of rows (dB: U = dy, V = h; dAᵀ: U = x, V = g).
 
     Each program streams its rows once, in order. ATOMIC: it adds its (BP, BQ) partial sum atomically (split over
     tokens). Otherwise (deterministic mode) it stores it: into slot l when the plan gives each adapter one tile,
-    or, dense, into its own slot t of a partials buffer that the launcher sums in a fixed order."""
+    or, dense, into its own slot t of a partials buffer that the launcher sums in a fixed order.
+
+    DROPOUT (dense dAᵀ of a dropout LoRA: U = x (M, P = d_in), V = g): O[p, q] = Σ_rows keep_g(q)[row, p] U V / (1-p),
+    the mask of V's column group regenerated per tile (:func:`_uniforms`), one dot per group."""
     adapter, start, end = _tile(tl.program_id(0), TILE_ADAPTER, TILE_START, TILE_END, M, TILE, ROUTED)
     if adapter < 0:
         return
     rp = tl.program_id(1) * BP + tl.arange(0, BP)
     rq = tl.arange(0, BQ)
     acc = tl.zeros((BP, BQ), dtype=tl.float32)
+    if DROPOUT:
+        seed = tl.load(SEED)
+        group = _rank_group(rq, B1, B2, B3)
     for m0 in range(start, end, BM):
         rows = m0 + tl.arange(0, BM)
         rmask = rows < end
         tok, pair = _rows(rows, rmask, TOKENS, PAIRS, ROUTED)
         u = tl.load(U + tok[:, None] * sum_ + rp[None, :] * sup, mask=rmask[:, None] & (rp[None, :] < P), other=0.0)
         v = tl.load(V + pair[:, None] * svm + rq[None, :], mask=rmask[:, None] & (rq[None, :] < Q), other=0.0)
-        acc = tl.dot(tl.trans(u.to(DOT)), v.to(DOT), acc, input_precision=PREC)
+        if DROPOUT:
+            u0, u1, u2, u3 = _uniforms(seed, offset, rows, rp, P)
+            for g in tl.static_range(NG):
+                u_g = tl.where(_pick(g, u0, u1, u2, u3) >= drop_p, u, 0.0)
+                v_g = tl.where(group[None, :] == g, v, 0.0)
+                acc = tl.dot(tl.trans(u_g.to(DOT)), v_g.to(DOT), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(tl.trans(u.to(DOT)), v.to(DOT), acc, input_precision=PREC)
+    if DROPOUT:
+        acc = acc * inv_keep
     omask = (rp[:, None] < P) & (rq[None, :] < Q)
     if ATOMIC:
         tl.atomic_add(O + adapter.to(tl.int64) * sol + rp[:, None] * sop + rq[None, :] * soq, acc, mask=omask)
@@ -248,10 +344,22 @@ def _reduce_kernel(U, V, O, TOKENS, PAIRS, TILE_ADAPTER, TILE_START, TILE_END, M
 # launchers: shapes in, tensors out; every tensor lives on one device
 
 
+def _dropout_args(dropout: Optional[FusedDropout], rank: int, dummy: torch.Tensor) -> tuple[tuple, dict]:
+    """The kernels' dropout arguments: (SEED, offset, drop_p, inv_keep, B1, B2, B3) and the constexprs."""
+    if dropout is None:
+        return (dummy, 0, 0.0, 1.0, rank, rank, rank), dict(DROPOUT=False, NG=1)
+    bounds = list(itertools.accumulate(dropout.groups))[:-1]
+    bounds += [rank] * (3 - len(bounds))
+    inv_keep = 1.0 / (1.0 - dropout.p) if dropout.p < 1 else 0.0  # p = 1 drops everything (0 · inf would be NaN)
+    return (dropout.seed, dropout.offset, dropout.p, inv_keep, *bounds), dict(DROPOUT=True, NG=len(dropout.groups))
+
+
 def _shrink(x: torch.Tensor, a: torch.Tensor, rank: int, scale: float, a_strides,
-            routing: Optional[RoutingPlan] = None) -> torch.Tensor:
+            routing: Optional[RoutingPlan] = None, dropout: Optional[FusedDropout] = None,
+            a_cols: int = 0) -> torch.Tensor:
     """s · x A[l]ᵀ as fp32 (rows, rank), A[l, j, k] at ``a_strides`` = (l, j, k) strides; with a routing plan
-    the rows are pairs, s per pair, unrouted pairs zero."""
+    the rows are pairs, s per pair, unrouted pairs zero. With ``dropout`` (dense only) x is dropped per rank
+    group first and A read at column k mod ``a_cols`` (Block-LoRA's A_s against the full x)."""
     routed = routing is not None
     n_rows = routing.pairs.shape[0] if routed else x.shape[0]
     h = torch.zeros(n_rows, rank, device=x.device, dtype=torch.float32) if routed else \
@@ -262,37 +370,43 @@ def _shrink(x: torch.Tensor, a: torch.Tensor, rank: int, scale: float, a_strides
               routing.tile_end) if routed else (h,) * 6
     bm = _ROUTED_BM if routed else _SHRINK_BM
     grid = (routing.tile_adapter.shape[0] if routed else triton.cdiv(x.shape[0], bm),)
+    drop, drop_const = _dropout_args(dropout, rank, h)
     _shrink_kernel[grid](x, a, h, *tables, x.shape[0], x.shape[1], rank, scale, x.stride(0), x.stride(1),
-                         *a_strides, h.stride(0), ROUTED=routed, DOT=_DOT_DTYPE[x.dtype],
-                         PREC=_precision(x.dtype), BM=bm, BK=_SHRINK_BK, BR=_rank_block(rank))
+                         *a_strides, h.stride(0), drop[0], drop[1], drop[2], drop[3], a_cols or x.shape[1],
+                         *drop[4:], ROUTED=routed, DOT=_DOT_DTYPE[x.dtype], PREC=_precision(x.dtype), BM=bm,
+                         BK=_SHRINK_BK, BR=_rank_block(rank), **drop_const)
     return h
 
 
 def _linear_expand(x, w, w_strides, bias, h, e, e_strides, e_rows, n_out, out_dtype,
-                   shrink: Optional[tuple] = None) -> torch.Tensor:
+                   shrink: Optional[tuple] = None, dropout: Optional[FusedDropout] = None) -> torch.Tensor:
     """x Mᵀ + b + h Ẽᵀ as (rows, n_out); M[n, k] at ``w_strides`` = (n, k) strides, Ẽ[n, j] at ``e_strides``.
 
     ``shrink`` = (S, (j, k) strides of S, SC, scale): h (an empty fp32 (rows, r)) is not read but filled by the
-    kernel's main loop with scale · x S̃ᵀ, S̃[j, k] = S[j, k % SC] (needs w)."""
+    kernel's main loop with scale · x S̃ᵀ, S̃[j, k] = S[j, k % SC] (needs w). ``dropout``: the dx GEMM of a
+    dropout LoRA, whose epilogue masks each rank group's h Ẽᵀ with that group's mask of x (rows × n_out = d_in)."""
     m, k = x.shape
     y = torch.empty(m, n_out, device=x.device, dtype=out_dtype)
     if m == 0 or n_out == 0:
         return y
     s, s_strides, s_cols, scale = shrink or (h, (0, 0), 1, 0.0)
+    drop, drop_const = _dropout_args(dropout, h.shape[1], y)
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n_out, meta["BN"]),)  # noqa: E731
     _linear_expand_kernel[grid](
         x, y if w is None else w, y if bias is None else bias, h, e, y, s, m, n_out, k, h.shape[1], e_rows, s_cols,
         scale, x.stride(0), x.stride(1), *(w_strides if w is not None else (0, 0)), h.stride(0), *e_strides,
-        *s_strides, y.stride(0), y.stride(1), HAS_W=w is not None, HAS_BIAS=bias is not None,
+        *s_strides, y.stride(0), y.stride(1), *drop, HAS_W=w is not None, HAS_BIAS=bias is not None,
         FUSE_SHRINK=shrink is not None, DOT=tl.float32, PREC=_rank_precision(x.dtype), SDOT=_DOT_DTYPE[x.dtype],
-        PREC_BASE=_precision(x.dtype), BR=_rank_block(h.shape[1]))
+        PREC_BASE=_precision(x.dtype), BR=_rank_block(h.shape[1]), **drop_const)
     return y
 
 
-def _reduce(u, v, routing: Optional[RoutingPlan] = None, n_adapters=1, transpose: bool = False) -> torch.Tensor:
+def _reduce(u, v, routing: Optional[RoutingPlan] = None, n_adapters=1, transpose: bool = False,
+            dropout: Optional[FusedDropout] = None) -> torch.Tensor:
     """fp32 O[l] = Σ_rows u[tok]ᵀ v[pair], contiguous (L, P, Q), or (L, Q, P) holding Oᵀ when ``transpose`` (dA:
     the kernel writes through swapped strides, so the result is a dense tensor, not a transposed view);
-    u (tokens, P), v (rows or pairs, Q) fp32. Deterministic mode: no atomics (see :func:`_reduce_kernel`)."""
+    u (tokens, P), v (rows or pairs, Q) fp32. Deterministic mode: no atomics (see :func:`_reduce_kernel`).
+    ``dropout`` (dense dA): u = x is dropped with the mask of v's column group."""
     p, q = u.shape[1], v.shape[1]
     if routing is not None:
         tables, n_tiles, tile, m = (routing.tokens, routing.pairs, routing.reduce_adapter, routing.reduce_start,
@@ -313,9 +427,11 @@ def _reduce(u, v, routing: Optional[RoutingPlan] = None, n_adapters=1, transpose
         return out[:n_adapters] if routing is not None else out.sum(0, keepdim=True)
     o_strides = (out.stride(0), out.stride(2), out.stride(1)) if transpose else out.stride()
     grid = (n_tiles, triton.cdiv(p, _REDUCE_BP))
+    drop, drop_const = _dropout_args(dropout, q, out)
     _reduce_kernel[grid](u, v, out, *(tables or (out,) * 5), m, p, q, u.stride(0), u.stride(1), v.stride(0),
-                         *o_strides, ROUTED=routing is not None, ATOMIC=not exact, DOT=tl.float32,
-                         PREC=_rank_precision(u.dtype), TILE=tile, BM=_REDUCE_BM, BP=_REDUCE_BP, BQ=_rank_block(q))
+                         *o_strides, *drop, ROUTED=routing is not None, ATOMIC=not exact, DOT=tl.float32,
+                         PREC=_rank_precision(u.dtype), TILE=tile, BM=_REDUCE_BM, BP=_REDUCE_BP, BQ=_rank_block(q),
+                         **drop_const)
     return out if routing is not None or slots == 1 else out.sum(0, keepdim=True)
 
 
@@ -323,12 +439,20 @@ def _reduce(u, v, routing: Optional[RoutingPlan] = None, n_adapters=1, transpose
 # LoRA / Block-LoRA (A (r, c): c = d_in for LoRA, d_in / n_blocks for Block-LoRA)
 
 
-def lora_forward(x, weight, bias, lora_a, lora_b, n_blocks: int, scale: float):
+def lora_forward(x, weight, bias, lora_a, lora_b, n_blocks: int, scale: float,
+                 dropout: Optional[FusedDropout] = None):
     """(y (N, d_out) in x's dtype, h = s · x̃ Aᵀ (N, r) fp32, x̃ (x itself for LoRA)).
 
     Block-LoRA's chunk sum x̃ is one memory-bound torch reduction: it is the tensor the backward keeps (n times
-    smaller than x), and the shrink then reads c instead of d_in columns."""
+    smaller than x), and the shrink then reads c instead of d_in columns. With ``dropout`` the shrink reads x
+    itself, drops it per rank group in registers (A_s read at column k mod c for Block-LoRA) and the third result
+    is x: the backward regenerates the masks from it, the seed and the offset."""
     rank, a_cols = lora_a.shape
+    if dropout is not None:
+        h = _shrink(x, lora_a, rank, scale, (0, lora_a.stride(0), lora_a.stride(1)), dropout=dropout, a_cols=a_cols)
+        y = _linear_expand(x, weight, None if weight is None else (weight.stride(0), weight.stride(1)), bias, h,
+                           lora_b, (lora_b.stride(0), lora_b.stride(1)), lora_b.shape[0], lora_b.shape[0], x.dtype)
+        return y, h, x
     x_lora = x if n_blocks == 1 else x.unflatten(-1, (n_blocks, -1)).sum(-2)
     fuse = fuse_shrink() and weight is not None
     if fuse:  # h accumulates in the base GEMM's main loop (Block-LoRA: A_s read at column k mod c)
@@ -342,12 +466,29 @@ def lora_forward(x, weight, bias, lora_a, lora_b, n_blocks: int, scale: float):
     return y, h, x_lora
 
 
-def lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks: int, scale: float, need_x: bool):
+def lora_backward(dy, x_lora, h, weight, lora_a, lora_b, n_blocks: int, scale: float, need_x: bool,
+                  dropout: Optional[FusedDropout] = None):
     """(dx or None, dA (r, c), dB (d_out, r)) with g = s · dy B (N, r):
-    dx = dy W + g Ã (one fused GEMM; Ã = A_s tiled n times, read at column k mod c), dB = dyᵀ h, dA = gᵀ x̃."""
+    dx = dy W + g Ã (one fused GEMM; Ã = A_s tiled n times, read at column k mod c), dB = dyᵀ h, dA = gᵀ x̃.
+
+    With ``dropout`` x_lora is x itself and the masks are regenerated: dx = dy W + Σ_g keep_g ⊙ g_g Ã_g / (1-p)
+    (the dx GEMM's epilogue), dAᵀ = Σ_rows (keep_g ⊙ x)ᵀ g_g / (1-p) (the reduction), folded over the n chunks
+    for Block-LoRA (dA_s = Σ_j dA[:, j·c:(j+1)·c])."""
     rank, a_cols = lora_a.shape
     b_t = (lora_b.stride(1), lora_b.stride(0))  # Bᵀ as (r, d_out)
     fuse = fuse_shrink() and weight is not None and need_x
+    if dropout is not None:
+        g = _shrink(dy, lora_b, rank, scale, (0, *b_t))
+        dx = None
+        if need_x:
+            dx = _linear_expand(dy, weight, None if weight is None else (weight.stride(1), weight.stride(0)), None,
+                                g, lora_a, (lora_a.stride(1), lora_a.stride(0)), a_cols, x_lora.shape[1],
+                                x_lora.dtype, dropout=dropout)
+        d_b = _reduce(dy, h)[0]
+        d_a = _reduce(x_lora, g, transpose=True, dropout=dropout)[0]  # (r, d_in)
+        if n_blocks > 1:
+            d_a = d_a.unflatten(1, (n_blocks, a_cols)).sum(1)
+        return dx, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
     if fuse:  # g accumulates in the dx GEMM's main loop over d_out, from the dy tiles it loads anyway
         g, shrink = torch.empty(dy.shape[0], rank, device=dy.device, dtype=torch.float32), \
             (lora_b, b_t, lora_b.shape[0], scale)
@@ -411,3 +552,19 @@ def routed_backward(dy, x, h, lora_a, lora_b, routing: RoutingPlan, need_x: bool
     d_b = _reduce(dy, h, routing, n_adapters)
     d_a = _reduce(x, g, routing, n_adapters, transpose=True)
     return dx, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dropout masks
+
+
+def dropout_keep_mask(dropout: FusedDropout, n_rows: int, n_cols: int) -> torch.Tensor:
+    """The keep masks (groups, n_rows, n_cols) bool that the fused kernels draw for an (n_rows, n_cols) input
+    under ``dropout``: the same :func:`_uniforms` on the same counters, written out (for tests and debugging)."""
+    out = torch.empty(len(dropout.groups), n_rows, n_cols, device=dropout.seed.device, dtype=torch.int8)
+    if out.numel():
+        bm, bk = 32, 32
+        grid = (triton.cdiv(n_rows, bm), triton.cdiv(n_cols, bk))
+        _dropout_mask_kernel[grid](dropout.seed, out, dropout.offset, n_rows, n_cols, dropout.p,
+                                   NG=len(dropout.groups), BM=bm, BK=bk)
+    return out.bool()
