@@ -22,7 +22,9 @@ def _env(_: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from visadapt.utils.cli import ArgumentParser
+
+    parser = ArgumentParser(  # one-line usage errors, in every sub-command too (they take its class)
         prog="visadapt",
         description="Low-rank adaptation methods for vision and diffusion models (peft, timm, open_clip, "
                     "diffusers).",
