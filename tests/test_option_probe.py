@@ -271,7 +271,7 @@ def test_a_config_file_with_a_bad_number_stops_in_one_line(tmp_path, capsys, com
     # OverflowError traceback while parsing
     (["hsi", "train", "--demo", "--train", "inf"], "argument --train: must be an integer >= 1 (a count) or a number "
                                                    "in (0, 1) (a fraction), got inf"),
-    # trained with every adapter input dropped, exit 0
+    # wrote the demo world, then stopped when the adapter was built
     (["fewshot", "train", "--demo", "--lora-dropout", "1"], "argument --lora-dropout: must be a number in [0, 1)"),
     # loaded the world model for half a minute, then "cannot convert float NaN to integer"
     (["app", "--max-lora-mb", "nan"], "argument --max-lora-mb: must be a number > 0, got nan"),
