@@ -134,18 +134,19 @@ class _Ranged:
     """An argparse ``type``: ``parse`` one token, then refuse a number outside ``valid`` (``None`` passes: an optional
     option's ``none``). ``valid`` and ``integer`` stay readable for tests that walk the parsers."""
 
-    def __init__(self, parse: Callable[[str], Any], valid: Valid, integer: bool) -> None:
-        self.parse, self.valid, self.integer = parse, valid, integer
+    def __init__(self, parse: Callable[[str], Any], valid: Valid, integer: bool, optional: bool = False) -> None:
+        self.parse, self.valid, self.integer, self.optional = parse, valid, integer, optional
         self.__name__ = getattr(parse, "__name__", "value")
 
     def __call__(self, text: str) -> Any:
+        none = " or none" if self.optional else ""
         try:
             value = self.parse(text)
-        except (TypeError, ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"must be {self.valid.text(self.integer)}, got {text!r}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
+            raise argparse.ArgumentTypeError(f"must be {self.valid.text(self.integer)}{none}, got {text!r}") from None
         problem = None if value is None else out_of_range(value, self.valid, self.integer)
         if problem:
-            raise argparse.ArgumentTypeError(f"{problem}, got {text}")
+            raise argparse.ArgumentTypeError(f"{problem}{none}, got {text}")
         return value
 
 
@@ -319,7 +320,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type,
         parse, many, is_bool = _parser_for(hints[field.name])
         parse = meta.get("parse") or parse
         if meta.get("valid") is not None:
-            parse = _Ranged(parse, meta["valid"], _integer_type(hints[field.name]))
+            parse = _Ranged(parse, meta["valid"], _integer_type(hints[field.name]),
+                            optional=type(None) in typing.get_args(hints[field.name]))
         default = field.default if field.default is not _NO_DEFAULT else (
             field.default_factory() if field.default_factory is not _NO_DEFAULT else None)
         kwargs: dict[str, Any] = {"dest": field.name, "help": meta.get("help", ""), "default": _Default(default)}
