@@ -283,3 +283,13 @@ def test_the_command_stops_in_one_line_without_a_traceback(tmp_path, argv, messa
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("box", ["10,10,inf,20", "nan,10,20,20", "10,10,20,-inf"])
+def test_track_run_refuses_a_box_that_is_not_four_finite_numbers(tmp_path, capsys, box):
+    """``--box`` is a text option holding numbers: NaN and inf passed its check (-inf did not)."""
+    code = main(["track", "run", str(tmp_path), f"--box={box}", "--model", str(tmp_path), "--out",
+                 str(tmp_path / "out")])
+    assert code == 2
+    assert f"--box {box!r}: write x,y,w,h in pixels, finite numbers" in _one_line(capsys)
+    assert not (tmp_path / "out").exists()

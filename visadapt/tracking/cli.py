@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from visadapt.utils.cli import (
@@ -154,8 +155,9 @@ def _parse_box(text: str) -> tuple[float, float, float, float]:
         values = tuple(float(v) for v in text.replace(" ", "").split(","))
     except ValueError:
         values = ()
-    if len(values) != 4 or values[2] <= 0 or values[3] <= 0:
-        raise ValueError(f"--box {text!r}: write x,y,w,h in pixels with w > 0 and h > 0, e.g. --box 40,30,60,45.")
+    if len(values) != 4 or not all(map(math.isfinite, values)) or values[2] <= 0 or values[3] <= 0:
+        raise ValueError(f"--box {text!r}: write x,y,w,h in pixels, finite numbers with w > 0 and h > 0, e.g. --box "
+                         "40,30,60,45.")
     return values  # type: ignore[return-value]
 
 
