@@ -293,3 +293,25 @@ def test_track_run_refuses_a_box_that_is_not_four_finite_numbers(tmp_path, capsy
     assert code == 2
     assert f"--box {box!r}: write x,y,w,h in pixels, finite numbers" in _one_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def hsi_scene(tmp_path_factory):
+    from visadapt.utils.worlds.spectra import synthetic_scene, write_scene_mat
+
+    scene = synthetic_scene(height=24, width=24, bands=20, classes=3, seed=1)
+    return write_scene_mat(scene, tmp_path_factory.mktemp("scene"), "small")
+
+
+@pytest.mark.parametrize("flag, value", [("--rank", "1000000000000"), ("--patch", "1000000000001")])
+def test_a_size_in_range_but_too_large_for_the_machine_stops_in_one_line(tmp_path, capsys, hsi_scene, flag, value):
+    """No range can bound a rank or a patch by the model and the machine: the allocation that fails (torch's
+    RuntimeError, a traceback before) is reported in one line naming the size options."""
+    data, gt = hsi_scene
+    out = tmp_path / "run"
+    code = main(["hsi", "train", "--data", str(data), "--data-key", "small", "--gt", str(gt), "--gt-key", "small_gt",
+                 "--out", str(out), "--model", "lola_specvit_tiny", "--pca", "4", "--patch", "5", "--epochs", "1",
+                 flag, value])
+    assert code == 2
+    assert "out of memory" in _one_line(capsys)
+    assert not out.exists() or not any(out.iterdir())
