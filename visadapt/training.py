@@ -463,6 +463,9 @@ class Trainer:
         set_seed(cfg.seed)
         self.setup()
         check_shares(len(self.train_set), cfg.batch_size, acc.num_processes, self.drop_singleton_batches)
+        if 0 < self.total_steps < self.grad_accum:  # it ran to the end and exited 0 with the initial weights
+            raise ValueError(f"--grad-accum {self.grad_accum} is more than the run's {self.total_steps} micro-batches, "
+                             "so no optimizer step would run; lower --grad-accum or train longer.")
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_json_atomic(cfg.to_json(), self.out / RUN_CONFIG)
