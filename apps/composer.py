@@ -37,11 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 
+from visadapt.utils.cli import POSITIVE, ArgumentParser, Range, ranged
+
 if TYPE_CHECKING:
     import gradio as gr
 
 MAX_CONCEPTS = 4
 DEFAULT_MAX_LORA_MB = 1024.0
+PORT = Range(1, 65535)  #: a TCP port (leave --port out for the first free one)
 LORA_SUFFIXES = (".safetensors", ".pth")  # .pth: Mix-of-Show ED-LoRA, loaded with torch.load(weights_only=True)
 PREVIEW_SIDE = 256  # the box preview's longer side in pixels
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231"]
@@ -699,10 +702,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model: a hub id or a local diffusers folder, SD 1.x/2.x or SDXL "
                                         "(default: the embedded world model that draws the shapes world, offline)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one)")
+    parser.add_argument("--port", type=ranged(int, PORT), default=None,
+                        help="port (default: 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--max-lora-mb", type=float, default=DEFAULT_MAX_LORA_MB,
+    parser.add_argument("--max-lora-mb", type=ranged(float, POSITIVE), default=DEFAULT_MAX_LORA_MB,
                         help="largest LoRA upload in MiB (default: %(default)s)")
     parser.add_argument("--outputs", help="folder for the generated PNGs (default: a temporary folder)")
     parser.add_argument("--easyref", help="SDXL only: an EasyRef checkpoint (file, folder or hub id), for "
@@ -740,7 +744,7 @@ def run_app(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m visadapt.apps.composer", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m visadapt.apps.composer", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     return args.func(args)

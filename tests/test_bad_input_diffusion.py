@@ -29,17 +29,18 @@ def test_eval_refuses_bad_sampling_numbers_before_loading(kwargs, message, group
         raise AssertionError("loaded a model before checking the config")
 
     monkeypatch.setattr(easyref_eval.EasyRefSampler, "from_config", no_loading)
-    cfg = EasyRefEvalConfig(data=str(groups), adapter=str(tmp_path / "none"), model="tiny-sdxl", mllm="tiny",
-                            **kwargs)
-    with pytest.raises(ValueError, match=message.replace("-", r"\-")):
+    with pytest.raises(ValueError, match=message.replace("-", r"\-")):  # the config refuses them when built
+        cfg = EasyRefEvalConfig(data=str(groups), adapter=str(tmp_path / "none"), model="tiny-sdxl", mllm="tiny",
+                                **kwargs)
         easyref_eval.evaluate_easyref(cfg, tmp_path / "out", clip=object(), dino=object())
 
 
 def test_eval_command_prints_one_line_for_steps_zero(groups, tmp_path, capsys):
-    code = main(["easyref", "eval", "--data", str(groups), "--adapter", str(tmp_path), "--model", "tiny-sdxl",
-                 "--mllm", "tiny", "--steps", "0", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as stop:
+        main(["easyref", "eval", "--data", str(groups), "--adapter", str(tmp_path), "--model", "tiny-sdxl",
+              "--mllm", "tiny", "--steps", "0", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code != 0 and "--steps 0" in err and "Traceback" not in err
+    assert stop.value.code == 2 and "--steps: must be an integer >= 1, got 0" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -49,8 +50,8 @@ def test_eval_command_prints_one_line_for_steps_zero(groups, tmp_path, capsys):
 def test_train_refuses_bad_numbers(kwargs, message, groups, tmp_path):
     from visadapt.diffusion.easyref.train import EasyRefTrainer
 
-    cfg = EasyRefTrainConfig(stage=1, data=str(groups), model="tiny-sdxl", mllm="tiny", steps=1, **kwargs)
     with pytest.raises(ValueError, match=message.replace("-", r"\-")):
+        cfg = EasyRefTrainConfig(stage=1, data=str(groups), model="tiny-sdxl", mllm="tiny", steps=1, **kwargs)
         EasyRefTrainer(cfg, tmp_path / "run")
 
 

@@ -185,6 +185,12 @@ def test_non_finite_settings_are_refused_before_anything_is_written(tmp_path, lr
     assert not (tmp_path / "run").exists()
 
 
+def test_more_accumulation_than_steps_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="--grad-accum 100 is more than the run's 12 micro-batches"):
+        ToyTrainer(ToyConfig(grad_accum=100, steps=12), tmp_path / "run").run()
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8")

@@ -21,8 +21,18 @@ def _env(_: argparse.Namespace) -> int:
     return 0
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: MemoryError, torch's OutOfMemoryError, or the RuntimeError torch raises when a CPU
+    allocation or a tensor's size fails (a size option in range but far too large for the machine: --rank 10**12)."""
+    text = str(err)
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError) and ("can't allocate memory" in text or "size calculation overflowed" in text))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from visadapt.utils.cli import ArgumentParser
+
+    parser = ArgumentParser(  # one-line usage errors, in every sub-command too (they take its class)
         prog="visadapt",
         description="Low-rank adaptation methods for vision and diffusion models (peft, timm, open_clip, "
                     "diffusers).",
@@ -73,6 +83,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.environ.get("VISADAPT_DEBUG"):
             raise
         print(f"visadapt: error: {err}\n(set VISADAPT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as err:
+        if os.environ.get("VISADAPT_DEBUG") or not _out_of_memory(err):
+            raise
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        print(f"visadapt: error: out of memory ({cause}); lower the sizes the run asks for (--rank, --batch-size, "
+              "--patch, --resolution, …).\n(set VISADAPT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
 
-from visadapt.utils.cli import check_config_keys, option
+from visadapt.utils.cli import AT_LEAST_1, NON_NEGATIVE, SEED, check_config_keys, check_ranges, option
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 RUN_GROUP = "run"
@@ -23,15 +23,20 @@ class RunConfig:
     """The training loop's settings, shared by every task (``visadapt <task> train`` lists them under "run")."""
 
     seed: int = option(1, "seed of everything random in the run: data draw, weight init, batch order, augmentation, "
-                       "dropout, noise", group=RUN_GROUP)
-    batch_size: int = option(32, "examples per micro-batch, global (split over the processes)", group=RUN_GROUP)
-    grad_accum: int = option(1, "micro-batches per optimizer step", group=RUN_GROUP)
-    grad_clip: Optional[float] = option(None, "gradient-norm clipping (none: off)", group=RUN_GROUP)
+                       "dropout, noise", group=RUN_GROUP, valid=SEED)
+    batch_size: int = option(32, "examples per micro-batch, global (split over the processes)", group=RUN_GROUP,
+                             valid=AT_LEAST_1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", group=RUN_GROUP, valid=AT_LEAST_1)
+    grad_clip: Optional[float] = option(None, "gradient-norm clipping (none or 0: off)", group=RUN_GROUP,
+                                        valid=NON_NEGATIVE)
     precision: str = option("auto", "autocast dtype: auto = fp16 on CUDA and fp32 on CPU; no = fp32",
                             choices=PRECISIONS, group=RUN_GROUP)
     checkpoint_every: Optional[int] = option(None, "micro-batches between checkpoints (none: a tenth of the run)",
-                                             group=RUN_GROUP)
-    workers: int = option(0, "data-loading processes", group=RUN_GROUP)
+                                             group=RUN_GROUP, valid=AT_LEAST_1)
+    workers: int = option(0, "data-loading processes", group=RUN_GROUP, valid=NON_NEGATIVE)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)  # the declared ranges: the same refusal from Python and --config files as on the CLI
 
     def to_json(self) -> dict:
         """What ``run_config.json`` records (tuples as lists)."""
@@ -41,7 +46,10 @@ class RunConfig:
     def from_json(cls: type[_Config], data: dict, source: str = "run_config.json") -> _Config:
         """The config a ``run_config.json`` describes; a renamed or unknown key stops with the name to use."""
         check_config_keys(cls, data, source)
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
 
 def recipe_default(name: str, value: Any, note: str = "") -> Any:
@@ -51,4 +59,4 @@ def recipe_default(name: str, value: Any, note: str = "") -> Any:
     meta = shared.metadata
     help_text = meta["help"] + (f" ({note})" if note else "")
     return option(value, help_text, flag=meta["flag"], choices=meta["choices"], group=meta["group"],
-                  parse=meta["parse"])
+                  parse=meta["parse"], valid=meta["valid"])

@@ -59,6 +59,7 @@ from visadapt.utils import (
     save_json_atomic,
     write_text_atomic,
 )
+from visadapt.utils.cli import check_ranges
 from visadapt.version import __version__
 
 StepCallback = Callable[[int, dict], None]
@@ -313,13 +314,6 @@ def _fill_deepspeed(ds_config: dict, key: str, value: float, flag: str) -> None:
                          f"accelerate config file (deepspeed_config) or the DeepSpeed JSON it names.")
 
 
-def _check_numbers(config) -> None:
-    """Every number of the config is finite: ``--lr inf`` would train nothing but NaNs."""
-    for name, value in vars(config).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"--{name.replace('_', '-')} {value}: must be a finite number.")
-
-
 class Trainer:
     """One training run into ``out_dir``, on accelerate. Subclass it and fill in the hooks below.
 
@@ -358,10 +352,8 @@ class Trainer:
     def __init__(self, config: RunConfig, out_dir: str | Path, resume: bool = False,
                  callbacks: Sequence[StepCallback] = ()) -> None:
         self.cfg, self.out, self.resume, self.callbacks = config, Path(out_dir), resume, list(callbacks)
+        check_ranges(config)  # again: a config's fields may have been set since it was built
         self.grad_accum = int(config.grad_accum)
-        if config.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("batch_size and grad_accum must be >= 1.")
-        _check_numbers(config)
         self.validate()
         check_run_dir(self.out, resume, config.to_json(), self.resume_free)
         self.accelerator = Accelerator(mixed_precision=mixed_precision(config.precision),
@@ -471,6 +463,9 @@ class Trainer:
         set_seed(cfg.seed)
         self.setup()
         check_shares(len(self.train_set), cfg.batch_size, acc.num_processes, self.drop_singleton_batches)
+        if 0 < self.total_steps < self.grad_accum:  # it ran to the end and exited 0 with the initial weights
+            raise ValueError(f"--grad-accum {self.grad_accum} is more than the run's {self.total_steps} micro-batches, "
+                             "so no optimizer step would run; lower --grad-accum or train longer.")
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_json_atomic(cfg.to_json(), self.out / RUN_CONFIG)

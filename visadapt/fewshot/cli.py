@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 
 from visadapt.utils.cli import (
+    AT_LEAST_1,
     HelpFormatter,
     add_report_command,
     add_train_command,
     config_from_args,
     demo_overrides,
+    ranged,
     typed_by_user,
 )
 
@@ -46,7 +48,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="top-1 of a trained run on a dataset's test split", formatter_class=_HELP)
     ev.add_argument("run", help="run folder written by `visadapt fewshot train`")
     _add_data_args(ev, required=False)
-    ev.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    ev.add_argument("--batch-size", type=ranged(int, AT_LEAST_1), default=256, help="images per batch")
     ev.set_defaults(func=_eval)
 
     zs = sub.add_parser("zeroshot", help="zero-shot top-1 of an open_clip model on a dataset's test split",
@@ -58,7 +60,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                          "architectures, else none)")
     _add_data_args(zs)
     zs.add_argument("--template", default=TEMPLATE, help="prompt of each class name")
-    zs.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    zs.add_argument("--batch-size", type=ranged(int, AT_LEAST_1), default=256, help="images per batch")
     zs.set_defaults(func=_zeroshot)
 
     add_report_command(sub, _report, help="accuracy-vs-shots plot and method table from several runs",

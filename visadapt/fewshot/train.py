@@ -79,8 +79,6 @@ class FewShotTrainer(Trainer):
         cfg = self.cfg
         if not (cfg.dataset and cfg.root):
             raise ValueError("Pass --dataset and --root (or --demo).")
-        if cfg.shots < 1 or cfg.total_iters < 1:
-            raise ValueError("shots and iters must be >= 1.")
 
     def setup(self) -> None:
         cfg = self.cfg

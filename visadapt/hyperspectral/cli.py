@@ -10,7 +10,14 @@ import argparse
 import json
 from pathlib import Path
 
-from visadapt.utils.cli import HelpFormatter, add_train_command, config_from_args, demo_overrides
+from visadapt.utils.cli import (
+    AT_LEAST_1,
+    HelpFormatter,
+    add_train_command,
+    config_from_args,
+    demo_overrides,
+    ranged,
+)
 
 from .config import DATASET_NAMES, HSITrainConfig
 
@@ -45,7 +52,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("run", help="run folder written by `visadapt hsi train`")
     _add_scene_args(ev)
     ev.add_argument("--all-labelled", action="store_true", help="score every labelled pixel, not the run's test split")
-    ev.add_argument("--batch-size", type=int, default=256, help="pixels per batch")
+    ev.add_argument("--batch-size", type=ranged(int, AT_LEAST_1), default=256, help="pixels per batch")
     ev.add_argument("--json", help="also write the scores to this file")
     ev.set_defaults(func=_eval)
 
@@ -58,7 +65,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     pr.add_argument("--out", required=True, help="the figure (PNG: the class map with its legend, next to --gt if "
                                                  "given); the bare map goes beside it as <name>_pred.png and the "
                                                  "labels as <name>.npy")
-    pr.add_argument("--batch-size", type=int, default=256, help="pixels per batch")
+    pr.add_argument("--batch-size", type=ranged(int, AT_LEAST_1), default=256, help="pixels per batch")
     pr.set_defaults(func=_predict)
 
 

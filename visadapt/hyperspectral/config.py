@@ -17,12 +17,26 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from visadapt.run_config import RunConfig, recipe_default
-from visadapt.utils.cli import option
+from visadapt.utils.cli import (
+    AT_LEAST_1,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    SEED,
+    CountOrFraction,
+    Range,
+    option,
+)
 
 # The keys of visadapt.hyperspectral.data.DATASETS (a test keeps the two equal).
 DATASET_NAMES = ("hanchuan", "honghu", "indian_pines", "longkou", "pavia_centre", "pavia_university", "salinas")
 MODEL_ARGS = ("lora_placement", "lora_gate_residual", "official_init", "official_axis_permute", "cycle_lora_scale",
               "r", "lora_alpha")
+
+#: --train: a per-class count, or a fraction of each class's pixels below 1 (all of them would leave no test pixel)
+TRAIN_PIXELS = CountOrFraction(AT_LEAST_1, Range(0, 1, low_open=True, high_open=True))
+#: --val: the same out of the training pixels, 0 for none
+VAL_PIXELS = CountOrFraction(NON_NEGATIVE, Range(0, 1, high_open=True))
 
 
 def _names(text: str) -> list[str]:
@@ -50,44 +64,45 @@ class HSITrainConfig(RunConfig):
                                  choices=("none", "attn", "attn_mlp", "all"), group="model")
     lora_gate_residual: bool = option(True, "gated LoRA with a full-rank residual (the release); --no-... puts "
                                       "plain LoRA at the block sites", group="model")
-    r: Optional[int] = option(None, "LoRA rank (none: the model's; 16 for base)", group="model")
+    r: Optional[int] = option(None, "LoRA rank (none: the model's; 16 for base)", group="model", valid=AT_LEAST_1)
     lora_alpha: Optional[float] = option(None, "LoRA alpha, scale = lora_alpha / r (none: the model's)",
-                                         group="model")
+                                         group="model", valid=POSITIVE)
     official_init: bool = option(True, "the release's global trunc-normal init of LoRA B and R; --no-... starts "
                                  "them at zero (standard LoRA)", group="model")
     official_axis_permute: bool = option(False, "feed [B, H, W, C] as the release does", group="model")
     cycle_lora_scale: bool = option(False, "assumption: cycle the LoRA scale with the restarts (see "
                                     "visadapt.hyperspectral.schedule)", group="model")
-    lora_scale_min: float = option(0.5, "lowest LoRA scale of --cycle-lora-scale", group="model")
+    lora_scale_min: float = option(0.5, "lowest LoRA scale of --cycle-lora-scale", group="model", valid=PROBABILITY)
     lora_backend: str = option("builtin", "peft: plain LoRA through peft.get_peft_model (needs "
                                "--no-lora-gate-residual), merged when saved", choices=("builtin", "peft"),
                                group="model")
     freeze: str = option("official", "official: only LoRA trains (the release); standard: only the LoRA-wrapped "
                          "base linears are frozen; full: everything trains",
                          choices=("official", "standard", "full"), group="model")
-    pca_components: int = option(15, "whitened PCA components", flag="--pca", group="data")
-    patch_size: int = option(15, "patch size (odd)", flag="--patch", group="data")
+    pca_components: int = option(15, "whitened PCA components", flag="--pca", group="data", valid=AT_LEAST_1)
+    patch_size: int = option(15, "patch size (odd)", flag="--patch", group="data", valid=AT_LEAST_1)
     padding: str = option("reflect", "patch padding at the scene border; zero = the release",
                           choices=("reflect", "zero"), group="data")
     input_norm: str = option("none", "per-sample z-score of patches; band = the release's (removes each band's "
                              "patch mean)", choices=("none", "patch", "band"), group="data")
-    train: Union[float, int] = option(0.1, "training pixels: a fraction (< 1) or a count per class", group="data")
+    train: Union[float, int] = option(0.1, "training pixels: a fraction (< 1) or a count per class", group="data",
+                                      valid=TRAIN_PIXELS)
     val: Union[float, int] = option(0, "validation pixels held out of the training pixels: fraction or count per "
-                                    "class", group="data")
-    split_seed: int = option(345, "seed of the stratified split", group="data")
+                                    "class", group="data", valid=VAL_PIXELS)
+    split_seed: int = option(345, "seed of the stratified split", group="data", valid=SEED)
     split_file: Optional[str] = option(None, "reuse the training pixels of another run (its split.json)",
                                        group="data")
-    epochs: int = option(100, "passes over the training pixels", group="optimisation")
-    lr: float = option(2e-5, "AdamW learning rate", group="optimisation")
-    weight_decay: float = option(0.01, "AdamW weight decay", group="optimisation")
-    warmup_epochs: int = option(5, "linear warm-up", group="optimisation")
-    t0: float = option(10.0, "first SGDR cycle (epochs)", group="optimisation")
-    t_mult: int = option(2, "SGDR cycle growth", group="optimisation")
-    eta_min: float = option(1e-6, "SGDR floor", group="optimisation")
+    epochs: int = option(100, "passes over the training pixels", group="optimisation", valid=AT_LEAST_1)
+    lr: float = option(2e-5, "AdamW learning rate", group="optimisation", valid=POSITIVE)
+    weight_decay: float = option(0.01, "AdamW weight decay", group="optimisation", valid=NON_NEGATIVE)
+    warmup_epochs: int = option(5, "linear warm-up", group="optimisation", valid=NON_NEGATIVE)
+    t0: float = option(10.0, "first SGDR cycle (epochs)", group="optimisation", valid=POSITIVE)
+    t_mult: int = option(2, "SGDR cycle growth", group="optimisation", valid=AT_LEAST_1)
+    eta_min: float = option(1e-6, "SGDR floor", group="optimisation", valid=NON_NEGATIVE)
     lora_lr_scale: float = option(1.0, "λ on the cosine part of the LoRA group's lr (2.0 = the model file's unused "
-                                  "scheduler)", group="optimisation")
-    label_smoothing: float = option(0.1, "cross-entropy label smoothing", group="optimisation")
-    eval_batch_size: int = option(256, "pixels per evaluation batch", group="optimisation")
+                                  "scheduler)", group="optimisation", valid=NON_NEGATIVE)
+    label_smoothing: float = option(0.1, "cross-entropy label smoothing", group="optimisation", valid=PROBABILITY)
+    eval_batch_size: int = option(256, "pixels per evaluation batch", group="optimisation", valid=AT_LEAST_1)
     class_map: bool = option(True, "predict every pixel of the scene for the class map", group="optimisation")
     seed: int = recipe_default("seed", 345)
     grad_accum: int = recipe_default("grad_accum", 2)

@@ -52,8 +52,6 @@ class HSITrainer(Trainer):
         if c.lora_backend == "peft" and (c.lora_gate_residual or c.freeze != "official"):
             raise ValueError("The peft backend puts plain LoRA on the sites (pass --no-lora-gate-residual); the gated "
                              "form is not a peft layer, and peft trains only the LoRA factors (freeze 'official').")
-        if c.epochs < 1:
-            raise ValueError("epochs must be >= 1.")
         if c.model not in MODEL_ARGS:
             raise ValueError(f"--model {c.model!r} is not a LoLA-SpecViT model; choose one of "
                              f"{', '.join(MODEL_ARGS)}.")

@@ -11,11 +11,13 @@ import json
 from pathlib import Path
 
 from visadapt.utils.cli import (
+    NON_NEGATIVE,
     HelpFormatter,
     add_report_command,
     add_train_command,
     config_from_args,
     demo_overrides,
+    ranged,
     typed_by_user,
 )
 
@@ -42,7 +44,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="score a finished run after a session on its test images",
                         formatter_class=HelpFormatter)
     ev.add_argument("run", help="run folder written by `visadapt incremental train`")
-    ev.add_argument("--session", type=int, default=None, help="session (default: the last)")
+    ev.add_argument("--session", type=ranged(int, NON_NEGATIVE), default=None, help="session (default: the last)")
     ev.add_argument("--root", help="where the dataset is now, if it moved")
     ev.add_argument("--json", help="also write the scores to this file")
     ev.set_defaults(func=_eval)

@@ -37,7 +37,18 @@ from typing import Optional, Sequence
 
 from visadapt.adapters.methods import METHODS
 from visadapt.run_config import RunConfig, recipe_default
-from visadapt.utils.cli import option
+from visadapt.utils.cli import (
+    ANY,
+    AT_LEAST_1,
+    DROPOUT,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    SEED,
+    Range,
+    option,
+)
 
 SETTINGS = ("fscil", "fscit")
 # (total classes, base classes, way, sessions incl. the base session) per setting and dataset.
@@ -95,6 +106,8 @@ def official_recipe(setting: str, dataset: str) -> dict:
     return {}
 
 RECIPES = ("coact", "finetune", "prototypes")
+MOMENTUM = Range(0, 1, high_open=True)  #: SGD momentum: 1 would never forget a gradient
+FT_START_LAYER = Range(-1)  #: -1: the whole backbone joins
 DEFAULT_BACKBONE = "hf-vit:google/vit-base-patch16-224-in21k"
 DEMO_BACKBONE = "visadapt-demo-clip"
 
@@ -115,7 +128,8 @@ class IncrementalConfig(RunConfig):
     dataset: Optional[str] = option(None, "cifar100, cub200, mini_imagenet (their standard files), a FSCIT dataset "
                                     "name (image folders) or imagefolder", choices=DATASET_NAMES, group="data")
     root: Optional[str] = option(None, "folder holding the dataset's files", group="data")
-    shots: int = option(5, "training images per novel class (and per base class under fscit)", group="data")
+    shots: int = option(5, "training images per novel class (and per base class under fscit)", group="data",
+                        valid=AT_LEAST_1)
     index_list: Optional[str] = option(None, "few-shot pools in the official `class_id sample_index` format (the "
                                        "first --shots lines of a class are used); none: the official list shipped "
                                        "for cifar100, cub200 and mini_imagenet (first 5 a class = CEC's samples), "
@@ -125,13 +139,15 @@ class IncrementalConfig(RunConfig):
                                          "paths for CUB/miniImageNet): their samples become the pools",
                                          group="data")
     split_seed: int = option(1, "seed of drawn few-shot pools (--index-list draw, or a dataset without a standard "
-                             "list)", group="data")
-    base_classes: Optional[int] = option(None, "classes of session 0 (none: the spec table's)", group="data")
-    way: Optional[int] = option(None, "new classes per session (none: the table's)", group="data")
-    sessions: Optional[int] = option(None, "sessions including session 0 (none: the table's)", group="data")
+                             "list)", group="data", valid=SEED)
+    base_classes: Optional[int] = option(None, "classes of session 0 (none: the spec table's)", group="data",
+                                         valid=AT_LEAST_1)
+    way: Optional[int] = option(None, "new classes per session (none: the table's)", group="data", valid=AT_LEAST_1)
+    sessions: Optional[int] = option(None, "sessions including session 0 (none: the table's)", group="data",
+                                     valid=AT_LEAST_1)
     image_size: Optional[int] = option(None, "input side in pixels (none: the backbone's, 224 for ViT-B/16)",
-                                       group="data")
-    crop_scale_min: float = option(0.08, "smallest RandomResizedCrop area", group="data")
+                                       group="data", valid=AT_LEAST_1)
+    crop_scale_min: float = option(0.08, "smallest RandomResizedCrop area", group="data", valid=FRACTION)
 
     backbone: str = option(DEFAULT_BACKBONE, "hf-vit:HUB_ID_OR_DIR (HF ViT weights in timm, with the pooler), "
                            "timm:NAME, open_clip:NAME, or visadapt-demo-clip", group="model")
@@ -145,37 +161,43 @@ class IncrementalConfig(RunConfig):
     method: str = option("lora", "adapter of the student", choices=METHODS, group="model")
     peft_config: Optional[str] = option(None, "any peft method from a JSON peft config (replaces --method)",
                                         group="model")
-    r: int = option(16, "adapter rank", group="model")
-    lora_alpha: float = option(16.0, "adapter alpha (scale lora_alpha / r)", group="model")
-    lora_dropout: float = option(0.1, "dropout on the adapter input", group="model")
-    adapt_blocks: int = option(12, "n >= 0: adapters on blocks 0..n-1; n < 0: on blocks |n|..last", group="model")
+    r: int = option(16, "adapter rank", group="model", valid=AT_LEAST_1)
+    lora_alpha: float = option(16.0, "adapter alpha (scale lora_alpha / r)", group="model", valid=POSITIVE)
+    lora_dropout: float = option(0.1, "dropout on the adapter input", group="model", valid=DROPOUT)
+    adapt_blocks: int = option(12, "n >= 0: adapters on blocks 0..n-1; n < 0: on blocks |n|..last", group="model",
+                               valid=ANY)
     classifier: str = option("dot", "dot: plain dot products with the prototype rows (official); cosine: "
                              "normalised rows and features times --cosine-scale", choices=("dot", "cosine"),
                              group="model")
-    cosine_scale: float = option(16.0, "logit scale of the cosine classifier", group="model")
+    cosine_scale: float = option(16.0, "logit scale of the cosine classifier", group="model", valid=POSITIVE)
 
-    epochs_base: int = option(25, "epochs of session 0", group="optimisation")
-    epochs_incremental: int = option(0, "epochs of each later session (0: prototypes only)", group="optimisation")
+    epochs_base: int = option(25, "epochs of session 0", group="optimisation", valid=NON_NEGATIVE)
+    epochs_incremental: int = option(0, "epochs of each later session (0: prototypes only)", group="optimisation",
+                                     valid=NON_NEGATIVE)
     incremental_layers: Sequence[str] = option(["classifier", "pet"], "what later sessions tune: classifier, pet",
                                                parse=_names, group="optimisation")
-    lr: float = option(0.1, "base-session learning rate (adapter and classifier)", group="optimisation")
-    momentum: float = option(0.9, "SGD momentum (Nesterov)", group="optimisation")
-    weight_decay: float = option(5e-4, "SGD weight decay", group="optimisation")
+    lr: float = option(0.1, "base-session learning rate (adapter and classifier)", group="optimisation", valid=POSITIVE)
+    momentum: float = option(0.9, "SGD momentum (Nesterov)", group="optimisation", valid=MOMENTUM)
+    weight_decay: float = option(5e-4, "SGD weight decay", group="optimisation", valid=NON_NEGATIVE)
     ft_start_layer: int = option(500, "controlled fine-tuning: first backbone block that joins (-1: the whole "
-                                 "backbone; past the last block: never)", group="optimisation")
+                                 "backbone; past the last block: never)", group="optimisation", valid=FT_START_LAYER)
     ft_start_epoch: int = option(0, "controlled fine-tuning: epoch from which those blocks train",
-                                 group="optimisation")
-    encoder_lr_factor: float = option(0.01, "lr factor of the joined backbone blocks", group="optimisation")
-    inc_lr_factor: float = option(0.001, "lr factor of the later sessions (constant)", group="optimisation")
+                                 group="optimisation", valid=NON_NEGATIVE)
+    encoder_lr_factor: float = option(0.01, "lr factor of the joined backbone blocks", group="optimisation",
+                                      valid=NON_NEGATIVE)
+    inc_lr_factor: float = option(0.001, "lr factor of the later sessions (constant)", group="optimisation",
+                                  valid=NON_NEGATIVE)
     shared_inc_optimizer: bool = option(False, "one SGD for all later sessions, so its momentum carries from one "
                                         "session into the next (official, on under --official-recipe); off: a "
                                         "fresh SGD per session", group="optimisation")
-    temperature: float = option(0.07, "SupCon temperature", group="optimisation")
-    ema_momentum: float = option(0.999, "teacher EMA momentum, per step", group="optimisation")
-    ce_weight: float = option(1.0, "cross-entropy weight of session 0", group="optimisation")
-    inc_ce_weight: float = option(1.0, "cross-entropy weight of the later sessions", group="optimisation")
-    supcon_weight: float = option(1.0, "SupCon weight", group="optimisation")
-    consistency_weight: float = option(1.0, "MSE logit consistency weight (later sessions)", group="optimisation")
+    temperature: float = option(0.07, "SupCon temperature", group="optimisation", valid=POSITIVE)
+    ema_momentum: float = option(0.999, "teacher EMA momentum, per step", group="optimisation", valid=PROBABILITY)
+    ce_weight: float = option(1.0, "cross-entropy weight of session 0", group="optimisation", valid=NON_NEGATIVE)
+    inc_ce_weight: float = option(1.0, "cross-entropy weight of the later sessions", group="optimisation",
+                                  valid=NON_NEGATIVE)
+    supcon_weight: float = option(1.0, "SupCon weight", group="optimisation", valid=NON_NEGATIVE)
+    consistency_weight: float = option(1.0, "MSE logit consistency weight (later sessions)", group="optimisation",
+                                       valid=NON_NEGATIVE)
     consistency_logits: str = option("all", "consistency over all logits (official) or the base classes' only",
                                      choices=("all", "base"), group="optimisation")
     incremental_contrast: str = option("code", "later sessions' SupCon: code = [student, base teacher, pretrained]; "
@@ -183,7 +205,7 @@ class IncrementalConfig(RunConfig):
                                        choices=("code", "figure"), group="optimisation")
     mask_unseen: bool = option(False, "predict over the rows of seen classes only (the official code does not)",
                                group="optimisation")
-    eval_batch_size: int = option(100, "images per evaluation batch", group="optimisation")
+    eval_batch_size: int = option(100, "images per evaluation batch", group="optimisation", valid=AT_LEAST_1)
     batch_size: int = recipe_default("batch_size", 64)
 
 

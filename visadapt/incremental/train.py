@@ -378,15 +378,6 @@ def validate(cfg: IncrementalConfig, has_data: bool) -> None:
     """Reject settings that cannot run, before anything is written (the message names the fix)."""
     if not has_data and not cfg.dataset:
         raise ValueError("Pass --dataset and --root (or --demo).")
-    if cfg.shots < 1 or cfg.batch_size < 1:
-        raise ValueError("--shots and --batch-size must be >= 1.")
-    for name in ("base_classes", "way", "sessions"):  # 0 would silently mean "the spec table's"
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} {value}: must be >= 1; leave {flag} out for the spec table's schedule.")
-    if cfg.epochs_base < 0 or cfg.epochs_incremental < 0:
-        raise ValueError("--epochs-base and --epochs-incremental must be >= 0.")
     unknown = set(cfg.incremental_layers) - {"classifier", "pet"}
     if unknown:
         raise ValueError(f"--incremental-layers {sorted(unknown)}: choose among classifier, pet.")

@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
-from visadapt.utils.cli import HelpFormatter, add_report_command, add_train_command, config_from_args, demo_overrides
+from visadapt.utils.cli import (
+    AT_LEAST_1,
+    HelpFormatter,
+    add_report_command,
+    add_train_command,
+    config_from_args,
+    demo_overrides,
+    ranged,
+)
 
 from .config import DataSpec, TrackConfig
 
@@ -46,7 +55,7 @@ def _add_eval_command(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--variant", help="with --weights: the paper variant of an official checkpoint (B-224, …)")
     ev.add_argument("--weights", help="official LoRAT weight file (base.bin, large-378.bin, …)")
     ev.add_argument("--out", required=True, help="folder for results/<seq>.txt, results.json and success_plot.png")
-    ev.add_argument("--batch-size", type=int, default=16, help="sequences tracked in lockstep")
+    ev.add_argument("--batch-size", type=ranged(int, AT_LEAST_1), default=16, help="sequences tracked in lockstep")
     ev.add_argument("--server-format", choices=("got10k", "trackingnet"), default=None,
                     help="also write the submission files and zip of that evaluation server under OUT/server "
                          "(test splits, annotated on the first frame only, are tracked but not scored here)")
@@ -146,8 +155,9 @@ def _parse_box(text: str) -> tuple[float, float, float, float]:
         values = tuple(float(v) for v in text.replace(" ", "").split(","))
     except ValueError:
         values = ()
-    if len(values) != 4 or values[2] <= 0 or values[3] <= 0:
-        raise ValueError(f"--box {text!r}: write x,y,w,h in pixels with w > 0 and h > 0, e.g. --box 40,30,60,45.")
+    if len(values) != 4 or not all(map(math.isfinite, values)) or values[2] <= 0 or values[3] <= 0:
+        raise ValueError(f"--box {text!r}: write x,y,w,h in pixels, finite numbers with w > 0 and h > 0, e.g. --box "
+                         "40,30,60,45.")
     return values  # type: ignore[return-value]
 
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from visadapt.adapters.methods import METHODS
 from visadapt.run_config import RunConfig, recipe_default
-from visadapt.utils.cli import option
+from visadapt.utils.cli import AT_LEAST_1, NON_NEGATIVE, POSITIVE, option
 
 VARIANT_NAMES = ("B-224", "B-378", "L-224", "L-378", "g-224", "g-378", "demo")
 
@@ -54,11 +54,13 @@ class TrackConfig(RunConfig):
                                  "reader of visadapt.tracking.datasets); equal share per dataset", group="data")
     eval_data: Optional[str] = option(None, "dataset scored after training, NAME:ROOT[:SPLIT] (none: no evaluation)",
                                       group="data")
-    samples_per_epoch: int = option(131072, "training pairs per epoch", group="data")
-    max_gap: int = option(100, "largest frame distance between template and search frame", group="data")
+    samples_per_epoch: int = option(131072, "training pairs per epoch", group="data", valid=AT_LEAST_1)
+    max_gap: int = option(100, "largest frame distance between template and search frame", group="data",
+                          valid=AT_LEAST_1)
     translation_jitter: float = option(3.0, "search-crop shift, in multiples of the target's half size (w + h)/2",
-                                       group="data")
-    scale_jitter: float = option(0.25, "search-crop scale jitter: s / exp(N(0, 1) · this), per axis", group="data")
+                                       group="data", valid=NON_NEGATIVE)
+    scale_jitter: float = option(0.25, "search-crop scale jitter: s / exp(N(0, 1) · this), per axis", group="data",
+                                 valid=NON_NEGATIVE)
     augment: bool = option(True, "flips, colour jitter and DeiT-III 3-augment on the crops (official order)",
                            group="data")
     crop: str = option("exact", "crops for training and the saved tracker: exact (sub-pixel) or official (whole-pixel "
@@ -72,19 +74,22 @@ class TrackConfig(RunConfig):
     method: str = option("lora", "adapter on q, k, v, proj, fc1, fc2 of every block", choices=METHODS, group="model")
     peft_config: Optional[str] = option(None, "any peft method from a JSON peft config (replaces --method)",
                                         group="model")
-    r: int = option(64, "adapter rank", group="model")
-    lora_alpha: float = option(64.0, "adapter alpha (scale lora_alpha / r)", group="model")
+    r: int = option(64, "adapter rank", group="model", valid=AT_LEAST_1)
+    lora_alpha: float = option(64.0, "adapter alpha (scale lora_alpha / r)", group="model", valid=POSITIVE)
     init: str = option("bert", "bert: A and B trunc-normal(0.02) (official); lora: the method's own (zero B)",
                        choices=("bert", "lora"), group="model")
 
-    epochs: int = option(170, "epochs (the GOT-10k-only protocol uses 100)", group="optimisation")
-    lr: float = option(1e-4, "AdamW learning rate", group="optimisation")
-    min_lr: float = option(1e-6, "end of the cosine schedule", group="optimisation")
-    warmup_epochs: float = option(2.0, "linear warmup before the cosine, in epochs", group="optimisation")
-    warmup_lr: float = option(1e-7, "learning rate at the start of the warmup", group="optimisation")
+    epochs: int = option(170, "epochs (the GOT-10k-only protocol uses 100)", group="optimisation", valid=AT_LEAST_1)
+    lr: float = option(1e-4, "AdamW learning rate", group="optimisation", valid=POSITIVE)
+    min_lr: float = option(1e-6, "end of the cosine schedule", group="optimisation", valid=NON_NEGATIVE)
+    warmup_epochs: float = option(2.0, "linear warmup before the cosine, in epochs", group="optimisation",
+                                  valid=NON_NEGATIVE)
+    warmup_lr: float = option(1e-7, "learning rate at the start of the warmup", group="optimisation",
+                              valid=NON_NEGATIVE)
     weight_decay: float = option(0.1, "AdamW weight decay (none for 1-D and embedding parameters)",
-                                 group="optimisation")
-    eval_batch_size: int = option(16, "sequences tracked in lockstep during evaluation", group="optimisation")
+                                 group="optimisation", valid=NON_NEGATIVE)
+    eval_batch_size: int = option(16, "sequences tracked in lockstep during evaluation", group="optimisation",
+                                  valid=AT_LEAST_1)
     batch_size: int = recipe_default("batch_size", 128)
     grad_clip: Optional[float] = recipe_default("grad_clip", 1.0)
 

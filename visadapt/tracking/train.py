@@ -151,10 +151,6 @@ class TrackTrainer(Trainer):
                              "or try --demo.")
         c.data_specs()
         c.eval_spec()
-        if c.epochs < 1 or c.samples_per_epoch < 1:
-            raise ValueError("--epochs and --samples-per-epoch must be >= 1.")
-        if c.lr <= 0:
-            raise ValueError("--lr must be > 0.")
 
     def setup(self) -> None:
         c = self.cfg

@@ -288,10 +288,6 @@ class ConceptTrainer(Trainer):
         check_instance_inputs(c, need_model=self._pipe is None)
         if c.peft_config:
             adapter_config(c, c.unet_targets)  # a wrong --peft-config fails now, not after the pipeline has loaded
-        if c.steps < 1 or c.r < 1 or c.sample_count < 1:
-            raise ValueError("--steps, --rank and --sample-count must be >= 1.")
-        if c.num_class_images < 1 and c.class_prompt:
-            raise ValueError("--num-class-images must be >= 1 with --class-prompt.")
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:

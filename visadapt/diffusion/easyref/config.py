@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from visadapt.run_config import PRECISIONS, RunConfig, recipe_default
-from visadapt.utils.cli import option
+from visadapt.utils.cli import ANY, AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, check_ranges, option
 
 TINY_MODEL = "tiny-sdxl"  # visadapt.diffusion.tiny's random SDXL pipeline
 TINY_MLLM = "tiny"  # visadapt.diffusion.easyref.tiny_mllm's random Qwen2-VL
@@ -65,31 +65,32 @@ class EasyRefTrainConfig(RunConfig):
                                  group="easyref")
     holdout: bool = option(True, "leave each group's held-back evaluation image (its last by name) out of training",
                            group="easyref")
-    num_tokens: int = option(64, "reference tokens (the adapter's condition length)", group="easyref")
+    num_tokens: int = option(64, "reference tokens (the adapter's condition length)", group="easyref", valid=AT_LEAST_1)
     r: Optional[int] = option(None, "rank of the UNet LoRA (0: none; none: 0 in stage 1, 128 after)",
-                                      group="easyref")
+                                      group="easyref", valid=NON_NEGATIVE)
     train_mllm: Optional[bool] = option(None, "also train the whole MLLM (none: from stage 2 on)", group="easyref")
     resolution: Optional[int] = option(None, "training image size (none: the pipeline's, 1024 for SDXL)",
-                                       group="data")
+                                       group="data", valid=AT_LEAST_1)
     target_crop: Optional[str] = option(None, "square: centre crop of the target at --resolution; keep-aspect: "
                                         "the whole target at about --resolution² pixels, sides a multiple of "
                                         "--size-multiple, one example per device (none: square in stages 1-2, "
                                         "keep-aspect in stage 3)", choices=TARGET_CROPS, group="data")
     size_multiple: int = option(SIZE_MULTIPLE, "keep-aspect targets: sides rounded up to a multiple of this",
-                                group="data")
+                                group="data", valid=AT_LEAST_1)
     max_seq_len: Optional[int] = option(None, "MLLM sequence padded / truncated to this length (0: dynamic padding; "
-                                        "none: 256 in stages 1-2, dynamic in stage 3)", group="data")
-    max_refs: int = option(28, "most references per example (stage 3)", group="data")
+                                        "none: 256 in stages 1-2, dynamic in stage 3)", group="data",
+                                        valid=NON_NEGATIVE)
+    max_refs: int = option(28, "most references per example (stage 3)", group="data", valid=AT_LEAST_1)
     truncate_rate: Optional[float] = option(None, "probability of keeping only 2..n-1 references (none: 0.4 in "
-                                            "stage 3, else 0)", group="data")
+                                            "stage 3, else 0)", group="data", valid=PROBABILITY)
     ref_drop: float = option(0.05, "probability of dropping the references alone (a black image instead)",
-                             group="data")
-    text_drop: float = option(0.05, "probability of dropping the caption alone", group="data")
-    both_drop: float = option(0.05, "probability of dropping both", group="data")
-    steps: int = option(10000, "training steps (micro-batches)", group="optimisation")
+                             group="data", valid=PROBABILITY)
+    text_drop: float = option(0.05, "probability of dropping the caption alone", group="data", valid=PROBABILITY)
+    both_drop: float = option(0.05, "probability of dropping both", group="data", valid=PROBABILITY)
+    steps: int = option(10000, "training steps (micro-batches)", group="optimisation", valid=AT_LEAST_1)
     lr: Optional[float] = option(None, "AdamW learning rate, constant (none: 1e-4 / 4e-5 / 2e-5 by stage)",
-                                 group="optimisation")
-    weight_decay: float = option(0.0, "AdamW weight decay", group="optimisation")
+                                 group="optimisation", valid=POSITIVE)
+    weight_decay: float = option(0.0, "AdamW weight decay", group="optimisation", valid=NON_NEGATIVE)
     gradient_checkpointing: bool = option(True, "recompute the UNet's and the MLLM's activations in the backward "
                                           "pass (less memory)", group="optimisation")
     seed: int = recipe_default("seed", 0)
@@ -115,20 +116,23 @@ class EasyRefEvalConfig:
                                     "(ours or the official layout)", group="easyref")
     model: str = option(DEFAULT_MODEL, "base SDXL pipeline (hub id, local folder, or tiny-sdxl)", group="easyref")
     mllm: str = option(DEFAULT_MLLM, "the multimodal LLM (hub id, local folder, or tiny)", group="easyref")
-    scale: float = option(1.0, "reference scale λ", group="sampling")
-    steps: int = option(30, "denoising steps", group="sampling")
-    guidance_scale: float = option(5.0, "classifier-free guidance scale", group="sampling")
+    scale: float = option(1.0, "reference scale λ", group="sampling", valid=ANY)
+    steps: int = option(30, "denoising steps", group="sampling", valid=AT_LEAST_1)
+    guidance_scale: float = option(5.0, "classifier-free guidance scale", group="sampling", valid=ANY)
     negative_prompt: str = option("monochrome, lowres, bad anatomy, worst quality, low quality",
                                   "negative prompt", group="sampling")
-    size: Optional[int] = option(None, "image size (none: the pipeline's)", group="sampling")
+    size: Optional[int] = option(None, "image size (none: the pipeline's)", group="sampling", valid=AT_LEAST_1)
     images_per_group: int = option(1, "images generated per group (seeds seed, seed+1, …); scores are averaged",
-                                   group="sampling")
-    seed: int = option(0, "sampling seed", group="sampling")
+                                   group="sampling", valid=AT_LEAST_1)
+    seed: int = option(0, "sampling seed", group="sampling", valid=SEED)
     clip_model: str = option("ViT-L-14", "open_clip model for CLIP-I and CLIP-T", group="metrics")
     clip_pretrained: str = option("openai", "open_clip weights tag", group="metrics")
     dino_model: str = option("vit_base_patch14_dinov2.lvd142m", "timm DINOv2 model for DINO-I", group="metrics")
-    max_groups: Optional[int] = option(None, "evaluate only the first N groups", group="metrics")
+    max_groups: Optional[int] = option(None, "evaluate only the first N groups", group="metrics", valid=AT_LEAST_1)
     precision: str = option("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=PRECISIONS, group="metrics")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

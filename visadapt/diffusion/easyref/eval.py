@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from visadapt.utils import atomic_path, save_json_atomic
+from visadapt.utils.cli import check_ranges
 
 from .config import EasyRefEvalConfig
 from .data import holdout_split, open_image, scan_groups
@@ -120,21 +121,6 @@ def _mean(values: Sequence[float]) -> Optional[float]:
     return sum(finite) / len(finite) if finite else None
 
 
-def check_eval_config(c: EasyRefEvalConfig) -> None:
-    """Refuse sampling numbers that would run and score noise or black images (before anything is loaded)."""
-    if c.steps < 1:
-        raise ValueError(f"--steps {c.steps}: the sampler needs at least 1 denoising step (30 is the default).")
-    for flag, value in (("--scale", c.scale), ("--guidance-scale", c.guidance_scale)):
-        if not math.isfinite(value):
-            raise ValueError(f"{flag} {value}: pass a finite number.")
-    if c.size is not None and c.size < 1:
-        raise ValueError(f"--size {c.size}: pass a positive image size, or leave it out for the pipeline's.")
-    if c.images_per_group < 1:
-        raise ValueError(f"--images-per-group {c.images_per_group}: pass 1 or more.")
-    if c.max_groups is not None and c.max_groups < 1:
-        raise ValueError(f"--max-groups {c.max_groups}: pass 1 or more, or leave it out for every group.")
-
-
 def evaluate_easyref(config: EasyRefEvalConfig, out_dir: Union[str, Path], pipe=None, clip=None,
                      dino=None) -> dict:
     """Generate for every held-back target of ``config.data`` and score it; writes ``results.json`` and
@@ -143,7 +129,7 @@ def evaluate_easyref(config: EasyRefEvalConfig, out_dir: Union[str, Path], pipe=
     from tqdm.auto import tqdm
 
     c = config
-    check_eval_config(c)
+    check_ranges(c)  # sampling numbers that would score noise or black images (steps 0, scale nan), before loading
     if not c.data:
         raise ValueError("Pass --data: the folder of image groups to evaluate on.")
     _, targets = holdout_split(scan_groups(c.data))

@@ -163,22 +163,8 @@ class EasyRefTrainer(Trainer):
 
             warnings.warn(f"Stage {c.stage} without --init starts from random EasyRef weights; pass the previous "
                           "stage's run folder to continue the progressive training.", stacklevel=2)
-        if c.steps < 1 or c.num_tokens < 1 or c.r < 0 or c.max_refs < 1:
-            raise ValueError("--steps, --num-tokens and --max-refs must be >= 1, --rank >= 0.")
-        for name in ("ref_drop", "text_drop", "both_drop", "truncate_rate"):
-            if not 0 <= getattr(c, name) <= 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a probability in [0, 1].")
-        if c.ref_drop + c.text_drop + c.both_drop > 1:
+        if c.ref_drop + c.text_drop + c.both_drop > 1:  # each one's range is declared with the option
             raise ValueError("--ref-drop + --text-drop + --both-drop must not exceed 1.")
-        if c.max_seq_len < 0:
-            raise ValueError("--max-seq-len must be >= 0 (0: pad to the longest example).")
-        if c.size_multiple < 1:
-            raise ValueError("--size-multiple must be >= 1.")
-        if c.resolution is not None and c.resolution < 1:
-            raise ValueError(f"--resolution {c.resolution}: pass a positive size, or leave it out for the pipeline's.")
-        if c.lr <= 0 or c.weight_decay < 0:
-            raise ValueError(f"--lr {c.lr} / --weight-decay {c.weight_decay}: pass a learning rate > 0 and a weight "
-                             "decay >= 0.")
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
