@@ -302,8 +302,10 @@ class EasyRefTrainer(Trainer):
     def eval_loss(self) -> float:
         """The loss on a fixed batch (the first :data:`EVAL_ITEMS` examples without drops, :data:`EVAL_TIMESTEPS`
         evenly spaced timesteps each, latent samples and noise from the seed): the same before and after training.
-        Examples of different sizes (keep-aspect targets) run as one batch per size. The global RNG is left as it
-        was, so evaluating never changes training."""
+        Examples of different sizes (keep-aspect targets) run apart, and no forward takes more examples than a
+        training micro-batch puts on a device: what fits training fits its evaluation (all 12 examples of a
+        100-reference stage-3 run in one forward took 12 times a step's reference memory). The global RNG is left as
+        it was, so evaluating never changes training."""
         c, n = self.cfg, min(EVAL_ITEMS, len(self.eval_set))
         items = [self.eval_set[(i, c.seed + i)] for i in range(n)] * EVAL_TIMESTEPS
         steps = self.noise_scheduler.config.num_train_timesteps
@@ -313,11 +315,13 @@ class EasyRefTrainer(Trainer):
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, item in enumerate(items):
             by_size.setdefault(tuple(item["pixels"].shape), []).append(i)
+        per_device = max(1, c.batch_size // self.accelerator.num_processes)
+        chunks = [index[k:k + per_device] for index in by_size.values() for k in range(0, len(index), per_device)]
         self.model.eval()
         try:
             with self.accelerator.autocast():
                 losses = [self.losses(self.collate([items[i] for i in index]), timesteps=timesteps[index],
-                                      generator=generator) for index in by_size.values()]
+                                      generator=generator) for index in chunks]
             return torch.cat(losses).mean().item()
         finally:
             self.model.train()
