@@ -213,6 +213,7 @@ class EasyRefTrainer(Trainer):
         pipe.to(acc.device)
         encoder.to(acc.device)
         self.encoder = encoder
+        self.step_memory = self._check_memory(train_groups)
         self.noise_scheduler = training_scheduler(pipe)
         self.model = EasyRefTrainModel(pipe, encoder, c.train_mllm)
         self.train_set = self._items(train_groups, c.ref_drop, c.text_drop, c.both_drop, c.truncate_rate)
@@ -221,6 +222,26 @@ class EasyRefTrainer(Trainer):
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)  # constant, no warm-up
+
+    def _check_memory(self, groups) -> "StepMemory":  # noqa: F821
+        """Estimate what one step needs besides the loaded weights (:mod:`visadapt.diffusion.easyref.memory`) and
+        stop now, with the numbers and the fix, if that is more than is free."""
+        from .memory import check_step_memory, estimate_step_memory
+
+        c, acc, encoder = self.cfg, self.accelerator, self.encoder
+        references = min(c.max_refs, max(len(g) for g in groups) - 1) if c.stage == 3 else 1
+        caption = max((text for g in groups for captions in g.captions for text in captions), key=len, default="")
+        template = encoder.processor.apply_chat_template(encoder.messages(0, caption), tokenize=False,
+                                                         add_generation_prompt=True)
+        trainable = sum(p.numel() for m in (self.pipe.unet, encoder) for p in m.parameters() if p.requires_grad)
+        need = estimate_step_memory(
+            encoder.mllm.config, image_size=encoder.image_size, references=max(references, 1),
+            batch=max(1, c.batch_size // acc.num_processes),
+            prompt_tokens=len(encoder.processor.tokenizer(template).input_ids), max_seq_len=c.max_seq_len,
+            num_queries=c.num_tokens, train_mllm=c.train_mllm, checkpointing=c.gradient_checkpointing,
+            act_bytes=2 if acc.mixed_precision in ("bf16", "fp16") else 4, trainable_params=trainable)
+        check_step_memory(need, acc.device, stage=c.stage, references=max(references, 1))
+        return need
 
     def _items(self, groups, ref_drop: float, text_drop: float, both_drop: float, truncate: float) -> EasyRefItems:
         c = self.cfg
