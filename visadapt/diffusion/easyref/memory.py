@@ -8,21 +8,25 @@ reference size s (336 px as released; :func:`~visadapt.diffusion.easyref.encoder
 
 - host: the references' pixels, 4T patches × (3·2·14·14 = 1176) values × 4 bytes each, held :data:`PIXEL_COPIES`
   times at the peak (the processor's float image and its patch rearrangement, the collated tensor, its cast for the
-  vision tower; measured: 8.6 MiB per 336-px reference on the tiny models, 3.8 times its 2.3 MiB of pixels);
+  vision tower; measured on the tiny models: the step's peak grows by about 8.6 MiB per 336-px reference, 3.8 times
+  its 2.3 MiB of pixels);
 - device: the vision tower's activations over 4T·n·B patch tokens and the language model's over its L tokens
   (``--max-seq-len`` when set, else n·(T+2) plus the prompt's tokens, per example), each token keeping
   :func:`kept_per_token` values in every layer that trains (one layer's worth while frozen), the final layer's over
   L + Q tokens (it always trains); 2 bytes a value under bf16/fp16, 4 in fp32; and the trainable parameters'
-  gradients and AdamW moments, 12 bytes each (fp32). Under gradient checkpointing a trained layer keeps only its
-  input, and the backward pass recomputes one layer at a time, whose full set comes on top.
+  gradients and AdamW moments, 12 bytes each (fp32; split over the processes under DeepSpeed ZeRO-2). Under
+  gradient checkpointing a trained layer keeps only its input, and the backward pass recomputes one layer at a
+  time, whose full set comes on top.
 
-Attention costs no L² term: unpadded sequences (stage 3) go to SDPA's fused kernels
-(:func:`~visadapt.diffusion.easyref.encoder._run_layers`), and padded ones are capped by ``--max-seq-len``.
+Attention costs no L² term for unpadded sequences (stage 3's one example per device): they go to SDPA's fused
+kernels (:func:`~visadapt.diffusion.easyref.encoder._run_layers`). Padded batches get a (B, 1, L, L) mask, which
+stages 1-2 cap with ``--max-seq-len`` 256.
 
-Not counted: the UNet's and VAE's activations for the target (they do not grow with the references) and the
-allocator's slack; the references are counted at their largest token count (square ones take 121 of 145 at
-336 px). The estimate is meant to be the part of the step's need that the references drive: a refused run would not
-have fit, while one that passes can still run out of memory at a large ``--resolution``.
+Not counted: the UNet's and VAE's activations for the target (they do not grow with the references), that mask when
+a batch is padded dynamically, and the allocator's slack; the references are counted at their largest token count
+(square ones take 121 of 145 at 336 px; on the tiny models the measured peak grows by about 78 % of the estimate
+per reference). The estimate is the part of the step's need that the references drive: it refuses runs whose
+references cannot fit, while one that passes can still run out of memory at a large ``--resolution``.
 """
 
 from __future__ import annotations
@@ -60,11 +64,12 @@ class StepMemory:
 
 def estimate_step_memory(mllm_config, *, image_size: int, references: int, batch: int, prompt_tokens: int,
                          max_seq_len: int, num_queries: int, train_mllm: bool, checkpointing: bool, act_bytes: int,
-                         trainable_params: int) -> StepMemory:
+                         trainable_params: int, optimizer_shards: int = 1) -> StepMemory:
     """:class:`StepMemory` of a micro-batch of ``batch`` examples with ``references`` references each (the module
     docstring derives every term). ``mllm_config``: the Qwen2-VL config (``vision_config``, ``text_config``);
     ``prompt_tokens``: the chat template's tokens without images (instruction and caption); ``max_seq_len`` 0 for
-    dynamic padding; ``act_bytes`` 2 under bf16/fp16, 4 in fp32."""
+    dynamic padding; ``act_bytes`` 2 under bf16/fp16, 4 in fp32; ``optimizer_shards``: the processes DeepSpeed ZeRO
+    splits the gradients and AdamW state over (1 without it)."""
     from .encoder import reference_pixels
 
     vision, text = mllm_config.vision_config, mllm_config.text_config
@@ -92,7 +97,7 @@ def estimate_step_memory(mllm_config, *, image_size: int, references: int, batch
 
     host, device = parts(references)
     host_next, device_next = parts(references + 1)
-    optimizer = trainable_params * OPTIMIZER_BYTES
+    optimizer = trainable_params * OPTIMIZER_BYTES // max(1, optimizer_shards)
     return StepMemory(host=host, device=device + optimizer, host_per_reference=host_next - host,
                       device_per_reference=device_next - device, optimizer=optimizer)
 

@@ -239,7 +239,8 @@ class EasyRefTrainer(Trainer):
             batch=max(1, c.batch_size // acc.num_processes),
             prompt_tokens=len(encoder.processor.tokenizer(template).input_ids), max_seq_len=c.max_seq_len,
             num_queries=c.num_tokens, train_mllm=c.train_mllm, checkpointing=c.gradient_checkpointing,
-            act_bytes=2 if acc.mixed_precision in ("bf16", "fp16") else 4, trainable_params=trainable)
+            act_bytes=2 if acc.mixed_precision in ("bf16", "fp16") else 4, trainable_params=trainable,
+            optimizer_shards=acc.num_processes if self.deepspeed else 1)
         check_step_memory(need, acc.device, stage=c.stage, references=max(references, 1))
         return need
 
