@@ -7,9 +7,8 @@ stages 1-2), every reference at most T = (s/28)² + 1 visual tokens, i.e. 4T pat
 reference size s (336 px as released; :func:`~visadapt.diffusion.easyref.encoder.reference_pixels`):
 
 - host: the references' pixels, 4T patches × (3·2·14·14 = 1176) values × 4 bytes each, held :data:`PIXEL_COPIES`
-  times at the peak (the processor's float image and its patch rearrangement, the collated tensor, its cast for the
-  vision tower; measured on the tiny models: the step's peak grows by about 8.6 MiB per 336-px reference, 3.8 times
-  its 2.3 MiB of pixels);
+  times at the peak (the processor's patches and the collated tensor; measured on the tiny models in fp32, 8 → 32
+  references: the step's peak grows by 4.0 MiB per 336-px reference, 1.8 times its 2.2 MiB of pixels);
 - device: the vision tower's activations over 4T·n·B patch tokens and the language model's over its L tokens
   (``--max-seq-len`` when set, else n·(T+2) plus the prompt's tokens, per example), each token keeping
   :func:`kept_per_token` values in every layer that trains (one layer's worth while frozen), the final layer's over
@@ -24,8 +23,8 @@ stages 1-2 cap with ``--max-seq-len`` 256.
 
 Not counted: the UNet's and VAE's activations for the target (they do not grow with the references), that mask when
 a batch is padded dynamically, and the allocator's slack; the references are counted at their largest token count
-(square ones take 121 of 145 at 336 px; on the tiny models the measured peak grows by about 78 % of the estimate
-per reference). The estimate is the part of the step's need that the references drive: it refuses runs whose
+(square ones take 121 of 145 at 336 px; on the tiny models the measured peak grows by 74 % of the estimate per
+reference). The estimate is the part of the step's need that the references drive: it refuses runs whose
 references cannot fit, while one that passes can still run out of memory at a large ``--resolution``.
 """
 
@@ -38,7 +37,7 @@ from visadapt.utils import NotEnoughMemoryError
 from visadapt.utils.memory import available_bytes, gib, host_available_bytes
 
 MiB = 2 ** 20
-PIXEL_COPIES = 4  # copies of a reference's pixels alive at the step's peak (module docstring)
+PIXEL_COPIES = 2  # copies of a reference's pixels alive at the step's peak (module docstring)
 OPTIMIZER_BYTES = 12  # per trainable parameter: fp32 gradient + AdamW's two fp32 moments
 
 
