@@ -85,3 +85,32 @@ def test_the_estimate_is_linear_in_the_references_and_counts_what_trains():
     assert one.host_per_reference == 145 * 4 * 1176 * 4 * PIXEL_COPIES  # 145 tokens of 4 patches of 1176 fp32 values
     frozen = estimate_step_memory(mllm.config, references=10, train_mllm=False, **kwargs)
     assert frozen.device < ten.device and frozen.optimizer == ten.optimizer == 12 * 1000
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_unpadded_layers_skip_the_mask_and_match_the_masked_path(causal, monkeypatch):
+    """Without padding the layers get SDPA's is_causal flag instead of a (B, 1, L, L) mask; the states are those
+    of the masked path (here forced by one padding key appended)."""
+    import torch
+
+    from visadapt.diffusion.easyref import encoder as enc
+    from visadapt.diffusion.easyref.tiny_mllm import tiny_qwen2vl
+
+    language = tiny_qwen2vl()[0].model.language_model
+    x = torch.randn(1, 12, language.config.hidden_size)
+    masks = []
+    layer = language.layers[0]
+    original = layer.forward
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attention_mask"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "forward", spy)
+    fast = enc._run_layers([layer], language.rotary_emb, x, torch.ones(1, 12), enc._plain_positions(1, 12, "cpu"),
+                           causal=causal)
+    padded = enc._run_layers([layer], language.rotary_emb, torch.cat([x, torch.randn(1, 1, x.shape[-1])], 1),
+                             torch.cat([torch.ones(1, 12), torch.zeros(1, 1)], 1), enc._plain_positions(1, 13, "cpu"),
+                             causal=causal)
+    assert masks[0] is None and masks[1] is not None and masks[1].shape == (1, 1, 13, 13)
+    torch.testing.assert_close(fast, padded[:, :12], atol=1e-5, rtol=1e-5)
