@@ -68,3 +68,13 @@ def tracking_pipeline_dir(tmp_path_factory):
     model, _ = build_model(cfg)
     TrackingPipeline(model, model_config(cfg)).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture()
+def fresh_accelerator():
+    """accelerate keeps one process-wide state whose precision cannot change: reset it around a bf16 run."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -168,3 +168,17 @@ def test_the_pipeline_refuses_a_huge_reference_image(tmp_path, monkeypatch):
         load_reference(str(tmp_path / "small.png"))
     monkeypatch.setenv("VISADAPT_MAX_IMAGE_PIXELS", "none")  # the env var lifts the limit here too
     assert load_reference(str(tmp_path / "small.png")).size == (48, 48)
+
+
+def test_easyref_demo_data_writes_groups_and_never_overwrites(tmp_path, capsys):
+    from visadapt.diffusion.easyref.data import scan_groups
+
+    out = tmp_path / "groups"
+    assert main(["easyref", "demo-data", "--out", str(out), "--groups", "2", "--per-group", "3"]) == 0
+    groups = scan_groups(out)
+    assert [len(g) for g in groups] == [3, 3] and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(["easyref", "demo-data", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds files; pass a new or empty folder" in err and "Traceback" not in err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

@@ -180,16 +180,6 @@ def test_v_prediction_pipeline_given_as_object_and_a_peft_config_file(images, tm
     assert type(pipe.unet.peft_config["sks"]).__name__ == "CompLoraConfig"
 
 
-@pytest.fixture()
-def fresh_accelerator():
-    """accelerate keeps one process-wide state whose precision cannot change: reset it around a bf16 run."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def test_bf16_mixed_precision_with_half_frozen_weights(images, trained, tmp_path, fresh_accelerator):
     pipe = tiny_pipeline("sd")
     cfg = ConceptTrainConfig(images=str(images), steps=2, lr=1e-2, precision="bf16", half_weights=True,
@@ -264,3 +254,29 @@ def test_help_lists_every_option_with_its_default_once(capsys):
                  "--peft-config", "--train-text-encoder", "--gradient-checkpointing", "--sample-every", "--config"):
         assert flag in flat, flag
     assert "--rank RANK LoRA rank (default: 4)" in flat and "(default: None)" not in flat
+
+
+def test_images_are_read_and_encoded_a_batch_at_a_time(tmp_path, monkeypatch):
+    """Issue 29: the instance and class folders were read into one pixel tensor (1000 class images at 1024 px:
+    12 GB); now at most ENCODE_BATCH images' pixels exist at once, and the latents are the same."""
+    from visadapt.diffusion.concept import train as concept_train
+
+    folder = draw_images(tmp_path / "many", count=2 * concept_train.ENCODE_BATCH + 3)
+    calls = []
+    original = concept_train.load_images
+
+    def spy(files, resolution):
+        calls.append(len(files))
+        return original(files, resolution)
+
+    monkeypatch.setattr(concept_train, "load_images", spy)
+    cfg = ConceptTrainConfig(model="tiny-sd", images=str(folder), steps=1, sample_every=0, **FAST)
+    trainer = concept_train.ConceptTrainer(cfg, tmp_path / "run")
+    trainer.pipe, trainer.resolution = tiny_pipeline("sd"), 32
+    files = concept_train.image_files(folder)
+    latents, resized = trainer._encode_folder(files)
+    assert max(calls) <= concept_train.ENCODE_BATCH and sum(calls) == len(files) and resized == []
+    pixels, time_ids, _ = original(files, 32)
+    mean, std = concept_train.encode_latents(trainer.pipe.vae, pixels)
+    assert torch.equal(latents["mean"], mean) and torch.equal(latents["std"], std)
+    assert torch.equal(latents["time_ids"], time_ids)

@@ -167,3 +167,68 @@ def test_eval_command_prints_the_means(trained_run, clip, dino, tmp_path, monkey
     r = json.loads((tmp_path / "e" / "results.json").read_text())
     assert len(r["groups"]) == 1 and f"{r['metrics']['clip_i']:.4f}"[:5] in capsys.readouterr().out
     assert main([*argv[:-1], str(tmp_path / "f"), "--adapter", str(tmp_path)]) == 2  # no adapter there: exit 2
+
+
+# ------------------------------------------------------------------------------------------------- offline metrics
+@pytest.mark.parametrize("metric_args, needs, local", [
+    ([], "open_clip ViT-L-14 weights 'openai'", "--clip-pretrained FILE, or --clip-model local-dir:FOLDER"),
+    (["--clip-model", "visadapt-demo-clip"], "timm vit_base_patch14_dinov2.lvd142m weights",
+     "--dino-model local-dir:FOLDER"),
+])
+def test_offline_eval_without_the_metric_weights_says_which_in_one_line(trained_run, tmp_path, metric_args, needs,
+                                                                        local):
+    """Offline with an empty cache: one line naming the weights, how to pass local ones and the offline choice
+    (before: a 55-line chained traceback), before the pipeline loads and with nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    data, run = trained_run
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("VISADAPT_DEBUG", None)
+    out = tmp_path / "e"
+    proc = subprocess.run([sys.executable, "-m", "visadapt.cli", "easyref", "eval", "--data", str(data), "--adapter",
+                           str(run), "--model", "tiny-sdxl", "--mllm", "tiny", *metric_args, "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("(set VISADAPT_DEBUG=1"), proc.stderr[-3000:]
+    assert needs in lines[0] and local in lines[0], lines[0]
+    assert "--clip-model visadapt-demo-clip --dino-model visadapt-demo-vit" in lines[0], lines[0]
+    assert not out.exists()
+
+
+def test_offline_metrics_score_end_to_end(trained_run, tmp_path, capsys):
+    """``--clip-model visadapt-demo-clip --dino-model visadapt-demo-vit``: the shipped demo models, no download."""
+    import json
+    import math
+
+    from visadapt.cli import main
+
+    data, run = trained_run
+    out = tmp_path / "e"
+    assert main(["easyref", "eval", "--data", str(data), "--adapter", str(run), "--model", "tiny-sdxl", "--mllm",
+                 "tiny", "--steps", "2", "--size", "32", "--clip-model", "visadapt-demo-clip", "--dino-model",
+                 "visadapt-demo-vit", "--out", str(out)]) == 0, capsys.readouterr().err
+    r = json.loads((out / "results.json").read_text())
+    assert len(r["groups"]) == 2 and all(math.isfinite(v) and -1 <= v <= 1 for v in r["metrics"].values())
+    assert r["config"]["clip_model"] == "visadapt-demo-clip" and r["config"]["dino_model"] == "visadapt-demo-vit"
+    assert (out / "grid.png").is_file()
+
+
+def test_openai_clip_weights_get_quick_gelu(monkeypatch):
+    """OpenAI's CLIPs were trained with QuickGELU; open_clip builds ``ViT-L-14`` with GELU unless told."""
+    import open_clip
+
+    from visadapt.diffusion.easyref import eval as easyref_eval
+
+    seen = {}
+
+    def create(name, pretrained=None, **kwargs):
+        seen.update(kwargs, name=name, pretrained=pretrained)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", create)
+    with pytest.raises(easyref_eval.MetricWeightsError):
+        easyref_eval.load_clip("ViT-L-14", "openai")
+    assert seen["force_quick_gelu"] is True and seen["weights_only"] is True and seen["pretrained"] == "openai"

@@ -1,6 +1,7 @@
 """The README's first command and its Python examples run verbatim (random weights instead of the OpenAI
 download)."""
 
+import json
 import os
 import re
 import shlex
@@ -52,3 +53,24 @@ def test_readme_test_command_is_what_ci_runs():
     block = re.search(r"## Tests\n\n```bash\n(.*?)\n```", README.read_text(), flags=re.S).group(1)
     command = block.splitlines()[0].split("#")[0].strip()  # the first line runs everything; the others are subsets
     assert command == "python -m pytest -q" and command in ci
+
+
+@pytest.mark.slow
+def test_easyref_offline_lines_run(tmp_path):
+    """The EasyRef section's offline block (demo groups, a tiny stage, eval with the shipped metric models) runs
+    verbatim, offline, writing only under runs/ of its working folder."""
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+                 if "visadapt easyref demo-data" in b)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run(["bash", "-c", "set -e\n" + block], cwd=work, capture_output=True, text=True, env=env,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in work.iterdir()) == ["runs"]
+    run = work / "runs" / "easyref-demo"
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert len(results["groups"]) == 3 and all(v is not None for v in results["metrics"].values())
+    assert (run / "stage1" / "easyref.safetensors").is_file() and (run / "eval" / "grid.png").is_file()

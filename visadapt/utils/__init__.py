@@ -1,7 +1,7 @@
 """Helpers every layer may use: atomic file writes and JSON (:mod:`.io`), PNG figures (:mod:`.figures`, imported
 on use: it loads matplotlib), errors shared by the tasks (:mod:`.errors`) and the config-driven CLI (:mod:`.cli`)."""
 
-from .errors import DatasetLayoutError, TrainingDiverged, UntrustedFileError
+from .errors import DatasetLayoutError, NotEnoughMemoryError, TrainingDiverged, UntrustedFileError
 from .io import (
                  PIPELINE_CONFIG,
                  atomic_path,
@@ -16,6 +16,7 @@ from .io import (
                  write_text_atomic,
 )
 
-__all__ = ["DatasetLayoutError", "TrainingDiverged", "UntrustedFileError", "load_safetensors", "open_safetensors",
+__all__ = ["DatasetLayoutError", "NotEnoughMemoryError", "TrainingDiverged", "UntrustedFileError", "load_safetensors",
+           "open_safetensors",
            "torch_load_weights", "PIPELINE_CONFIG", "atomic_path", "read_pipeline_config",
            "recover_dir", "replace_dir", "save_json_atomic", "staged_dir", "write_text_atomic"]

@@ -5,6 +5,11 @@ class DatasetLayoutError(ValueError):
     """The files of a dataset do not match the expected layout; the message shows that layout and the fix."""
 
 
+class NotEnoughMemoryError(ValueError):
+    """A run was refused before it started: the memory its configuration needs (an estimate) exceeds what is free.
+    The message shows both numbers and the option that lowers the need."""
+
+
 class TrainingDiverged(FloatingPointError):
     """A loss or a weight became NaN or inf; the message names the step and the cause. Nothing was written."""
 

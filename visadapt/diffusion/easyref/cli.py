@@ -1,4 +1,5 @@
-"""``visadapt easyref train | eval``: EasyRef's three training stages and its MRBench-style evaluation.
+"""``visadapt easyref train | eval | demo-data``: EasyRef's three training stages, its MRBench-style evaluation, and
+a small synthetic dataset to try them offline.
 
 The options are the fields of :class:`~visadapt.diffusion.easyref.config.EasyRefTrainConfig` and
 :class:`~visadapt.diffusion.easyref.config.EasyRefEvalConfig`. torch, diffusers and transformers are imported when a
@@ -17,7 +18,16 @@ from __future__ import annotations
 
 import argparse
 
-from visadapt.utils.cli import HelpFormatter, add_config_arguments, add_train_command, config_from_args
+from visadapt.utils.cli import (
+    AT_LEAST_1,
+    SEED,
+    HelpFormatter,
+    Range,
+    add_config_arguments,
+    add_train_command,
+    config_from_args,
+    ranged,
+)
 
 from .config import EasyRefEvalConfig, EasyRefTrainConfig
 
@@ -37,6 +47,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", required=True, help="folder for results.json and grid.png")
     add_config_arguments(ev, EasyRefEvalConfig)
     ev.set_defaults(func=_eval)
+    demo = sub.add_parser("demo-data", help="write a small synthetic folder of image groups (coloured shapes, "
+                                            "captioned) to try train and eval offline", formatter_class=HelpFormatter)
+    demo.add_argument("--out", required=True, help="new (or empty) folder for the groups")
+    demo.add_argument("--groups", type=ranged(int, AT_LEAST_1), default=3, help="subjects (one folder each)")
+    # a group needs one reference and its held-back target
+    demo.add_argument("--per-group", type=ranged(int, Range(2)), default=4,
+                      help="images per subject (the last is held back by eval)")
+    demo.add_argument("--size", type=ranged(int, Range(16, 4096)), default=48, help="image side in pixels")
+    demo.add_argument("--seed", type=ranged(int, SEED), default=0, help="seed of the shapes' places and sizes")
+    demo.set_defaults(func=_demo_data)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -54,4 +74,22 @@ def _eval(args: argparse.Namespace) -> int:
 
     r = evaluate_easyref(config_from_args(EasyRefEvalConfig, args), args.out)
     print(f"EasyRef on {len(r['groups'])} groups: {format_results(r)}; results.json and grid.png in {args.out}")
+    return 0
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from visadapt.utils import staged_dir
+
+    from .data import write_demo_groups
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out}: it already holds files; pass a new or empty folder.")
+    if args.groups < 1 or args.per_group < 2 or args.size < 16:
+        raise ValueError("--groups must be >= 1, --per-group >= 2 (references and a held-back target), --size >= 16.")
+    with staged_dir(out) as stage:
+        write_demo_groups(stage, n_groups=args.groups, per_group=args.per_group, size=args.size, seed=args.seed)
+    print(f"{args.groups} groups of {args.per_group} captioned images in {out}")
     return 0

@@ -125,9 +125,13 @@ class EasyRefEvalConfig:
     images_per_group: int = option(1, "images generated per group (seeds seed, seed+1, …); scores are averaged",
                                    group="sampling", valid=AT_LEAST_1)
     seed: int = option(0, "sampling seed", group="sampling", valid=SEED)
-    clip_model: str = option("ViT-L-14", "open_clip model for CLIP-I and CLIP-T", group="metrics")
-    clip_pretrained: str = option("openai", "open_clip weights tag", group="metrics")
-    dino_model: str = option("vit_base_patch14_dinov2.lvd142m", "timm DINOv2 model for DINO-I", group="metrics")
+    clip_model: str = option("ViT-L-14", "open_clip model for CLIP-I and CLIP-T: an architecture, local-dir:FOLDER, "
+                             "or visadapt-demo-clip (shipped, offline; not comparable with MRBench)", group="metrics")
+    clip_pretrained: str = option("openai", "open_clip weights: a tag (downloaded, or from the cache offline) or a "
+                                  "local checkpoint file", group="metrics")
+    dino_model: str = option("vit_base_patch14_dinov2.lvd142m", "timm DINOv2 model for DINO-I: a pretrained name, "
+                             "local-dir:FOLDER (timm's config.json + model.safetensors), or visadapt-demo-vit "
+                             "(shipped, offline)", group="metrics")
     max_groups: Optional[int] = option(None, "evaluate only the first N groups", group="metrics", valid=AT_LEAST_1)
     precision: str = option("auto", "auto: fp16 on CUDA, fp32 on CPU", choices=PRECISIONS, group="metrics")
 

@@ -314,16 +314,34 @@ def _plain_positions(batch: int, length: int, device) -> torch.Tensor:
 
 def _run_layers(layers, rotary, x: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                 causal: bool) -> torch.Tensor:
-    """Decoder layers on x (B, L, H) with an explicit additive mask: padding keys hidden, and future keys too when
-    ``causal``. Rows left with no key (left padding) stay finite: every key gets the same large negative bias."""
+    """Decoder layers on x (B, L, H): padding keys hidden, and future keys too when ``causal``.
+
+    Without padding (stage 3 and sampling: one group, unpadded) the layers get no mask and SDPA its ``is_causal``
+    flag, so its fused kernels keep the attention's memory linear in L; a materialised (B, 1, L, L) mask would grow
+    with the square of the references' tokens (10k tokens for 100 references at 336 px: 0.4 GB per mask, more for
+    the attention weights kept for backward). Padded batches (and non-SDPA attention) get an explicit additive mask;
+    rows left with no key (left padding) stay finite: every key gets the same large negative bias."""
     length = x.shape[1]
-    allowed = attention_mask.bool()[:, None, None, :]
-    if causal:
-        allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-    allowed = allowed.expand(-1, 1, length, length)
-    bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
     position_embeddings = rotary(x, positions)
+    if _sdpa_layers(layers) and bool(attention_mask.bool().all()):
+        mask_kwargs = {"attention_mask": None, "is_causal": causal}
+    else:
+        allowed = attention_mask.bool()[:, None, None, :]
+        if causal:
+            allowed = allowed & torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        allowed = allowed.expand(-1, 1, length, length)
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed,
+                                                                                      torch.finfo(x.dtype).min)
+        mask_kwargs = {"attention_mask": bias}
     for layer in layers:
-        x = layer(x, attention_mask=bias, position_embeddings=position_embeddings)
+        x = layer(x, position_embeddings=position_embeddings, **mask_kwargs)
         x = x[0] if isinstance(x, tuple) else x
     return x
+
+
+def _sdpa_layers(layers) -> bool:
+    """Whether every layer attends through transformers' SDPA (which honours ``is_causal``; eager attention would
+    ignore it and attend to the future)."""
+    implementations = {getattr(getattr(getattr(layer, "self_attn", None), "config", None), "_attn_implementation",
+                               None) for layer in layers}
+    return implementations == {"sdpa"}

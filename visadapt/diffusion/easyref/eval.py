@@ -10,7 +10,11 @@ images are the references and the target's first caption is the prompt. The pipe
 - **DINO-I**: cosine similarity of the timm DINOv2 class-token features of the generated image and the target.
 
 The metric functions take the models (and their transforms) as arguments; :func:`load_clip` / :func:`load_dino`
-build the defaults (open_clip ``ViT-L-14`` / ``openai``, timm ``vit_base_patch14_dinov2.lvd142m``). The run writes
+build the defaults (open_clip ``ViT-L-14`` / ``openai``, timm ``vit_base_patch14_dinov2.lvd142m``: downloads, or the
+Hugging Face cache offline), local ones (``--clip-pretrained FILE``, ``--clip-model local-dir:FOLDER``,
+``--dino-model local-dir:FOLDER``) or the demo models shipped with visadapt (``--clip-model visadapt-demo-clip
+--dino-model visadapt-demo-vit``: offline, tiny, trained on synthetic shapes; their scores only compare runs scored
+the same way, never MRBench numbers). The run writes
 ``results.json`` (per group and the means) and ``grid.png`` (per row: up to four references, the target, the
 generated images).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -32,7 +37,7 @@ from .config import EasyRefEvalConfig
 from .data import holdout_split, open_image, scan_groups
 
 __all__ = ["clip_image_scores", "clip_text_scores", "dino_scores", "load_clip", "load_dino", "evaluate_easyref",
-           "result_grid"]
+           "result_grid", "MetricWeightsError", "DEMO_CLIP", "DEMO_DINO"]
 
 Images = Sequence[Any]  # PIL images
 
@@ -80,23 +85,80 @@ def dino_scores(model, transform: Callable, generated: Images, targets: Images) 
     return F.cosine_similarity(a, b, dim=-1).cpu()
 
 
+DEMO_CLIP = "visadapt-demo-clip"  # visadapt/utils/worlds/demo_clip: a tiny CLIP trained on the shapes world
+DEMO_DINO = "visadapt-demo-vit"  # visadapt/utils/worlds/demo_vit: a tiny DINOv2-layout ViT (the tracking backbone)
+OFFLINE_METRICS = f"--clip-model {DEMO_CLIP} --dino-model {DEMO_DINO}"
+
+
+class MetricWeightsError(ValueError):
+    """A metric model's weights could not be loaded (offline and not cached, or a wrong name); the message says which
+    weights, how to pass local ones and the offline choice."""
+
+
+def _weights_error(what: str, weights: str, local: str, err: BaseException) -> MetricWeightsError:
+    first = (str(err).splitlines()[0] if str(err) else type(err).__name__).split(". ")[0]
+    return MetricWeightsError(f"{what} need {weights}, which could not be loaded ({first}); download them once "
+                              f"with a network (HF_HUB_OFFLINE unset), pass local ones ({local}), or score offline "
+                              f"with the shipped demo models: {OFFLINE_METRICS} (not comparable with MRBench).")
+
+
 def load_clip(name: str = "ViT-L-14", pretrained: str = "openai", device: Union[str, torch.device] = "cpu"):
-    """(model, preprocess, tokenizer) of an open_clip model, in eval mode."""
+    """(model, preprocess, tokenizer) of an open_clip model, in eval mode: an architecture with a weights tag
+    (``ViT-L-14`` / ``openai``) or a local checkpoint file as ``pretrained``, ``local-dir:FOLDER`` / ``hf-hub:ORG/REPO``
+    (the model carries its weights), or :data:`DEMO_CLIP` (shipped, offline). OpenAI's weights get the QuickGELU they
+    were trained with. Weights that cannot be loaded raise :class:`MetricWeightsError` naming the fix."""
     import open_clip
 
+    if name == DEMO_CLIP:
+        from visadapt.utils.worlds.models import DEMO_CLIP_DIR
+
+        name = f"local-dir:{DEMO_CLIP_DIR}"
     own = name.startswith(("local-dir:", "hf-hub:"))  # such a model carries its own weights
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None if own else pretrained or None,
-                                                                 device=device)
+    tag = None if own else pretrained or None
+    quick_gelu = bool(tag and not Path(tag).suffix
+                      and open_clip.pretrained.get_pretrained_cfg(name, tag).get("quick_gelu", False))
+    try:
+        with _quiet_root_logger():  # open_clip logs a failed download on the root logger before raising it
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=device,
+                                                                         weights_only=True,
+                                                                         force_quick_gelu=quick_gelu)
+    except (RuntimeError, OSError) as err:  # hub downloads, cache misses, missing files
+        raise _weights_error("CLIP-I and CLIP-T", f"open_clip {name} weights {tag!r}" if tag else f"open_clip {name}",
+                             "--clip-pretrained FILE, or --clip-model local-dir:FOLDER", err) from err
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
 
 
 def load_dino(name: str = "vit_base_patch14_dinov2.lvd142m", device: Union[str, torch.device] = "cpu"):
-    """(model, transform) of a pretrained timm DINO(v2) model that outputs its class token."""
+    """(model, transform) of a timm DINO(v2) model that outputs its class token: a pretrained timm name,
+    ``local-dir:FOLDER`` / ``hf-hub:ORG/REPO`` (timm's layout: config.json and model.safetensors), or
+    :data:`DEMO_DINO` (shipped, offline). Weights that cannot be loaded raise :class:`MetricWeightsError`."""
     import timm
 
-    model = timm.create_model(name, pretrained=True, num_classes=0).to(device).eval()
-    config = timm.data.resolve_model_data_config(model)
+    if name == DEMO_DINO:
+        from visadapt.utils.worlds.models import demo_vit_config, load_demo_vit
+
+        model = load_demo_vit().to(device).eval()
+        size = demo_vit_config()["vit_kwargs"]["img_size"]
+        config = {**timm.data.resolve_model_data_config(model), "input_size": (3, size, size)}
+    else:
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=0).to(device).eval()
+        except (RuntimeError, OSError) as err:
+            raise _weights_error("DINO-I", f"timm {name} weights", "--dino-model local-dir:FOLDER", err) from err
+        config = timm.data.resolve_model_data_config(model)
     return model, timm.data.create_transform(**config, is_training=False)
+
+
+@contextmanager
+def _quiet_root_logger():
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 # ----------------------------------------------------------------------------------------------- the command
@@ -136,10 +198,18 @@ def evaluate_easyref(config: EasyRefEvalConfig, out_dir: Union[str, Path], pipe=
     if not targets:
         raise ValueError(f"--data {c.data}: no group holds two images; evaluation needs references and a target.")
     targets = targets[:c.max_groups] if c.max_groups else targets
+    # the metric models first: weights missing offline stop the command before the pipeline loads
+    loaded = []
+    if clip is None:
+        clip = load_clip(c.clip_model, c.clip_pretrained, "cpu")
+        loaded.append(clip[0])
+    if dino is None:
+        dino = load_dino(c.dino_model, "cpu")
+        loaded.append(dino[0])
     sampler = EasyRefSampler.from_config(c) if pipe is None else pipe
     device = getattr(sampler, "device", torch.device("cpu"))
-    clip = clip or load_clip(c.clip_model, c.clip_pretrained, device)
-    dino = dino or load_dino(c.dino_model, device)
+    for model in loaded:
+        model.to(device)
     per_group, rows = [], []
     for group, index in tqdm(targets, desc="eval", unit="group"):
         refs = [open_image(p) for i, p in enumerate(group.images) if i != index]

@@ -199,6 +199,7 @@ class EasyRefTrainer(Trainer):
         pipe.to(acc.device)
         encoder.to(acc.device)
         self.encoder = encoder
+        self.step_memory = self._check_memory(train_groups)
         self.noise_scheduler = training_scheduler(pipe)
         self.model = EasyRefTrainModel(pipe, encoder, c.train_mllm)
         self.train_set = self._items(train_groups, c.ref_drop, c.text_drop, c.both_drop, c.truncate_rate)
@@ -207,6 +208,27 @@ class EasyRefTrainer(Trainer):
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)  # constant, no warm-up
+
+    def _check_memory(self, groups) -> "StepMemory":  # noqa: F821
+        """Estimate what one step needs besides the loaded weights (:mod:`visadapt.diffusion.easyref.memory`) and
+        stop now, with the numbers and the fix, if that is more than is free."""
+        from .memory import check_step_memory, estimate_step_memory
+
+        c, acc, encoder = self.cfg, self.accelerator, self.encoder
+        references = min(c.max_refs, max(len(g) for g in groups) - 1) if c.stage == 3 else 1
+        caption = max((text for g in groups for captions in g.captions for text in captions), key=len, default="")
+        template = encoder.processor.apply_chat_template(encoder.messages(0, caption), tokenize=False,
+                                                         add_generation_prompt=True)
+        trainable = sum(p.numel() for m in (self.pipe.unet, encoder) for p in m.parameters() if p.requires_grad)
+        need = estimate_step_memory(
+            encoder.mllm.config, image_size=encoder.image_size, references=max(references, 1),
+            batch=max(1, c.batch_size // acc.num_processes),
+            prompt_tokens=len(encoder.processor.tokenizer(template).input_ids), max_seq_len=c.max_seq_len,
+            num_queries=c.num_tokens, train_mllm=c.train_mllm, checkpointing=c.gradient_checkpointing,
+            act_bytes=2 if acc.mixed_precision in ("bf16", "fp16") else 4, trainable_params=trainable,
+            optimizer_shards=acc.num_processes if self.deepspeed else 1)
+        check_step_memory(need, acc.device, stage=c.stage, references=max(references, 1))
+        return need
 
     def _items(self, groups, ref_drop: float, text_drop: float, both_drop: float, truncate: float) -> EasyRefItems:
         c = self.cfg
@@ -288,8 +310,10 @@ class EasyRefTrainer(Trainer):
     def eval_loss(self) -> float:
         """The loss on a fixed batch (the first :data:`EVAL_ITEMS` examples without drops, :data:`EVAL_TIMESTEPS`
         evenly spaced timesteps each, latent samples and noise from the seed): the same before and after training.
-        Examples of different sizes (keep-aspect targets) run as one batch per size. The global RNG is left as it
-        was, so evaluating never changes training."""
+        Examples of different sizes (keep-aspect targets) run apart, and no forward takes more examples than a
+        training micro-batch puts on a device: what fits training fits its evaluation (all 12 examples of a
+        100-reference stage-3 run in one forward took 12 times a step's reference memory). The global RNG is left as
+        it was, so evaluating never changes training."""
         c, n = self.cfg, min(EVAL_ITEMS, len(self.eval_set))
         items = [self.eval_set[(i, c.seed + i)] for i in range(n)] * EVAL_TIMESTEPS
         steps = self.noise_scheduler.config.num_train_timesteps
@@ -299,11 +323,13 @@ class EasyRefTrainer(Trainer):
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, item in enumerate(items):
             by_size.setdefault(tuple(item["pixels"].shape), []).append(i)
+        per_device = max(1, c.batch_size // self.accelerator.num_processes)
+        chunks = [index[k:k + per_device] for index in by_size.values() for k in range(0, len(index), per_device)]
         self.model.eval()
         try:
             with self.accelerator.autocast():
                 losses = [self.losses(self.collate([items[i] for i in index]), timesteps=timesteps[index],
-                                      generator=generator) for index in by_size.values()]
+                                      generator=generator) for index in chunks]
             return torch.cat(losses).mean().item()
         finally:
             self.model.train()
