@@ -11,7 +11,9 @@ attention projections):
 * with ``--levers``, ``compose`` once per lever with that lever switched from its default, and ``compose_before``
   with every lever that keeps the result off (the refinement as it was before the levers):
   ``compose_no_exit`` (``refine_early_exit=False``), ``compose_no_reuse`` (``reuse_constants=False``),
-  ``compose_bf16`` (``refine_autocast="bf16"``), ``compose_no_ckpt`` (``gradient_checkpointing=False``).
+  ``compose_bf16`` (``refine_autocast="bf16"``), ``compose_no_ckpt`` (``gradient_checkpointing=False``);
+* ``compose_no_stop`` (only through ``--modes``): ``compose`` without the early stop, every step to 25 refined: the
+  most the paper's setting can cost, whatever the loss does.
 
 Each (mode, n) runs in its own child process: build the pipeline, load the LoRAs, one untimed 1-step call, then
 ``--repeats`` timed calls of ``--steps`` steps (median reported). ``peak MiB`` is the peak during the timed calls
@@ -28,6 +30,11 @@ settings, measured in this invocation.
     python benchmarks/composer.py --device cuda --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --preset paper --dtype fp16                                # real SD-1.5 at 512 px (needs the weights locally)
     python benchmarks/composer.py --model tiny --steps 2 --concepts 1,2   # smoke run, well under a minute
+    python benchmarks/composer.py --preset paper --interleave --repeats 2 \\
+        --modes plain,set_adapters,inject,compose,compose_no_stop         # the goal's ratios, robust to load drift
+
+``--interleave`` runs the modes in one process, round-robin (see :func:`run_interleaved`): on shared cores whose
+load drifts over minutes, separate processes measured one after another can differ by ±25 % for the same work.
 """
 
 from __future__ import annotations
@@ -61,7 +68,9 @@ LEVER_MODES: dict[str, dict[str, Any]] = {
     "compose_bf16": dict(refine_autocast="bf16"),
     "compose_no_ckpt": dict(gradient_checkpointing=False),
 }
-ALL_MODES = {**MODES, **LEVER_MODES}
+# Not a lever: the refinement on every step to 25 (no early stop), the upper bound of the paper setting's cost.
+EXTRA_MODES: dict[str, dict[str, Any]] = {"compose_no_stop": dict(early_stop_from=10 ** 9)}
+ALL_MODES = {**MODES, **LEVER_MODES, **EXTRA_MODES}
 PRESETS = {"paper": dict(steps=50, concepts="3")}  # LoRA-Composer's setting; refinement to step 25, early stop
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -159,6 +168,70 @@ def run_worker(args: argparse.Namespace, mode: str, n: int) -> dict[str, Any]:
             "latent_abs_mean": float(timed[-1][1].float().abs().mean())}
 
 
+def run_interleaved(args: argparse.Namespace, n: int) -> dict[str, Any]:
+    """Every mode in this one process, round-robin over ``--repeats`` rounds, so that load drift on shared cores
+    hits every mode alike; ratios are per round (against that round's plain call), then the median. Also the time
+    spent in the refinement (re-init and refinement passes with their backward), per mode."""
+    from visadapt.diffusion import ComposerConfig
+    from visadapt.diffusion.tiny import save_random_lora
+
+    device = torch.device(args.device)
+    plain_pipe, adapters_pipe, compose_pipe = build_pipeline(args), build_pipeline(args), build_pipeline(args)
+    folder = Path(tempfile.mkdtemp(prefix="composer-bench-"))
+    files = [save_random_lora(compose_pipe, folder / f"c{i}.safetensors", seed=i + 1) for i in range(n)]
+    concepts = concepts_for(files)
+    adapters_pipe.set_adapters(adapters_pipe.load_concepts(concepts), [1.0] * n)
+    refine_seconds = [0.0]
+    for hook in ("_reinit", "_refine"):
+        original = getattr(compose_pipe, hook)
+
+        def timed(*a, _original=original, **kw):
+            start = time.perf_counter()
+            try:
+                return _original(*a, **kw)
+            finally:
+                refine_seconds[0] += time.perf_counter() - start
+        setattr(compose_pipe, hook, timed)
+
+    def sample(mode: str, steps: int) -> dict[str, Any]:
+        call: dict[str, Any] = dict(prompt="a photo of things side by side", height=args.size, width=args.size,
+                                    output_type="latent", num_inference_steps=steps,
+                                    generator=torch.Generator(device).manual_seed(0))
+        pipe = plain_pipe if mode == "plain" else adapters_pipe if mode == "set_adapters" else compose_pipe
+        if pipe is compose_pipe:
+            call.update(concepts=concepts, composer=ComposerConfig(**ALL_MODES[mode]))
+        refine_seconds[0] = 0.0
+        with BlockCalls.unet_blocks(pipe.unet) as calls:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            out = pipe(**call).images
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+        forward, backward = calls.totals()
+        losses = list(pipe.composition_log.get("losses", [])) if pipe is compose_pipe else []
+        return {"seconds": seconds, "refine_seconds": refine_seconds[0] if pipe is compose_pipe else 0.0,
+                "fwd_per_step": forward / steps, "bwd_per_step": backward / steps, "losses": losses,
+                "latent_abs_mean": float(out.float().abs().mean())}
+
+    for mode in args.mode_list:
+        sample(mode, 1)  # warm-up
+    rounds = [{mode: sample(mode, args.steps) for mode in args.mode_list} for _ in range(args.repeats)]
+    rows = []
+    for mode in args.mode_list:
+        runs = [r[mode] for r in rounds]
+        row = {**runs[-1], "mode": mode, "concepts": 0 if mode == "plain" else n, "peak_mib": float("nan"),
+               "seconds": statistics.median(r["seconds"] for r in runs),
+               "refine_seconds": statistics.median(r["refine_seconds"] for r in runs),
+               "refined_steps": len(runs[-1]["losses"]),
+               "paired_vs_plain": statistics.median(r[mode]["seconds"] / r["plain"]["seconds"] for r in rounds)
+               if "plain" in args.mode_list else float("nan"),
+               "round_seconds": [r["seconds"] for r in runs]}
+        rows.append(row)
+    return {"rows": rows}
+
+
 def loss_difference(row: dict[str, Any], reference: Optional[dict[str, Any]]) -> Optional[float]:
     """Largest relative difference of ``row``'s refinement losses from ``reference``'s, over the steps both refined."""
     if not reference or not row.get("losses") or not reference.get("losses"):
@@ -208,6 +281,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(ALL_MODES)} (default "
                    f"{','.join(MODES)}, plus the lever modes with --levers)")
     p.add_argument("--levers", action="store_true", help="also run compose with each cost lever switched")
+    p.add_argument("--interleave", action="store_true",
+                   help="run every mode in one process, round-robin over --repeats rounds (robust to load drift); "
+                        "one concept count; adds the refinement's own time")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
     p.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -230,11 +306,32 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if answer_worker(args.worker, RESULT_MARKER, lambda mode, n: run_worker(args, mode, int(n))):
+    if answer_worker(args.worker, RESULT_MARKER, lambda mode, n: run_interleaved(args, int(n)) if mode == "interleave"
+                     else run_worker(args, mode, int(n))):
         return
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(f"device: {device_name(args.device)} | torch {torch.__version__} | model {args.model} | {args.size}px | "
           f"{args.steps} steps | {args.dtype} | median of {args.repeats}", flush=True)
+    if args.interleave:
+        rows = run_child(__file__, RESULT_MARKER, "interleave", str(args.counts[0]))["rows"]
+        add_ratios(rows)
+        print()
+        print_table(rows)
+        print("\nInterleaved: one process, median over rounds; paired × plain (median of per-round ratios) and "
+              "refine s (time in the re-init and refinement passes):")
+        for row in rows:
+            print(f"  {row['mode']:<17} paired × plain {row['paired_vs_plain']:.2f}   refine s "
+                  f"{row['refine_seconds']:.2f}   rounds {', '.join(f'{t:.1f}' for t in row['round_seconds'])}")
+    else:
+        rows = run_separately(args)
+    if args.json:
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps({"command": shlex.join(sys.orig_argv), "rows": rows}, indent=2) + "\n")
+        tmp.replace(args.json)
+
+
+def run_separately(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each (mode, concepts) in its own child process."""
     rows = []
     plain = run_child(__file__, RESULT_MARKER, "plain", "0") if "plain" in args.mode_list else None
     for n in args.counts:
@@ -246,10 +343,7 @@ def main() -> None:
         rows.insert(0, plain)
     print()
     print_table(rows)
-    if args.json:
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps({"command": shlex.join(sys.orig_argv), "rows": rows}, indent=2) + "\n")
-        tmp.replace(args.json)
+    return rows
 
 
 if __name__ == "__main__":
