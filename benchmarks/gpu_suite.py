@@ -10,8 +10,9 @@ Parts, in this order, each with its own time cap (``--cap NAME=SECONDS``; ``--bu
                    kernels on the GPU; passed / failed / skipped counts and the failing test ids
   kernels    75 s  benchmarks/kernel_ops.py at d 1024, r 16, 16k tokens, bf16 activations: fused LoRA ÷ base linear,
                    ÷ peft eager, the fused-s column (shrink inside the GEMM), routed 4 adapters ÷ single LoRA
-  composer  110 s  benchmarks/composer.py on its random SD-1.5-layout UNet, 512 px, 50 steps, fp16, 3 concepts: time
-                   and peak memory of plain SD, set_adapters, injection and the full LoRA-Composer
+  composer  110 s  benchmarks/composer.py --preset paper on its random SD-1.5-layout UNet, 512 px, 50 steps, fp16,
+                   3 concepts: time, peak memory and UNet block calls of plain SD, set_adapters, injection, the full
+                   LoRA-Composer, the same before the refinement's cost levers, and with its bf16 refinement pass
   tracking   40 s  benchmarks/tracking.py: the merged LoRAT B-224 tracker (DINOv2 ViT-B/14, bf16) vs the plain timm
                    ViT on the same tokens, frames/s at batch 1
   fewshot    60 s  benchmarks/fewshot_step.py: one CLIP-LoRA step on ViT-B/16, 1000 classes, batch 32, fp16: peak
@@ -270,33 +271,37 @@ def kernels_table(n: dict[str, Any]) -> list[str]:
 def composer_plan(dry: bool) -> Plan:
     n = "1" if dry else "3"
     flags = (["--device", "cpu", "--model", "tiny", "--steps", "2", "--repeats", "1"] if dry
-             else ["--device", "cuda", "--model", "small", "--size", "512", "--steps", "50", "--dtype", "fp16",
+             else ["--device", "cuda", "--model", "small", "--preset", "paper", "--size", "512", "--dtype", "fp16",
                    "--repeats", "2"])
-    # composer.py has no plain mode: "inject" with 0 concepts is the pipeline's plain path (no LoRA loaded).
-    modes = ["compose"] if dry else ["set_adapters", "inject", "compose"]
-    runs = [worker("plain", "composer.py", flags, "inject", "0")]
+    modes = ["compose"] if dry else ["set_adapters", "inject", "compose", "compose_before", "compose_bf16"]
+    runs = [worker("plain", "composer.py", flags, "plain", "0")]
     runs += [worker(mode, "composer.py", flags, mode, n) for mode in modes]
     setting = ("tiny SD pipeline on CPU, 32 px, 2 steps" if dry
-               else "random SD-1.5-layout UNet (`--model small`), 512 px, 50 steps, fp16, median of 2")
+               else "random SD-1.5-layout UNet (`--model small --preset paper`), 512 px, 50 steps (refinement to "
+               "step 25 with early stop), fp16, median of 2")
     return Plan(f"{setting}, {n} concept(s); peak = allocator peak during sampling minus memory after loading", runs)
 
 
 def composer_numbers(rows: dict[str, dict]) -> dict[str, Any]:
     plain, ref = rows.get("plain", {}), rows.get("set_adapters", {})
+    compose_losses = rows.get("compose", {}).get("losses") or []
     out = {}
     for key, row in rows.items():
+        pairs = list(zip(row.get("losses") or [], compose_losses))
         out[key] = {**row, "mode": key, "time_vs_plain": ratio(row["seconds"], plain.get("seconds")),
                     "time_vs_set_adapters": ratio(row["seconds"], ref.get("seconds")),
-                    "mem_vs_set_adapters": ratio(row["peak_mib"], ref.get("peak_mib"))}
+                    "mem_vs_set_adapters": ratio(row["peak_mib"], ref.get("peak_mib")),
+                    "loss_diff": max((abs(a - b) / max(abs(b), 1e-12) for a, b in pairs), default=None)}
     return out
 
 
 def composer_table(n: dict[str, Any]) -> list[str]:
     rows = [[key, r["concepts"], fmt(r["seconds"], ".3f"), fmt(r["time_vs_plain"]), fmt(r["time_vs_set_adapters"]),
-             fmt(r["peak_mib"], ".1f"), fmt(r["mem_vs_set_adapters"]), r.get("refined_steps", DASH)]
+             fmt(r["peak_mib"], ".1f"), fmt(r["mem_vs_set_adapters"]), fmt(r.get("fwd_per_step")),
+             fmt(r.get("bwd_per_step")), r.get("refined_steps", DASH), fmt(r.get("loss_diff"), ".1e")]
             for key, r in n.items()]
     return md_table(["mode", "concepts", "s / image", "× plain", "× set_adapters", "peak MiB", "mem × set_adapters",
-                     "refined steps"], rows) if rows else []
+                     "block fwd / step", "block bwd / step", "refined steps", "Δloss vs compose"], rows) if rows else []
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -56,7 +56,15 @@ from visadapt.diffusion.composer.lora_files import (
     lora_file,
     set_active_adapters,
 )
-from visadapt.diffusion.composer.refinement import ComposerConfig, composer_loss, loss_downsample_for, reinit_latents
+from visadapt.diffusion.composer.refinement import (
+    ComposerConfig,
+    composer_loss,
+    exit_modules,
+    loss_downsample_for,
+    loss_layers,
+    reinit_latents,
+    until_loss_layers,
+)
 
 from .decor import DecorMixin
 from .easyref import EasyRefMixin
@@ -75,6 +83,9 @@ class _Run:
     losses: list[float] = field(default_factory=list)  # composition loss at each refined step
     grad_norms: list[float] = field(default_factory=list)  # ‖∇_z L‖ at each refined step
     refining: bool = True
+    exits: list[torch.nn.Module] = field(default_factory=list)  # a pass for the losses may stop after these
+    cache: dict = field(default_factory=dict)  # the losses' per-call constants (ComposerConfig.reuse_constants)
+    prepared: bool = False  # UNet frozen and checkpointing set for the whole call (reuse_constants)
 
 
 class LoRAComposerMixin(DecorMixin):
@@ -164,14 +175,21 @@ class LoRAComposerMixin(DecorMixin):
                 isolate=config.concept_isolation, isolation_bias=config.isolation_bias,
                 user_adapters_in_concepts=config.user_adapters_in_concepts,
                 cross_layers={name: i for i, name in enumerate(layers)} if cond.ndim == 4 else None,
-                loss_downsample=loss_downsample_for(self.unet, config.loss_downsample))
-            run = _Run(composition, config, positions, call, refining=config.latent_optimization)
+                loss_downsample=loss_downsample_for(self.unet, config.loss_downsample),
+                cache_text_kv=config.reuse_constants)
+            run = _Run(composition, config, positions, call, refining=config.latent_optimization,
+                       exits=exit_modules(self.unet, loss_layers(self.unet, composition.loss_downsample)))
             saved_processors = self.unet.attn_processors
             self.unet.set_attn_processor({name: ComposerAttnProcessor(name, processor)
                                           for name, processor in saved_processors.items()})
             self._run = run
             try:
-                yield run
+                with ExitStack() as stack:
+                    if config.latent_optimization and config.reuse_constants:  # once per call, not per step
+                        stack.enter_context(_frozen(self.unet))
+                        stack.enter_context(_checkpointing(self.unet, config.gradient_checkpointing))
+                        run.prepared = True
+                    yield run
             finally:
                 self._run = None
                 self.composition_log = {"losses": run.losses, "grad_norms": run.grad_norms}
@@ -260,9 +278,11 @@ class LoRAComposerMixin(DecorMixin):
             composition.self_maps.clear()
 
     def _reinit(self, latents: torch.Tensor) -> torch.Tensor:
+        run = self._run
         with self._capturing() as composition:
-            self._conditional_pass(latents, 0)
-            return reinit_latents(latents, composition, self._run.positions)
+            with until_loss_layers(run.exits, run.config.refine_early_exit):
+                self._conditional_pass(latents, 0)
+            return reinit_latents(latents, composition, run.positions)
 
     def _refine(self, latents: torch.Tensor, step: int) -> torch.Tensor:
         """One gradient step on the latent against the composition losses, while refinement is on."""
@@ -271,10 +291,20 @@ class LoRAComposerMixin(DecorMixin):
             return latents
         n_steps = len(self.scheduler.timesteps)
         z = latents.detach().requires_grad_(True)
-        with (torch.enable_grad(), _frozen(self.unet), _checkpointing(self.unet, config.gradient_checkpointing),
-              self._capturing() as composition):
-            self._conditional_pass(z, step)
-            loss = composer_loss(composition, run.positions, config)
+        precision = (torch.autocast(z.device.type, dtype=torch.bfloat16) if config.refine_autocast == "bf16"
+                     else nullcontext())
+        with ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            if not run.prepared:
+                stack.enter_context(_frozen(self.unet))
+                stack.enter_context(_checkpointing(self.unet, config.gradient_checkpointing))
+            composition = stack.enter_context(self._capturing())
+            with precision, until_loss_layers(run.exits, config.refine_early_exit):
+                self._conditional_pass(z, step)
+            if config.refine_autocast is not None:  # the losses in float32 from the lower-precision maps
+                for maps in (composition.cross_maps, composition.self_maps):
+                    maps.update({name: m.float() for name, m in maps.items()})
+            loss = composer_loss(composition, run.positions, config, run.cache if config.reuse_constants else None)
             (grad,) = torch.autograd.grad(loss, z)
         value = float(loss)
         if step >= config.early_stop_from and run.losses and value > run.losses[-1]:

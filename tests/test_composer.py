@@ -411,3 +411,146 @@ def test_user_adapters_condition_the_global_branch_only(pipe, loras, tmp_path):
     styled = generate(pipe, concepts=half, composer=PLAIN)
     pipe.disable_lora()
     assert (generate(pipe, concepts=half, composer=PLAIN) - styled).abs().max() > 1e-3  # the global branch has it
+
+
+# -- the refinement's cost levers (issue 30) ----------------------------------------------------------------------
+
+LEVERS_OFF = dict(refine_early_exit=False, reuse_constants=False)
+
+
+def _sd15_layout_pipeline():
+    """SD-1.5's UNet layout in miniature: cross-attention on three of four levels, so at 64 px (32×32 latent) the
+    loss layers (latent / 4) are down_blocks.2 and up_blocks.1 and up_blocks.2/3 run after them, as in SD."""
+    from diffusers import UNet2DConditionModel
+
+    tiny = tiny_pipeline("sd")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32, block_out_channels=(32, 32, 32, 32), layers_per_block=1, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8, norm_num_groups=32)
+    pipe = LoRAComposerPipeline(**{**tiny.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    pipe = _sd15_layout_pipeline()
+    folder = tmp_path_factory.mktemp("sd15_loras")
+    files = [save_random_lora(pipe, folder / f"c{i}.safetensors", seed=i + 1) for i in range(3)]
+    concepts = [Concept(lora=f, prompt=f"a photo of a thing{i}", box=[i / 3, 0.1, (i + 1) / 3, 0.9],
+                        tokens=[f"thing{i}"]) for i, f in enumerate(files)]
+    return pipe, concepts
+
+
+def _composed(pipe, concepts, steps=3, **config):
+    from visadapt.utils.measure import BlockCalls
+
+    with BlockCalls.unet_blocks(pipe.unet) as calls:
+        out = pipe(prompt="things side by side", height=64, width=64, num_inference_steps=steps, output_type="latent",
+                   generator=torch.Generator().manual_seed(0), concepts=concepts,
+                   composer=ComposerConfig(**config)).images
+    return out, dict(pipe.composition_log), calls
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize("lever", ["refine_early_exit", "reuse_constants"])
+def test_each_refinement_lever_keeps_the_loss_and_latent_update(sd15, lever, checkpointing):
+    pipe, concepts = sd15
+    off, log_off, calls_off = _composed(pipe, concepts, gradient_checkpointing=checkpointing, **LEVERS_OFF)
+    on, log_on, calls_on = _composed(pipe, concepts, gradient_checkpointing=checkpointing,
+                                     **{**LEVERS_OFF, lever: True})
+    assert len(log_on["losses"]) == 3
+    torch.testing.assert_close(log_on["losses"], log_off["losses"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(log_on["grad_norms"], log_off["grad_norms"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-6)
+    assert calls_on.backward == calls_off.backward  # autograd never went through the blocks after the loss layers
+    if lever == "refine_early_exit":  # the re-init pass and 3 refinement passes skip up_blocks.2 and up_blocks.3
+        for name, count in calls_off.forward.items():
+            assert calls_on.forward[name] == count - (4 if name in ("up_blocks.2", "up_blocks.3") else 0), name
+    else:
+        assert calls_on.forward == calls_off.forward
+
+
+def test_block_calls_count_forwards_and_the_backward_path(sd15):
+    from visadapt.utils.measure import BlockCalls
+
+    pipe, concepts = sd15
+    with BlockCalls.unet_blocks(pipe.unet) as calls:
+        pipe(prompt="things", height=64, width=64, num_inference_steps=2, output_type="latent")
+    assert len(calls.forward) == 9 and set(calls.forward.values()) == {2}  # one CFG-batched pass per step
+    assert calls.totals() == (18, 0)
+    _, log, calls = _composed(pipe, concepts, steps=2, **LEVERS_OFF)
+    # 2 sampling passes, the re-init pass and 2 refinement passes; backward only from the loss layers to the latent
+    assert set(calls.forward.values()) == {5} and len(log["losses"]) == 2
+    assert dict(calls.backward) == {name: 2 for name in ("down_blocks.0", "down_blocks.1", "down_blocks.2",
+                                                         "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1")}
+
+
+def test_loss_layers_come_from_the_loss_resolution_not_from_names():
+    from visadapt.diffusion.composer.refinement import exit_modules, loss_layers
+
+    unet = _sd15_layout_pipeline().unet
+    layers = loss_layers(unet, 4)
+    assert {n.split(".attentions")[0] for n in layers} == {"down_blocks.2", "up_blocks.1"}
+    assert len(layers) == 2 * (1 + 2)  # attn1 and attn2 of 1 down and 2 up transformers (layers_per_block 1)
+    xl = tiny_pipeline("sdxl").unet  # cross-attention on level 1 only: down_blocks.1, the mid block, up_blocks.0
+    assert {n.split(".attentions")[0] for n in loss_layers(xl, 2)} == {"down_blocks.1", "mid_block", "up_blocks.0"}
+    exits = exit_modules(xl, loss_layers(xl, 2))
+    expected = [*xl.down_blocks[1].attentions, *xl.mid_block.attentions, *xl.up_blocks[0].attentions]
+    assert {id(m) for m in exits} == {id(m) for m in expected}  # the pass stops once all of these have run
+
+
+def test_sdxl_early_exit_keeps_the_loss(loras):
+    pipe = tiny_pipeline("sdxl", pipeline_class=LoRAComposerXLPipeline)
+    concepts = [Concept(lora=loras["xl_a"], prompt="a cat", box=[0, 0, 0.5, 1]),
+                Concept(lora=loras["xl_b"], prompt="a dog", box=[0.5, 0, 1, 1])]
+    runs = []
+    for early_exit in (False, True):
+        out = generate(pipe, steps=2, concepts=concepts, composer=ComposerConfig(refine_early_exit=early_exit))
+        runs.append((out, pipe.composition_log["losses"]))
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_bf16_refinement_stays_close_and_the_sampling_pass_keeps_its_dtype(sd15, guidance):
+    pipe, concepts = sd15
+    seen = []
+    hook = pipe.unet.conv_out.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    try:  # without guidance both passes have batch 1: cached K/V must not cross from the autocast pass
+        out = pipe(prompt="things", height=64, width=64, num_inference_steps=3, output_type="latent",
+                   guidance_scale=guidance, generator=torch.Generator().manual_seed(0), concepts=concepts,
+                   composer=ComposerConfig(refine_autocast="bf16")).images
+        log_bf16 = dict(pipe.composition_log)
+    finally:
+        hook.remove()
+    assert seen == [torch.float32] * 3  # sampling passes only: the refinement stops before conv_out
+    ref = pipe(prompt="things", height=64, width=64, num_inference_steps=3, output_type="latent",
+               guidance_scale=guidance, generator=torch.Generator().manual_seed(0), concepts=concepts).images
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(log_bf16["losses"], pipe.composition_log["losses"], rtol=1e-3, atol=0)
+    assert not torch.equal(out, ref)  # bf16 does round: it is an option, not a free lever
+
+
+def test_text_kv_cache_reprojects_a_new_context():
+    comp = _loss_composition()
+    comp.cache_text_kv = True
+    attn = torch.nn.Module()
+    attn.norm_cross, attn.heads = False, 2
+    attn.to_k, attn.to_v = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    first = torch.randn(1, 5, 8)
+    k1, _ = comp.text_kv("layer", attn, first)
+    assert comp.text_kv("layer", attn, first)[0] is k1  # same tensor: projected once
+    second = first + 1
+    k2, _ = comp.text_kv("layer", attn, second)
+    torch.testing.assert_close(k2, attn.to_k(second).unflatten(-1, (2, -1)).transpose(1, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert comp.text_kv("layer", attn, second)[0].dtype == torch.bfloat16
+    assert comp.text_kv("layer", attn, second)[0] is k2
+
+
+def test_refine_autocast_names_the_choices():
+    with pytest.raises(ValueError, match="None .* or 'bf16'"):
+        ComposerConfig(refine_autocast="fp8")

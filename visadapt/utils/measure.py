@@ -12,8 +12,9 @@ import os
 import resource
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -56,6 +57,56 @@ class PeakMemory:
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device)
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+
+
+class BlockCalls:
+    """Counts, while active, how often each named module's forward starts and how often a backward pass reaches
+    its input: the work a change saves shows up as counts, which noisy shared cores do not blur.
+
+    ``forward[name]``: calls entered (a forward cut short inside the module still counts; recomputations of
+    gradient-checkpointed pieces inside it do not). ``backward[name]``: backward passes that computed the gradient
+    of the module's input hidden states (its first positional argument or ``hidden_states=``), i.e. went through it.
+    """
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module]) -> None:
+        self.modules = dict(modules)
+        self.forward: Counter = Counter()
+        self.backward: Counter = Counter()
+        self._handles: list = []
+
+    @classmethod
+    def unet_blocks(cls, unet: torch.nn.Module) -> "BlockCalls":
+        """A diffusers UNet's blocks: ``down_blocks.i``, ``mid_block``, ``up_blocks.i``."""
+        blocks = {f"down_blocks.{i}": b for i, b in enumerate(unet.down_blocks)}
+        if getattr(unet, "mid_block", None) is not None:
+            blocks["mid_block"] = unet.mid_block
+        blocks.update({f"up_blocks.{i}": b for i, b in enumerate(unet.up_blocks)})
+        return cls(blocks)
+
+    def __enter__(self) -> "BlockCalls":
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def count(grad):
+            self.backward[name] += 1
+
+        def hook(module, args, kwargs):
+            self.forward[name] += 1
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(count)
+        return hook
+
+    def totals(self) -> tuple[int, int]:
+        """(forward calls, backward passes) summed over the modules."""
+        return sum(self.forward.values()), sum(self.backward.values())
 
 
 def device_name(device: str) -> str:

@@ -54,6 +54,7 @@ class Composition:
     latent_size: Optional[tuple[int, int]] = None
     prompt_batch: int = 1
     loss_downsample: int = 4
+    cache_text_kv: bool = False
     capture: bool = False
     cross_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → (B, n, N, L)
     self_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer → (B, N, N)
@@ -62,6 +63,7 @@ class Composition:
     _isolation: dict[tuple, Optional[torch.Tensor]] = field(default_factory=dict, repr=False)
     _routing: dict[tuple, "Routing"] = field(default_factory=dict, repr=False)
     _region_kv: dict[tuple, tuple[list, list]] = field(default_factory=dict, repr=False)
+    _text_kv: dict[tuple, tuple] = field(default_factory=dict, repr=False)
 
     def grid(self, n_tokens: int) -> tuple[int, int]:
         """(h, w) of a layer with ``n_tokens`` spatial tokens: the latent downsampled by a power of two."""
@@ -146,7 +148,7 @@ class Composition:
 
         The text is the same at every step, so each layer projects it once per call and batch size.
         """
-        key = (layer, batch, like.dtype, str(like.device))
+        key = (layer, batch, like.dtype, str(like.device), _autocast_dtype(like.device))
         if key not in self._region_kv:
             texts = self.region_text(batch, layer).to(like)
             to_k, to_v = self.concept_layer(attn.to_k), self.concept_layer(attn.to_v)
@@ -155,6 +157,25 @@ class Composition:
                 [_heads(_projected(to_k, text, stack_k, c), attn.heads) for c, text in enumerate(texts)],
                 [_heads(_projected(to_v, text, stack_v, c), attn.heads) for c, text in enumerate(texts)])
         return self._region_kv[key]
+
+    def text_kv(self, layer: str, attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, L, d) of the global prompt ``context`` in one cross-attention layer.
+
+        With ``cache_text_kv`` they are projected once per call: the pipeline passes the same embeddings tensor at
+        every step (checked by identity, so a new tensor is projected anew), and the weights do not change within a
+        call. One entry per layer, batch size and autocast state.
+        """
+        def project():
+            text = attn.norm_encoder_hidden_states(context) if attn.norm_cross else context
+            return _heads(attn.to_k(text), attn.heads), _heads(attn.to_v(text), attn.heads)
+
+        if not self.cache_text_kv:
+            return project()
+        key = (layer, context.shape[0], _autocast_dtype(context.device))
+        hit = self._text_kv.get(key)
+        if hit is None or hit[0] is not context:
+            hit = self._text_kv[key] = (context, *project())
+        return hit[1], hit[2]
 
     def concept_layer(self, module: torch.nn.Module) -> torch.nn.Module:
         """The layer a concept's delta is added to: the base layer, or with ``user_adapters_in_concepts`` the layer
@@ -201,6 +222,11 @@ def _stack(module, names: Sequence[str], weights: Sequence[float]):
             a[i, :r], b[i, :, :r] = lora_a[name].weight, lora_b[name].weight
             scales[i] = float(module.scaling[name]) * weight
     return a, b, scales
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype in force for ``device``'s type, or None: cached projections are per precision."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -286,10 +312,8 @@ class ComposerAttnProcessor:
     def _cross_attention(self, attn, hidden_states, context, composition: Composition) -> torch.Tensor:
         batch, n_tokens, _ = hidden_states.shape
         context, image_tokens = context if isinstance(context, tuple) else (context, None)
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
         q = _heads(attn.to_q(hidden_states), attn.heads)
-        k0, v0 = _heads(attn.to_k(context), attn.heads), _heads(attn.to_v(context), attn.heads)
+        k0, v0 = composition.text_kv(self.name, attn, context)
         glob = F.scaled_dot_product_attention(q, k0, v0)
         if image_tokens is not None:
             glob = glob + self._image_branch(attn, q, image_tokens)

@@ -14,8 +14,9 @@ attention maps the processors captured at the loss resolution (H/32 for SD: ``lo
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,17 @@ class ComposerConfig:
         attention there, the coarsest attention level is used.
     loss_weights: (enhancement, fill, region); the paper's α=0.25, β=0.8 correspond to (1, 0.25, 0.8).
     step_size, step_decay: φ_i = step_size · sqrt(linspace(step_decay[0], step_decay[1], T)[i]).
-    gradient_checkpointing: recompute UNet activations in the refinement backward pass instead of storing them.
+    gradient_checkpointing: recompute UNet activations in the refinement backward pass instead of storing them
+        (less memory, one more forward of the blocks the backward passes through).
+    refine_early_exit: the refinement's UNet pass (and the re-init's) stops once every loss layer has run (SD-1.5:
+        after ``up_blocks.1``), instead of running the rest of the UNet whose output nothing reads. Same loss and
+        latent update.
+    reuse_constants: per-call constants are computed once per call, not once per step: the global prompt's
+        keys and values in every cross-attention layer, the loss's box masks, centre priors and blur kernel, and
+        the UNet's frozen parameters and checkpointing switch. Same loss and latent update.
+    refine_autocast: ``"bf16"`` runs the refinement's UNet pass under bfloat16 autocast (the losses are still
+        computed in float32 from its maps); the sampling pass keeps the pipeline's dtype. None (default): the
+        pipeline's dtype. Not equal to the float32 pass: the loss moves by bf16's rounding.
     smooth_kernel, smooth_sigma, smooth_form: the attention-map blur (see :func:`smoothing_kernel`). ``"official"``
         is the official code's kernel exp(−((x−μ)/(2σ))²), a Gaussian of standard deviation σ·√2;
         ``"gaussian"`` is a standard Gaussian of standard deviation σ (torchvision's ``gaussian_blur``).
@@ -63,8 +74,16 @@ class ComposerConfig:
     max_refine_step: int = 25
     early_stop_from: int = 5
     gradient_checkpointing: bool = True
+    refine_early_exit: bool = True
+    reuse_constants: bool = True
+    refine_autocast: Optional[Literal["bf16"]] = None
     isolation_bias: float = -1e6
     user_adapters_in_concepts: bool = False
+
+    def __post_init__(self) -> None:
+        if self.refine_autocast not in (None, "bf16"):
+            raise ValueError(f"ComposerConfig(refine_autocast={self.refine_autocast!r}): use None (the pipeline's "
+                             "dtype) or 'bf16'.")
 
     def step_sizes(self, n_steps: int) -> torch.Tensor:
         return self.step_size * torch.linspace(*self.step_decay, n_steps).sqrt()
@@ -119,33 +138,50 @@ def _topk_mean(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def composer_loss(composition: Composition, token_positions: Sequence[Sequence[int]],
-                  config: ComposerConfig) -> torch.Tensor:
-    """Scalar loss from the maps captured in one conditional UNet pass (summed over the batch)."""
+                  config: ComposerConfig, cache: Optional[dict] = None) -> torch.Tensor:
+    """Scalar loss from the maps captured in one conditional UNet pass (summed over the batch).
+
+    ``cache``: a dict kept for the call; the masks, priors and kernel (constant while the boxes are) are built once
+    into it instead of on every call.
+    """
     cross = _mean_maps(composition.cross_maps)  # (B, n, N, L)
     self_map = _mean_maps(composition.self_maps)  # (B, N, N)
     n_tokens = cross.shape[2]
     h, w = composition.grid(n_tokens)
-    masks = box_masks(composition.boxes, h, w).to(cross.device)
+    store = cache.setdefault("loss", {}) if cache is not None else {}
+    key = (n_tokens, cross.dtype, str(cross.device))
+    if key not in store:
+        store[key] = _loss_constants(composition, config, h, w, cross)
+    kernel, per_concept = store[key]
     w_enhance, w_fill, w_region = config.loss_weights
-    kernel = smoothing_kernel(config.smooth_kernel, config.smooth_sigma, config.smooth_form)
     total = cross.new_zeros(())
-    for concept, mask in enumerate(masks):
-        m = mask.to(cross.dtype)
-        prior = centre_prior(mask, config.prior_sigma).to(cross)
-        k = max(1, math.floor(config.topk_ratio * int(mask.sum())))
+    for concept, (m, prior, k, cols, rows, inside_flat, outside_flat) in enumerate(per_concept):
         for position in token_positions[concept]:
             a = smooth(cross[:, concept, :, position].reshape(-1, h, w), kernel)
             enhance = _topk_mean(a * m * prior, k)
             total = total + w_enhance * F.relu(1 - enhance).sum()
             inside = a * m
-            fill_x = (inside.amax(1) - mask.any(0).to(a)).abs().mean(1)
-            fill_y = (inside.amax(2) - mask.any(1).to(a)).abs().mean(1)
+            fill_x = (inside.amax(1) - cols).abs().mean(1)
+            fill_y = (inside.amax(2) - rows).abs().mean(1)
             total = total + w_fill * (fill_x + fill_y).sum()
-        flat = mask.flatten()
-        if bool((~flat).any()):
-            leak = self_map[:, flat][:, :, ~flat]
+        if outside_flat is not None:
+            leak = self_map[:, inside_flat][:, :, outside_flat]
             total = total + w_region * F.relu(_topk_mean(leak, k)).sum()
     return total
+
+
+def _loss_constants(composition: Composition, config: ComposerConfig, h: int, w: int, like: torch.Tensor):
+    """The blur kernel and, per concept: mask, centre prior, top-k count, column/row targets, in/out token masks."""
+    masks = box_masks(composition.boxes, h, w).to(like.device)
+    kernel = smoothing_kernel(config.smooth_kernel, config.smooth_sigma, config.smooth_form).to(like)
+    per_concept = []
+    for mask in masks:
+        flat = mask.flatten()
+        per_concept.append((mask.to(like.dtype), centre_prior(mask, config.prior_sigma).to(like),
+                            max(1, math.floor(config.topk_ratio * int(mask.sum()))),
+                            mask.any(0).to(like), mask.any(1).to(like), flat,
+                            ~flat if bool((~flat).any()) else None))
+    return kernel, per_concept
 
 
 def reinit_latents(latents: torch.Tensor, composition: Composition,
@@ -173,6 +209,68 @@ def reinit_latents(latents: torch.Tensor, composition: Composition,
             y0, x0 = int(rows[0]) * scale, int(cols[0]) * scale
             out[item, :, y0:y0 + bh * scale, x0:x0 + bw * scale] = patch
     return (out - out.mean()) / out.std() * latents.std() + latents.mean()
+
+
+class _LossLayersDone(Exception):
+    """Raised after the last loss layer of a pass; :func:`until_loss_layers` catches it and ends the pass there."""
+
+
+def loss_layers(unet, factor: int) -> list[str]:
+    """Names of the attention modules at latent / ``factor``: the layers whose maps the losses read."""
+    n_levels = len(unet.config.down_block_types)
+    names = []
+    for name in unet.attn_processors:
+        part, *rest = name.split(".")
+        if part == "down_blocks":
+            level = int(rest[0])
+        elif part == "up_blocks":
+            level = n_levels - 1 - int(rest[0])
+        elif part == "mid_block":
+            level = n_levels - 1
+        else:
+            continue
+        if 2 ** level == factor:
+            names.append(name.removesuffix(".processor"))
+    return names
+
+
+def exit_modules(unet, layers: Sequence[str]) -> list[torch.nn.Module]:
+    """Modules after which the loss layers ``layers`` have all run: each layer's transformer (``…attentions.k``,
+    diffusers' Transformer2DModel, which gradient checkpointing does not wrap; the attention module itself in a
+    model without one). A hook raising there leaves no checkpointed segment half-run."""
+    names = dict.fromkeys(n.split(".transformer_blocks.")[0] for n in layers)
+    return [unet.get_submodule(name) for name in names]
+
+
+@contextmanager
+def until_loss_layers(modules: Sequence[torch.nn.Module], enabled: bool = True) -> Iterator[None]:
+    """Inside, a UNet forward stops (quietly, returning nothing) once every module in ``modules`` has run.
+
+    The refinement reads only the loss layers' attention maps, so what the UNet computes after them (in SD-1.5
+    ``up_blocks.2``/``up_blocks.3`` and the output convolution) is not needed; the loss and its gradient are those
+    of the full pass. Hooks live only for the forward: a backward that recomputes checkpointed segments runs
+    unhooked.
+    """
+    if not enabled or not modules:
+        yield
+        return
+    pending = set(range(len(modules)))
+
+    def hook_for(index: int):
+        def hook(module, args, output):
+            pending.discard(index)
+            if not pending:
+                raise _LossLayersDone
+        return hook
+
+    handles = [module.register_forward_hook(hook_for(i)) for i, module in enumerate(modules)]
+    try:
+        yield
+    except _LossLayersDone:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def loss_downsample_for(unet, wanted: int) -> int:
