@@ -263,3 +263,31 @@ def test_incremental_train_prints_one_line_for_a_huge_image(tmp_path, image_fold
     assert _incremental(root, tmp_path / "run") == 2
     line = _one_line_error(capsys)
     assert str(huge) in line and "20000x20000" in line and "VISADAPT_MAX_IMAGE_PIXELS" in line
+
+
+@pytest.mark.parametrize("load_with", ["fewshot", "tracking"])
+def test_a_broken_image_met_in_a_dataloader_worker_is_still_one_line(tmp_path, load_with):
+    """torch re-raises a worker's error with the worker's traceback in its message (--workers N); the CLI prints
+    the error's own line."""
+    from torch.utils.data import DataLoader
+
+    from visadapt.cli import user_message
+
+    path = broken_image(tmp_path / "img 1.png", "truncated")
+    if load_with == "fewshot":
+        from torchvision import transforms
+
+        from visadapt.fewshot.data import ImageDataset, Item
+
+        dataset = ImageDataset([Item(path, 0, "x")], transforms.ToTensor())
+    else:
+        dataset = [path]
+    loader = (DataLoader(dataset, num_workers=1) if load_with == "fewshot" else  # frames: read_frame per item
+              DataLoader(dataset, num_workers=1, batch_size=None, collate_fn=_tracking_load))
+    with pytest.raises((ValueError, OSError)) as err:
+        next(iter(loader))
+    assert "Original Traceback" in str(err.value)  # what torch hands back
+    assert user_message(err.value) == f"{path}: cannot read the image (image file is truncated); " + (
+        "the file is corrupt or unreadable: re-download it, or remove it together with its entry in the split file."
+        if load_with == "fewshot" else
+        "re-extract or re-download the frame (a sequence needs every frame), or drop the sequence.")
