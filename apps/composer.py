@@ -429,7 +429,29 @@ def build_app(pipe, *, max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Opt
         generate_on_click(pipe, run, history, inputs, results, max_bytes=int(max_lora_mb * 2**20),
                           output_dir=output_dir)
     app.queue(max_size=16, default_concurrency_limit=1)
+    refuse_bad_requests_in_one_line(app)
     return app
+
+
+def refuse_bad_requests_in_one_line(app: "gr.Blocks") -> None:
+    """Requests Gradio refuses before a handler runs (a server-side path sent as a LoRA "upload", a value a
+    component cannot read) reach the caller as a ``gr.Error`` with their message and leave one warning line in the
+    log. Gradio prints a traceback for every exception but a ``gr.Error(print_exception=False)``, and those refusals
+    are raised in its input preprocessing, outside the handlers' own ``try``."""
+    import gradio as gr
+
+    preprocess = app.preprocess_data  # the Blocks' bound method; Gradio calls it as self.preprocess_data
+
+    async def preprocess_data(block_fn, *args, **kwargs):
+        try:
+            return await preprocess(block_fn, *args, **kwargs)
+        except gr.Error:
+            raise
+        except ValueError as err:  # gradio's InvalidPathError, a component's refusal of a value
+            log.warning("%s refused: %s", getattr(block_fn, "api_name", None) or "request", err)
+            raise gr.Error(str(err), print_exception=False) from None
+
+    app.preprocess_data = preprocess_data
 
 
 # -- the page's parts, top to bottom ---------------------------------------------------------------------------

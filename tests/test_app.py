@@ -271,7 +271,7 @@ def raw_api_error(client, loras, lora_path=None, **override) -> str:
     return stream.split("event: error", 1)[1]
 
 
-def test_api_refuses_nan_with_a_message_and_one_log_line(client, loras, caplog):
+def test_api_refuses_nan_with_a_message_and_one_log_line(client, loras, caplog, capfd):
     for override, message in ((dict(seed=float("nan")), "Seed must be a finite number"),
                               (dict(weight_1=float("nan")), "Concept 1: weight must be a finite number"),
                               (dict(guidance=float("nan")), "Guidance must be a finite number")):
@@ -280,7 +280,15 @@ def test_api_refuses_nan_with_a_message_and_one_log_line(client, loras, caplog):
             assert message in raw_api_error(client, loras, **override)
         refused = [r for r in caplog.records if r.name == composer.log.name]
         assert len(refused) == 1 and message in refused[0].getMessage() and refused[0].exc_info is None
+    assert "Traceback" not in capfd.readouterr().err
 
 
-def test_api_refuses_a_server_side_path_with_a_message(client, loras):
-    assert "not uploaded by a user" in raw_api_error(client, loras, lora_path=str(loras[0]))
+def test_api_refuses_a_server_side_path_with_a_message_and_one_log_line(client, loras, caplog, capfd):
+    """Gradio refuses the path before the handler runs: the caller gets its message, the log one line and no
+    traceback."""
+    capfd.readouterr()
+    with caplog.at_level("WARNING", logger=composer.log.name):
+        assert "not uploaded by a user" in raw_api_error(client, loras, lora_path=str(loras[0]))
+    refused = [r for r in caplog.records if r.name == composer.log.name]
+    assert len(refused) == 1 and "not uploaded by a user" in refused[0].getMessage() and refused[0].exc_info is None
+    assert "Traceback" not in capfd.readouterr().err

@@ -1,10 +1,14 @@
-"""Bad input to the newer commands (tracking, incremental, hyperspectral): refused before any work with one line
+"""Bad input to the newer commands (tracking, incremental, hyperspectral, and the image files of every task's
+loader): refused before any work with one line
 that names the value, the valid range and the fix, never a traceback or a silent run."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
+from images import BROKEN_KINDS, broken_image
 
 from visadapt.cli import main
 
@@ -180,3 +184,113 @@ def test_stratified_split_names_the_short_classes():
     with pytest.raises(ValueError, match=r"1 class\(es\).*grass \(10\)\. Lower --train below 10"):
         stratified_split(gt, 10, class_names=["tree", "grass"])
     assert len(stratified_split(gt, 9).train) == 18  # 9 per class, one test pixel left in class 2
+
+
+# --- image files of the task loaders ---------------------------------------------------------------------------
+
+def _fewshot_load(path):
+    from torchvision import transforms
+
+    from visadapt.fewshot.data import ImageDataset, Item
+
+    return ImageDataset([Item(path, 0, "x")], transforms.ToTensor())[0]
+
+
+def _incremental_load(path):
+    from visadapt.incremental.data import files_source
+
+    return files_source([path], [0], path.parent).load(0)
+
+
+def _tracking_load(path):
+    from visadapt.tracking.datasets import read_frame
+
+    return read_frame(path)
+
+
+def _tracking_size(path):
+    from visadapt.tracking.datasets import TrackingSequence, image_size
+
+    return image_size(TrackingSequence("s", [path], np.zeros((1, 4)), np.ones(1, dtype=bool)))
+
+
+@pytest.mark.parametrize("kind", BROKEN_KINDS)
+@pytest.mark.parametrize("load, fix", [(_fewshot_load, "re-download it, or remove it together with its entry"),
+                                       (_incremental_load, "re-download the dataset's file, or remove it"),
+                                       (_tracking_load, "re-extract or re-download the frame"),
+                                       (_tracking_size, "re-extract or re-download the frame")])
+def test_task_image_loaders_refuse_a_broken_file_in_one_line(tmp_path, kind, load, fix):
+    """A corrupt file, a truncated one and a decompression bomb (20000x20000 claimed in a 60-byte PNG) stop with
+    one line naming the file and the fix, a ValueError/OSError the CLI prints without a traceback."""
+    if load is _tracking_size and kind == "truncated":
+        pytest.skip("the size comes from the header, which a truncated file still has")
+    path = broken_image(tmp_path / "data" / "img 1.png", kind)
+    with pytest.raises((ValueError, OSError)) as err:
+        load(path)
+    text = str(err.value)
+    assert "\n" not in text and str(path) in text
+    if kind == "huge":  # the fix is the limit's: downscale, or raise it
+        assert "20000x20000" in text and "downscale it" in text and "VISADAPT_MAX_IMAGE_PIXELS=<pixels>" in text
+    else:
+        assert fix in text
+
+
+def test_the_task_loaders_take_the_pixel_limit_from_the_environment(tmp_path, monkeypatch):
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (48, 48), (9, 8, 7)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # refused over 2000 pixels
+    with pytest.raises(ValueError, match="48x48"):
+        _tracking_load(path)
+    monkeypatch.setenv("VISADAPT_MAX_IMAGE_PIXELS", "5000")
+    assert _tracking_load(path).shape == (48, 48, 3)
+    assert _incremental_load(path).size == (48, 48)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "huge"])
+def test_track_run_prints_one_line_for_a_broken_frame(tmp_path, tracking_pipeline_dir, capsys, kind):
+    frames = _frame_folder(tmp_path / "frames", 3)
+    broken_image(frames / "00000001.png", kind)
+    code = main(["track", "run", str(frames), "--box=10,10,20,20", "--model", str(tracking_pipeline_dir), "--out",
+                 str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert str(frames / "00000001.png") in line
+    assert ("downscale it" if kind == "huge" else "re-extract or re-download the frame") in line
+
+
+def test_incremental_train_prints_one_line_for_a_huge_image(tmp_path, image_folder, capsys):
+    root = shutil.copytree(image_folder, tmp_path / "images")
+    huge = broken_image(root / "test" / "c1" / "2.png", "huge")
+    assert _incremental(root, tmp_path / "run") == 2
+    line = _one_line_error(capsys)
+    assert str(huge) in line and "20000x20000" in line and "VISADAPT_MAX_IMAGE_PIXELS" in line
+
+
+@pytest.mark.parametrize("load_with", ["fewshot", "tracking"])
+def test_a_broken_image_met_in_a_dataloader_worker_is_still_one_line(tmp_path, load_with):
+    """torch re-raises a worker's error with the worker's traceback in its message (--workers N); the CLI prints
+    the error's own line."""
+    from torch.utils.data import DataLoader
+
+    from visadapt.cli import user_message
+
+    path = broken_image(tmp_path / "img 1.png", "truncated")
+    if load_with == "fewshot":
+        from torchvision import transforms
+
+        from visadapt.fewshot.data import ImageDataset, Item
+
+        dataset = ImageDataset([Item(path, 0, "x")], transforms.ToTensor())
+    else:
+        dataset = [path]
+    loader = (DataLoader(dataset, num_workers=1) if load_with == "fewshot" else  # frames: read_frame per item
+              DataLoader(dataset, num_workers=1, batch_size=None, collate_fn=_tracking_load))
+    with pytest.raises((ValueError, OSError)) as err:
+        next(iter(loader))
+    assert "Original Traceback" in str(err.value)  # what torch hands back
+    assert user_message(err.value) == f"{path}: cannot read the image (image file is truncated); " + (
+        "the file is corrupt or unreadable: re-download it, or remove it together with its entry in the split file."
+        if load_with == "fewshot" else
+        "re-extract or re-download the frame (a sequence needs every frame), or drop the sequence.")

@@ -4,6 +4,7 @@ refused before anything loads, with a one-line message that names the file or se
 from __future__ import annotations
 
 import pytest
+from images import huge_png
 
 from visadapt.cli import main
 from visadapt.diffusion.easyref.config import EasyRefEvalConfig, EasyRefTrainConfig
@@ -56,20 +57,6 @@ def test_train_refuses_bad_numbers(kwargs, message, groups, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- huge images
-def huge_png(path, width: int = 20000, height: int = 20000):
-    """A PNG whose header claims ``width`` x ``height`` (the pixels are never there: PIL refuses on open)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
-                     chunk(b"IEND", b""))
-    return path
-
-
 def assert_names_the_limit(err, path):
     text = str(err)
     assert str(path) in text and "20000x20000" in text and "VISADAPT_MAX_IMAGE_PIXELS" in text
@@ -118,7 +105,7 @@ def test_concept_train_command_refuses_a_huge_image_in_one_line(tmp_path, capsys
 def test_the_env_var_raises_the_limit(tmp_path, monkeypatch):
     from PIL import Image
 
-    from visadapt.diffusion.train_common import open_rgb
+    from visadapt.utils.images import open_rgb
 
     Image.new("RGB", (48, 48)).save(tmp_path / "a.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # refused over 2000 pixels

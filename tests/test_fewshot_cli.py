@@ -118,3 +118,25 @@ def test_report_takes_the_few_shot_runs_and_names_the_others(tmp_path):
     assert main(["fewshot", "report", str(runs), "--out", str(tmp_path / "r2")]) == 0
     with pytest.raises(FileNotFoundError, match="found only other runs"):
         write_report([runs / "hsi"], tmp_path / "r3")
+
+
+def test_report_counts_distinct_seeds_not_runs(tmp_path, monkeypatch):
+    """Two runs of one seed (a rerun, a copied folder) are one seed: no "2 seeds", no "± 0.00" from them."""
+    from visadapt.utils import figures
+
+    runs = tmp_path / "runs"
+    common = dict(dataset="imagefolder", root="/data/shapes", method="lora", zeroshot_top1=20.0, shots=4)
+    _results(runs / "a", seed=1, top1=60.0, **common)
+    _results(runs / "a-again", seed=1, top1=62.0, **common)
+    _results(runs / "b", seed=1, top1=50.0, **{**common, "method": "glad"})
+    _results(runs / "c", seed=2, top1=54.0, **{**common, "method": "glad"})
+    _results(runs / "d", seed=2, top1=58.0, **{**common, "method": "glad"})
+    legends = []
+    save = figures.save_figure
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: (legends.extend(
+        t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()), save(fig, path)))
+    out, _ = write_report([runs], tmp_path / "report")
+    text = (out / "report.md").read_text()
+    assert "| lora | 61.00 (1 seed, 2 runs) |" in text and "± 0.00" not in text
+    assert "| glad | 53.00 ± 4.24 (2 seeds, 3 runs) |" in text  # seed 2's two runs count once: mean(50, 56)
+    assert "lora (1 seed, 2 runs)" in legends and "glad (2 seeds, 3 runs)" in legends

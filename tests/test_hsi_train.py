@@ -175,3 +175,18 @@ def test_figures_say_what_they_show(tmp_path, monkeypatch):
     metrics.plot_class_map(np.ones((4, 6), int), np.zeros((4, 6), int), ["a", "b"], tmp_path / "k.png")
     labels = [t.get_text() for t in shown[-1].legends[0].get_texts()]
     assert labels == ["a", "b", "unlabelled / not predicted"]
+
+
+def test_training_curve_smooths_only_runs_long_enough_to_need_it(tmp_path, monkeypatch):
+    from visadapt.utils import figures
+
+    shown = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path, dpi=120: shown.append(fig))
+
+    def legend(n_steps):
+        figures.plot_training_curve([{"step": i, "loss": 1 / i, "lr": 0.1} for i in range(1, n_steps + 1)],
+                                    tmp_path / "c.png")
+        return [t.get_text() for t in shown[-1].axes[0].get_legend().get_texts()]
+
+    assert legend(8) == ["loss", "learning rate"]  # not "loss (mean of 1 steps)"
+    assert legend(200) == ["loss", "loss (mean of 4 steps)", "learning rate"]

@@ -169,6 +169,17 @@ def _momentum_at_session_edges(monkeypatch):
     return seen
 
 
+def test_session_curves_name_the_recipe(tmp_path, data, monkeypatch):
+    """The demo writes coact, finetune and prototypes runs side by side: each curve says which it is."""
+    from visadapt.utils import figures
+
+    titles = []
+    monkeypatch.setattr(figures, "plot_training_curve", lambda history, path, title="", **kw: titles.append(title))
+    train(IncrementalConfig(**{**SMALL, "epochs_base": 1, "recipe": "finetune"}), tmp_path / "run", data=data,
+          stop_after=0)
+    assert titles == ["finetune session 0"]
+
+
 def test_shared_incremental_optimizer_carries_momentum_into_the_next_session(tmp_path, data, monkeypatch):
     # official rule: after session 0 one SGD serves every later session, so session 2 starts with the momentum
     # session 1 ended with; a fresh SGD per session starts each session from none

@@ -1,5 +1,5 @@
 """The README's first command and its Python examples run verbatim (random weights instead of the OpenAI
-download)."""
+download), and so does the incremental pipeline's console example."""
 
 import json
 import os
@@ -43,9 +43,11 @@ def test_first_command_and_examples_run(tmp_path):
     root_first = f"import os, sys\nsys.path.insert(0, r'{README.parent}')\nos.chdir(r'{tmp_path}')\n"
     proc = run_python(root_first + code, tmp_path)
     assert "trainable params: 103,680" in proc.stdout
-    assert (tmp_path / "clip-block-lora" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "clip-lora" / "adapter_config.json").exists()
-    assert (tmp_path / "my-classifier" / "pipeline.json").exists()
+    runs = tmp_path / "runs"  # every example writes under runs/ (git-ignored), none into the repository root
+    assert (runs / "clip-block-lora" / "adapter_model.safetensors").exists()
+    assert (runs / "clip-lora" / "adapter_config.json").exists()
+    assert (runs / "my-classifier" / "pipeline.json").exists()
+    assert {p.name for p in tmp_path.iterdir()} <= {"runs", "script.py"}, sorted(tmp_path.iterdir())
 
 
 def test_readme_test_command_is_what_ci_runs():
@@ -74,3 +76,25 @@ def test_easyref_offline_lines_run(tmp_path):
     results = json.loads((run / "eval" / "results.json").read_text())
     assert len(results["groups"]) == 3 and all(v is not None for v in results["metrics"].values())
     assert (run / "stage1" / "easyref.safetensors").is_file() and (run / "eval" / "grid.png").is_file()
+
+
+def _pycon(marker: str) -> str:
+    """The statements of the README's ```pycon block that mentions ``marker``, prompts removed."""
+    for block in re.findall(r"```pycon\n(.*?)```", README.read_text(), flags=re.S):
+        if marker in block:
+            return "\n".join(line[4:] for line in block.splitlines() if line.startswith((">>> ", "... ")))
+    raise AssertionError(f"README has no ```pycon block with {marker}")
+
+
+@pytest.mark.slow
+def test_incremental_pipeline_example_runs(tmp_path):
+    """The console example after the incremental demo runs verbatim on a demo run (no training epochs: the same
+    sessions and classes as the demo's, in seconds) and writes under runs/ only."""
+    from visadapt.incremental.demo import run_demo
+
+    run_demo(tmp_path / "runs" / "inc", recipes=("coact",), overrides=dict(epochs_base=0, epochs_incremental=0))
+    code = _pycon("IncrementalClassifierPipeline.from_pretrained")
+    check = "\nassert out.probs.shape == (9, 9) and pipe.class_names[-1] == 'ring', pipe.class_names\n"
+    run_python(f"import os\nos.chdir(r'{tmp_path}')\n" + code + check, tmp_path)
+    assert (tmp_path / "runs" / "my-incremental" / "pipeline.json").is_file()
+    assert {p.name for p in tmp_path.iterdir()} == {"runs", "script.py"}

@@ -116,6 +116,93 @@ def test_good_files_still_load(tmp_path):
     assert torch_load_weights(tmp_path / "a.bin")["w"].shape == (64,)
 
 
+def _legacy_torch(path, numel, stored):
+    """A file in torch's pre-1.6 (non-zip) format holding {"w": a uint8 tensor}, written by hand so that its
+    storage can declare ``numel`` bytes while ``stored`` bytes follow the pickle."""
+    import collections
+    import struct
+    import sys
+
+    class _Storage:
+        pass
+
+    storage = _Storage()
+
+    class _Tensor:
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, (storage, 0, (numel,), (1,), False, collections.OrderedDict())
+
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.ByteStorage, "0", "cpu", numel, None) if obj is storage else None
+
+    info = {"protocol_version": 1001, "little_endian": sys.byteorder == "little",
+            "type_sizes": {"short": 2, "int": 4, "long": 8}}
+    with open(path, "wb") as f:
+        for head in (0x1950A86A20F9469CFC6C, 1001, info):
+            pickle.dump(head, f, protocol=2)
+        _Pickler(f, protocol=2).dump({"w": _Tensor()})
+        pickle.dump(["0"], f, protocol=2)
+        f.write(struct.pack("<q", len(stored)) + stored)
+    return path
+
+
+def _rezipped(path, compress, replace=None):
+    """``path`` (a torch zip) rewritten with every record compressed by ``compress``, and the record whose name
+    ends with a key of ``replace`` replaced by its bytes."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        records = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in records:
+            data = next((new for end, new in (replace or {}).items() if info.filename.endswith(end)), data)
+            info.compress_type = compress
+            archive.writestr(info, data)
+    return path
+
+
+def test_torch_load_weights_refuses_a_zip_bomb_before_inflating(tmp_path):
+    """64 MiB of zeros deflated to a 64 KiB file: torch would inflate (and allocate) all of it."""
+    import zipfile
+
+    path = tmp_path / "bomb.bin"
+    torch.save({"w": torch.zeros(64 << 20, dtype=torch.uint8)}, path)
+    _rezipped(path, zipfile.ZIP_DEFLATED)
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(UntrustedFileError, match=r"bomb\.bin: array too large: its zip records unpack to \d+ bytes"):
+        torch_load_weights(path)
+
+
+def test_torch_load_weights_refuses_a_legacy_file_declaring_10_tb(tmp_path):
+    path = _legacy_torch(tmp_path / "huge.bin", 10 ** 13, b"\0" * 7)
+    with pytest.raises(UntrustedFileError, match=r"huge\.bin: array too large: its pickle declares tensors of "
+                                                 r"10000000000000 bytes"):
+        torch_load_weights(path)
+
+
+def test_torch_load_weights_refuses_a_tensor_larger_than_its_record(tmp_path):
+    import zipfile
+
+    path = tmp_path / "short.bin"
+    torch.save({"w": torch.zeros(64, dtype=torch.uint8)}, path)
+    _rezipped(path, zipfile.ZIP_STORED, {"/data/0": b"\0" * 3})
+    with pytest.raises(UntrustedFileError, match=r"short\.bin: array too large"):
+        torch_load_weights(path)
+
+
+def test_honest_legacy_and_compressed_files_still_load(tmp_path):
+    """The size checks pass what torch writes: a legacy file, and a zip whose compressed records fit the file."""
+    import zipfile
+
+    legacy = _legacy_torch(tmp_path / "legacy.bin", 7, bytes(range(7)))
+    assert torch_load_weights(legacy)["w"].tolist() == list(range(7))
+    torch.save({"w": torch.arange(64.0)}, tmp_path / "saved.bin", _use_new_zipfile_serialization=False)
+    assert torch_load_weights(tmp_path / "saved.bin")["w"].shape == (64,)
+    noise = _rezipped(_good_torch(tmp_path / "noise.bin") or tmp_path / "noise.bin", zipfile.ZIP_DEFLATED)
+    assert torch_load_weights(noise)["w"].shape == (64,)
+
+
 # ------------------------------------------------------------------------------------------------------ the callers
 @pytest.mark.parametrize("make", [_raw_pickle, _zip_pickle])
 def test_tracking_official_weights_refuse_code(tmp_path, marker, make):  # track eval|run --weights

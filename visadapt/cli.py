@@ -66,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_message(err: BaseException) -> str:
+    """``err``'s message for the one-line ``error:`` exit. An error raised in a DataLoader worker comes back with the
+    worker's traceback in its message (torch re-raises ``Caught X in DataLoader worker …``): its own text, from the
+    traceback's last entry, is kept."""
+    text = str(err)
+    if "\nOriginal Traceback" not in text:
+        return text
+    kind = type(err)
+    names = (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: ")
+    lines = text.rstrip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        name = next((n for n in names if lines[i].startswith(n)), None)
+        if name:
+            return "\n".join([lines[i][len(name):], *lines[i + 1:]])
+    return lines[-1]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -82,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError) as err:  # user errors: bad paths, layouts, settings; the message names the fix
         if os.environ.get("VISADAPT_DEBUG"):
             raise
-        print(f"visadapt: error: {err}\n(set VISADAPT_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"visadapt: error: {user_message(err)}\n(set VISADAPT_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as err:
         if os.environ.get("VISADAPT_DEBUG") or not _out_of_memory(err):

@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from visadapt.utils import DatasetLayoutError, save_json_atomic  # noqa: F401  (re-exported)
+from visadapt.utils.images import open_rgb
 
 COOP_DATASETS_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 # torchvision ImageFolder's list, so that ImageNet items (and hence few-shot draws) match CLIP-LoRA's.
@@ -477,13 +478,10 @@ def sample_few_shot(split: Split, shots: int, seed: int, order: Literal["clip-lo
 
 
 def _load_image(path: Path) -> Image.Image:
-    """The image as RGB; a broken file gets an error that names it, so one bad file in 100k is easy to find."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:  # PIL reports broken files with any of these
-        raise OSError(f"cannot read image {path} ({e}); the file is corrupt or unreadable: re-download it, or "
-                      "remove it together with its entry in the split file") from e
+    """The image as RGB, its stored pixels as the CLIP-LoRA code reads them (no EXIF rotation); a broken, truncated
+    or decompression-bomb file gets one line that names it, so one bad file in 100k is easy to find."""
+    return open_rgb(path, OSError, "the file is corrupt or unreadable: re-download it, or remove it together with its "
+                    "entry in the split file", upright=False)
 
 
 class ImageDataset(Dataset):

@@ -67,13 +67,26 @@ def dataset_label(results: dict) -> str:
 
 
 def aggregate(runs: Sequence[dict]) -> dict:
-    """{dataset: {method: {shots: [top1 per seed]}}} plus zero-shot per dataset."""
-    table: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    """``table``: {dataset: {method: {shots: [top1 per distinct seed]}}}, runs of the same seed (a rerun, a copied
+    folder) averaged into one value, so that they neither count as seeds nor shrink the std; ``runs``: the number
+    of runs behind each list, same keys; ``zeroshot``: mean zero-shot top-1 per dataset."""
+    by_seed: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(list))))
     zeroshot: dict = defaultdict(list)
     for r in runs:
-        table[dataset_label(r)][r["method"]][r["shots"]].append(r["top1"])
+        seed = r.get("seed", r.get("_run"))  # a results.json without a seed counts as its own
+        by_seed[dataset_label(r)][r["method"]][r["shots"]][seed].append(r["top1"])
         zeroshot[dataset_label(r)].append(r["zeroshot_top1"])
-    return {"table": table, "zeroshot": {d: statistics.fmean(v) for d, v in zeroshot.items()}}
+    table = {d: {m: {k: [statistics.fmean(v) for v in seeds.values()] for k, seeds in by_shots.items()}
+                 for m, by_shots in methods.items()} for d, methods in by_seed.items()}
+    counts = {d: {m: {k: sum(map(len, seeds.values())) for k, seeds in by_shots.items()}
+                  for m, by_shots in methods.items()} for d, methods in by_seed.items()}
+    return {"table": table, "runs": counts, "zeroshot": {d: statistics.fmean(v) for d, v in zeroshot.items()}}
+
+
+def _seeds_and_runs(seeds: int, runs: int) -> str:
+    """"3 seeds", or "1 seed, 2 runs" where some runs repeat a seed."""
+    text = f"{seeds} seed{'s' if seeds != 1 else ''}"
+    return text if runs == seeds else f"{text}, {runs} runs"
 
 
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> tuple[Path, list[str]]:
@@ -95,8 +108,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> tuple[P
             shots = sorted(by_shots)
             stats = [_mean_std(by_shots[k]) for k in shots]
             seeds = max(len(by_shots[k]) for k in shots)
+            runs_here = max(agg["runs"][dataset][method][k] for k in shots)
             ax.errorbar(shots, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", ls="-", capsize=3,
-                        label=f"{method} ({seeds} seed{'s' if seeds > 1 else ''})")
+                        label=f"{method} ({_seeds_and_runs(seeds, runs_here)})")
         ax.axhline(agg["zeroshot"][dataset], color="grey", ls="--", lw=1, label="zero-shot")
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({k for m in agg["table"][dataset].values() for k in m}))
@@ -116,7 +130,8 @@ def _markdown(agg: dict, n_runs: int, skipped: Sequence[str] = ()) -> str:
     methods = sorted({m for d in agg["table"].values() for m in d})
     head = "| dataset | method | " + " | ".join(f"{k}-shot" for k in shots) + " |"
     rule = "|---|---|" + "---|" * len(shots)
-    lines = ["# Few-shot report", "", f"{n_runs} runs; top-1 (%) as mean ± std over seeds.", "",
+    lines = ["# Few-shot report", "", f"{n_runs} runs; top-1 (%) as mean ± std over seeds (runs of the same seed "
+             "averaged first; no std from one seed), then the seeds (and runs) behind it.", "",
              "![accuracy vs shots](accuracy_vs_shots.png)", "", head, rule]
     for dataset in sorted(agg["table"]):
         lines.append(f"| {dataset} | zero-shot | " + " | ".join(f"{agg['zeroshot'][dataset]:.2f}" for _ in shots)
@@ -127,7 +142,9 @@ def _markdown(agg: dict, n_runs: int, skipped: Sequence[str] = ()) -> str:
             for k in shots:
                 if by_shots.get(k):
                     mean, std = _mean_std(by_shots[k])
-                    cells.append(f"{mean:.2f} ± {std:.2f} ({len(by_shots[k])})")
+                    spread = f" ± {std:.2f}" if len(by_shots[k]) > 1 else ""
+                    count = _seeds_and_runs(len(by_shots[k]), agg["runs"][dataset][method][k])
+                    cells.append(f"{mean:.2f}{spread} ({count})")
                 else:
                     cells.append("–")
             lines.append(f"| {dataset} | {method} | " + " | ".join(cells) + " |")

@@ -31,8 +31,10 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from visadapt.utils import DatasetLayoutError, UntrustedFileError
+from visadapt.utils.images import open_rgb
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+BROKEN_IMAGE_FIX = "re-download the dataset's file, or remove it and its line in the dataset's lists"
 
 
 @dataclass
@@ -62,9 +64,11 @@ class IncrementalData:
 
 
 def files_source(paths: Sequence[Path], labels: Sequence[int], root: Path) -> ImageSource:
+    """Image files, read when loaded (stored pixels, no EXIF rotation, as the reference codes read them); a broken,
+    truncated or decompression-bomb file is a :class:`DatasetLayoutError` naming it and the fix."""
     paths = list(paths)
-    return ImageSource(lambda i: Image.open(paths[i]).convert("RGB"), np.asarray(labels, dtype=np.int64),
-                       [str(p.relative_to(root)) for p in paths])
+    return ImageSource(lambda i: open_rgb(paths[i], DatasetLayoutError, BROKEN_IMAGE_FIX, upright=False),
+                       np.asarray(labels, dtype=np.int64), [str(p.relative_to(root)) for p in paths])
 
 
 def array_source(images: np.ndarray, labels: Sequence[int], prefix: str) -> ImageSource:

@@ -319,7 +319,7 @@ class SessionTrainer(Trainer):
                 + "\n\n![training curve](training_curve.png)\n")
 
     def curve_title(self) -> str:
-        return f"session {self.session}"
+        return f"{self.cfg.recipe} session {self.session}"  # the demo trains three recipes side by side
 
 
 # -------------------------------------------------------------------------------------------- the run loop

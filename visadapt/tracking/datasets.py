@@ -27,8 +27,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 import numpy as np
 
 from visadapt.utils import DatasetLayoutError
+from visadapt.utils.images import image_size as read_image_size
+from visadapt.utils.images import open_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+BROKEN_FRAME_FIX = "re-extract or re-download the frame (a sequence needs every frame), or drop the sequence"
 PathLike = Union[str, Path]
 
 
@@ -70,11 +73,9 @@ class FrameList(Sequence):
 
 
 def read_frame(path: Union[str, Path]) -> np.ndarray:
-    """An image file → (H, W, 3) uint8 RGB: the one frame reader of training, tracking and ``track run``."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return np.array(img.convert("RGB"))
+    """An image file → (H, W, 3) uint8 RGB: the one frame reader of training, tracking and ``track run``. A broken,
+    truncated or decompression-bomb frame is a :class:`DatasetLayoutError` naming the file and the fix."""
+    return np.array(open_rgb(path, DatasetLayoutError, BROKEN_FRAME_FIX, upright=False))
 
 
 @dataclass
@@ -514,10 +515,7 @@ def image_size(sequence: TrackingSequence) -> tuple[int, int]:
     header (PIL reads no pixels for this). Every frame of a sequence is assumed to share the size."""
     if "image_size" in sequence.meta:
         return tuple(sequence.meta["image_size"])
-    from PIL import Image
-
-    with Image.open(sequence.frames[0]) as image:
-        return image.size
+    return read_image_size(sequence.frames[0], DatasetLayoutError, BROKEN_FRAME_FIX)
 
 
 def clean_sequence(sequence: TrackingSequence, size: Optional[tuple[int, int]] = None

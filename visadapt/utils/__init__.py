@@ -1,5 +1,6 @@
-"""Helpers every layer may use: atomic file writes and JSON (:mod:`.io`), PNG figures (:mod:`.figures`, imported
-on use: it loads matplotlib), errors shared by the tasks (:mod:`.errors`) and the config-driven CLI (:mod:`.cli`)."""
+"""Helpers every layer may use: atomic file writes and JSON (:mod:`.io`), image files (:mod:`.images`), PNG figures
+(:mod:`.figures`, imported on use: it loads matplotlib), errors shared by the tasks (:mod:`.errors`) and the
+config-driven CLI (:mod:`.cli`)."""
 
 from .errors import DatasetLayoutError, NotEnoughMemoryError, TrainingDiverged, UntrustedFileError
 from .io import (

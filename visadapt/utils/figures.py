@@ -30,14 +30,18 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
 
 def plot_training_curve(history: Sequence[dict], path: str | Path, title: str = "",
                         loss_name: str = "loss") -> None:
-    """Loss per step (raw and smoothed) with the learning rate on a second axis; one legend names all three."""
+    """Loss per step (raw and, from 100 steps, smoothed) with the learning rate on a second axis; one legend names
+    every line."""
     steps = [h["step"] for h in history]
     losses = [h["loss"] for h in history]
     window = max(1, len(losses) // 50)
-    smooth = [statistics.fmean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    lines = ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8, label="loss")
-    lines += ax.plot(steps, smooth, color="tab:blue", lw=1.6, label=f"loss (mean of {window} steps)")
+    if window == 1:  # a short run: the mean of one step is the raw curve
+        lines = ax.plot(steps, losses, color="tab:blue", lw=1.2, label="loss")
+    else:
+        smooth = [statistics.fmean(losses[max(0, i - window + 1):i + 1]) for i in range(len(losses))]
+        lines = ax.plot(steps, losses, color="tab:blue", alpha=0.25, lw=0.8, label="loss")
+        lines += ax.plot(steps, smooth, color="tab:blue", lw=1.6, label=f"loss (mean of {window} steps)")
     ax.set_xlabel("step")
     ax.set_ylabel(loss_name)
     lr_ax = ax.twinx()

@@ -170,14 +170,113 @@ def open_safetensors(path: str | os.PathLike, framework: str = "pt") -> Iterator
         yield handle
 
 
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of torch's pre-1.6 (non-zip) format
+
+
+def _scan_pickle(f: Any) -> tuple[Any, dict[str, int]]:
+    """(the value, if a plain constant, of the pickle at ``f``'s position; {storage key: bytes} its persistent ids
+    ``('storage', type, key, location, numel, ...)`` declare), read without building or calling anything.
+
+    A small stack machine over ``pickletools.genops`` that keeps only plain constants, tuples and globals' names;
+    every other object is a placeholder."""
+    import pickletools
+
+    import torch
+
+    itemsize = {f"torch {name}": dtype.itemsize for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
+    stack: list = []
+    marks: list[int] = []
+    memo: dict = {}
+    found: dict[str, int] = {}
+    for op, arg, _ in pickletools.genops(f):
+        name = op.name
+        if name == "STOP":
+            break
+        if name == "MARK":
+            marks.append(len(stack))
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = stack[-1]
+        elif name == "MEMOIZE":
+            memo[len(memo)] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(arg))
+        elif name == "BINPERSID":
+            pid = stack.pop()
+            if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int):
+                found[str(pid[2])] = pid[4] * itemsize.get(pid[1], 1)
+            stack.append(None)
+        else:
+            before = op.stack_before
+            if pickletools.markobject in before:
+                start = marks.pop()
+                items = stack[start:]
+                del stack[start - before.index(pickletools.markobject):]
+            else:
+                items = stack[len(stack) - len(before):] if before else []
+                del stack[len(stack) - len(before):]
+            if name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
+                value = tuple(items)
+            elif name == "STACK_GLOBAL":
+                value = " ".join(map(str, items))
+            elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
+                value = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name]
+            elif name in ("EXT1", "EXT2", "EXT4"):
+                value = None
+            else:
+                value = arg  # numbers, strings, bytes; GLOBAL's "module name"; None for built objects
+            stack.extend([value] * len(op.stack_after))
+    return (stack[-1] if stack else None), found
+
+
+def _legacy_storage_bytes(f: Any) -> dict[str, int]:
+    """{storage key: bytes} that a legacy (pre-1.6, non-zip) torch file at ``f`` declares, read by
+    :func:`_scan_pickle` (nothing is unpickled); {} for another format. The legacy loader allocates each storage
+    at its declared size before it reads the data, so the declarations are checked first."""
+    if _scan_pickle(f)[0] != _LEGACY_MAGIC:
+        return {}
+    _scan_pickle(f), _scan_pickle(f)  # the protocol version and the sys info
+    return _scan_pickle(f)[1]
+
+
+def _declared_too_large(path: Path) -> str:
+    """Why ``path`` asks for more memory than it holds, or "" when it does not. A torch zip checkpoint stores its
+    tensors uncompressed, so its records cannot unpack to more bytes than the file has; a legacy file stores each
+    storage after the pickle, so the storages it declares cannot exceed the file either."""
+    import zipfile
+
+    size = path.stat().st_size
+    if _head(path, 4) == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                unpacked = sum(info.file_size for info in archive.infolist())
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            return ""  # torch.load names a damaged archive itself
+        if unpacked > size:
+            return f"its zip records unpack to {unpacked} bytes, more than the file's {size} (a zip bomb)"
+        return ""
+    with open(path, "rb") as f:
+        try:
+            declared = sum(_legacy_storage_bytes(f).values())
+        except Exception:  # noqa: BLE001 - a pickle the scan cannot follow is left to torch.load's own checks
+            return ""
+    if declared > size:
+        return f"its pickle declares tensors of {declared} bytes in a {size}-byte file"
+    return ""
+
+
 def torch_load_weights(path: str | os.PathLike) -> Any:
     """``torch.load(weights_only=True)`` on the CPU: tensors and plain containers only. A pickle that asks for
-    anything else ("refusing to unpickle code") or a truncated file is refused as
+    anything else ("refusing to unpickle code"), a truncated file, or one that declares more tensor bytes than it
+    holds ("array too large": a zip bomb, a forged size; checked before anything is allocated) is refused as
     :class:`~visadapt.utils.errors.UntrustedFileError` naming the file and why."""
     import pickle
 
     import torch
 
+    if isinstance(path, (str, os.PathLike)) and Path(path).is_file():
+        why = _declared_too_large(Path(path))
+        if why:
+            raise UntrustedFileError(path, f"array too large: {why}", _REPLACE)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -187,6 +286,10 @@ def torch_load_weights(path: str | os.PathLike) -> Any:
                                  _REPLACE) from err
     except (EOFError, RuntimeError) as err:
         text = str(err)
+        if isinstance(err, RuntimeError) and any(s in text for s in ("does not match expected size", "wrong byte size",
+                                                                      "can't allocate memory")):
+            raise UntrustedFileError(path, "array too large: a tensor's declared size is not what the file stores",
+                                     _REPLACE) from err
         if isinstance(err, RuntimeError) and not any(s in text for s in ("zip archive", "PytorchStreamReader",
                                                                           "unexpected EOF", "truncated")):
             raise

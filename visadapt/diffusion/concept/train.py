@@ -37,9 +37,10 @@ import visadapt
 from visadapt.adapters.methods import peft_config, read_peft_config
 from visadapt.training import StepCallback, Trainer
 from visadapt.utils import DatasetLayoutError, atomic_path, write_text_atomic
+from visadapt.utils.images import open_rgb
 
 from ..composer.concepts import adapter_name_for
-from ..train_common import centre_crop_pixels, denoising_target, halve_frozen_weights, open_rgb, training_scheduler
+from ..train_common import centre_crop_pixels, denoising_target, halve_frozen_weights, training_scheduler
 from .config import MIN_IMAGES, TINY_MODELS, ConceptTrainConfig
 
 __all__ = ["ConceptTrainConfig", "ConceptTrainer", "train_concept"]

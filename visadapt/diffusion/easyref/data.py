@@ -57,8 +57,9 @@ import torch
 from torch.utils.data import Dataset
 
 from visadapt.utils import DatasetLayoutError
+from visadapt.utils.images import open_rgb
 
-from ..train_common import centre_crop_pixels, open_rgb
+from ..train_common import centre_crop_pixels
 from .config import SIZE_MULTIPLE, TARGET_CROPS
 
 __all__ = ["LAYOUT", "IMAGE_SUFFIXES", "ImageGroup", "EasyRefItems", "scan_groups", "holdout_split", "open_image",
@@ -198,7 +199,7 @@ def holdout_split(groups: Sequence[ImageGroup]) -> tuple[list[ImageGroup], list[
 
 def open_image(path: Path):
     """The image at ``path`` as upright RGB; an unreadable or too large file raises :class:`DatasetLayoutError`
-    naming it (:func:`~visadapt.diffusion.train_common.open_rgb`)."""
+    naming it (:func:`~visadapt.utils.images.open_rgb`)."""
     return open_rgb(path, DatasetLayoutError, "replace or remove it (and its .txt)")
 
 

@@ -111,7 +111,7 @@ def load_reference(image: ImageLike, where: str = "reference image"):
         path = Path(image)
         if not path.is_file():
             raise EasyRefInputError(f"{where}: no file at {str(path)!r}; pass an existing image path or a PIL image.")
-        from ..train_common import pixel_limit, too_large
+        from visadapt.utils.images import pixel_limit, too_large
 
         with pixel_limit():
             try:
