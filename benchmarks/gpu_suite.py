@@ -1,6 +1,6 @@
 """One prepared GPU run: the CUDA tests and the GPU numbers docs/benchmarks.md still lacks, in at most 8 minutes.
 
-When a GPU is lent: ``python benchmarks/gpu_suite.py --out gpu_results/`` then paste gpu_results.md into
+When a GPU is lent: ``python benchmarks/gpu_suite.py --out runs/gpu_results/`` then paste gpu_results.md into
 docs/benchmarks.md.
 
 Parts, in this order, each with its own time cap (``--cap NAME=SECONDS``; ``--budget``, 470 s, bounds them all):
@@ -24,8 +24,8 @@ Every measurement is one subprocess: pytest, or a benchmark script's ``--worker`
 process its own parent spawns, which prints one JSON row behind the script's marker), so the suite reads structured
 rows and computes the ratios itself. A subprocess that hangs, crashes or runs out of memory is killed at its part's
 deadline and recorded (status failed / timeout) while the other parts go on; the results are rewritten atomically
-after every part, so an interrupted run still leaves what it finished. Out (``--out``, default .): gpu_results.json
-(environment, and per part: status, wall time, commands, rows, ratios), gpu_results.md (one table per part, ready to
+after every part, so an interrupted run still leaves what it finished. Out (``--out``, default runs/gpu_results,
+which git ignores): gpu_results.json (environment, and per part: status, wall time, commands, rows, ratios), gpu_results.md (one table per part, ready to
 paste) and logs/ (each subprocess's stdout and stderr).
 
 ``--dry-run``: every part's code path on the CPU with tiny models, one or two steps and one or two workers per script,
@@ -643,7 +643,8 @@ def markdown(results: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("."), help=f"folder for {JSON_NAME}, {MD_NAME} and logs/")
+    p.add_argument("--out", type=Path, default=Path("runs/gpu_results"),
+                   help=f"folder for {JSON_NAME}, {MD_NAME} and logs/")
     p.add_argument("--dry-run", action="store_true", help="every part on the CPU with tiny sizes (no GPU needed)")
     p.add_argument("--parts", default=",".join(p.name for p in PARTS), help="comma-separated subset, in any order")
     p.add_argument("--cap", action="append", default=[], metavar="NAME=SECONDS",
