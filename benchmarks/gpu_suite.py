@@ -25,8 +25,8 @@ process its own parent spawns, which prints one JSON row behind the script's mar
 rows and computes the ratios itself. A subprocess that hangs, crashes or runs out of memory is killed at its part's
 deadline and recorded (status failed / timeout) while the other parts go on; the results are rewritten atomically
 after every part, so an interrupted run still leaves what it finished. Out (``--out``, default runs/gpu_results,
-which git ignores): gpu_results.json (environment, and per part: status, wall time, commands, rows, ratios), gpu_results.md (one table per part, ready to
-paste) and logs/ (each subprocess's stdout and stderr).
+which git ignores): gpu_results.json (environment, and per part: status, wall time, commands, rows, ratios),
+gpu_results.md (one table per part, ready to paste) and logs/ (each subprocess's stdout and stderr).
 
 ``--dry-run``: every part's code path on the CPU with tiny models, one or two steps and one or two workers per script,
 two parts side by side (one torch thread per process): about 50 CPU-seconds, 76 s on a busy 2-core machine; its
