@@ -34,8 +34,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     add_train_command(sub, IncrementalConfig, _train,
                       help="run every session and write results.json, figures and the pipeline",
-                      demo="a stream of procedural shapes on the tiny demo CLIP's vision tower (no download, about a "
-                           "minute on 2 CPU cores): CoACT next to naive fine-tuning and prototypes",
+                      demo="a stream of textured shapes on the tiny demo CLIP's vision tower (no download, about 1.5 "
+                           "minutes on 2 CPU cores): CoACT next to naive fine-tuning and prototypes, seeds 1-3 "
+                           "(--seed N: that seed only)",
                       resume="continue the interrupted run in --out (inside the session it stopped in, then the "
                              "later ones)")
 
@@ -59,10 +60,13 @@ def _train(args: argparse.Namespace) -> int:
         typed = demo_overrides(args, IncrementalConfig, _DEMO_FIXED,
                                "data, schedule and backbone and runs every recipe")
         summary = run_demo(args.out, resume=args.resume, overrides=typed)
-        print("\nrecipe       avg acc  last acc  base forgetting  time")
+        seeds = next(iter(summary.values()))["seeds"]
+        print(f"\nseeds {', '.join(map(str, seeds))}: mean ± std")
+        print("recipe       avg acc        last acc       base forgetting  time")
         for name, r in summary.items():
-            print(f"{name:<12} {r['average_accuracy']:6.2f}  {r['last_accuracy']:7.2f}  {r['base_forgetting']:14.2f}"
-                  f"  {r['wall_time_s']:5.1f} s")
+            print(f"{name:<12} {r['average_accuracy']:5.1f} ± {r['average_accuracy_std']:4.1f}  "
+                  f"{r['last_accuracy']:5.1f} ± {r['last_accuracy_std']:4.1f}  "
+                  f"{r['base_forgetting']:5.1f} ± {r['base_forgetting_std']:4.1f}     {r['wall_time_s']:5.1f} s")
         print(f"Report: {Path(args.out) / 'report.md'}")
         return 0
     from .train import train
