@@ -5,6 +5,7 @@ CoACT against naive fine-tuning)."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -138,6 +139,15 @@ def test_command_line_and_pipeline(tmp_path, data, capsys):
     assert len(last.class_names) == 7
     with pytest.raises(ValueError, match="already known"):
         pipe.add_class("new-shape", images[:1])
+
+
+def test_run_wall_time_counts_each_session_once(tmp_path, data):
+    # the run's wall time used to add every session's time twice (once in the run's clock, once as their sum)
+    started = time.perf_counter()
+    results = train(IncrementalConfig(**SMALL), tmp_path / "run", data=data)
+    elapsed = time.perf_counter() - started
+    sessions = sum(s["wall_time_s"] for s in results["sessions"])
+    assert sessions <= results["wall_time_s"] <= elapsed
 
 
 def test_demo_coact_beats_naive_fine_tuning(tmp_path):
