@@ -177,6 +177,8 @@ def test_demo_runs_three_seeds_and_reports_mean_and_std(tmp_path, capsys):
     one = run_demo(tmp_path / "one", recipes=("prototypes",), overrides={"seed": 2})["prototypes"]
     assert one["seeds"] == [2] and one["last_accuracy_std"] == 0.0
     assert one["last_accuracy"] == r["per_seed"]["2"]["last_accuracy"]
+    assert "Seed 2: one seed" in (tmp_path / "one" / "report.md").read_text()
+    assert "±" not in (tmp_path / "one" / "report.md").read_text()  # no spread to show for one seed
 
 
 def _momentum_at_session_edges(monkeypatch):

@@ -86,24 +86,31 @@ def summarize_seeds(runs: dict[int, dict]) -> dict:
     return out
 
 
-def _pm(mean: float, std: float) -> str:
-    return f"{mean:.1f} ± {std:.1f}"
+def seed_words(seeds: Sequence[int]) -> str:
+    """"seed 2" or "seeds 1, 2, 3"."""
+    return f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+
+
+def _pm(mean: float, std: float, n: int) -> str:
+    """"mean ± std", or the value alone for one seed (no spread to show)."""
+    return f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
 
 
 def comparison_report(summary: dict) -> str:
     """Markdown: the recipes' mean ± std over the seeds, each seed's scores, and the per-session means."""
     seeds = next(iter(summary.values()))["seeds"]
+    n = len(seeds)
+    spread = "mean ± sample std over the seeds" if n > 1 else "one seed"
     lines = ["# Class-incremental demo: the pattern world", "",
-             f"Seeds {', '.join(map(str, seeds))}: mean ± sample std over the seeds (accuracy in %, forgetting and "
-             "drop in points).",
-             "", "| recipe | session 0 | last | average | base forgetting | performance drop | time (s) |",
+             f"{seed_words(seeds).capitalize()}: {spread} (accuracy in %, forgetting and drop in points).", "",
+             "| recipe | session 0 | last | average | base forgetting | performance drop | time (s, all seeds) |",
              "|---|---|---|---|---|---|---|"]
     for name, r in summary.items():
-        lines.append(f"| {name} | {_pm(r['all'][0], r['all_std'][0])} | "
-                     f"{_pm(r['last_accuracy'], r['last_accuracy_std'])} | "
-                     f"{_pm(r['average_accuracy'], r['average_accuracy_std'])} | "
-                     f"{_pm(r['base_forgetting'], r['base_forgetting_std'])} | "
-                     f"{_pm(r['performance_drop'], r['performance_drop_std'])} | {r['wall_time_s']:.0f} |")
+        lines.append(f"| {name} | {_pm(r['all'][0], r['all_std'][0], n)} | "
+                     f"{_pm(r['last_accuracy'], r['last_accuracy_std'], n)} | "
+                     f"{_pm(r['average_accuracy'], r['average_accuracy_std'], n)} | "
+                     f"{_pm(r['base_forgetting'], r['base_forgetting_std'], n)} | "
+                     f"{_pm(r['performance_drop'], r['performance_drop_std'], n)} | {r['wall_time_s']:.0f} |")
     lines += ["", "## Each seed (average / last accuracy, base forgetting)", "",
               "| recipe | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for name, r in summary.items():
@@ -111,7 +118,7 @@ def comparison_report(summary: dict) -> str:
                  for p in (r["per_seed"][str(s)] for s in seeds)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     sessions = len(next(iter(summary.values()))["all"])
-    lines += ["", "## Per session, mean over the seeds (all / base, %)", "",
+    lines += ["", f"## Per session{', mean over the seeds' * (n > 1)} (all / base, %)", "",
               "| recipe | " + " | ".join(str(s) for s in range(sessions)) + " |", "|---|" + "---|" * sessions]
     for name, r in summary.items():
         lines.append(f"| {name} | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(r["all"], r["base"])) + " |")
@@ -149,6 +156,6 @@ def run_demo(out: str | Path, resume: bool = False, recipes: tuple[str, ...] = R
     mean_sessions = {name: [{"session": i, "all": a, "base": b} for i, (a, b) in enumerate(zip(r["all"], r["base"]))]
                      for name, r in summary.items()}
     plot_sessions(mean_sessions, out / "sessions.png",
-                  title=f"demo pattern stream, mean of seeds {', '.join(map(str, seeds))}")
+                  title=f"demo pattern stream, {'mean of ' * (len(seeds) > 1)}{seed_words(seeds)}")
     write_text_atomic(comparison_report(summary), out / "report.md")
     return summary
