@@ -14,7 +14,7 @@ A demo is deterministic for one CPU, thread count and set of versions, not acros
 instruction set (``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX512) or thread count round differently, and
 hundreds of training steps can carry that into the scores. The tracking scores move so; the few-shot and
 hyperspectral ones were the same on an AMD EPYC and an Intel Xeon, on 1 and 2 threads. The incremental demo (the
-pattern world, three seeds) was measured on the Intel Xeon only, where CoACT's seed 1 scores the same on 1 and 2
+pattern world, three seeds) was measured on the Intel Xeon only, where its nine runs score the same on 1 and 2
 threads.
 """
 

@@ -4,7 +4,7 @@ check.
 
 The hyperspectral demo prints the same scores on 1 and 2 threads and on the AMD EPYC and Intel Xeon machines the
 README was measured on; the incremental one (three seeds of the pattern world) was measured on the Intel Xeon only,
-where CoACT's seed 1 is the same on 1 and 2 threads. The few-shot passage (about 100 s) would add a minute too many,
+where its nine runs score the same on 1 and 2 threads. The few-shot passage (about 100 s) would add a minute too many,
 and the tracking scores move with the CPU's kernels and the thread count: ``python benchmarks/readme_demos.py
 --check`` checks them on the machine named under their table."""
 
