@@ -36,8 +36,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     add_train_command(sub, IncrementalConfig, _train,
                       help="run every session and write results.json, figures and the pipeline",
-                      demo="a stream of procedural shapes on the tiny demo CLIP's vision tower (no download, about a "
-                           "minute on 2 CPU cores): CoACT next to naive fine-tuning and prototypes",
+                      demo="a stream of textured shapes on the tiny demo CLIP's vision tower (no download, about "
+                           "75 s of CPU time): CoACT next to naive fine-tuning and prototypes, seeds 1-3 (--seed N: "
+                           "that seed only)",
                       resume="continue the interrupted run in --out (inside the session it stopped in, then the "
                              "later ones)")
 
@@ -56,15 +57,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     if args.demo:
-        from .demo import run_demo
+        from .demo import run_demo, seed_words
 
         typed = demo_overrides(args, IncrementalConfig, _DEMO_FIXED,
                                "data, schedule and backbone and runs every recipe")
         summary = run_demo(args.out, resume=args.resume, overrides=typed)
-        print("\nrecipe       avg acc  last acc  base forgetting  time")
+        seeds = next(iter(summary.values()))["seeds"]
+        n = len(seeds)
+        print(f"\n{seed_words(seeds)}{': mean ± std' * (n > 1)}")
+        print("recipe       avg acc        last acc       base forgetting  time")
         for name, r in summary.items():
-            print(f"{name:<12} {r['average_accuracy']:6.2f}  {r['last_accuracy']:7.2f}  {r['base_forgetting']:14.2f}"
-                  f"  {r['wall_time_s']:5.1f} s")
+            cells = [f"{r[k]:5.1f}" + (f" ± {r[k + '_std']:4.1f}" if n > 1 else " " * 7)
+                     for k in ("average_accuracy", "last_accuracy", "base_forgetting")]
+            print(f"{name:<12} {cells[0]}  {cells[1]}  {cells[2]}     {r['wall_time_s']:5.1f} s")
         print(f"Report: {Path(args.out) / 'report.md'}")
         return 0
     from .train import train

@@ -416,20 +416,24 @@ def train(cfg: IncrementalConfig, out_dir: str | Path, resume: bool = False, dat
     out.mkdir(parents=True, exist_ok=True)
     stream = build_stream(cfg, out, data, backbone)  # refuses a bad schedule or index list before out holds a run
     save_json_atomic(cfg.to_json(), out / RUN_CONFIG)
+    in_sessions = 0.0  # each session counts its own wall time (resumed parts included); finish adds the rest
     for s in range(stream.plan.sessions):
         folder = out / f"session_{s}"
         if (folder / "results.json").exists():
             stream.sessions.append(json.loads((folder / "results.json").read_text()))
             continue
         trainer = SessionTrainer(stream, s, folder, resume=(folder / "checkpoint").exists(), callbacks=callbacks)
+        session_started = time.perf_counter()
         stream.sessions.append(trainer.run())
+        in_sessions += time.perf_counter() - session_started
         if stop_after is not None and s >= stop_after and s < stream.plan.sessions - 1:
             return {"sessions": stream.sessions, "finished": False}
-    return finish(stream, time.perf_counter() - started)
+    return finish(stream, time.perf_counter() - started - in_sessions)
 
 
 def finish(stream: Stream, wall_s: float) -> dict:
-    """``results.json``, the figures, ``report.md`` and the pipeline of a finished run."""
+    """``results.json``, the figures, ``report.md`` and the pipeline of a finished run; ``wall_s`` is the time spent
+    outside the sessions, which count their own (``wall_time_s`` = ``wall_s`` + the sessions' sum)."""
     from .pipeline import IncrementalClassifierPipeline
 
     cfg, out = stream.cfg, stream.out

@@ -12,6 +12,9 @@ world            what it draws; what it ships                               how 
                  ``demo_clip/``, the demo CLIP (open_clip ``local-dir:``,   one CPU core)
                  ``visadapt-demo-clip``, 1.8 M parameters) of the few-shot
                  and incremental demos
+:mod:`.shapes`   the pattern world: 15 (shape, coarse texture kind)         nothing to pretrain: the incremental demo
+                 classes, the incremental demo's (the demo CLIP reads       adapts the demo CLIP to it
+                 their kinds near chance): :func:`~.pattern_samples`
 :mod:`.shapes`   canvases of one or two shapes, captioned; ships            ``OMP_NUM_THREADS=1 python
                  ``world_model/``, the world model (a tiny Stable           pretrain/world_model.py`` on canvases of
                  Diffusion pipeline, 7.9 MB of fp16 safetensors) that       seen shapes: 32.6 min from scratch, then

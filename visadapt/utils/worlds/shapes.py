@@ -1,5 +1,6 @@
-"""The shapes world: tiny procedurally generated captioned images, the embedded default of the few-shot and
-incremental demos, and canvases of one or two shapes, the images of the world model.
+"""The shapes world: tiny procedurally generated captioned images, the embedded default of the few-shot demo; the
+pattern world built from it, the incremental demo's classes (:func:`pattern_samples`); and canvases of one or two
+shapes, the images of the world model.
 
 Every image shows one flat shape on a dark, noisy grey background, ``IMAGE_SIZE`` pixels square. A
 :class:`Scene` has four attributes:
@@ -159,9 +160,10 @@ _OUTLINES: dict[str, list[tuple[np.ndarray, int]]] = {
 }
 
 
-def _texture(texture: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """1 where the texture shows the full colour, 0 where it shows the darker shade; ``u, v`` in pixels."""
-    p = _TEXTURE_PERIOD
+def _texture(texture: str, u: np.ndarray, v: np.ndarray, period: float = _TEXTURE_PERIOD) -> np.ndarray:
+    """1 where the texture shows the full colour, 0 where it shows the darker shade; ``u, v`` in pixels, relative to
+    the shape's centre (plus a random phase below one period)."""
+    p = period
     if texture == "striped":
         return (np.floor(v / (p / 2)) % 2 == 0).astype(np.float32)
     if texture == "dotted":
@@ -169,12 +171,18 @@ def _texture(texture: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return (du * du + dv * dv > (0.3 * p) ** 2).astype(np.float32)
     if texture == "checkered":
         return ((np.floor(u / (p / 2)) + np.floor(v / (p / 2))) % 2 == 0).astype(np.float32)
+    # the pattern world's kinds (PATTERN_KINDS), never drawn in the shapes world
+    if texture == "barred":  # vertical stripes
+        return (np.floor(u / (p / 2)) % 2 == 0).astype(np.float32)
+    if texture == "ringed":  # concentric rings about a point within a period of the shape's centre
+        return (np.floor(np.hypot(u, v) / (p / 2)) % 2 == 0).astype(np.float32)
     return np.ones_like(u, dtype=np.float32)
 
 
-def render_array(scene: Scene, rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> np.ndarray:
+def render_array(scene: Scene, rng: np.random.Generator, image_size: int = IMAGE_SIZE,
+                 period: float = _TEXTURE_PERIOD) -> np.ndarray:
     """Draw ``scene``; returns ``(image_size, image_size, 3)`` uint8 RGB. Position, rotation, colour and noise
-    come from ``rng``."""
+    come from ``rng``; ``period`` is the texture's in pixels at ``IMAGE_SIZE`` (the pattern world varies it)."""
     s = _SUPERSAMPLE
     side = image_size * s
     radius = rng.uniform(*_RADIUS[scene.size]) * side
@@ -195,7 +203,7 @@ def render_array(scene: Scene, rng: np.random.Generator, image_size: int = IMAGE
     dx, dy = x - centre[0] / s, y - centre[1] / s
     u = np.cos(theta) * dx + np.sin(theta) * dy
     v = -np.sin(theta) * dx + np.cos(theta) * dy
-    pattern = _texture(scene.texture, u + rng.uniform(0, _TEXTURE_PERIOD), v + rng.uniform(0, _TEXTURE_PERIOD))
+    pattern = _texture(scene.texture, u + rng.uniform(0, period), v + rng.uniform(0, period), period)
 
     colour = np.clip(np.array(_RGB[scene.colour]) * rng.uniform(0.85, 1.05) + rng.normal(0, 8, 3), 0, 255)
     fill = colour * (0.35 + 0.65 * pattern[..., None])
@@ -206,9 +214,10 @@ def render_array(scene: Scene, rng: np.random.Generator, image_size: int = IMAGE
     return np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
 
-def render(scene: Scene, rng: np.random.Generator, image_size: int = IMAGE_SIZE) -> Image.Image:
+def render(scene: Scene, rng: np.random.Generator, image_size: int = IMAGE_SIZE,
+           period: float = _TEXTURE_PERIOD) -> Image.Image:
     """Draw ``scene`` as an RGB image of ``image_size`` pixels square (see :func:`render_array`)."""
-    return Image.fromarray(render_array(scene, rng, image_size))
+    return Image.fromarray(render_array(scene, rng, image_size, period))
 
 
 # --- captions ----------------------------------------------------------------------------------------------------
@@ -244,6 +253,45 @@ def caption(scene: Scene, rng: np.random.Generator, shape_only: bool = False) ->
     article = "an" if phrase[0] in "aeiou" else "a"
     full_stop = "." if rng.random() < 0.5 else ""
     return f"{_pick(rng, _PREFIXES)}{article} {phrase}{full_stop}"
+
+
+# --- the pattern world: the class-incremental demo's classes ----------------------------------------------------
+# Classes told apart by a cue the demo CLIP was never trained on: coarse textures. The CLIP's captions name the
+# shape, colour, size and the three fine textures (period _TEXTURE_PERIOD), so its frozen features separate the
+# shapes below and barely the kinds (nearest class mean 90-91 % on the 3 shapes, 36-39 % on the 5 kinds, chance 20 %;
+# `python benchmarks/incremental.py --probe`). A class is a (shape, texture kind) pair, drawn large with the texture at
+# PATTERN_PERIOD pixels, colour and placement random. Class i is (PATTERN_SHAPES[i % 3], PATTERN_KINDS[i % 5]): as 3
+# and 5 are coprime, the 15 classes are every pair once, and any five consecutive classes hold every kind and every
+# shape, so a base session of the first five teaches all the cue's values that the later classes recombine.
+
+PATTERN_SHAPES = ("circle", "square", "triangle")
+PATTERN_KINDS = ("striped", "barred", "dotted", "checkered", "ringed")  # barred: vertical stripes; ringed: rings
+PATTERN_PERIOD = 8.0  # pixels at IMAGE_SIZE: twice the shapes world's, and two of its kinds are new
+PATTERN_CLASSES = tuple((PATTERN_SHAPES[i % len(PATTERN_SHAPES)], PATTERN_KINDS[i % len(PATTERN_KINDS)])
+                        for i in range(len(PATTERN_SHAPES) * len(PATTERN_KINDS)))
+
+
+def pattern_name(shape: str, kind: str) -> str:
+    """"striped circle", "barred square", ... (a pattern class's name)."""
+    return f"{kind} {shape}"
+
+
+def pattern_samples(classes: Sequence[tuple[str, str]] = PATTERN_CLASSES, n_per_class: int = 30,
+                    stream: Sequence[int] = (0,)) -> Iterator[tuple[Image.Image, int]]:
+    """``n_per_class`` (image, index in ``classes``) pairs per (shape, texture kind) class, class by class: a large
+    shape with the kind's texture at :data:`PATTERN_PERIOD` pixels, colour, position and rotation random.
+
+    Class ``i`` draws from its own random stream, seeded ``[*stream, i]``, so the first ``n`` images of a class do
+    not depend on ``n_per_class`` or on the other classes.
+    """
+    for label, (shape, kind) in enumerate(classes):
+        if shape not in _OUTLINES or kind not in (*TEXTURES, *PATTERN_KINDS):
+            raise ValueError(f"pattern class ({shape!r}, {kind!r}): the shape must be one of the world's "
+                             f"({', '.join(_OUTLINES)}) and the kind one of {', '.join((*TEXTURES, *PATTERN_KINDS))}.")
+        rng = np.random.default_rng([*stream, label])
+        for _ in range(n_per_class):
+            scene = Scene(shape, COLOURS[rng.integers(len(COLOURS))], kind, "large")
+            yield render(scene, rng, period=PATTERN_PERIOD), label
 
 
 # --- tasks on disk -----------------------------------------------------------------------------------------------
