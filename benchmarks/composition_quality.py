@@ -282,16 +282,29 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     loras = demo_lora_files(args.out / "concepts" if args.retrain else None, model_dir=args.model)
-    judge = DemoCLIPJudge()
-    probe = fit_shape_probe(cache=args.out / "shape_probe.safetensors")
-    ceiling = ", ".join(f"{c.shape} {probe.recall[c.shape]:.1%}" for c in DEMO_CONCEPTS)
-    print(f"concepts and probe ready in {time.perf_counter() - start:.0f} s; shape probe accuracy on rendered crops: "
-          f"{probe.accuracy:.1%} ({len(PROBE_CLASSES)} classes, chance {1 / len(PROBE_CLASSES):.1%}); on the "
-          f"concepts' shapes: {ceiling}", flush=True)
     pipes = {"plain": load_world_model(args.model),
              "composer": load_world_model(args.model, pipeline_class=LoRAComposerPipeline)}
     for i, path in enumerate(loras):
         pipes["plain"].load_lora_weights(str(path), adapter_name=f"merged_{i}")
+
+    # Draw first, judge after: the probe's fit (or its cached file) is needed only then.
+    jobs = [(name, seed, boxes) for seed in range(args.seeds) for name, boxes in LAYOUTS.items()]
+    images: dict[str, list] = {m: [] for m in methods}
+    seconds = {}
+    for method in methods:
+        t0 = time.perf_counter()
+        images[method] = [generate(method, pipes, loras, boxes, seed, args.steps, args.guidance)
+                          for _, seed, boxes in jobs]
+        seconds[method] = time.perf_counter() - t0
+        print(f"{method}: {len(jobs)} images in {seconds[method]:.0f} s", flush=True)
+
+    judge = DemoCLIPJudge()
+    probe = fit_shape_probe(cache=args.out / "shape_probe.safetensors")
+    ceiling = ", ".join(f"{c.shape} {probe.recall[c.shape]:.1%}" for c in DEMO_CONCEPTS)
+    print(f"shape probe accuracy on rendered crops: {probe.accuracy:.1%} ({len(PROBE_CLASSES)} classes, chance "
+          f"{1 / len(PROBE_CLASSES):.1%}); on the concepts' shapes: {ceiling}", flush=True)
+    rows = {m: [score(judge, probe, image, boxes) for image, (_, _, boxes) in zip(images[m], jobs)]
+            for m in methods}
 
     alone = concept_alone(pipes["plain"], judge, probe, args.alone, args.steps, args.guidance) if args.alone else {}
     for prompt, a in alone.items():
@@ -304,19 +317,6 @@ def main(argv=None) -> int:
               f"[{bound['bound_interval'][0]:.1%}, {bound['bound_interval'][1]:.1%}], swapped "
               f"{bound['swapped_rate']:.1%} [{bound['swapped_interval'][0]:.1%}, "
               f"{bound['swapped_interval'][1]:.1%}]", flush=True)
-
-    jobs = [(name, seed, boxes) for seed in range(args.seeds) for name, boxes in LAYOUTS.items()]
-    rows: dict[str, list] = {m: [] for m in methods}
-    images: dict[str, list] = {m: [] for m in methods}
-    seconds = {}
-    for method in methods:
-        t0 = time.perf_counter()
-        for _, seed, boxes in jobs:
-            image = generate(method, pipes, loras, boxes, seed, args.steps, args.guidance)
-            images[method].append(image)
-            rows[method].append(score(judge, probe, image, boxes))
-        seconds[method] = time.perf_counter() - t0
-        print(f"{method}: {len(jobs)} images in {seconds[method]:.0f} s", flush=True)
 
     text = table(rows)
     print(f"\n{args.seeds} seeds x {len(LAYOUTS)} layouts, {args.steps} steps, guidance {args.guidance}")

@@ -125,17 +125,21 @@ def probe_crops(rng: np.random.Generator, label: str, n: int) -> list:
 
 
 def _pixels(crops: Sequence) -> torch.Tensor:
-    """PIL crops (resized to 32×32 when not) → (N, 3, 32, 32), centred and scaled."""
+    """PIL crops (resized to 32×32 when not) → (N, 1, 32, 32) silhouettes: how far each pixel stands out from the
+    crop's border (the background), whatever the shape's colour, scaled to about [-1, 1]."""
     from PIL import Image
 
     size = (world.IMAGE_SIZE, world.IMAGE_SIZE)
-    arrays = [np.asarray((c if c.size == size else c.resize(size, Image.Resampling.BICUBIC)).convert("RGB"))
-              for c in crops]
-    return (torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.25
+    pixels = torch.from_numpy(np.stack([np.asarray((c if c.size == size else c.resize(
+        size, Image.Resampling.BICUBIC)).convert("RGB")) for c in crops])).float()
+    border = torch.cat([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], dim=1)
+    silhouette = (pixels - border.median(dim=1).values[:, None, None]).abs().amax(-1)
+    return (silhouette / 127.5 - 1.0)[:, None]
 
 
 class ShapeProbe(torch.nn.Module):
-    """Names the shape of a 32×32 crop among :data:`PROBE_CLASSES`: three 3×3 conv layers, global pooling, linear.
+    """Names the shape of a 32×32 crop among :data:`PROBE_CLASSES` from its silhouette (colour is the demo CLIP's
+    job): three 3×3 conv layers, global pooling, linear.
 
     The demo CLIP never saw the held-out shapes, and a linear probe on its image features finds only about half of
     rendered hexagons (it calls them circles), so a concept drawn perfectly would score about 50 %. This CNN, fitted
@@ -146,7 +150,7 @@ class ShapeProbe(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         nn = torch.nn
-        self.net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        self.net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                  nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                                  nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                  nn.Linear(64, len(PROBE_CLASSES)))
@@ -190,15 +194,17 @@ class ShapeProbe(torch.nn.Module):
         return probe.eval()
 
 
-def fit_shape_probe(n_train: int = 1024, n_test: int = 128, epochs: int = 6, seed: int = 0,
-                    cache=None, batch_size: int = 128) -> ShapeProbe:
+def fit_shape_probe(n_train: int = 1024, n_test: int = 128, epochs: int = 8, seed: int = 0,
+                    cache=None, batch_size: int = 128, blur: float = 1.5) -> ShapeProbe:
     """Fit a :class:`ShapeProbe` on ``n_train`` rendered crops per class (:func:`probe_crops`; Adam lr 2e-3,
-    ``batch_size``, ``epochs`` passes, the learning rate decayed linearly) and measure it on ``n_test`` fresh crops
-    per class.
+    ``batch_size``, ``epochs`` passes, the learning rate decayed linearly; the epoch best on ``n_test`` validation
+    crops per class is kept) and measure it on ``n_test`` other fresh crops per class. Half the training crops are
+    blurred (Gaussian, radius up to ``blur`` pixels): the world model draws softer edges than the renderer, and a
+    probe fitted on sharp crops only called every soft hexagon a circle.
 
-    ``cache``: a ``.safetensors`` path; the settings are appended to its stem (``probe_1024x6b128_s0.safetensors``), a
-    probe already fitted there with the same settings is loaded, a new fit is saved there. About 3 minutes on one
-    CPU core.
+    ``cache``: a ``.safetensors`` path; the settings are appended to its stem (``probe_1024x8b128blur1.5_s0``), a
+    probe already fitted there with the same settings is loaded, a new fit is saved there. About 4 minutes on one
+    idle CPU core.
     """
     from pathlib import Path
 
@@ -206,14 +212,19 @@ def fit_shape_probe(n_train: int = 1024, n_test: int = 128, epochs: int = 6, see
 
     if cache is not None:
         cache = Path(cache)
-        cache = cache.with_name(f"{cache.stem}_{n_train}x{epochs}b{batch_size}_s{seed}"
+        cache = cache.with_name(f"{cache.stem}_{n_train}x{epochs}b{batch_size}blur{blur:g}_s{seed}"
                                 f"{cache.suffix or '.safetensors'}")
         if cache.is_file():
             return ShapeProbe.load(cache)
     data = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        rng = np.random.default_rng([seed, split == "test"])
+    for k, (split, n) in enumerate((("train", n_train), ("test", n_test), ("val", n_test))):
+        rng = np.random.default_rng([seed, k])
         crops = [c for label in PROBE_CLASSES for c in probe_crops(rng, label, n)]
+        if split == "train" and blur:  # the world model draws softer edges than the renderer: half are blurred
+            from PIL import ImageFilter
+
+            crops = [c.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, blur))) if rng.random() < 0.5 else c
+                     for c in crops]
         data[split] = _pixels(crops), torch.arange(len(PROBE_CLASSES)).repeat_interleave(n)
     x, y = data["train"]
     gen = torch.Generator().manual_seed(seed)
@@ -223,15 +234,21 @@ def fit_shape_probe(n_train: int = 1024, n_test: int = 128, epochs: int = 6, see
     opt = torch.optim.Adam(probe.parameters(), lr=2e-3)
     batches = -(-len(x) // batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / (epochs * batches + 1))
-    probe.train()
+    best = (-1.0, None)
     for _ in tqdm(range(epochs), desc="shape probe", unit="epoch"):
+        probe.train()
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             loss = F.cross_entropy(probe(x[idx]), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-    probe.eval()
+        probe.eval()
+        with torch.no_grad():  # keep the epoch that does best on the validation split: the fit can swing
+            val = float((probe(data["val"][0]).argmax(-1) == data["val"][1]).float().mean())
+        if val > best[0]:
+            best = (val, {k: v.clone() for k, v in probe.state_dict().items()})
+    probe.load_state_dict(best[1])
     tx, ty = data["test"]
     with torch.no_grad():
         pred = probe(tx).argmax(-1)
