@@ -201,23 +201,35 @@ def binding(pipe, judge: DemoCLIPJudge, probe: ShapeProbe, n: int, steps: int, g
 # -- reporting -------------------------------------------------------------------------------------------------
 
 def summary(per_image: list[list[dict]]) -> dict:
+    """Rates over boxes (shape, colour, placed, swapped), per concept (``placed_<name>`` and its Wilson interval)
+    and per image (``both_placed`` and its interval)."""
     flat = [b for image in per_image for b in image]
     both = sum(all(b["placed"] for b in image) for image in per_image)
     out = {k: float(np.mean([b[k] for b in flat])) for k in ("shape", "colour", "placed", "swapped")}
+    for n, concept in enumerate(DEMO_CONCEPTS):
+        hits = sum(image[n]["placed"] for image in per_image)
+        out[f"placed_{concept.name}"] = hits / len(per_image)
+        out[f"placed_{concept.name}_interval"] = wilson(hits, len(per_image))
     out.update(images=len(per_image), boxes=len(flat), both_placed=both / len(per_image),
                both_placed_interval=wilson(both, len(per_image)))
     return out
 
 
+def _rate(rate: float, interval: tuple[float, float]) -> str:
+    return f"{rate:6.1%} [{interval[0]:5.1%}, {interval[1]:5.1%}]"
+
+
 def table(rows: dict[str, list[list[dict]]]) -> str:
+    """One line per method: box rates, each concept placed and both placed with their 95 % Wilson intervals."""
+    names = [c.shape for c in DEMO_CONCEPTS]
     head = (f"{'method':<17} {'images':>6} {'shape':>6} {'colour':>7} {'placed':>7} {'swapped':>8} "
-            f"{'both placed [95% CI]':>24}")
+            + " ".join(f"{n + ' placed [95% CI]':>24}" for n in names) + f" {'both placed [95% CI]':>24}")
     lines = [head]
     for method, per_image in rows.items():
         s = summary(per_image)
-        lo, hi = s["both_placed_interval"]
+        each = " ".join(f"{_rate(s[f'placed_{c.name}'], s[f'placed_{c.name}_interval']):>24}" for c in DEMO_CONCEPTS)
         lines.append(f"{method:<17} {s['images']:>6} {s['shape']:>6.1%} {s['colour']:>7.1%} {s['placed']:>7.1%} "
-                     f"{s['swapped']:>8.1%} {s['both_placed']:>8.1%} [{lo:5.1%}, {hi:5.1%}]")
+                     f"{s['swapped']:>8.1%} {each} {_rate(s['both_placed'], s['both_placed_interval']):>24}")
     return "\n".join(lines)
 
 
@@ -250,6 +262,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The command line, ``--grid`` resolved (default: under ``--out``, never the docs' copy)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=4, help="seeds per layout (images per method: 4 x seeds)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds --first-seed .. --first-seed + --seeds - 1 (runs side by side, merged after)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, of {', '.join(METHODS)} (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (DPM-Solver)")
@@ -288,7 +302,8 @@ def main(argv=None) -> int:
         pipes["plain"].load_lora_weights(str(path), adapter_name=f"merged_{i}")
 
     # Draw first, judge after: the probe's fit (or its cached file) is needed only then.
-    jobs = [(name, seed, boxes) for seed in range(args.seeds) for name, boxes in LAYOUTS.items()]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    jobs = [(name, seed, boxes) for seed in seeds for name, boxes in LAYOUTS.items()]
     images: dict[str, list] = {m: [] for m in methods}
     seconds = {}
     for method in methods:
@@ -322,7 +337,7 @@ def main(argv=None) -> int:
     print(f"\n{args.seeds} seeds x {len(LAYOUTS)} layouts, {args.steps} steps, guidance {args.guidance}")
     print(text)
     save_grid(images, jobs, grid_path, cols=min(8, len(jobs)))
-    save_json_atomic({"seeds": args.seeds, "layouts": list(LAYOUTS), "steps": args.steps, "guidance": args.guidance,
+    save_json_atomic({"seeds": list(seeds), "layouts": list(LAYOUTS), "steps": args.steps, "guidance": args.guidance,
                       "loras": [str(p) for p in loras], "probe_accuracy": probe.accuracy,
                       "probe_recall": probe.recall, "seconds": seconds, "alone": alone, "binding": bound,
                       "table": text, "summary": {m: summary(rows[m]) for m in methods},
