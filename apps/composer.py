@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -332,22 +333,36 @@ def demo_concepts(pipe) -> tuple[list[dict], str]:
     return concepts, " and ".join(c.prompt for c in WORLD)
 
 
-def make_demo_loras(pipe, folder: Path, steps: Optional[int] = None) -> list[Path]:
-    """Two LoRA files that fit ``pipe``, one per :func:`demo_concepts` entry.
+def make_demo_loras(pipe, folder: Path, steps: Optional[int] = None, train: bool = False,
+                    progress: Optional[Callable[[int, int, int, int], None]] = None) -> list[Path]:
+    """Two LoRA files that fit ``pipe``, one per :func:`demo_concepts` entry, in ``folder``.
 
-    On the embedded world model: two held-out shapes trained with the concept trainer on canvases rendered on the
-    fly (``steps`` each, default :data:`~visadapt.diffusion.concept.demo.DEMO_STEPS`), cached in ``folder`` so a second
-    call is instant. On any other model: two random LoRAs, enough to try the app.
+    On the embedded world model: the demo concepts (two held-out shapes), the files shipped with the world model
+    copied into ``folder`` (seconds), or with ``train`` trained there with the concept trainer on canvases rendered
+    on the fly (``steps`` each, default :data:`~visadapt.diffusion.concept.demo.DEMO_STEPS`; cached in ``folder``, so a
+    second call is instant; ``progress(concept, concepts, step, steps)`` after every step). On any other model: two
+    random LoRAs, enough to try the app.
     """
     if is_world_model(pipe):
-        from visadapt.diffusion.concept.demo import DEMO_CONCEPTS as WORLD
-        from visadapt.diffusion.concept.demo import DEMO_STEPS, train_demo_concept
+        from visadapt.diffusion.concept.demo import DEMO_STEPS, demo_lora_files
 
-        return [train_demo_concept(c, folder, steps=steps or DEMO_STEPS) for c in WORLD]
+        if train or steps is not None:
+            return demo_lora_files(folder, steps=steps or DEMO_STEPS, progress=progress)
+        return [_copy_into(path, folder) for path in demo_lora_files()]
     from visadapt.diffusion.tiny import save_random_lora
 
     return [save_random_lora(pipe, folder / f"demo_{c['name']}.safetensors", seed=i + 1)
             for i, c in enumerate(DEMO_CONCEPTS)]
+
+
+def _copy_into(path: Path, folder: Path) -> Path:
+    """``path`` copied (atomically) into ``folder``: the page serves files from its output folder only."""
+    from visadapt.utils import atomic_path
+
+    target = _ensure(folder) / path.name
+    with atomic_path(target) as tmp:
+        shutil.copyfile(path, tmp)
+    return target
 
 
 # -- the page --------------------------------------------------------------------------------------------------
@@ -370,6 +385,7 @@ class ConceptRows:
     demo: "gr.Button"
     slots: list[dict[str, Any]]  # each slot's components by :data:`SLOT_FIELDS` key
     groups: list["gr.Group"]
+    status: "gr.Markdown"  # what the demo button did; its progress bar shows here
 
     @property
     def box_fields(self) -> list["gr.Number"]:
@@ -401,8 +417,10 @@ class Results(NamedTuple):
 
 
 def build_app(pipe, *, max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Optional[os.PathLike] = None,
-              n_visible: int = 2) -> "gr.Blocks":
-    """The Gradio Blocks app for ``pipe`` (a LoRA-Composer pipeline). Launch it with :func:`launch`."""
+              n_visible: int = 2, train_demo_loras: bool = False) -> "gr.Blocks":
+    """The Gradio Blocks app for ``pipe`` (a LoRA-Composer pipeline). Launch it with :func:`launch`.
+    ``train_demo_loras``: the demo button trains the world model's demo concepts instead of loading the shipped ones.
+    """
     import gradio as gr
 
     output_dir = Path(output_dir) if output_dir else Path(tempfile.gettempdir()) / "visadapt-composer"
@@ -423,7 +441,7 @@ def build_app(pipe, *, max_lora_mb: float = DEFAULT_MAX_LORA_MB, output_dir: Opt
         redraw_preview_on_change(app, preview, rows, settings)
         set_box_on_two_clicks(preview, corner, rows, settings)
         change_concept_count_on_click(rows)
-        fill_demo_concepts_on_click(pipe, rows, prompt, output_dir)
+        fill_demo_concepts_on_click(pipe, rows, prompt, output_dir, train=train_demo_loras)
         # Every input of generate() by its API name: prompt, …, lora_1, name_1, prompt_1, xmin_1, …, weight_4.
         inputs = dict(prompt=prompt, negative_prompt=negative, n_concepts=rows.count, **settings, **rows.api_fields())
         generate_on_click(pipe, run, history, inputs, results, max_bytes=int(max_lora_mb * 2**20),
@@ -466,12 +484,14 @@ def concept_rows(n_visible: int) -> ConceptRows:
         add = gr.Button("Add concept")
         remove = gr.Button("Remove last concept")
         demo = gr.Button("Make two demo LoRAs")
+    # room for the demo button's progress bar (an empty Markdown has no height to show it in)
+    status = gr.Markdown("No demo concepts loaded yet.", elem_id="demo-status", min_height=48)
     slots, groups = [], []
     for i in range(1, MAX_CONCEPTS + 1):
         with gr.Group(visible=i <= n_visible) as group:
             slots.append(concept_slot(i))
         groups.append(group)
-    return ConceptRows(count, add, remove, demo, slots, groups)
+    return ConceptRows(count, add, remove, demo, slots, groups, status)
 
 
 def concept_slot(i: int) -> dict[str, Any]:
@@ -631,28 +651,43 @@ def change_concept_count_on_click(rows: ConceptRows) -> None:
                       api_visibility="private")
 
 
-def fill_demo_concepts_on_click(pipe, rows: ConceptRows, prompt: "gr.Textbox", output_dir: Path) -> None:
-    """Make two demo LoRAs: make (or train) them, fill the first concept slots with them, and the prompt if empty."""
+def fill_demo_concepts_on_click(pipe, rows: ConceptRows, prompt: "gr.Textbox", output_dir: Path,
+                                train: bool = False) -> None:
+    """Make two demo LoRAs: load (or with ``train``, train) them, fill the first concept slots with them, and the
+    prompt if empty. A progress bar under the button says what is happening; the fields wait without spinners."""
     import gradio as gr
 
     demo_fields = [slot[k] for slot in rows.slots[:len(DEMO_CONCEPTS)] for k in SLOT_FIELDS]
 
-    def fill_demo(n, current_prompt):
+    def fill_demo(n, current_prompt, progress=gr.Progress()):
         world = is_world_model(pipe)  # real concepts, cached in one folder; else random LoRAs, a new folder
-        folder = (_ensure(output_dir) / "demo-loras" if world
+        folder = (_ensure(output_dir) / ("trained-demo-loras" if train else "demo-loras") if world
                   else Path(tempfile.mkdtemp(prefix="demo-loras-", dir=_ensure(output_dir))))
-        files = make_demo_loras(pipe, folder)
+
+        def tell(i: int, total: int, step: int, steps: int) -> None:
+            progress((step, steps), desc=training_progress_text(i, total, step, steps))
+
+        progress(0, desc=("training the demo concepts" if train else "loading the demo concepts") if world
+                 else "writing two random LoRAs")
+        files = make_demo_loras(pipe, folder, train=train, progress=tell)
         concepts, demo_prompt = demo_concepts(pipe)
         values: list[Any] = []
         for path, c in zip(files, concepts):
             values += [str(path), c["name"], c["prompt"], *c["box"], c["weight"]]
         count = concept_count_updates(max(int(n or 0), len(concepts)))
-        gr.Info(f"Trained {len(files)} concept LoRAs in {folder}." if world
-                else f"Wrote {len(files)} random LoRA files to {folder}.")
-        return count + values + [current_prompt or demo_prompt]
+        done = (f"Trained {len(files)} concept LoRAs in {folder}." if world and train else
+                f"Loaded the {len(files)} shipped demo concept LoRAs." if world else
+                f"Wrote {len(files)} random LoRA files to {folder}.")
+        gr.Info(done)
+        return count + values + [current_prompt or demo_prompt, done]
 
-    rows.demo.click(fill_demo, [rows.count, prompt], [rows.count, *rows.groups, *demo_fields, prompt],
-                    api_visibility="private")
+    rows.demo.click(fill_demo, [rows.count, prompt], [rows.count, *rows.groups, *demo_fields, prompt, rows.status],
+                    api_visibility="private", show_progress="full", show_progress_on=[rows.status])
+
+
+def training_progress_text(concept: int, concepts: int, step: int, steps: int) -> str:
+    """What the demo button's progress bar says while it trains: "training concept 1/2: step 120/400"."""
+    return f"training concept {concept + 1}/{concepts}: step {step}/{steps}"
 
 
 def generate_on_click(pipe, run: "gr.Button", history: "gr.State", inputs: dict[str, Any], results: Results, *,
@@ -731,6 +766,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-lora-mb", type=ranged(float, POSITIVE), default=DEFAULT_MAX_LORA_MB,
                         help="largest LoRA upload in MiB (default: %(default)s)")
     parser.add_argument("--outputs", help="folder for the generated PNGs (default: a temporary folder)")
+    parser.add_argument("--train-demo-loras", action="store_true",
+                        help="world model only: 'Make two demo LoRAs' retrains the two demo concepts (a few minutes "
+                             "on a CPU) instead of loading the shipped files")
     parser.add_argument("--easyref", help="SDXL only: an EasyRef checkpoint (file, folder or hub id), for "
                                           "reference images")
     parser.add_argument("--mllm", default="Qwen/Qwen2-VL-2B-Instruct",
@@ -755,7 +793,8 @@ def run_app(args: argparse.Namespace) -> int:
         if not hasattr(pipe, "load_easyref"):
             raise SystemExit("--easyref needs an SDXL --model (EasyRef conditions SDXL).")
         pipe.load_easyref(args.easyref, mllm=args.mllm)  # the MLLM picks its own dtype
-    app = build_app(pipe, max_lora_mb=args.max_lora_mb, output_dir=args.outputs)
+    app = build_app(pipe, max_lora_mb=args.max_lora_mb, output_dir=args.outputs,
+                    train_demo_loras=getattr(args, "train_demo_loras", False))
     # Gradio's own start-up lines would tell a command-line user to "set `share=True` in `launch()`".
     _, url, share_url = launch(app, host=args.host, port=args.port, share=args.share, max_lora_mb=args.max_lora_mb,
                                output_dir=args.outputs, prevent_thread_lock=True, quiet=True)

@@ -1,45 +1,51 @@
-"""Composition quality on the embedded world model: does each concept land in its box, unconfused and present?
+"""Composition quality on the embedded world model: does each concept land in its box, in its shape and colour?
 
-Two concept LoRAs are trained on two held-out shapes ("a sks hexagon" in orange, "a zwx heart" in blue;
-:data:`visadapt.diffusion.concept.demo.DEMO_CONCEPTS`, the app's demo concepts, cached in ``--out``). Over seeds and
-two-box layouts (32×32 boxes on the 64×64 canvas: left|right, right|left, top/bottom, diagonal) four methods draw
-both concepts:
+Two concept LoRAs (:data:`visadapt.diffusion.concept.demo.DEMO_CONCEPTS`, "a sks hexagon" in orange and "a zwx heart"
+in blue: the app's demo concepts, the shipped files by default, or trained into ``--out`` with ``--retrain``) are drawn
+together over seeds and two-box layouts (32×32 boxes on the 64×64 canvas: left|right, right|left, top/bottom,
+diagonal) by each method of ``--methods``:
 
 * ``base``: the world model alone, prompted "a sks hexagon and a zwx heart" (it never saw either shape);
 * ``set_adapters``: diffusers' multi-LoRA sampling, both LoRAs merged everywhere, same prompt;
-* ``composer``: LoRA-Composer with the boxes, every part on (``ComposerConfig()``);
-* ``composer -iso -opt``: LoRA-Composer with region injection only: concept isolation, latent optimisation and
-  latent re-initialisation off.
+* ``injection``: LoRA-Composer with region injection only (isolation, latent optimisation, re-initialisation off);
+* ``composer``: LoRA-Composer with every part on (``ComposerConfig()``, the official settings);
+* ``composer -iso`` / ``-opt`` / ``-reinit``: the composer with one part off; ``composer ds1`` / ``ds2``: loss
+  maps at the latent's full or half resolution instead of a quarter (``loss_downsample``: on the 16×16 latent the
+  official quarter leaves loss maps 4 cells wide).
 
-Each box is cropped (32×32, the demo CLIP's input) and scored with the demo CLIP: its shape by a linear probe on the
-demo CLIP's image features (the CLIP never saw the held-out shapes, so zero-shot cannot name them; the probe is
-fitted on 512 rendered crops per class of all 15 shapes plus empty background, and its accuracy and its recall on
-the two concepts' shapes, measured on fresh rendered crops, are printed: the recall is the ceiling a perfectly drawn
-concept would reach), its colour zero-shot. Per box: ``in box`` = the box's concept shape, ``confused`` = the
-other concept's shape, ``missing`` = neither (another shape or empty); ``colour`` = the concept's colour. Methods
-without boxes (``base``, ``set_adapters``) are scored in the same boxes: they are told what to draw, not where.
+Each box is cropped, resized to 32×32 and judged: its shape by the shape probe
+(:class:`visadapt.utils.worlds.judge.ShapeProbe`, a small CNN fitted on rendered crops of all 15 shapes plus empty
+background, cached in ``--out``; its recall on fresh rendered crops is printed: the ceiling a perfectly drawn concept
+reaches), its colour zero-shot by the demo CLIP. Per box: ``shape`` = the box's concept shape, ``colour`` = its
+colour, ``placed`` = both, ``swapped`` = the other concept's colour (attribute binding). Per image: ``both placed`` =
+both boxes placed, with its Wilson 95 % interval. Methods without boxes are scored in the same boxes: they are told
+what to draw, not where.
 
-    python benchmarks/composition_quality.py                 # 4 seeds x 4 layouts, a few minutes on 2 CPU cores
-    python benchmarks/composition_quality.py --full          # 25 seeds x 4 layouts
+Attribute binding without concepts (``--binding N``): N two-object prompts of seen shapes and colours ("a red star
+and a blue circle", random pairs) drawn by the base world model; the two largest shapes of each image are cut out,
+named by the probe and the demo CLIP: ``bound`` = both asked shapes drawn, each in its own colour; ``swapped`` = both
+drawn with the colours exchanged.
+
+    python benchmarks/composition_quality.py                          # 4 seeds x 4 layouts: a few minutes
+    python benchmarks/composition_quality.py --seeds 50 --binding 200 --grid docs/composition_quality.png
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from visadapt.diffusion import ComposerConfig, Concept
-from visadapt.diffusion.concept.demo import DEMO_CONCEPTS, DEMO_STEPS, train_demo_concept
+from visadapt.diffusion.concept.demo import DEMO_CONCEPTS, demo_lora_files
 from visadapt.pipelines import LoRAComposerPipeline
+from visadapt.utils import save_json_atomic
 from visadapt.utils.worlds import shapes as world
-from visadapt.utils.worlds.judge import DemoCLIPJudge, object_crop
+from visadapt.utils.worlds.judge import PROBE_CLASSES, DemoCLIPJudge, ShapeProbe, fit_shape_probe, object_crop
 from visadapt.utils.worlds.models import WORLD_MODEL_DIR, load_world_model
 
 LAYOUTS = {
@@ -48,73 +54,29 @@ LAYOUTS = {
     "top/bottom": [(0.25, 0.0, 0.75, 0.5), (0.25, 0.5, 0.75, 1.0)],
     "diagonal": [(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)],
 }
-METHODS = ("base", "set_adapters", "composer", "composer -iso -opt")
-PROBE_CLASSES = (*world.HELDOUT_SHAPES, *world.SEEN_SHAPES, "empty")
+# name -> ComposerConfig overrides (None: no composer)
+METHODS = {
+    "base": None,
+    "set_adapters": None,
+    "injection": dict(concept_isolation=False, latent_optimization=False, latent_reinit=False),
+    "composer": {},
+    "composer -iso": dict(concept_isolation=False),
+    "composer -opt": dict(latent_optimization=False),
+    "composer -reinit": dict(latent_reinit=False),
+    "composer ds2": dict(loss_downsample=2),
+    "composer ds1": dict(loss_downsample=1),
+}
+DEFAULT_METHODS = ("base", "set_adapters", "injection", "composer")
 
 
-# -- the shape probe ------------------------------------------------------------------------------------------
-
-def probe_crops(rng: np.random.Generator, label: str, n: int) -> list:
-    """``n`` 32×32 crops of rendered canvases as the benchmark crops its samples, half each way: as a box crop sees
-    them (the shape ``label`` near the crop's centre, jittered, sometimes cut by the border) and as
-    :func:`object_crop` cuts a canvas drawn alone (centred on the shape); ``"empty"``: background only."""
-    crops = []
-    for i in range(n):
-        if label == "empty":
-            objects = []
-        else:
-            obj = world.sample_canvas(rng, 1, (label,))[0]
-            if i % 2:
-                crops.append(object_crop(world.render_canvas([obj], rng)))
-                continue
-            objects = [replace(obj, centre=(32 + rng.uniform(-6, 6), 32 + rng.uniform(-6, 6)))]
-        canvas = world.render_canvas(objects, rng)
-        crops.append(canvas.crop((16, 16, 48, 48)))
-    return crops
-
-
-@dataclass
-class ShapeProbe:
-    """Multinomial logistic regression on demo-CLIP image features over :data:`PROBE_CLASSES`, with its recall per
-    class on fresh rendered crops (what a perfectly drawn shape would score)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    accuracy: float
-    recall: dict[str, float]
-
-    def __call__(self, judge: DemoCLIPJudge, crops: list) -> list[str]:
-        return [PROBE_CLASSES[i] for i in (judge.features(crops) @ self.weight + self.bias).argmax(-1).tolist()]
-
-
-def fit_probe(judge: DemoCLIPJudge, n_train: int, n_test: int, seed: int, l2: float = 1e-5) -> ShapeProbe:
-    """Fit the probe on ``n_train`` rendered crops per class (L-BFGS, ``l2`` weight penalty) and score it on
-    ``n_test`` fresh ones per class."""
-    data = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        rng = np.random.default_rng([seed, split == "test"])
-        feats, labels = [], []
-        for k, label in enumerate(PROBE_CLASSES):
-            feats.append(judge.features(probe_crops(rng, label, n)))
-            labels += [k] * n
-        data[split] = torch.cat(feats), torch.tensor(labels)
-    x, y = data["train"]
-    weight = torch.zeros(x.shape[1], len(PROBE_CLASSES), requires_grad=True)
-    bias = torch.zeros(len(PROBE_CLASSES), requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(x @ weight + bias, y) + l2 * weight.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    weight, bias = weight.detach(), bias.detach()
-    tx, ty = data["test"]
-    pred = (tx @ weight + bias).argmax(-1)
-    recall = {c: float((pred[ty == k] == k).float().mean()) for k, c in enumerate(PROBE_CLASSES)}
-    return ShapeProbe(weight, bias, float((pred == ty).float().mean()), recall)
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95 % by default); (0, 1) when ``n`` is 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # -- sampling ---------------------------------------------------------------------------------------------------
@@ -129,131 +91,259 @@ def generate(method: str, pipes: dict, loras: list[Path], boxes, seed: int, step
         pipes["plain"].enable_lora()
         pipes["plain"].set_adapters(["merged_0", "merged_1"], [1.0, 1.0])
         return pipes["plain"](prompt, **common).images[0]
-    config = ComposerConfig() if method == "composer" else ComposerConfig(
-        concept_isolation=False, latent_optimization=False, latent_reinit=False)
     concepts = [Concept(lora=path, prompt=c.prompt, box=box, name=c.name, tokens=[c.trigger, c.shape])
                 for path, c, box in zip(loras, DEMO_CONCEPTS, boxes)]
-    return pipes["composer"](prompt, concepts=concepts, composer=config, **common).images[0]
+    return pipes["composer"](prompt, concepts=concepts, composer=ComposerConfig(**METHODS[method]),
+                             **common).images[0]
 
 
 def score(judge: DemoCLIPJudge, probe: ShapeProbe, image, boxes) -> list[dict]:
     """Per concept: the probe's shape and the zero-shot colour of its box crop."""
     crops = [object_crop(image, box=box) for box in boxes]
-    shapes = probe(judge, crops)
+    shapes = probe.classify(crops)
     _, colours = judge.classify(crops)
     out = []
     for n, concept in enumerate(DEMO_CONCEPTS):
         other = DEMO_CONCEPTS[1 - n]
-        out.append({"in_box": shapes[n] == concept.shape, "confused": shapes[n] == other.shape,
-                    "missing": shapes[n] not in (concept.shape, other.shape), "colour": colours[n] == concept.colour,
-                    "shape": shapes[n]})
+        out.append({"shape": shapes[n] == concept.shape, "colour": colours[n] == concept.colour,
+                    "placed": shapes[n] == concept.shape and colours[n] == concept.colour,
+                    "swapped": colours[n] == other.colour, "drawn": shapes[n], "drawn_colour": colours[n]})
     return out
 
 
-def concept_alone(pipe, judge: DemoCLIPJudge, probe: ShapeProbe, n_seeds: int, steps: int, guidance: float) -> str:
+def concept_alone(pipe, judge: DemoCLIPJudge, probe: ShapeProbe, n: int, steps: int, guidance: float) -> dict:
     """Each LoRA alone on the whole canvas ("a sks hexagon", seeds 0..n-1), the drawn shape cropped: does the model
-    draw the concept at all, before any composition?"""
-    lines = []
-    for concept in DEMO_CONCEPTS:
+    draw the concept at all, before any composition? Shape, colour and both, each a rate over ``n``."""
+    out = {}
+    for i, concept in enumerate(DEMO_CONCEPTS):
         pipe.enable_lora()
-        pipe.set_adapters([f"merged_{DEMO_CONCEPTS.index(concept)}"])
-        images = pipe([concept.prompt] * n_seeds, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=[torch.Generator().manual_seed(i) for i in range(n_seeds)]).images
+        pipe.set_adapters([f"merged_{i}"])
+        images = pipe([concept.prompt] * n, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=[torch.Generator().manual_seed(s) for s in range(n)]).images
         crops = [object_crop(image) for image in images]
-        shapes = probe(judge, crops)
-        colours = judge.classify(crops)[1]
-        lines.append(f"{concept.prompt!r} alone: shape {np.mean([s == concept.shape for s in shapes]):.1%}, colour "
-                     f"{np.mean([c == concept.colour for c in colours]):.1%} of {n_seeds} (most drawn: "
-                     f"{max(set(shapes), key=shapes.count)})")
-    return "\n".join(lines)
+        shapes, colours = probe.classify(crops), judge.classify(crops)[1]
+        out[concept.prompt] = {"n": n, "shape": float(np.mean([s == concept.shape for s in shapes])),
+                               "colour": float(np.mean([c == concept.colour for c in colours])),
+                               "both": float(np.mean([s == concept.shape and c == concept.colour
+                                                      for s, c in zip(shapes, colours)])),
+                               "most_drawn": max(set(shapes), key=shapes.count)}
+    return out
+
+
+# -- attribute binding of two-object prompts ---------------------------------------------------------------------
+
+def two_objects(image, min_pixels: int = 12) -> list:
+    """The two largest shapes of a canvas as 32×32 crops centred on each (the other shape painted over with the
+    background), largest first; fewer when fewer stand out."""
+    from PIL import Image
+    from scipy import ndimage
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = np.median(border, axis=0)
+    labels, n = ndimage.label(np.abs(pixels - background).max(-1) > 40)
+    sizes = ndimage.sum(np.ones_like(labels), labels, range(1, n + 1))
+    keep = [k + 1 for k in np.argsort(sizes)[::-1][:2] if sizes[k] >= min_pixels]
+    crops = []
+    for k in keep:
+        own = pixels.copy()
+        own[(labels != k) & (labels > 0)] = background
+        cy, cx = np.argwhere(labels == k).mean(0)
+        h, w = labels.shape
+        top, left = int(np.clip(round(cy - 16), 0, h - 32)), int(np.clip(round(cx - 16), 0, w - 32))
+        crops.append(Image.fromarray(own.clip(0, 255).astype(np.uint8)).crop((left, top, left + 32, top + 32)))
+    return crops
+
+
+def bind_verdict(asked: list[tuple[str, str]], drawn: list[tuple[str, str]]) -> dict[str, bool]:
+    """Two asked (shape, colour) pairs against the two drawn ones: ``both_shapes`` = the drawn shapes are the asked
+    two; ``bound`` = each also in its own colour; ``swapped`` = each in the other's colour."""
+    (s1, c1), (s2, c2) = asked
+    if len(drawn) != 2 or {s for s, _ in drawn} != {s1, s2}:
+        return {"both_shapes": False, "bound": False, "swapped": False}
+    colour = dict(drawn)
+    return {"both_shapes": True, "bound": colour[s1] == c1 and colour[s2] == c2,
+            "swapped": colour[s1] == c2 and colour[s2] == c1}
+
+
+def binding(pipe, judge: DemoCLIPJudge, probe: ShapeProbe, n: int, steps: int, guidance: float,
+            seed: int = 0) -> dict:
+    """``n`` prompts "a <c1> <s1> and a <c2> <s2>" (distinct seen shapes, distinct colours, image i seeded
+    ``seed + i``) drawn by ``pipe``: how often both shapes are drawn, how often each in its own colour (bound) and how
+    often with the colours exchanged (swapped)."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        shapes = rng.choice(world.SEEN_SHAPES, 2, replace=False)
+        colours = rng.choice(world.COLOURS, 2, replace=False)
+        pairs.append(list(zip(shapes.tolist(), colours.tolist())))
+    counts = {"both_shapes": 0, "bound": 0, "swapped": 0}
+    pipe.disable_lora()
+    for i in range(0, n, 16):
+        chunk = pairs[i:i + 16]
+        prompts = [" and ".join(world.canvas_phrase(s, c) for s, c in pair) for pair in chunk]
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=[torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]).images
+        for pair, image in zip(chunk, images):
+            crops = two_objects(image)
+            if len(crops) < 2:
+                continue
+            verdict = bind_verdict(pair, list(zip(probe.classify(crops), judge.classify(crops)[1])))
+            for key in counts:
+                counts[key] += verdict[key]
+    out = {"prompts": n, **counts}
+    for key in ("both_shapes", "bound", "swapped"):
+        out[f"{key}_rate"] = counts[key] / n
+        out[f"{key}_interval"] = wilson(counts[key], n)
+    return out
+
+
+# -- reporting -------------------------------------------------------------------------------------------------
+
+def summary(per_image: list[list[dict]]) -> dict:
+    """Rates over boxes (shape, colour, placed, swapped), per concept (``placed_<name>`` and its Wilson interval)
+    and per image (``both_placed`` and its interval)."""
+    flat = [b for image in per_image for b in image]
+    both = sum(all(b["placed"] for b in image) for image in per_image)
+    out = {k: float(np.mean([b[k] for b in flat])) for k in ("shape", "colour", "placed", "swapped")}
+    for n, concept in enumerate(DEMO_CONCEPTS):
+        hits = sum(image[n]["placed"] for image in per_image)
+        out[f"placed_{concept.name}"] = hits / len(per_image)
+        out[f"placed_{concept.name}_interval"] = wilson(hits, len(per_image))
+    out.update(images=len(per_image), boxes=len(flat), both_placed=both / len(per_image),
+               both_placed_interval=wilson(both, len(per_image)))
+    return out
+
+
+def _rate(rate: float, interval: tuple[float, float]) -> str:
+    return f"{rate:6.1%} [{interval[0]:5.1%}, {interval[1]:5.1%}]"
 
 
 def table(rows: dict[str, list[list[dict]]]) -> str:
-    head = f"{'method':<20} {'boxes':>5} {'in box':>7} {'confused':>9} {'missing':>8} {'colour':>7} {'both in':>8}"
+    """One line per method: box rates, each concept placed and both placed with their 95 % Wilson intervals."""
+    names = [c.shape for c in DEMO_CONCEPTS]
+    head = (f"{'method':<17} {'images':>6} {'shape':>6} {'colour':>7} {'placed':>7} {'swapped':>8} "
+            + " ".join(f"{n + ' placed [95% CI]':>24}" for n in names) + f" {'both placed [95% CI]':>24}")
     lines = [head]
     for method, per_image in rows.items():
-        flat = [b for image in per_image for b in image]
-        both = np.mean([all(b["in_box"] for b in image) for image in per_image])
-        mean = {k: np.mean([b[k] for b in flat]) for k in ("in_box", "confused", "missing", "colour")}
-        lines.append(f"{method:<20} {len(flat):>5} {mean['in_box']:>7.1%} {mean['confused']:>9.1%} "
-                     f"{mean['missing']:>8.1%} {mean['colour']:>7.1%} {both:>8.1%}")
+        s = summary(per_image)
+        each = " ".join(f"{_rate(s[f'placed_{c.name}'], s[f'placed_{c.name}_interval']):>24}" for c in DEMO_CONCEPTS)
+        lines.append(f"{method:<17} {s['images']:>6} {s['shape']:>6.1%} {s['colour']:>7.1%} {s['placed']:>7.1%} "
+                     f"{s['swapped']:>8.1%} {each} {_rate(s['both_placed'], s['both_placed_interval']):>24}")
     return "\n".join(lines)
 
 
-def save_grid(images: dict[str, list], layouts: list, path: Path, cols: int) -> None:
-    """Rows = methods, columns = the first ``cols`` samples, ×3 upscaled, boxes outlined in the concepts' order
-    (orange = first concept, blue = second)."""
+def save_grid(images: dict[str, list], columns: list[tuple[str, int, list]], path: Path, cols: int) -> None:
+    """Rows = methods (named on the left), columns = the first ``cols`` samples (layout and seed on top), ×3
+    upscaled, boxes outlined in the concepts' order (orange = first concept, blue = second). Written atomically."""
     from PIL import Image, ImageDraw
 
-    side = world.CANVAS_SIZE * 3
-    grid = Image.new("RGB", (cols * (side + 4), len(images) * (side + 4)), "white")
-    for r, imgs in enumerate(images.values()):
-        for c, (image, boxes) in enumerate(zip(imgs[:cols], layouts[:cols])):
+    from visadapt.utils import atomic_path
+
+    side, gap, left, top = world.CANVAS_SIZE * 3, 4, 118, 30
+    grid = Image.new("RGB", (left + cols * (side + gap), top + len(images) * (side + gap)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, (layout, seed, _) in enumerate(columns[:cols]):
+        draw.text((left + c * (side + gap) + 4, 2), f"{layout}\nseed {seed}", fill="black")
+    for r, (method, imgs) in enumerate(images.items()):
+        draw.text((4, top + r * (side + gap) + side // 2 - 6), method, fill="black")
+        for c, (image, (_, _, boxes)) in enumerate(zip(imgs[:cols], columns[:cols])):
             big = image.resize((side, side), Image.Resampling.NEAREST)
-            draw = ImageDraw.Draw(big)
+            box_draw = ImageDraw.Draw(big)
             for box, colour in zip(boxes, ("#ff9900", "#3399ff")):
-                draw.rectangle([box[0] * side, box[1] * side, box[2] * side - 1, box[3] * side - 1], outline=colour)
-            grid.paste(big, (c * (side + 4), r * (side + 4)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+                box_draw.rectangle([box[0] * side, box[1] * side, box[2] * side - 1, box[3] * side - 1],
+                                   outline=colour)
+            grid.paste(big, (left + c * (side + gap), top + r * (side + gap)))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
 
 
-def main() -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, ``--grid`` resolved (default: under ``--out``, never the docs' copy)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--full", action="store_true", help="25 seeds per layout instead of 4")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per layout (overrides --full)")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per layout (images per method: 4 x seeds)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds --first-seed .. --first-seed + --seeds - 1 (runs side by side, merged after)")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, of {', '.join(METHODS)} (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (DPM-Solver)")
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--concept-steps", type=int, default=DEMO_STEPS)
+    parser.add_argument("--alone", type=int, default=100, help="samples of each concept alone (0: skip)")
+    parser.add_argument("--binding", type=int, default=0, help="two-object prompts for attribute binding (0: skip)")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train the demo concepts into --out/concepts instead of using the shipped files")
     parser.add_argument("--out", type=Path, default=Path("runs/composition_quality"),
-                        help="concept runs (cached) and results.json")
-    parser.add_argument("--grid", type=Path, default=Path("docs/composition_quality.png"))
+                        help="results.json, the grid, the shape probe and retrained concepts")
+    parser.add_argument("--grid", type=Path, default=None,
+                        help="where the grid goes (default: --out/composition_quality.png; the docs' copy is "
+                             "docs/composition_quality.png)")
     parser.add_argument("--model", type=Path, default=WORLD_MODEL_DIR, help="world model folder")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    args.grid = args.grid or args.out / "composition_quality.png"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    methods = args.methods
     torch.set_num_threads(args.threads)
-    n_seeds = args.seeds or (25 if args.full else 4)
+    grid_path = args.grid
 
     start = time.perf_counter()
-    loras = [train_demo_concept(c, args.out / "concepts", steps=args.concept_steps, model_dir=args.model)
-             for c in DEMO_CONCEPTS]
-    trained = time.perf_counter() - start
-    judge = DemoCLIPJudge()
-    probe = fit_probe(judge, n_train=512, n_test=128, seed=0)
-    ceiling = ", ".join(f"{c.shape} {probe.recall[c.shape]:.1%}" for c in DEMO_CONCEPTS)
-    print(f"concepts ready in {trained:.0f} s; shape probe accuracy on rendered crops: {probe.accuracy:.1%} "
-          f"({len(PROBE_CLASSES)} classes, chance {1 / len(PROBE_CLASSES):.1%}); on the concepts' shapes: {ceiling}")
+    loras = demo_lora_files(args.out / "concepts" if args.retrain else None, model_dir=args.model)
     pipes = {"plain": load_world_model(args.model),
              "composer": load_world_model(args.model, pipeline_class=LoRAComposerPipeline)}
     for i, path in enumerate(loras):
         pipes["plain"].load_lora_weights(str(path), adapter_name=f"merged_{i}")
 
-    jobs = [(name, boxes, seed) for seed in range(n_seeds) for name, boxes in LAYOUTS.items()]
-    rows: dict[str, list] = {m: [] for m in METHODS}
-    images: dict[str, list] = {m: [] for m in METHODS}
+    # Draw first, judge after: the probe's fit (or its cached file) is needed only then.
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    jobs = [(name, seed, boxes) for seed in seeds for name, boxes in LAYOUTS.items()]
+    images: dict[str, list] = {m: [] for m in methods}
     seconds = {}
-    for method in METHODS:
+    for method in methods:
         t0 = time.perf_counter()
-        for _, boxes, seed in jobs:
-            image = generate(method, pipes, loras, boxes, seed, args.steps, args.guidance)
-            images[method].append(image)
-            rows[method].append(score(judge, probe, image, boxes))
+        images[method] = [generate(method, pipes, loras, boxes, seed, args.steps, args.guidance)
+                          for _, seed, boxes in jobs]
         seconds[method] = time.perf_counter() - t0
         print(f"{method}: {len(jobs)} images in {seconds[method]:.0f} s", flush=True)
 
-    alone = concept_alone(pipes["plain"], judge, probe, 4 * n_seeds, args.steps, args.guidance)
+    judge = DemoCLIPJudge()
+    probe = fit_shape_probe(cache=args.out / "shape_probe.safetensors")
+    ceiling = ", ".join(f"{c.shape} {probe.recall[c.shape]:.1%}" for c in DEMO_CONCEPTS)
+    print(f"shape probe accuracy on rendered crops: {probe.accuracy:.1%} ({len(PROBE_CLASSES)} classes, chance "
+          f"{1 / len(PROBE_CLASSES):.1%}); on the concepts' shapes: {ceiling}", flush=True)
+    rows = {m: [score(judge, probe, image, boxes) for image, (_, _, boxes) in zip(images[m], jobs)]
+            for m in methods}
+
+    alone = concept_alone(pipes["plain"], judge, probe, args.alone, args.steps, args.guidance) if args.alone else {}
+    for prompt, a in alone.items():
+        print(f"{prompt!r} alone: shape {a['shape']:.1%}, colour {a['colour']:.1%}, both {a['both']:.1%} of "
+              f"{a['n']} (most drawn: {a['most_drawn']})", flush=True)
+    bound = binding(pipes["plain"], judge, probe, args.binding, args.steps, args.guidance) if args.binding else {}
+    if bound:
+        print(f"binding, {bound['prompts']} two-object prompts (base model): both shapes drawn "
+              f"{bound['both_shapes_rate']:.1%}, bound {bound['bound_rate']:.1%} "
+              f"[{bound['bound_interval'][0]:.1%}, {bound['bound_interval'][1]:.1%}], swapped "
+              f"{bound['swapped_rate']:.1%} [{bound['swapped_interval'][0]:.1%}, "
+              f"{bound['swapped_interval'][1]:.1%}]", flush=True)
+
     text = table(rows)
-    print(f"\n{alone}\n\n{n_seeds} seeds x {len(LAYOUTS)} layouts, {args.steps} steps, guidance {args.guidance}")
+    print(f"\n{args.seeds} seeds x {len(LAYOUTS)} layouts, {args.steps} steps, guidance {args.guidance}")
     print(text)
-    save_grid(images, [boxes for _, boxes, _ in jobs], args.grid, cols=min(8, len(jobs)))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(
-        {"seeds": n_seeds, "layouts": list(LAYOUTS), "steps": args.steps, "guidance": args.guidance,
-         "probe_accuracy": probe.accuracy, "probe_recall": probe.recall, "seconds": seconds, "table": text,
-         "alone": alone,
-         "boxes": {m: [[{k: v for k, v in b.items()} for b in image] for image in rows[m]] for m in METHODS}},
-        indent=1))
-    print(f"grid: {args.grid}; total {(time.perf_counter() - start) / 60:.1f} min")
+    save_grid(images, jobs, grid_path, cols=min(8, len(jobs)))
+    save_json_atomic({"seeds": list(seeds), "layouts": list(LAYOUTS), "steps": args.steps, "guidance": args.guidance,
+                      "loras": [str(p) for p in loras], "probe_accuracy": probe.accuracy,
+                      "probe_recall": probe.recall, "seconds": seconds, "alone": alone, "binding": bound,
+                      "table": text, "summary": {m: summary(rows[m]) for m in methods},
+                      "boxes": rows}, args.out / "results.json")
+    print(f"grid: {grid_path}; results: {args.out / 'results.json'}; total "
+          f"{(time.perf_counter() - start) / 60:.1f} min")
     return 0
 
 

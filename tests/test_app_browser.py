@@ -9,6 +9,7 @@ the image in the gallery. A full-page screenshot goes to $VISADAPT_TEST_ARTIFACT
 import io
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,24 @@ def test_the_whole_preview_canvas_is_visible_and_clickable(served, page):
     page.wait_for_function("el => Math.abs(parseFloat(el.value) - 0.1) < 0.02", arg=xmin.element_handle())
     values = [float(page.get_by_label(f"{k} 2", exact=True).input_value()) for k in ("xmin", "ymin", "xmax", "ymax")]
     assert values == pytest.approx([0.1, 0.0, 0.4, 0.5], abs=0.02)
+
+
+def test_the_demo_button_fills_the_shipped_concepts_within_seconds_then_generates(served, page):
+    url, _ = served
+    page.goto(url)
+    page.locator("button", has_text="Make two demo LoRAs").first.click()
+    # The shipped demo concepts are copied, not trained: both slots are filled within 10 s.
+    start = time.perf_counter()
+    page.get_by_label("sks_hexagon.safetensors").first.wait_for(timeout=10_000)  # the File's filename cell
+    page.get_by_label("zwx_heart.safetensors").first.wait_for(timeout=10_000)
+    assert time.perf_counter() - start < 10
+    assert page.get_by_label("Name 1", exact=True).input_value() == "sks_hexagon"
+    assert page.get_by_label("Regional prompt 2", exact=True).input_value() == "a zwx heart"
+    page.get_by_text("Loaded the 2 shipped demo concept LoRAs.").first.wait_for()
+    page.locator("button", has_text="Generate").first.click()
+    image = page.locator("img[src*='composed-seed']").first
+    image.wait_for(state="visible", timeout=GENERATION_MS)
+    assert image.evaluate("img => img.complete && img.naturalWidth") == 64
+    page.get_by_text("sks_hexagon@1").first.wait_for()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "composer-app-demo.png"), full_page=True)

@@ -116,7 +116,8 @@ def test_a_wheel_installs_the_kernels_as_visadapt_kernels_and_ships_the_worlds_w
     weights = sorted(p.relative_to(shipped) for folder in ("demo_clip", "demo_vit", "world_model")
                      for p in (shipped / folder).rglob("*") if p.is_file())
     installed = target / "visadapt" / "utils" / "worlds"
-    assert len(weights) == 15 and all((installed / p).is_file() for p in weights), weights
+    # 15 model files, and the world model's two demo concept LoRAs with their concepts.json
+    assert len(weights) == 18 and all((installed / p).is_file() for p in weights), weights
     lists = sorted(p.name for p in (ROOT / "visadapt" / "incremental" / "index_lists").iterdir())
     assert all((target / "visadapt" / "incremental" / "index_lists" / n).is_file() for n in lists), lists
     code = ("import visadapt.kernels as k, visadapt.utils.measure\n"

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from conftest import pretrain_script
 
 from visadapt.diffusion.concept.demo import DEMO_CONCEPTS
+from visadapt.utils.worlds import judge
 from visadapt.utils.worlds import shapes as world
 from visadapt.utils.worlds.judge import DemoCLIPJudge, object_crop, recognition
 from visadapt.utils.worlds.models import DEMO_CLIP_DIR, WORLD_MODEL_DIR, load_world_model
@@ -107,6 +109,43 @@ def test_demo_loras_are_trained_concepts_that_change_the_output(tmp_path):
     plain, composed = (app_pipe(prompt, concepts=cs, num_inference_steps=3,
                                 generator=torch.Generator().manual_seed(0)).images[0] for cs in ([], placed))
     assert np.abs(np.asarray(plain, float) - np.asarray(composed, float)).mean() > 1.0
+
+
+def test_the_demo_button_copies_the_shipped_concepts_and_retrains_with_progress(tmp_path):
+    from visadapt.apps import composer
+    from visadapt.diffusion.concept.demo import SHIPPED_DIR, shipped_lora_files
+    from visadapt.pipelines import LoRAComposerPipeline
+
+    app_pipe = load_world_model(pipeline_class=LoRAComposerPipeline)
+    start = time.perf_counter()
+    files = composer.make_demo_loras(app_pipe, tmp_path / "shipped")
+    assert time.perf_counter() - start < 10  # copied, not trained
+    assert [f.name for f in files] == [f"{c.name}.safetensors" for c in DEMO_CONCEPTS]
+    assert all(f.parent == tmp_path / "shipped" and f.read_bytes() == s.read_bytes()
+               for f, s in zip(files, shipped_lora_files()))
+    record = json.loads((SHIPPED_DIR / "concepts.json").read_text())
+    assert record["command"].endswith("python -m visadapt.diffusion.concept.demo --ship")
+    for f, concept in zip(files, DEMO_CONCEPTS):  # each fits the world model and loads as a diffusers LoRA
+        app_pipe.load_lora_weights(str(f), adapter_name=concept.name)
+    assert set(app_pipe.get_list_adapters()["unet"]) >= {c.name for c in DEMO_CONCEPTS}
+
+    calls = []
+    trained = composer.make_demo_loras(load_world_model(pipeline_class=LoRAComposerPipeline), tmp_path / "trained",
+                                       steps=2, train=True, progress=lambda *a: calls.append(a))
+    assert calls == [(0, 2, 1, 2), (0, 2, 2, 2), (1, 2, 1, 2), (1, 2, 2, 2)]
+    assert all(f.is_file() and tmp_path / "trained" in f.parents for f in trained)
+    assert composer.training_progress_text(0, 2, 120, 400) == "training concept 1/2: step 120/400"
+
+
+def test_the_shape_probe_names_rendered_shapes_and_round_trips(tmp_path):
+    fit = dict(n_train=96, n_test=16, epochs=4, batch_size=32, cache=tmp_path / "probe.safetensors")
+    probe = judge.fit_shape_probe(**fit)
+    assert probe.accuracy > 2 / len(judge.PROBE_CLASSES), probe.recall  # above chance after a few seconds' fit
+    saved = next(tmp_path.glob("probe_96x4b32blur1.5_s0.safetensors"))
+    again = judge.fit_shape_probe(**fit)  # loaded, not fitted again
+    assert again.accuracy == probe.accuracy and again.recall == probe.recall and saved.is_file()
+    crops = judge.probe_crops(np.random.default_rng(5), "empty", 4)
+    assert probe.classify(crops) == again.classify(crops)
 
 
 def test_pretraining_data_holds_no_held_out_shape():
