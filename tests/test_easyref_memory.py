@@ -23,8 +23,8 @@ torch.set_num_threads(1)
 from visadapt.diffusion.easyref.config import EasyRefTrainConfig
 from visadapt.diffusion.easyref.train import EasyRefTrainer
 data, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-cfg = EasyRefTrainConfig(stage=3, data=data, model="tiny-sdxl", mllm="tiny", steps=1, max_refs=n, holdout=False,
-                         truncate_rate=0.0, ref_drop=0.0, text_drop=0.0, both_drop=0.0, precision="no")
+cfg = EasyRefTrainConfig(stage=3, data=data, model="tiny-sdxl", mllm="tiny", steps=1, grad_accum=1, max_refs=n,
+                         holdout=False, truncate_rate=0.0, ref_drop=0.0, text_drop=0.0, both_drop=0.0, precision="no")
 trainer = EasyRefTrainer(cfg, out)
 trainer.run()
 m = trainer.step_memory

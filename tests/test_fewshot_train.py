@@ -270,7 +270,7 @@ def test_cli_train_eval_zeroshot_report(tiny_clip, colours, tmp_path):
     assert "zero-shot top-1" in _cli("fewshot", "zeroshot", *common).stdout
     _cli("fewshot", "report", str(tmp_path / "s1"), str(tmp_path / "s2"), "--out", str(tmp_path / "report"))
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "comp-lora" in report and "(2)" in report  # two seeds averaged in one cell
+    assert "comp-lora" in report and "(2 seeds)" in report  # two seeds averaged in one cell
     assert (tmp_path / "report" / "accuracy_vs_shots.png").stat().st_size > 1000
 
 
