@@ -15,13 +15,11 @@ Which tests run where:
 
 import importlib
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from interpreted import require_interpreted_run
 
 from visadapt import kernels
 from visadapt.kernels import backend as kernel_backend
@@ -615,15 +613,8 @@ def test_triton_dropout_runs_the_kernels(triton_backend):
 def test_triton_kernels_under_the_interpreter():
     """Run the test_triton_* tests above in a fresh interpreter-mode process (TRITON_INTERPRET must be set before
     triton.jit runs) and require that they ran and passed."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "VISADAPT_KERNELS": "triton"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_triton_",
-                           str(Path(__file__))], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=Path(__file__).parent.parent)
-    tail = proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary, tail
-    assert int(summary.split(" passed")[0].split()[-1]) >= 10, tail  # fp32 + fp16 of each triton test
+    # fp32 + fp16 of each triton test
+    require_interpreted_run(__file__, "test_triton_", "triton", min_passed=10, timeout=300)
 
 
 @pytest.mark.parametrize("n_blocks,r", [(None, 3), (3, 3)], ids=["lora", "block3"])

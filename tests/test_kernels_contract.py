@@ -9,13 +9,11 @@ Shapes stay tiny: the interpreter runs each program of a grid in Python.
 """
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from interpreted import require_interpreted_run
 
 from visadapt import kernels
 from visadapt.kernels import backend as kernel_backend
@@ -373,15 +371,8 @@ def test_python_float_scales_are_copied_to_the_device_once():
 def test_contract_under_the_interpreter():
     """Re-run this file with TRITON_INTERPRET=1, so that each test above also runs with backend="triton" (the real
     kernels, interpreted on CPU); require that the triton cases ran and passed."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "VISADAPT_KERNELS": "auto"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
-                           str(Path(__file__))], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=Path(__file__).parent.parent)
-    tail = proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary and "skipped" not in summary, tail
-    assert int(summary.split(" passed")[0].split()[-1]) >= MIN_TRITON_CASES, tail
+    require_interpreted_run(__file__, "triton", "auto", min_passed=MIN_TRITON_CASES, timeout=600,
+                            allow_skipped=False)
 
 
 MIN_TRITON_CASES = 14  # the triton cases above: opcheck 3, peft 2, fp16 3, deterministic 3, sync 2, empty 1

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from interpreted import require_interpreted_run
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
@@ -378,12 +376,4 @@ def test_fused_dropout_training_resumes_bit_identically(launches, tmp_path):
                     reason="runs only as the parent of the interpreter run, on machines without CUDA")
 def test_fused_dropout_under_the_interpreter():
     """Run the test_fused_* tests above in a fresh TRITON_INTERPRET=1 process and require that they all passed."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "VISADAPT_KERNELS": "triton"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_fused_",
-                           str(Path(__file__))], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=Path(__file__).parent.parent)
-    tail = proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary, tail
-    assert int(summary.split(" passed")[0].split()[-1]) >= 15, tail
+    require_interpreted_run(__file__, "test_fused_", "triton", min_passed=15, timeout=600)
