@@ -137,14 +137,18 @@ def test_the_demo_button_copies_the_shipped_concepts_and_retrains_with_progress(
     assert composer.training_progress_text(0, 2, 120, 400) == "training concept 1/2: step 120/400"
 
 
-def test_the_shape_probe_names_rendered_shapes_and_round_trips(tmp_path):
-    fit = dict(n_train=96, n_test=16, epochs=4, batch_size=32, cache=tmp_path / "probe.safetensors")
+def test_the_shape_probe_tells_hexagons_from_circles_and_round_trips(tmp_path):
+    fit = dict(n_train=128, n_test=32, epochs=4, batch_size=32, cache=tmp_path / "probe.safetensors")
     probe = judge.fit_shape_probe(**fit)
-    assert probe.accuracy > 2 / len(judge.PROBE_CLASSES), probe.recall  # above chance after a few seconds' fit
-    saved = next(tmp_path.glob("probe_96x4b32blur1.5_s0.safetensors"))
+    # The first probe (global average pooling) reached 22 % accuracy on this fit and called hexagons circles; the
+    # hexagon is a demo concept, so a judge that cannot see its corners cannot score it.
+    assert probe.accuracy > 0.9 and min(probe.recall[s] for s in ("hexagon", "circle", "pentagon")) > 0.85, \
+        probe.recall
+    saved = next(tmp_path.glob("probe_v2_128x4b32blur1.5_s0.safetensors"))
     again = judge.fit_shape_probe(**fit)  # loaded, not fitted again
     assert again.accuracy == probe.accuracy and again.recall == probe.recall and saved.is_file()
-    crops = judge.probe_crops(np.random.default_rng(5), "empty", 4)
+    rng = np.random.default_rng(5)
+    crops = [c for shape in ("hexagon", "circle", "empty") for c in judge.probe_crops(rng, shape, 4)]
     assert probe.classify(crops) == again.classify(crops)
 
 

@@ -139,21 +139,28 @@ def _pixels(crops: Sequence) -> torch.Tensor:
 
 class ShapeProbe(torch.nn.Module):
     """Names the shape of a 32×32 crop among :data:`PROBE_CLASSES` from its silhouette (colour is the demo CLIP's
-    job): three 3×3 conv layers, global pooling, linear.
+    job): five 3×3 conv layers with batch norm, global max pooling, linear.
 
     The demo CLIP never saw the held-out shapes, and a linear probe on its image features finds only about half of
-    rendered hexagons (it calls them circles), so a concept drawn perfectly would score about 50 %. This CNN, fitted
-    by :func:`fit_shape_probe` on rendered crops of every class, separates them; :attr:`recall` holds its recall per
-    class on fresh rendered crops (what a perfectly drawn shape scores).
+    rendered hexagons (it calls them circles). A first CNN (three conv layers, global *average* pooling) still
+    confused hexagons, circles and pentagons (recall 66 %, 59 %, 82 % on rendered crops): averaging over the crop
+    throws away where the corners are. Max pooling keeps the strongest corner response wherever it is, and this
+    probe, fitted by :func:`fit_shape_probe` on rendered crops of every class, separates all 16 classes;
+    :attr:`recall` holds its recall per class on fresh rendered crops (what a perfectly drawn shape scores).
     """
+
+    version = 2  # in the fit cache's name: a cache of another architecture is never loaded
 
     def __init__(self) -> None:
         super().__init__()
         nn = torch.nn
-        self.net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                 nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                 nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(64, len(PROBE_CLASSES)))
+
+        def conv(c_in: int, c_out: int) -> list:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.net = nn.Sequential(*conv(1, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64), *conv(64, 64),
+                                 nn.MaxPool2d(2), *conv(64, 128), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                                 nn.Linear(128, len(PROBE_CLASSES)))
         self.accuracy: float = float("nan")
         self.recall: dict[str, float] = {}
 
@@ -194,7 +201,7 @@ class ShapeProbe(torch.nn.Module):
         return probe.eval()
 
 
-def fit_shape_probe(n_train: int = 1024, n_test: int = 128, epochs: int = 8, seed: int = 0,
+def fit_shape_probe(n_train: int = 1024, n_test: int = 128, epochs: int = 4, seed: int = 0,
                     cache=None, batch_size: int = 128, blur: float = 1.5) -> ShapeProbe:
     """Fit a :class:`ShapeProbe` on ``n_train`` rendered crops per class (:func:`probe_crops`; Adam lr 2e-3,
     ``batch_size``, ``epochs`` passes, the learning rate decayed linearly; the epoch best on ``n_test`` validation
@@ -202,9 +209,9 @@ def fit_shape_probe(n_train: int = 1024, n_test: int = 128, epochs: int = 8, see
     blurred (Gaussian, radius up to ``blur`` pixels): the world model draws softer edges than the renderer, and a
     probe fitted on sharp crops only called every soft hexagon a circle.
 
-    ``cache``: a ``.safetensors`` path; the settings are appended to its stem (``probe_1024x8b128blur1.5_s0``), a
-    probe already fitted there with the same settings is loaded, a new fit is saved there. About 4 minutes on one
-    idle CPU core.
+    ``cache``: a ``.safetensors`` path; the architecture's version and the settings are appended to its stem
+    (``probe_v2_1024x4b128blur1.5_s0``), a probe already fitted there with the same settings is loaded, a new fit is
+    saved there. About 3 minutes on one idle CPU core.
     """
     from pathlib import Path
 
@@ -212,8 +219,8 @@ def fit_shape_probe(n_train: int = 1024, n_test: int = 128, epochs: int = 8, see
 
     if cache is not None:
         cache = Path(cache)
-        cache = cache.with_name(f"{cache.stem}_{n_train}x{epochs}b{batch_size}blur{blur:g}_s{seed}"
-                                f"{cache.suffix or '.safetensors'}")
+        settings = f"v{ShapeProbe.version}_{n_train}x{epochs}b{batch_size}blur{blur:g}_s{seed}"
+        cache = cache.with_name(f"{cache.stem}_{settings}{cache.suffix or '.safetensors'}")
         if cache.is_file():
             return ShapeProbe.load(cache)
     data = {}
