@@ -81,7 +81,10 @@ def test_compose_two_loras_in_the_browser(served, page):
         # The innermost block labelled "LoRA i": an uploaded File drops its input, so no index across slots.
         block = page.locator(".block", has_text=f"LoRA {i} (.safetensors or ED-LoRA .pth)").last
         block.locator("input[type=file]").set_input_files(str(path))
-        page.get_by_text(path.name).first.wait_for()  # upload finished: the file is listed
+        # Upload finished: the File lists it. Its filename cell splits stem and suffix into two spans ("dog"
+        # ".safetensors"), so the full name is its aria-label, not its text: waiting for the text timed out in 3 of 6
+        # runs on busy cores with the file listed (it passed only when it caught the name elsewhere during the upload).
+        block.get_by_label(path.name, exact=True).wait_for()
         fill(page, f"Name {i}", name)
         fill(page, f"Regional prompt {i}", f"a photo of a {name}")
         for key, value in zip(("xmin", "ymin", "xmax", "ymax"), box):
