@@ -9,9 +9,11 @@ diagonal) by each method of ``--methods``:
 * ``set_adapters``: diffusers' multi-LoRA sampling, both LoRAs merged everywhere, same prompt;
 * ``injection``: LoRA-Composer with region injection only (isolation, latent optimisation, re-initialisation off);
 * ``composer``: LoRA-Composer with every part on (``ComposerConfig()``, the official settings);
-* ``composer -iso`` / ``-opt`` / ``-reinit``: the composer with one part off; ``composer ds1`` / ``ds2``: loss
-  maps at the latent's full or half resolution instead of a quarter (``loss_downsample``: on the 16×16 latent the
-  official quarter leaves loss maps 4 cells wide).
+* ``composer`` followed by modifiers, space-separated (``"composer ds1 -opt"``): ``-iso`` / ``-opt`` / ``-reinit``
+  turn one part off; ``ds1`` / ``ds2`` read the loss maps at the latent's full or half resolution instead of a
+  quarter (``loss_downsample``: the 16×16 latent has no attention at a quarter, so the official setting falls back
+  to the coarsest level, 8×8, which ``ds2`` names); ``step10`` / ``step5`` halve or quarter the latent
+  optimisation's step size (the official 20 was set on SD's 64×64 latents).
 
 Each box is cropped, resized to 32×32 and judged: its shape by the shape probe
 (:class:`visadapt.utils.worlds.judge.ShapeProbe`, a small CNN fitted on rendered crops of all 15 shapes plus empty
@@ -60,12 +62,33 @@ METHODS = {
     "set_adapters": None,
     "injection": dict(concept_isolation=False, latent_optimization=False, latent_reinit=False),
     "composer": {},
-    "composer -iso": dict(concept_isolation=False),
-    "composer -opt": dict(latent_optimization=False),
-    "composer -reinit": dict(latent_reinit=False),
-    "composer ds2": dict(loss_downsample=2),
-    "composer ds1": dict(loss_downsample=1),
 }
+# "composer" followed by any of these, space-separated: "composer ds1 -opt" is ds1 with the optimisation off
+COMPOSER_MODIFIERS = {
+    "-iso": dict(concept_isolation=False),
+    "-opt": dict(latent_optimization=False),
+    "-reinit": dict(latent_reinit=False),
+    "ds1": dict(loss_downsample=1),
+    "ds2": dict(loss_downsample=2),
+    "step10": dict(step_size=10.0),
+    "step5": dict(step_size=5.0),
+}
+
+
+def composer_overrides(method: str):
+    """The ComposerConfig overrides of ``method`` (None: not a composer method); KeyError for an unknown name."""
+    name, *modifiers = method.split()
+    overrides = METHODS[name]
+    if modifiers and name != "composer":
+        raise KeyError(method)
+    if overrides is None:
+        return None
+    out = dict(overrides)
+    for modifier in modifiers:
+        out.update(COMPOSER_MODIFIERS[modifier])
+    return out
+
+
 DEFAULT_METHODS = ("base", "set_adapters", "injection", "composer")
 
 
@@ -93,7 +116,7 @@ def generate(method: str, pipes: dict, loras: list[Path], boxes, seed: int, step
         return pipes["plain"](prompt, **common).images[0]
     concepts = [Concept(lora=path, prompt=c.prompt, box=box, name=c.name, tokens=[c.trigger, c.shape])
                 for path, c, box in zip(loras, DEMO_CONCEPTS, boxes)]
-    return pipes["composer"](prompt, concepts=concepts, composer=ComposerConfig(**METHODS[method]),
+    return pipes["composer"](prompt, concepts=concepts, composer=ComposerConfig(**composer_overrides(method)),
                              **common).images[0]
 
 
@@ -111,18 +134,21 @@ def score(judge: DemoCLIPJudge, probe: ShapeProbe, image, boxes) -> list[dict]:
     return out
 
 
-def concept_alone(pipe, judge: DemoCLIPJudge, probe: ShapeProbe, n: int, steps: int, guidance: float) -> dict:
-    """Each LoRA alone on the whole canvas ("a sks hexagon", seeds 0..n-1), the drawn shape cropped: does the model
-    draw the concept at all, before any composition? Shape, colour and both, each a rate over ``n``."""
+def concept_alone(pipe, judge: DemoCLIPJudge, probe: ShapeProbe, n: int, steps: int, guidance: float,
+                  first_seed: int = 0) -> dict:
+    """Each LoRA alone on the whole canvas ("a sks hexagon", seeds ``first_seed`` .. ``first_seed + n - 1``), the
+    drawn shape cropped: does the model draw the concept at all, before any composition? Shape, colour and both,
+    each a rate over ``n`` with its Wilson interval."""
     out = {}
     for i, concept in enumerate(DEMO_CONCEPTS):
         pipe.enable_lora()
         pipe.set_adapters([f"merged_{i}"])
         images = pipe([concept.prompt] * n, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=[torch.Generator().manual_seed(s) for s in range(n)]).images
+                      generator=[torch.Generator().manual_seed(first_seed + s) for s in range(n)]).images
         crops = [object_crop(image) for image in images]
         shapes, colours = probe.classify(crops), judge.classify(crops)[1]
-        out[concept.prompt] = {"n": n, "shape": float(np.mean([s == concept.shape for s in shapes])),
+        hits = sum(s == concept.shape for s in shapes)
+        out[concept.prompt] = {"n": n, "first_seed": first_seed, "shape": hits / n, "shape_interval": wilson(hits, n),
                                "colour": float(np.mean([c == concept.colour for c in colours])),
                                "both": float(np.mean([s == concept.shape and c == concept.colour
                                                       for s, c in zip(shapes, colours)])),
@@ -265,10 +291,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds --first-seed .. --first-seed + --seeds - 1 (runs side by side, merged after)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma-separated, of {', '.join(METHODS)} (default: %(default)s)")
+                        help=f"comma-separated, of {', '.join(METHODS)}, or 'composer' followed by modifiers "
+                             f"({' '.join(COMPOSER_MODIFIERS)}, e.g. 'composer ds1 -opt') (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (DPM-Solver)")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--alone", type=int, default=100, help="samples of each concept alone (0: skip)")
+    parser.add_argument("--alone-seed", type=int, default=0,
+                        help="first seed of the concepts-alone samples (the demo's steps were chosen on seeds 0-99; "
+                             "100 gives fresh ones)")
     parser.add_argument("--binding", type=int, default=0, help="two-object prompts for attribute binding (0: skip)")
     parser.add_argument("--retrain", action="store_true",
                         help="train the demo concepts into --out/concepts instead of using the shipped files")
@@ -281,9 +311,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
+    unknown = []
+    for method in args.methods:
+        try:
+            composer_overrides(method)
+        except KeyError:
+            unknown.append(method)
     if unknown:
-        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}, or 'composer' "
+                     f"followed by any of {' '.join(COMPOSER_MODIFIERS)}")
     args.grid = args.grid or args.out / "composition_quality.png"
     return args
 
@@ -321,10 +357,12 @@ def main(argv=None) -> int:
     rows = {m: [score(judge, probe, image, boxes) for image, (_, _, boxes) in zip(images[m], jobs)]
             for m in methods}
 
-    alone = concept_alone(pipes["plain"], judge, probe, args.alone, args.steps, args.guidance) if args.alone else {}
+    alone = (concept_alone(pipes["plain"], judge, probe, args.alone, args.steps, args.guidance, args.alone_seed)
+             if args.alone else {})
     for prompt, a in alone.items():
-        print(f"{prompt!r} alone: shape {a['shape']:.1%}, colour {a['colour']:.1%}, both {a['both']:.1%} of "
-              f"{a['n']} (most drawn: {a['most_drawn']})", flush=True)
+        print(f"{prompt!r} alone: shape {_rate(a['shape'], a['shape_interval']).strip()}, colour {a['colour']:.1%}, "
+              f"both {a['both']:.1%} of {a['n']} from seed {a['first_seed']} (most drawn: {a['most_drawn']})",
+              flush=True)
     bound = binding(pipes["plain"], judge, probe, args.binding, args.steps, args.guidance) if args.binding else {}
     if bound:
         print(f"binding, {bound['prompts']} two-object prompts (base model): both shapes drawn "

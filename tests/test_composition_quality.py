@@ -40,6 +40,16 @@ def test_the_grid_goes_under_out_unless_asked_and_names_rows_and_columns(bench, 
     assert (grid[:24] < 128).any()  # and above them: the layouts and seeds
 
 
+def test_composer_methods_take_modifiers_and_unknown_ones_are_refused(bench):
+    assert bench.composer_overrides("composer ds1 -opt") == {"loss_downsample": 1, "latent_optimization": False}
+    assert bench.composer_overrides("composer") == {} and bench.composer_overrides("set_adapters") is None
+    assert bench.parse_args(["--methods", "composer ds1 step5, injection"]).methods == ["composer ds1 step5",
+                                                                                       "injection"]
+    for wrong in ("injection ds1", "composer ds3", "composer -nothing"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--methods", wrong])
+
+
 def test_binding_verdict_tells_bound_from_swapped(bench):
     asked = [("star", "red"), ("circle", "blue")]
     assert bench.bind_verdict(asked, [("circle", "blue"), ("star", "red")]) == {
