@@ -248,13 +248,14 @@ def _rate(rate: float, interval: tuple[float, float]) -> str:
 def table(rows: dict[str, list[list[dict]]]) -> str:
     """One line per method: box rates, each concept placed and both placed with their 95 % Wilson intervals."""
     names = [c.shape for c in DEMO_CONCEPTS]
-    head = (f"{'method':<17} {'images':>6} {'shape':>6} {'colour':>7} {'placed':>7} {'swapped':>8} "
+    width = max([17, *map(len, rows)])
+    head = (f"{'method':<{width}} {'images':>6} {'shape':>6} {'colour':>7} {'placed':>7} {'swapped':>8} "
             + " ".join(f"{n + ' placed [95% CI]':>24}" for n in names) + f" {'both placed [95% CI]':>24}")
     lines = [head]
     for method, per_image in rows.items():
         s = summary(per_image)
         each = " ".join(f"{_rate(s[f'placed_{c.name}'], s[f'placed_{c.name}_interval']):>24}" for c in DEMO_CONCEPTS)
-        lines.append(f"{method:<17} {s['images']:>6} {s['shape']:>6.1%} {s['colour']:>7.1%} {s['placed']:>7.1%} "
+        lines.append(f"{method:<{width}} {s['images']:>6} {s['shape']:>6.1%} {s['colour']:>7.1%} {s['placed']:>7.1%} "
                      f"{s['swapped']:>8.1%} {each} {_rate(s['both_placed'], s['both_placed_interval']):>24}")
     return "\n".join(lines)
 

@@ -49,6 +49,7 @@ def test_generate_reports_every_step_and_returns_its_settings(pipe, loras):
     assert [c["name"] for c in settings["concepts"]] == ["cat", "dog"]
     assert settings["concepts"][1]["box"] == [0.5, 0.0, 1.0, 1.0] and settings["concepts"][1]["weight"] == 0.8
     assert settings["seed"] == 3 and settings["pipeline"] == "LoRAComposerPipeline"
+    assert settings["composer"]["loss_downsample"] == 4  # the official setting, unless asked
     # The concepts act on the image, and DECOR words reach the pipeline.
     plain, _ = composer.generate(pipe, prompt="a cat and a dog", seed=3, **FAST)
     assert plain.tobytes() != image.tobytes()
@@ -66,6 +67,7 @@ def test_generate_reports_every_step_and_returns_its_settings(pipe, loras):
     (dict(slots=[dict(prompt=" "), {}]), "regional prompt is empty"),
     (dict(slots=[dict(lora=None), {}]), "no LoRA file"),
     (dict(width=72), "multiple of 16"),
+    (dict(loss_downsample=3), "Loss-map downsampling must be one of 1, 2, 4"),
 ])
 def test_bad_input_raises_value_errors_that_say_what_to_fix(pipe, loras, change, message):
     kwargs = {**FAST, **{k: v for k, v in change.items() if k != "slots"}}
@@ -213,7 +215,10 @@ def test_api_generates_with_two_uploaded_loras(client, pipe, loras):
     endpoint = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]
     names = [p["parameter_name"] for p in endpoint["parameters"]]
     assert names[:3] == ["prompt", "negative_prompt", "n_concepts"] and "lora_4" in names
+    assert "loss_downsample" in names
     gallery, png, settings = api_call(client, loras)
+    # The app serves the world model: its 16×16 latent gets SD's 16×16 loss grid at downsampling 1, not 4.
+    assert composer.is_world_model(pipe) and settings["composer"]["loss_downsample"] == 1
     assert len(gallery) == 1 and "seed 1" in gallery[0]["caption"] and "dog@0.7" in gallery[0]["caption"]
     image = Image.open(png)
     assert image.format == "PNG" and image.size == (64, 64)
@@ -221,7 +226,7 @@ def test_api_generates_with_two_uploaded_loras(client, pipe, loras):
     assert [c["lora"] for c in settings["concepts"]] == ["cat.safetensors", "dog.safetensors"]
     # Same seed and settings through the API as through the plain function.
     direct, _ = composer.generate(pipe, prompt="a cat and a dog", concepts=two(loras, slots=[
-        {}, dict(weight=0.7)]), seed=1, **FAST)
+        {}, dict(weight=0.7)]), seed=1, loss_downsample=1, **FAST)
     assert Image.open(gallery[0]["image"]).convert("RGB").tobytes() == direct.tobytes()
 
 

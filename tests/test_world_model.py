@@ -113,7 +113,7 @@ def test_demo_loras_are_trained_concepts_that_change_the_output(tmp_path):
 
 def test_the_demo_button_copies_the_shipped_concepts_and_retrains_with_progress(tmp_path):
     from visadapt.apps import composer
-    from visadapt.diffusion.concept.demo import SHIPPED_DIR, shipped_lora_files
+    from visadapt.diffusion.concept.demo import DEMO_STEPS, SHIPPED_DIR, shipped_lora_files
     from visadapt.pipelines import LoRAComposerPipeline
 
     app_pipe = load_world_model(pipeline_class=LoRAComposerPipeline)
@@ -125,6 +125,7 @@ def test_the_demo_button_copies_the_shipped_concepts_and_retrains_with_progress(
                for f, s in zip(files, shipped_lora_files()))
     record = json.loads((SHIPPED_DIR / "concepts.json").read_text())
     assert record["command"].endswith("python -m visadapt.diffusion.concept.demo --ship")
+    assert record["steps"] == DEMO_STEPS  # the shipped files are what --train-demo-loras retrains
     for f, concept in zip(files, DEMO_CONCEPTS):  # each fits the world model and loads as a diffusers LoRA
         app_pipe.load_lora_weights(str(f), adapter_name=concept.name)
     assert set(app_pipe.get_list_adapters()["unet"]) >= {c.name for c in DEMO_CONCEPTS}
