@@ -48,10 +48,6 @@ DEFAULT_MAX_LORA_MB = 1024.0
 PORT = Range(1, 65535)  #: a TCP port (leave --port out for the first free one)
 LORA_SUFFIXES = (".safetensors", ".pth")  # .pth: Mix-of-Show ED-LoRA, loaded with torch.load(weights_only=True)
 PREVIEW_SIDE = 256  # the box preview's longer side in pixels
-# The refinement's loss maps: the latent downsampled by one of these. The official 4 gives SD-1.5 at 512 px 16×16 maps;
-# on the world model's 16×16 latent, 1 gives the same grid, and placed the hexagon concept in its box in 36 % of
-# images against 6.5 % at 4 (docs/benchmarks.md), so the app starts there on the world model.
-LOSS_DOWNSAMPLING = (1, 2, 4)
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231"]
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # Every per-concept field, as the API names it with the slot number appended (lora_1, prompt_1, …).
@@ -185,7 +181,7 @@ def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_promp
              steps: int = 20, guidance: float = 7.5, width: int = 512, height: int = 512,
              decor_words: str = "", decor_strength: float = 0.0, region_injection: bool = True,
              concept_isolation: bool = True, latent_optimization: bool = True, latent_reinit: bool = True,
-             loss_downsample: int = 4, max_lora_bytes: int = int(DEFAULT_MAX_LORA_MB * 2**20),
+             loss_downsample: Optional[int] = None, max_lora_bytes: int = int(DEFAULT_MAX_LORA_MB * 2**20),
              progress: Optional[Callable[[int, int], None]] = None, reference_images: Sequence = (),
              reference_scale: float = 1.0) -> tuple[Any, dict]:
     """One composed image and the settings that made it. Bad input raises ValueError (LoraFileError included).
@@ -194,8 +190,8 @@ def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_promp
     undesired words; DECOR is off when empty or ``decor_strength`` is 0. ``progress(step, total)`` is called after
     every sampling step. ``reference_images``: image paths for EasyRef (SDXL with EasyRef loaded), used at
     ``reference_scale``. With EasyRef loaded an empty ``negative_prompt`` is EasyRef's default one (the settings
-    record the text used). ``loss_downsample``: :class:`~visadapt.diffusion.ComposerConfig`'s (4, the official
-    setting, gives SD's 64×64 latents 16×16 loss maps; 1 gives the world model's 16×16 latents the same).
+    record the text used). ``loss_downsample``: passed as ``ComposerConfig.loss_downsample``, one of
+    :func:`loss_downsamplings` (None: :func:`default_loss_downsample`).
     """
     import torch
 
@@ -203,9 +199,8 @@ def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_promp
     from visadapt.version import __version__
 
     multiple = size_multiple(pipe)
-    width, height, steps, seed, loss_downsample = (
-        int(_number(label, v)) for label, v in (("Width", width), ("Height", height), ("Steps", steps),
-                                                ("Seed", seed), ("Loss-map downsampling", loss_downsample)))
+    width, height, steps, seed = (int(_number(label, v)) for label, v in (("Width", width), ("Height", height),
+                                                                          ("Steps", steps), ("Seed", seed)))
     guidance, decor_strength = _number("Guidance", guidance), _number("DECOR strength", decor_strength or 0.0)
     reference_scale = _number("Reference scale", reference_scale)
     for label, value in (("width", width), ("height", height)):
@@ -213,9 +208,7 @@ def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_promp
             raise ValueError(f"Image {label} {value} must be a positive multiple of {multiple} for this model.")
     if steps < 1:
         raise ValueError(f"Steps must be at least 1, got {steps}.")
-    if loss_downsample not in LOSS_DOWNSAMPLING:
-        raise ValueError(f"Loss-map downsampling must be one of {', '.join(map(str, LOSS_DOWNSAMPLING))}, got "
-                         f"{loss_downsample}.")
+    loss_downsample = _loss_downsample(pipe, loss_downsample)
     built = make_concepts(concepts, max_lora_bytes)
     words = [w.strip() for w in (decor_words or "").split(",") if w.strip()]
     decor = Decor(words=words, strength=float(decor_strength)) if words and float(decor_strength) > 0 else None
@@ -248,6 +241,39 @@ def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_promp
         "pipeline": type(pipe).__name__, "visadapt": __version__,
     }
     return image, settings
+
+
+def loss_downsamplings(pipe) -> list[int]:
+    """The loss-map downsampling factors the app offers: those at which ``pipe``'s UNet has cross-attention (any
+    other one would silently run at the coarsest of them)."""
+    from visadapt.diffusion.composer.refinement import attention_factors
+
+    return sorted(attention_factors(pipe.unet.config))
+
+
+def default_loss_downsample(pipe) -> int:
+    """1 on the world model, else the official 4 (where the UNet has no attention at 4: its coarsest level, as the
+    pipeline falls back).
+
+    The official 4 gives SD-1.5 at 512 px (64×64 latent) 16×16 loss maps; the world model's 16×16 latent gets the same
+    grid at 1, where the composer placed the hexagon concept in its box in 36 % of images against 6.5 % at the
+    official setting (which runs at 2 there: no attention at 4; docs/benchmarks.md).
+    """
+    from visadapt.diffusion.composer.refinement import loss_downsample_for
+
+    return 1 if is_world_model(pipe) else loss_downsample_for(pipe.unet, 4)
+
+
+def _loss_downsample(pipe, value: Optional[float]) -> int:
+    """The factor to run: ``value`` if the UNet has attention there, the default when None; else a ValueError."""
+    if value is None:
+        return default_loss_downsample(pipe)
+    factors = loss_downsamplings(pipe)
+    value = _number("Loss-map downsampling", value)
+    if value not in factors:
+        raise ValueError(f"Loss-map downsampling must be one of {', '.join(map(str, factors))} for this model (the "
+                         f"levels with cross-attention), got {value:g}.")
+    return int(value)
 
 
 def _references(pipe, images: Optional[Sequence], scale: float) -> dict:
@@ -526,7 +552,7 @@ def settings_fields(pipe) -> dict[str, Any]:
     sampling = sampling_fields(pipe)
     decor = decor_fields()
     references = reference_fields(pipe)
-    advanced = advanced_fields(loss_downsample=1 if is_world_model(pipe) else 4)
+    advanced = advanced_fields(loss_downsamplings(pipe), default_loss_downsample(pipe))
     return {**sampling, **decor, **advanced, **references}  # the API lists the references last
 
 
@@ -569,8 +595,8 @@ def reference_fields(pipe) -> dict[str, Any]:
     return dict(reference_images=images, reference_scale=scale)
 
 
-def advanced_fields(loss_downsample: int = 4) -> dict[str, Any]:
-    """LoRA-Composer's four switches, all on, and the loss maps' downsampling, folded away."""
+def advanced_fields(factors: Sequence[int], loss_downsample: int) -> dict[str, Any]:
+    """LoRA-Composer's four switches, all on, and the loss maps' downsampling (one of ``factors``), folded away."""
     import gradio as gr
 
     with gr.Accordion("Advanced", open=False):
@@ -578,8 +604,8 @@ def advanced_fields(loss_downsample: int = 4) -> dict[str, Any]:
         concept_isolation = gr.Checkbox(value=True, label="Concept isolation (boxes don't attend to each other)")
         latent_optimization = gr.Checkbox(value=True, label="Latent optimisation")
         latent_reinit = gr.Checkbox(value=True, label="Latent re-initialisation")
-        loss_downsample = gr.Radio(list(LOSS_DOWNSAMPLING), value=loss_downsample,
-                                   label="Loss maps: latent downsampled by (4: official, for SD; 1: the world model)")
+        loss_downsample = gr.Radio(list(factors), value=loss_downsample,
+                                   label="Loss maps: latent downsampled by (official: 4 on SD-1.5; world model: 1)")
     return dict(region_injection=region_injection, concept_isolation=concept_isolation,
                 latent_optimization=latent_optimization, latent_reinit=latent_reinit, loss_downsample=loss_downsample)
 

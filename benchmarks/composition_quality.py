@@ -38,6 +38,7 @@ import argparse
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -75,8 +76,9 @@ COMPOSER_MODIFIERS = {
 }
 
 
-def composer_overrides(method: str):
-    """The ComposerConfig overrides of ``method`` (None: not a composer method); KeyError for an unknown name."""
+def composer_overrides(method: str) -> Optional[dict]:
+    """The ComposerConfig overrides of ``method`` (None: not a composer method). KeyError for an unknown name, a
+    modifier on a method other than ``composer``, or two modifiers that set the same field ("composer ds1 ds2")."""
     name, *modifiers = method.split()
     overrides = METHODS[name]
     if modifiers and name != "composer":
@@ -85,7 +87,10 @@ def composer_overrides(method: str):
         return None
     out = dict(overrides)
     for modifier in modifiers:
-        out.update(COMPOSER_MODIFIERS[modifier])
+        change = COMPOSER_MODIFIERS[modifier]
+        if set(change) & (set(out) - set(overrides)):
+            raise KeyError(method)
+        out.update(change)
     return out
 
 
@@ -268,7 +273,9 @@ def save_grid(images: dict[str, list], columns: list[tuple[str, int, list]], pat
 
     from visadapt.utils import atomic_path
 
-    side, gap, left, top = world.CANVAS_SIZE * 3, 4, 118, 30
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    side, gap, top = world.CANVAS_SIZE * 3, 4, 30
+    left = max(118, 12 + math.ceil(max(map(measure, images))))  # the longest method name fits
     grid = Image.new("RGB", (left + cols * (side + gap), top + len(images) * (side + gap)), "white")
     draw = ImageDraw.Draw(grid)
     for c, (layout, seed, _) in enumerate(columns[:cols]):
@@ -298,9 +305,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (DPM-Solver)")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--alone", type=int, default=100, help="samples of each concept alone (0: skip)")
-    parser.add_argument("--alone-seed", type=int, default=0,
-                        help="first seed of the concepts-alone samples (the demo's steps were chosen on seeds 0-99; "
-                             "100 gives fresh ones)")
+    parser.add_argument("--alone-seed", type=int, default=100,
+                        help="first seed of the concepts-alone samples (default %(default)s: the demo's step count "
+                             "was chosen on seeds 0-99)")
     parser.add_argument("--binding", type=int, default=0, help="two-object prompts for attribute binding (0: skip)")
     parser.add_argument("--retrain", action="store_true",
                         help="train the demo concepts into --out/concepts instead of using the shipped files")
@@ -312,7 +319,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=WORLD_MODEL_DIR, help="world model folder")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.methods = list(dict.fromkeys(" ".join(m.split()) for m in args.methods.split(",") if m.strip()))
     unknown = []
     for method in args.methods:
         try:

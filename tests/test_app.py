@@ -49,7 +49,7 @@ def test_generate_reports_every_step_and_returns_its_settings(pipe, loras):
     assert [c["name"] for c in settings["concepts"]] == ["cat", "dog"]
     assert settings["concepts"][1]["box"] == [0.5, 0.0, 1.0, 1.0] and settings["concepts"][1]["weight"] == 0.8
     assert settings["seed"] == 3 and settings["pipeline"] == "LoRAComposerPipeline"
-    assert settings["composer"]["loss_downsample"] == 4  # the official setting, unless asked
+    assert settings["composer"]["loss_downsample"] == 1  # on the world model (tested below with the app's default)
     # The concepts act on the image, and DECOR words reach the pipeline.
     plain, _ = composer.generate(pipe, prompt="a cat and a dog", seed=3, **FAST)
     assert plain.tobytes() != image.tobytes()
@@ -67,7 +67,8 @@ def test_generate_reports_every_step_and_returns_its_settings(pipe, loras):
     (dict(slots=[dict(prompt=" "), {}]), "regional prompt is empty"),
     (dict(slots=[dict(lora=None), {}]), "no LoRA file"),
     (dict(width=72), "multiple of 16"),
-    (dict(loss_downsample=3), "Loss-map downsampling must be one of 1, 2, 4"),
+    (dict(loss_downsample=4), "Loss-map downsampling must be one of 1, 2 for this model"),  # no attention at 4
+    (dict(loss_downsample=1.5), "Loss-map downsampling must be one of 1, 2 for this model"),
 ])
 def test_bad_input_raises_value_errors_that_say_what_to_fix(pipe, loras, change, message):
     kwargs = {**FAST, **{k: v for k, v in change.items() if k != "slots"}}
@@ -117,6 +118,19 @@ def test_box_preview_draws_each_box_in_its_concept_colour():
     assert image.getpixel((1, 64)) == red  # left edge of the cat box
     assert image.getpixel((129, 64)) == green  # left edge of the dog box, half way across
     assert image.getpixel((200, 10)) != green  # above the dog box
+
+
+def test_the_loss_maps_offered_are_the_unets_attention_levels_and_start_where_the_composer_places_best(pipe):
+    from types import SimpleNamespace
+
+    sd15 = SimpleNamespace(name_or_path="runwayml/stable-diffusion-v1-5", unet=SimpleNamespace(config=SimpleNamespace(
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), mid_block_type="UNetMidBlock2DCrossAttn",
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)))
+    assert composer.loss_downsamplings(sd15) == [1, 2, 4, 8] and composer.default_loss_downsample(sd15) == 4
+    # The world model has attention at 1 and 2 only: 4 would silently run at 2, so it is not offered.
+    assert composer.loss_downsamplings(pipe) == [1, 2] and composer.default_loss_downsample(pipe) == 1
+    tiny = tiny_pipeline("sdxl")  # attention at 2 only: the official 4 falls back to it, as the pipeline does
+    assert composer.loss_downsamplings(tiny) == [2] and composer.default_loss_downsample(tiny) == 2
 
 
 def test_png_download_carries_the_settings(tmp_path):
@@ -226,7 +240,7 @@ def test_api_generates_with_two_uploaded_loras(client, pipe, loras):
     assert [c["lora"] for c in settings["concepts"]] == ["cat.safetensors", "dog.safetensors"]
     # Same seed and settings through the API as through the plain function.
     direct, _ = composer.generate(pipe, prompt="a cat and a dog", concepts=two(loras, slots=[
-        {}, dict(weight=0.7)]), seed=1, loss_downsample=1, **FAST)
+        {}, dict(weight=0.7)]), seed=1, **FAST)
     assert Image.open(gallery[0]["image"]).convert("RGB").tobytes() == direct.tobytes()
 
 

@@ -45,7 +45,8 @@ def test_composer_methods_take_modifiers_and_unknown_ones_are_refused(bench):
     assert bench.composer_overrides("composer") == {} and bench.composer_overrides("set_adapters") is None
     assert bench.parse_args(["--methods", "composer ds1 step5, injection"]).methods == ["composer ds1 step5",
                                                                                        "injection"]
-    for wrong in ("injection ds1", "composer ds3", "composer -nothing"):
+    assert bench.parse_args(["--methods", "composer  ds1,composer ds1"]).methods == ["composer ds1"]
+    for wrong in ("injection ds1", "composer ds3", "composer -nothing", "composer ds1 ds2", "composer -opt -opt"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--methods", wrong])
 

@@ -138,7 +138,7 @@ def test_the_demo_button_copies_the_shipped_concepts_and_retrains_with_progress(
     assert composer.training_progress_text(0, 2, 120, 400) == "training concept 1/2: step 120/400"
 
 
-def test_the_shape_probe_tells_hexagons_from_circles_and_round_trips(tmp_path):
+def test_the_shape_probe_tells_hexagons_from_circles_and_round_trips(tmp_path, monkeypatch):
     fit = dict(n_train=128, n_test=32, epochs=4, batch_size=32, cache=tmp_path / "probe.safetensors")
     probe = judge.fit_shape_probe(**fit)
     # The first probe (global average pooling) reached 22 % accuracy on this fit and called hexagons circles; the
@@ -146,11 +146,14 @@ def test_the_shape_probe_tells_hexagons_from_circles_and_round_trips(tmp_path):
     assert probe.accuracy > 0.9 and min(probe.recall[s] for s in ("hexagon", "circle", "pentagon")) > 0.85, \
         probe.recall
     saved = next(tmp_path.glob("probe_v2_128x4b32blur1.5_s0.safetensors"))
-    again = judge.fit_shape_probe(**fit)  # loaded, not fitted again
+    with monkeypatch.context() as m:  # loaded, not fitted again: a refit would draw crops
+        m.setattr(judge, "probe_crops", lambda *a: pytest.fail("the cached probe was fitted again"))
+        again = judge.fit_shape_probe(**fit)
     assert again.accuracy == probe.accuracy and again.recall == probe.recall and saved.is_file()
     rng = np.random.default_rng(5)
-    crops = [c for shape in ("hexagon", "circle", "empty") for c in judge.probe_crops(rng, shape, 4)]
-    assert probe.classify(crops) == again.classify(crops)
+    pixels = judge._pixels([c for shape in ("hexagon", "circle", "empty") for c in judge.probe_crops(rng, shape, 4)])
+    with torch.no_grad():
+        assert torch.equal(probe.eval()(pixels), again(pixels))  # the same weights and batch-norm statistics
 
 
 def test_pretraining_data_holds_no_held_out_shape():

@@ -149,7 +149,7 @@ class ShapeProbe(torch.nn.Module):
     :attr:`recall` holds its recall per class on fresh rendered crops (what a perfectly drawn shape scores).
     """
 
-    version = 2  # in the fit cache's name: a cache of another architecture is never loaded
+    cache_version = 2  # in the fit cache's name: a cache of another architecture is never loaded
 
     def __init__(self) -> None:
         super().__init__()
@@ -219,7 +219,7 @@ def fit_shape_probe(n_train: int = 1024, n_test: int = 128, epochs: int = 4, see
 
     if cache is not None:
         cache = Path(cache)
-        settings = f"v{ShapeProbe.version}_{n_train}x{epochs}b{batch_size}blur{blur:g}_s{seed}"
+        settings = f"v{ShapeProbe.cache_version}_{n_train}x{epochs}b{batch_size}blur{blur:g}_s{seed}"
         cache = cache.with_name(f"{cache.stem}_{settings}{cache.suffix or '.safetensors'}")
         if cache.is_file():
             return ShapeProbe.load(cache)
