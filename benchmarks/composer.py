@@ -78,17 +78,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def small_sd_pipeline():
     """SD-1.5's UNet layout (4 levels, cross-attention in the first three, 2 layers per block; VAE factor 8) with
     narrow random weights, so that the H/32 loss layers and their cost relative to the UNet are as in SD."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    from visadapt.diffusion.tiny import tiny_pipeline
+    from visadapt.diffusion.tiny import sd15_layout_unet, tiny_pipeline
     from visadapt.pipelines import LoRAComposerPipeline
 
     tiny = tiny_pipeline("sd")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=32, block_out_channels=(64, 128, 256, 256), layers_per_block=2, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8, norm_num_groups=32)
+    unet = sd15_layout_unet((64, 128, 256, 256), layers_per_block=2)
     vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32)
     pipe = LoRAComposerPipeline(**{**tiny.components, "unet": unet, "vae": vae})

@@ -123,9 +123,9 @@ def test_box_preview_draws_each_box_in_its_concept_colour():
 def test_the_loss_maps_offered_are_the_unets_attention_levels_and_start_where_the_composer_places_best(pipe):
     from types import SimpleNamespace
 
-    sd15 = SimpleNamespace(name_or_path="runwayml/stable-diffusion-v1-5", unet=SimpleNamespace(config=SimpleNamespace(
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)))
+    from visadapt.diffusion.tiny import sd15_layout_unet
+
+    sd15 = SimpleNamespace(name_or_path="runwayml/stable-diffusion-v1-5", unet=sd15_layout_unet())
     assert composer.loss_downsamplings(sd15) == [1, 2, 4, 8] and composer.default_loss_downsample(sd15) == 4
     # The world model has attention at 1 and 2 only: 4 would silently run at 2, so it is not offered.
     assert composer.loss_downsamplings(pipe) == [1, 2] and composer.default_loss_downsample(pipe) == 1

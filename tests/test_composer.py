@@ -421,15 +421,10 @@ LEVERS_OFF = dict(refine_early_exit=False, reuse_constants=False)
 def _sd15_layout_pipeline():
     """SD-1.5's UNet layout in miniature: cross-attention on three of four levels, so at 64 px (32×32 latent) the
     loss layers (latent / 4) are down_blocks.2 and up_blocks.1 and up_blocks.2/3 run after them, as in SD."""
-    from diffusers import UNet2DConditionModel
+    from visadapt.diffusion.tiny import sd15_layout_unet
 
     tiny = tiny_pipeline("sd")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=32, block_out_channels=(32, 32, 32, 32), layers_per_block=1, cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8, norm_num_groups=32)
-    pipe = LoRAComposerPipeline(**{**tiny.components, "unet": unet})
+    pipe = LoRAComposerPipeline(**{**tiny.components, "unet": sd15_layout_unet()})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -102,6 +102,22 @@ def tiny_pipeline(kind: Literal["sd", "sdxl"] = "sd", seed: int = 0, pipeline_cl
     return pipe
 
 
+SD15_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)  # SD-1.5: cross-attention on three of four levels
+SD15_UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+
+
+def sd15_layout_unet(widths: Sequence[int] = (32, 32, 32, 32), layers_per_block: int = 1, seed: int = 0):
+    """A random UNet with SD-1.5's block layout in miniature (``widths`` per level, 32-dim cross-attention as the
+    tiny text encoder), for tests and benchmarks whose subject is where SD's attention levels lie (latent / 1, 2, 4
+    with attention, / 8 without)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=32, block_out_channels=tuple(widths), layers_per_block=layers_per_block, cross_attention_dim=32,
+        down_block_types=SD15_DOWN_BLOCKS, up_block_types=SD15_UP_BLOCKS, attention_head_dim=8, norm_num_groups=32)
+
+
 def save_random_lora(pipe, path: Union[str, os.PathLike], seed: int = 0, rank: int = 4,
                      unet_targets: Sequence[str] = UNET_TARGETS, text_targets: Sequence[str] = TEXT_TARGETS,
                      std: float = 0.5, kohya: bool = False) -> Path:
