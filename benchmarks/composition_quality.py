@@ -19,8 +19,9 @@ Each box is cropped, resized to 32×32 and judged: its shape by the shape probe
 (:class:`visadapt.utils.worlds.judge.ShapeProbe`, a small CNN fitted on rendered crops of all 15 shapes plus empty
 background, cached in ``--out``; its recall on fresh rendered crops is printed: the ceiling a perfectly drawn concept
 reaches), its colour zero-shot by the demo CLIP. Per box: ``shape`` = the box's concept shape, ``colour`` = its
-colour, ``placed`` = both, ``swapped`` = the other concept's colour (attribute binding). Per image: ``both placed`` =
-both boxes placed, with its Wilson 95 % interval. Methods without boxes are scored in the same boxes: they are told
+colour, ``placed`` = both, ``swapped`` = the other concept's colour (attribute binding). Per image: ``filled`` = each
+box holds an object (any shape: the probe does not call it empty), ``both placed`` = both boxes placed, with its Wilson
+95 % interval. Methods without boxes are scored in the same boxes: they are told
 what to draw, not where.
 
 Attribute binding without concepts (``--binding N``): N two-object prompts of seen shapes and colours ("a red star
@@ -234,15 +235,18 @@ def binding(pipe, judge: DemoCLIPJudge, probe: ShapeProbe, n: int, steps: int, g
 
 def summary(per_image: list[list[dict]]) -> dict:
     """Rates over boxes (shape, colour, placed, swapped), per concept (``placed_<name>`` and its Wilson interval)
-    and per image (``both_placed`` and its interval)."""
+    and per image: ``both_placed`` (with its interval) and ``both_filled`` (each box holds an object, whatever its
+    shape: a method that draws a single object cannot place both concepts)."""
     flat = [b for image in per_image for b in image]
     both = sum(all(b["placed"] for b in image) for image in per_image)
+    filled = sum(all(b["drawn"] != "empty" for b in image) for image in per_image)
     out = {k: float(np.mean([b[k] for b in flat])) for k in ("shape", "colour", "placed", "swapped")}
     for n, concept in enumerate(DEMO_CONCEPTS):
         hits = sum(image[n]["placed"] for image in per_image)
         out[f"placed_{concept.name}"] = hits / len(per_image)
         out[f"placed_{concept.name}_interval"] = wilson(hits, len(per_image))
-    out.update(images=len(per_image), boxes=len(flat), both_placed=both / len(per_image),
+    out.update(images=len(per_image), boxes=len(flat), both_filled=filled / len(per_image),
+               both_placed=both / len(per_image),
                both_placed_interval=wilson(both, len(per_image)))
     return out
 
@@ -252,17 +256,20 @@ def _rate(rate: float, interval: tuple[float, float]) -> str:
 
 
 def table(rows: dict[str, list[list[dict]]]) -> str:
-    """One line per method: box rates, each concept placed and both placed with their 95 % Wilson intervals."""
+    """One line per method: box rates, both boxes filled, each concept placed and both placed with their 95 % Wilson
+    intervals."""
     names = [c.shape for c in DEMO_CONCEPTS]
     width = max([17, *map(len, rows)])
     head = (f"{'method':<{width}} {'images':>6} {'shape':>6} {'colour':>7} {'placed':>7} {'swapped':>8} "
-            + " ".join(f"{n + ' placed [95% CI]':>24}" for n in names) + f" {'both placed [95% CI]':>24}")
+            f"{'filled':>7} " + " ".join(f"{n + ' placed [95% CI]':>24}" for n in names)
+            + f" {'both placed [95% CI]':>24}")
     lines = [head]
     for method, per_image in rows.items():
         s = summary(per_image)
         each = " ".join(f"{_rate(s[f'placed_{c.name}'], s[f'placed_{c.name}_interval']):>24}" for c in DEMO_CONCEPTS)
         lines.append(f"{method:<{width}} {s['images']:>6} {s['shape']:>6.1%} {s['colour']:>7.1%} {s['placed']:>7.1%} "
-                     f"{s['swapped']:>8.1%} {each} {_rate(s['both_placed'], s['both_placed_interval']):>24}")
+                     f"{s['swapped']:>8.1%} {s['both_filled']:>7.1%} {each} "
+                     f"{_rate(s['both_placed'], s['both_placed_interval']):>24}")
     return "\n".join(lines)
 
 

@@ -70,3 +70,18 @@ def test_two_objects_cuts_each_shape_out_alone(bench):
     reds, blues = zip(*((a[..., 0].max() > 150 and a[..., 2].max() < 120, a[..., 2].max() > 150 and
                          a[..., 0].max() < 120) for a in (np.asarray(c, float) for c in crops)))
     assert sorted(reds) == sorted(blues) == [False, True]  # one red crop, one blue: the other shape painted over
+
+
+def test_summary_counts_images_whose_boxes_both_hold_an_object(bench):
+    def box(drawn, placed=False):
+        return {"shape": placed, "colour": placed, "placed": placed, "swapped": False, "drawn": drawn}
+
+    images = [[box("hexagon", True), box("heart", True)],  # both placed
+              [box("hexagon", True), box("empty")],  # one object: cannot place both
+              [box("star"), box("circle")],  # both filled, nothing placed
+              [box("empty"), box("empty")]]
+    s = bench.summary(images)
+    assert s["both_filled"] == 0.5 and s["both_placed"] == 0.25
+    assert s["placed_sks_hexagon"] == 0.5 and s["placed_zwx_heart"] == 0.25
+    lines = bench.table({"composer ds1": images}).splitlines()
+    assert "filled" in lines[0].split() and "50.0%" in lines[1].split()
