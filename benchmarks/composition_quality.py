@@ -13,7 +13,9 @@ diagonal) by each method of ``--methods``:
   turn one part off; ``ds1`` / ``ds2`` read the loss maps at the latent's full or half resolution instead of a
   quarter (``loss_downsample``: the 16×16 latent has no attention at a quarter, so the official setting falls back
   to the coarsest level, 8×8, which ``ds2`` names); ``step10`` / ``step5`` halve or quarter the latent
-  optimisation's step size (the official 20 was set on SD's 64×64 latents).
+  optimisation's step size (the official 20 was set on SD's 64×64 latents); ``scene`` gives every box the whole
+  sentence as its regional prompt instead of its own concept's phrase (each box still uses its own LoRA and pulls its
+  own trigger and shape tokens into place).
 
 Each box is cropped, resized to 32×32 and judged: its shape by the shape probe
 (:class:`visadapt.utils.worlds.judge.ShapeProbe`, a small CNN fitted on rendered crops of all 15 shapes plus empty
@@ -74,6 +76,7 @@ COMPOSER_MODIFIERS = {
     "ds2": dict(loss_downsample=2),
     "step10": dict(step_size=10.0),
     "step5": dict(step_size=5.0),
+    "scene": {},  # not a ComposerConfig field: every box's regional prompt is the whole sentence (scene_prompts)
 }
 
 
@@ -82,7 +85,7 @@ def composer_overrides(method: str) -> Optional[dict]:
     modifier on a method other than ``composer``, or two modifiers that set the same field ("composer ds1 ds2")."""
     name, *modifiers = method.split()
     overrides = METHODS[name]
-    if modifiers and name != "composer":
+    if modifiers and name != "composer" or len(set(modifiers)) < len(modifiers):
         raise KeyError(method)
     if overrides is None:
         return None
@@ -93,6 +96,13 @@ def composer_overrides(method: str) -> Optional[dict]:
             raise KeyError(method)
         out.update(change)
     return out
+
+
+def scene_prompts(method: str) -> bool:
+    """Whether ``method`` gives every box the whole two-object sentence as its regional prompt ("scene"), instead of
+    its own concept's phrase. The world model reads "a zwx heart" as a canvas holding one shape, so with one-phrase
+    regional prompts the composer draws a single object in most images (docs/benchmarks.md)."""
+    return "scene" in method.split()[1:]
 
 
 # "composer ds1": the best setting on this world for placing concepts (docs/benchmarks.md), beside the official one
@@ -121,8 +131,9 @@ def generate(method: str, pipes: dict, loras: list[Path], boxes, seed: int, step
         pipes["plain"].enable_lora()
         pipes["plain"].set_adapters(["merged_0", "merged_1"], [1.0, 1.0])
         return pipes["plain"](prompt, **common).images[0]
-    concepts = [Concept(lora=path, prompt=c.prompt, box=box, name=c.name, tokens=[c.trigger, c.shape])
-                for path, c, box in zip(loras, DEMO_CONCEPTS, boxes)]
+    regional = [prompt if scene_prompts(method) else c.prompt for c in DEMO_CONCEPTS]
+    concepts = [Concept(lora=path, prompt=text, box=box, name=c.name, tokens=[c.trigger, c.shape])
+                for path, c, text, box in zip(loras, DEMO_CONCEPTS, regional, boxes)]
     return pipes["composer"](prompt, concepts=concepts, composer=ComposerConfig(**composer_overrides(method)),
                              **common).images[0]
 

@@ -46,7 +46,10 @@ def test_composer_methods_take_modifiers_and_unknown_ones_are_refused(bench):
     assert bench.parse_args(["--methods", "composer ds1 step5, injection"]).methods == ["composer ds1 step5",
                                                                                        "injection"]
     assert bench.parse_args(["--methods", "composer  ds1,composer ds1"]).methods == ["composer ds1"]
-    for wrong in ("injection ds1", "composer ds3", "composer -nothing", "composer ds1 ds2", "composer -opt -opt"):
+    assert bench.composer_overrides("composer step5 scene") == {"step_size": 5.0}
+    assert bench.scene_prompts("composer step5 scene") and not bench.scene_prompts("composer step5")
+    for wrong in ("injection ds1", "composer ds3", "composer -nothing", "composer ds1 ds2", "composer -opt -opt",
+                  "composer scene scene", "set_adapters scene"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--methods", wrong])
 
