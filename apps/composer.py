@@ -6,11 +6,12 @@ visadapt app --model stable-diffusion-v1-5/stable-diffusion-v1-5   # or an SDXL 
 python -m visadapt.apps.composer --port 7861
 ```
 
-Each concept is a LoRA file (``.safetensors``, or a Mix-of-Show ED-LoRA ``.pth``), a name, a regional prompt, a
-box ``[xmin, ymin, xmax, ymax]`` in [0, 1] and a weight. The numeric box fields are the source of truth; clicking two
-corners on the box preview fills them. One plain function, :func:`generate`, does the work; the page's Generate
-button and the Gradio API (``api_name="generate"``, named parameters such as ``lora_1``, ``prompt_1``, ``xmin_1``)
-both call it:
+Each concept is a LoRA file (``.safetensors``, or a Mix-of-Show ED-LoRA ``.pth``), a name, a regional prompt, focus
+words (:attr:`~visadapt.diffusion.Concept.tokens`; empty: the prompt's content words), a box ``[xmin, ymin, xmax,
+ymax]`` in [0, 1] and a weight. The numeric box fields are the source of truth; clicking two corners on the box
+preview fills them. One plain function, :func:`generate`, does the work; the page's Generate button and the Gradio
+API (``api_name="generate"``, named parameters such as ``lora_1``, ``prompt_1``, ``tokens_1``, ``xmin_1``) both call
+it:
 
 ```python
 from gradio_client import Client, handle_file
@@ -51,10 +52,11 @@ PREVIEW_SIDE = 256  # the box preview's longer side in pixels
 COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231"]
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 # Every per-concept field, as the API names it with the slot number appended (lora_1, prompt_1, …).
-SLOT_FIELDS = ("lora", "name", "prompt", "xmin", "ymin", "xmax", "ymax", "weight")
-# A newcomer's first composition: two concepts side by side.
-DEMO_CONCEPTS = [dict(name="cat", prompt="a photo of a cat", box=(0.0, 0.0, 0.5, 1.0), weight=1.0),
-                 dict(name="dog", prompt="a photo of a dog", box=(0.5, 0.0, 1.0, 1.0), weight=1.0)]
+SLOT_FIELDS = ("lora", "name", "prompt", "tokens", "xmin", "ymin", "xmax", "ymax", "weight")
+# A newcomer's first composition: two concepts side by side (focus words empty: the prompt's content words, "cat").
+DEMO_CONCEPTS = [
+    dict(name="cat", prompt="a photo of a cat", tokens="", box=(0.0, 0.0, 0.5, 1.0), weight=1.0),
+    dict(name="dog", prompt="a photo of a dog", tokens="", box=(0.5, 0.0, 1.0, 1.0), weight=1.0)]
 DEMO_PROMPT = "a cat and a dog in a park"
 # On the embedded world model the demo concepts are two held-out shapes, trained for real (side by side squares).
 WORLD_DEMO_BOXES = [(0.0, 0.25, 0.5, 0.75), (0.5, 0.25, 1.0, 0.75)]
@@ -173,8 +175,15 @@ def make_concepts(slots: Sequence[dict], max_bytes: int) -> list:
         box = [_number(f"Concept {slot}: {k}", v) for k, v in zip(("xmin", "ymin", "xmax", "ymax"), box)]
         weight = _number(f"Concept {slot}: weight", values.get("weight", 1.0))
         concepts.append(Concept(lora=path, prompt=values.get("prompt") or "", box=box, weight=weight,
-                                name=name or f"concept{slot}"))
+                                name=name or f"concept{slot}", tokens=focus_words(values.get("tokens"))))
     return concepts
+
+
+def focus_words(text: Optional[str]) -> Optional[list[str]]:
+    """The focus words field ("sks hexagon" or "sks, hexagon") as :attr:`Concept.tokens`; None when empty (the
+    regional prompt's content words)."""
+    words = re.split(r"[,\s]+", (text or "").strip())
+    return [w for w in words if w] or None
 
 
 def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_prompt: str = "", seed: int = 0,
@@ -231,7 +240,8 @@ def generate(pipe, *, prompt: str, concepts: Sequence[dict] = (), negative_promp
         "prompt": prompt or "", "negative_prompt": _negative_used(pipe, negative_prompt), "seed": seed, "steps": steps,
         "guidance": float(guidance), "width": width, "height": height,
         "concepts": [{"name": c.adapter_name, "lora": Path(c.lora).name, "prompt": c.prompt,
-                      "box": [round(v, 4) for v in c.box], "weight": c.weight} for c in built],
+                      "tokens": list(c.tokens) if c.tokens else None, "box": [round(v, 4) for v in c.box],
+                      "weight": c.weight} for c in built],
         "decor": {"words": words, "strength": float(decor_strength)} if decor else None,
         "references": ({"images": [Path(str(p)).name for p in references["reference_images"]],
                         "scale": references["scale"]} if "reference_images" in references else None),
@@ -365,7 +375,8 @@ def demo_concepts(pipe) -> tuple[list[dict], str]:
         return DEMO_CONCEPTS, DEMO_PROMPT
     from visadapt.diffusion.concept.demo import DEMO_CONCEPTS as WORLD
 
-    concepts = [dict(name=c.name, prompt=c.prompt, box=box, weight=1.0) for c, box in zip(WORLD, WORLD_DEMO_BOXES)]
+    concepts = [dict(name=c.name, prompt=c.prompt, tokens=f"{c.trigger} {c.shape}", box=box, weight=1.0)
+                for c, box in zip(WORLD, WORLD_DEMO_BOXES)]
     return concepts, " and ".join(c.prompt for c in WORLD)
 
 
@@ -531,7 +542,8 @@ def concept_rows(n_visible: int) -> ConceptRows:
 
 
 def concept_slot(i: int) -> dict[str, Any]:
-    """Concept ``i``'s fields by :data:`SLOT_FIELDS` key: LoRA file, name, weight, regional prompt and box."""
+    """Concept ``i``'s fields by :data:`SLOT_FIELDS` key: LoRA file, name, weight, regional prompt, focus words and
+    box."""
     import gradio as gr
 
     gr.Markdown(f"**Concept {i}** <span style='color:{COLOURS[i - 1]}'>■</span>")
@@ -541,6 +553,9 @@ def concept_slot(i: int) -> dict[str, Any]:
         slot["name"] = gr.Textbox(value="", label=f"Name {i}", placeholder=f"concept{i}")
         slot["weight"] = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label=f"Weight {i}")
     slot["prompt"] = gr.Textbox(value="", label=f"Regional prompt {i}")
+    slot["tokens"] = gr.Textbox(value="", label=f"Focus words {i}",
+                                placeholder="words of the regional prompt the composer pulls into the box, e.g. the "
+                                            "trigger (default: its content words)")
     with gr.Row():
         for k, v in zip(BOX_KEYS, _default_box(i)):
             slot[k] = gr.Number(value=v, minimum=0, maximum=1, step=0.05, label=f"{k} {i}")
@@ -711,7 +726,7 @@ def fill_demo_concepts_on_click(pipe, rows: ConceptRows, prompt: "gr.Textbox", o
         concepts, demo_prompt = demo_concepts(pipe)
         values: list[Any] = []
         for path, c in zip(files, concepts):
-            values += [str(path), c["name"], c["prompt"], *c["box"], c["weight"]]
+            values += [str(path), c["name"], c["prompt"], c["tokens"], *c["box"], c["weight"]]
         count = concept_count_updates(max(int(n or 0), len(concepts)))
         done = (f"Trained {len(files)} concept LoRAs in {folder}." if world and train else
                 f"Loaded the {len(files)} shipped demo concept LoRAs." if world else

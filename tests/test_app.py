@@ -66,6 +66,7 @@ def test_generate_reports_every_step_and_returns_its_settings(pipe, loras):
     (dict(slots=[dict(prompt="a cat " * 80), {}]), "tokens"),
     (dict(slots=[dict(prompt=" "), {}]), "regional prompt is empty"),
     (dict(slots=[dict(lora=None), {}]), "no LoRA file"),
+    (dict(slots=[dict(tokens="lion"), {}]), "'lion' is not in the regional prompt"),
     (dict(width=72), "multiple of 16"),
     (dict(loss_downsample=4), "Loss-map downsampling must be one of 1, 2 for this model"),  # no attention at 4
     (dict(loss_downsample=1.5), "Loss-map downsampling must be one of 1, 2 for this model"),
@@ -74,6 +75,20 @@ def test_bad_input_raises_value_errors_that_say_what_to_fix(pipe, loras, change,
     kwargs = {**FAST, **{k: v for k, v in change.items() if k != "slots"}}
     with pytest.raises(ValueError, match=message):
         composer.generate(pipe, prompt="x", concepts=two(loras, **change), **kwargs)
+
+
+def test_focus_words_choose_what_the_composer_pulls_into_the_box(pipe, loras):
+    assert composer.focus_words(" sks, hexagon ") == ["sks", "hexagon"] and composer.focus_words("") is None
+
+    def draw(tokens):
+        return composer.generate(pipe, prompt="a cat and a dog", seed=3, **FAST,
+                                 concepts=two(loras, slots=[dict(tokens=tokens), {}]))
+
+    (default, settings), (cat, named) = draw(""), draw("cat")
+    assert settings["concepts"][0]["tokens"] is None and named["concepts"][0]["tokens"] == ["cat"]
+    assert cat.tobytes() == default.tobytes()  # "cat" is the content word of "a photo of a cat": the default
+    photo, _ = draw("photo")
+    assert photo.tobytes() != default.tobytes()
 
 
 def test_lora_uploads_must_be_safetensors_and_within_the_limit(pipe, loras, tmp_path):

@@ -105,7 +105,9 @@ def test_demo_loras_are_trained_concepts_that_change_the_output(tmp_path):
     assert [f.stat().st_mtime_ns for f in files] == stamps
 
     concepts, prompt = composer.demo_concepts(app_pipe)
-    placed = [Concept(lora=f, prompt=c["prompt"], box=c["box"], name=c["name"]) for f, c in zip(files, concepts)]
+    assert [c["tokens"] for c in concepts] == [f"{c.trigger} {c.shape}" for c in DEMO_CONCEPTS]
+    placed = [Concept(lora=f, prompt=c["prompt"], box=c["box"], name=c["name"],
+                      tokens=composer.focus_words(c["tokens"])) for f, c in zip(files, concepts)]
     plain, composed = (app_pipe(prompt, concepts=cs, num_inference_steps=3,
                                 generator=torch.Generator().manual_seed(0)).images[0] for cs in ([], placed))
     assert np.abs(np.asarray(plain, float) - np.asarray(composed, float)).mean() > 1.0
