@@ -370,14 +370,21 @@ def is_world_model(pipe) -> bool:
 
 
 def demo_concepts(pipe) -> tuple[list[dict], str]:
-    """The demo's concepts (name, prompt, box, weight) and global prompt for ``pipe``."""
+    """The demo's concepts (name, regional prompt, focus words, box, weight) and global prompt for ``pipe``.
+
+    On the world model every regional prompt is the whole scene ("a sks hexagon and a zwx heart") and the focus words
+    are the concept's own: the world model reads "a zwx heart" as a canvas holding one shape, so one-phrase regional
+    prompts drew a single object in most images, and both concepts in their boxes far less often
+    (docs/benchmarks.md, "scene prompts").
+    """
     if not is_world_model(pipe):
         return DEMO_CONCEPTS, DEMO_PROMPT
     from visadapt.diffusion.concept.demo import DEMO_CONCEPTS as WORLD
 
-    concepts = [dict(name=c.name, prompt=c.prompt, tokens=f"{c.trigger} {c.shape}", box=box, weight=1.0)
+    scene = " and ".join(c.prompt for c in WORLD)
+    concepts = [dict(name=c.name, prompt=scene, tokens=f"{c.trigger} {c.shape}", box=box, weight=1.0)
                 for c, box in zip(WORLD, WORLD_DEMO_BOXES)]
-    return concepts, " and ".join(c.prompt for c in WORLD)
+    return concepts, scene
 
 
 def make_demo_loras(pipe, folder: Path, steps: Optional[int] = None, train: bool = False,

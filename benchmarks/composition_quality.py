@@ -23,8 +23,7 @@ background, cached in ``--out``; its recall on fresh rendered crops is printed: 
 reaches), its colour zero-shot by the demo CLIP. Per box: ``shape`` = the box's concept shape, ``colour`` = its
 colour, ``placed`` = both, ``swapped`` = the other concept's colour (attribute binding). Per image: ``filled`` = each
 box holds an object (any shape: the probe does not call it empty), ``both placed`` = both boxes placed, with its Wilson
-95 % interval. Methods without boxes are scored in the same boxes: they are told
-what to draw, not where.
+95 % interval. Methods without boxes are scored in the same boxes: they are told what to draw, not where.
 
 Attribute binding without concepts (``--binding N``): N two-object prompts of seen shapes and colours ("a red star
 and a blue circle", random pairs) drawn by the base world model; the two largest shapes of each image are cut out,
@@ -82,7 +81,8 @@ COMPOSER_MODIFIERS = {
 
 def composer_overrides(method: str) -> Optional[dict]:
     """The ComposerConfig overrides of ``method`` (None: not a composer method). KeyError for an unknown name, a
-    modifier on a method other than ``composer``, or two modifiers that set the same field ("composer ds1 ds2")."""
+    modifier on a method other than ``composer``, a modifier given twice, or two modifiers that set the same field
+    ("composer ds1 ds2")."""
     name, *modifiers = method.split()
     overrides = METHODS[name]
     if modifiers and name != "composer" or len(set(modifiers)) < len(modifiers):
@@ -105,8 +105,9 @@ def scene_prompts(method: str) -> bool:
     return "scene" in method.split()[1:]
 
 
-# "composer ds1": the best setting on this world for placing concepts (docs/benchmarks.md), beside the official one
-DEFAULT_METHODS = ("base", "set_adapters", "injection", "composer", "composer ds1")
+# "composer ds1 scene": the setting that places both concepts on this world (the app's; docs/benchmarks.md), beside
+# the official one and ds1 with one-phrase regional prompts
+DEFAULT_METHODS = ("base", "set_adapters", "injection", "composer", "composer ds1", "composer ds1 scene")
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

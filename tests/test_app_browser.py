@@ -159,7 +159,8 @@ def test_the_demo_button_fills_the_shipped_concepts_within_seconds_then_generate
     page.get_by_label("zwx_heart.safetensors").first.wait_for(timeout=10_000)
     assert time.perf_counter() - start < 10
     assert page.get_by_label("Name 1", exact=True).input_value() == "sks_hexagon"
-    assert page.get_by_label("Regional prompt 2", exact=True).input_value() == "a zwx heart"
+    assert page.get_by_label("Regional prompt 2", exact=True).input_value() == "a sks hexagon and a zwx heart"
+    assert page.get_by_label("Focus words 2", exact=True).input_value() == "zwx heart"
     page.get_by_text("Loaded the 2 shipped demo concept LoRAs.").first.wait_for()
     page.locator("button", has_text="Generate").first.click()
     image = page.locator("img[src*='composed-seed']").first

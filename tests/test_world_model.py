@@ -106,6 +106,7 @@ def test_demo_loras_are_trained_concepts_that_change_the_output(tmp_path):
 
     concepts, prompt = composer.demo_concepts(app_pipe)
     assert [c["tokens"] for c in concepts] == [f"{c.trigger} {c.shape}" for c in DEMO_CONCEPTS]
+    assert all(c["prompt"] == prompt == "a sks hexagon and a zwx heart" for c in concepts)  # scene prompts
     placed = [Concept(lora=f, prompt=c["prompt"], box=c["box"], name=c["name"],
                       tokens=composer.focus_words(c["tokens"])) for f, c in zip(files, concepts)]
     plain, composed = (app_pipe(prompt, concepts=cs, num_inference_steps=3,
