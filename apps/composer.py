@@ -450,7 +450,7 @@ class ConceptRows:
         return [slot["name"] for slot in self.slots]
 
     def api_fields(self) -> dict[str, Any]:
-        """Every slot's components by their API names: lora_1, name_1, prompt_1, xmin_1, …, weight_4."""
+        """Every slot's components by their API names: lora_1, name_1, prompt_1, tokens_1, xmin_1, …, weight_4."""
         return {f"{k}_{i}": slot[k] for i, slot in enumerate(self.slots, start=1) for k in SLOT_FIELDS}
 
 

@@ -85,7 +85,7 @@ def composer_overrides(method: str) -> Optional[dict]:
     ("composer ds1 ds2")."""
     name, *modifiers = method.split()
     overrides = METHODS[name]
-    if modifiers and name != "composer" or len(set(modifiers)) < len(modifiers):
+    if (modifiers and name != "composer") or len(set(modifiers)) < len(modifiers):
         raise KeyError(method)
     if overrides is None:
         return None
