@@ -380,11 +380,11 @@ def demo_concepts(pipe) -> tuple[list[dict], str]:
     if not is_world_model(pipe):
         return DEMO_CONCEPTS, DEMO_PROMPT
     from visadapt.diffusion.concept.demo import DEMO_CONCEPTS as WORLD
+    from visadapt.diffusion.concept.demo import SCENE_PROMPT
 
-    scene = " and ".join(c.prompt for c in WORLD)
-    concepts = [dict(name=c.name, prompt=scene, tokens=f"{c.trigger} {c.shape}", box=box, weight=1.0)
+    concepts = [dict(name=c.name, prompt=SCENE_PROMPT, tokens=f"{c.trigger} {c.shape}", box=box, weight=1.0)
                 for c, box in zip(WORLD, WORLD_DEMO_BOXES)]
-    return concepts, scene
+    return concepts, SCENE_PROMPT
 
 
 def make_demo_loras(pipe, folder: Path, steps: Optional[int] = None, train: bool = False,

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from visadapt.diffusion import ComposerConfig, Concept
-from visadapt.diffusion.concept.demo import DEMO_CONCEPTS, demo_lora_files
+from visadapt.diffusion.concept.demo import DEMO_CONCEPTS, SCENE_PROMPT, demo_lora_files
 from visadapt.pipelines import LoRAComposerPipeline
 from visadapt.utils import save_json_atomic
 from visadapt.utils.worlds import shapes as world
@@ -123,19 +123,18 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 # -- sampling ---------------------------------------------------------------------------------------------------
 
 def generate(method: str, pipes: dict, loras: list[Path], boxes, seed: int, steps: int, guidance: float):
-    prompt = " and ".join(c.prompt for c in DEMO_CONCEPTS)
     common = dict(num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed))
     if method == "base":
         pipes["plain"].disable_lora()
-        return pipes["plain"](prompt, **common).images[0]
+        return pipes["plain"](SCENE_PROMPT, **common).images[0]
     if method == "set_adapters":
         pipes["plain"].enable_lora()
         pipes["plain"].set_adapters(["merged_0", "merged_1"], [1.0, 1.0])
-        return pipes["plain"](prompt, **common).images[0]
-    regional = [prompt if scene_prompts(method) else c.prompt for c in DEMO_CONCEPTS]
+        return pipes["plain"](SCENE_PROMPT, **common).images[0]
+    regional = [SCENE_PROMPT if scene_prompts(method) else c.prompt for c in DEMO_CONCEPTS]
     concepts = [Concept(lora=path, prompt=text, box=box, name=c.name, tokens=[c.trigger, c.shape])
                 for path, c, text, box in zip(loras, DEMO_CONCEPTS, regional, boxes)]
-    return pipes["composer"](prompt, concepts=concepts, composer=ComposerConfig(**composer_overrides(method)),
+    return pipes["composer"](SCENE_PROMPT, concepts=concepts, composer=ComposerConfig(**composer_overrides(method)),
                              **common).images[0]
 
 

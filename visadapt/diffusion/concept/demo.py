@@ -43,6 +43,9 @@ class DemoConcept:
 
 DEMO_CONCEPTS = (DemoConcept("sks_hexagon", "sks", "hexagon", "orange"),
                  DemoConcept("zwx_heart", "zwx", "heart", "blue"))
+# The sentence that names both concepts: the global prompt of a composition, and on the world model every box's
+# regional prompt too (a one-phrase regional prompt reads as a canvas holding one shape; docs/benchmarks.md).
+SCENE_PROMPT = " and ".join(c.prompt for c in DEMO_CONCEPTS)
 DEMO_IMAGES = 20
 # 800 steps drew the hexagon as a hexagon in 62 % of 100 samples alone, 1500 in 79 % and 2000 in 85 % but in its colour
 # in only 87 % (99 % at 1500); the heart: 98 %, 97 % and 98 % (shape probe v2, seeds 0-99; on fresh seeds 100-199 the
